@@ -1,0 +1,5 @@
+import sys
+
+from malla.cli import main
+
+sys.exit(main())

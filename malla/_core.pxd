@@ -1,0 +1,179 @@
+# Declarations of malla's compiled core (see _core.pyx for the strategy).
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+
+
+cdef enum:
+    # The fixed frame header: type u8, flags u8, reserved u16, length u32,
+    # stream id u64, all big-endian (docs/protocol.md).
+    HEADER_SIZE = 16
+    # Nesting deeper than this is refused by the encoder (cycles end here too).
+    MAX_DEPTH = 512
+    # Read buffer: starting size, and the size it shrinks back to when idle.
+    READ_BUF_INITIAL = 32768
+    # Write buffer: starting size; a larger one is dropped after a flush.
+    WRITE_BUF_INITIAL = 4096
+    WRITE_BUF_KEEP = 65536
+    # Frames allowed before authentication: handshake messages are small.
+    PREAUTH_MAX_FRAME = 65536
+
+
+cpdef enum FrameType:
+    FT_HELLO = 1
+    FT_AUTH = 2
+    FT_CALL = 3
+    FT_CAST = 4
+    FT_REPLY = 5
+    FT_ERROR = 6
+    FT_CANCEL = 7
+    FT_HEARTBEAT = 8
+    FT_ANNOUNCE = 9
+    FT_TABLE = 10
+    FT_GOODBYE = 11
+    FT_PEERS = 12
+
+
+cpdef enum FrameFlag:
+    FLAG_MORE = 1        # more frames of this message follow
+    FLAG_OPTIONAL = 2    # a receiver that does not know the type skips it
+    FLAG_ACK = 4         # HEARTBEAT: answer me (a ping)
+
+
+cpdef enum ExtCode:
+    EXT_TUPLE = 1
+    EXT_SET = 2
+    EXT_FROZENSET = 3
+    EXT_BYTEARRAY = 4
+    EXT_BIGINT = 5
+    EXT_DATETIME = 6
+    EXT_DATE = 7
+    EXT_TIME = 8
+    EXT_TIMEDELTA = 9
+    EXT_DECIMAL = 10
+    EXT_UUID = 11
+    EXT_COMPLEX = 12
+    EXT_USER = 64
+
+
+cdef enum ConnState:
+    CS_HANDSHAKE = 0
+    CS_READY = 1
+    CS_CLOSING = 2
+    CS_CLOSED = 3
+
+
+cdef struct Frame:
+    uint8_t ftype
+    uint8_t flags
+    uint32_t length
+    uint64_t sid
+    const char* payload
+
+
+cdef struct TimerEntry:
+    double deadline
+    uint64_t sid
+
+
+cdef class WriteBuffer:
+    cdef char* _buf
+    cdef Py_ssize_t _size
+    cdef Py_ssize_t _len
+
+    cdef int _grow(self, Py_ssize_t extra) except -1
+    cdef inline int _reserve(self, Py_ssize_t extra) except -1
+    cdef int write_raw(self, const char* data, Py_ssize_t n) except -1
+    cdef int pack(self, object o, int depth) except -1
+    cdef int _pack_ext_container(self, uint8_t code, object items, int depth) except -1
+    cdef int _pack_via_default(self, object o, int depth) except -1
+    cdef inline int _put_header(self, uint8_t fix, uint8_t fixmask, Py_ssize_t fixmax,
+                                uint8_t c8, uint8_t c16, uint8_t c32, Py_ssize_t n) except -1
+    cdef inline int _put_array_header(self, Py_ssize_t n) except -1
+    cdef int _put_ext_header(self, uint8_t code, Py_ssize_t n) except -1
+    cdef Py_ssize_t begin_frame(self, uint8_t ftype, uint8_t flags, uint64_t sid) except -1
+    cdef int end_frame(self, Py_ssize_t start) except -1
+    cdef bytes take(self)
+    cdef void truncate(self, Py_ssize_t n)
+    cdef void release_if_large(self)
+
+
+cdef class FrameReader:
+    cdef char* _buf
+    cdef Py_ssize_t _size
+    cdef Py_ssize_t _start
+    cdef Py_ssize_t _end
+    cdef Py_ssize_t _need
+    cdef public uint32_t max_frame_size
+
+    cdef int _make_room(self, Py_ssize_t want) except -1
+    cdef object get_buffer_view(self)
+    cdef int next_frame(self, Frame* out) except -1
+    cdef void compact_if_idle(self)
+
+
+cdef class ServiceEntry:
+    cdef public str name
+    cdef public dict funcs
+    cdef public dict kinds
+    cdef public bint paused
+    cdef public bint fast
+    cdef public int running
+    cdef public int max_concurrency
+
+
+cdef class CoreProtocol:
+    cdef object _loop
+    cdef object _transport
+    cdef public object owner
+    cdef FrameReader _reader
+    cdef WriteBuffer _wbuf
+    cdef ConnState _state
+    cdef public bint dialer
+    cdef public str peer_name
+    cdef public dict services
+    cdef dict _pending
+    cdef dict _running
+    cdef dict _partials
+    cdef Py_ssize_t _partial_bytes
+    cdef uint64_t _next_sid
+    cdef public uint64_t last_sid
+    cdef public uint32_t max_frame_size
+    cdef public uint64_t max_message_size
+    cdef public double last_heard
+    cdef public double last_sent
+    cdef bint _in_read
+    cdef bint _flush_scheduled
+    cdef bint _wrote_this_tick
+    cdef bint _paused_writing
+    cdef object _large
+    # per-call timeouts: a binary min-heap of (deadline, sid) in C memory
+    cdef TimerEntry* _heap
+    cdef Py_ssize_t _heap_len
+    cdef Py_ssize_t _heap_size
+    cdef object _timer
+    cdef double _timer_at
+    cdef public uint64_t calls_in
+    cdef public uint64_t calls_out
+
+    cdef int _on_frame(self, Frame* f) except -1
+    cdef int _on_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
+                         const char* p, Py_ssize_t n) except -1
+    cdef int _on_chunk(self, Frame* f) except -1
+    cdef int _on_dropped_message(self, uint8_t ftype, uint64_t sid) except -1
+    cdef int _on_reply(self, uint64_t sid, const char* p, Py_ssize_t n) except -1
+    cdef int _on_error(self, uint64_t sid, const char* p, Py_ssize_t n) except -1
+    cdef int _on_call(self, uint8_t ftype, uint64_t sid, const char* p, Py_ssize_t n) except -1
+    cdef int _on_cancel(self, uint64_t sid) except -1
+    cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid, object payload) except -1
+    cdef int _queue_encoded(self, Py_ssize_t start) except -1
+    cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message, object tb) except -1
+    cdef int _request_flush(self) except -1
+    cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
+                               double timeout_ms, deadline_ms, meta) except -1
+    cdef int _write_large_frames(self) except -1
+    cdef int _heap_push(self, double deadline, uint64_t sid) except -1
+    cdef void _heap_pop(self)
+    cdef int _heap_compact(self) except -1
+    cdef int _arm_timer(self) except -1
+    cdef int _fail_pending(self, object exc_factory) except -1
+    cdef int _protocol_violation(self, str message) except -1

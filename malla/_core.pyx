@@ -1,0 +1,1431 @@
+# cython: language_level=3, embedsignature=True
+#
+# malla's compiled core: the per-call hot path and nothing else.
+#
+# Strategy
+# --------
+# * WriteBuffer: one growable C buffer per connection.  Frames are built in
+#   place: the 16-byte header is reserved, the payload is msgpack-encoded
+#   straight after it by our own encoder (so tuples, sets and bytearrays can
+#   travel as extension types, and nothing is copied), and the length is
+#   back-filled.  Every frame queued during one loop callback leaves in one
+#   transport.write.
+# * FrameReader: the sans-IO reader.  It owns one contiguous C buffer that the
+#   asyncio BufferedProtocol interface fills in place (uvloop copies every read
+#   otherwise).  The header is checked against max_frame_size before any of
+#   the payload is buffered.
+# * CoreProtocol: the asyncio protocol of one node-to-node connection.  It
+#   matches replies to pending futures by stream id (a C counter), times calls
+#   out through one timer per connection over a C heap of deadlines (no timer
+#   handle per call), and dispatches incoming calls through the node's table
+#   of ServiceEntry objects: plain functions with the default hook are called
+#   right here, everything else goes to the Python layer (service.py).
+#   Decoding uses msgpack's C unpackb on a memoryview of the frame, with the
+#   codec's ext_hook from malla/codec.py.
+# * Policy (retries, failover, discovery, handshake logic) stays in Python.
+
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_Size
+from cpython.list cimport PyList_GET_SIZE, PyList_GET_ITEM
+from cpython.tuple cimport PyTuple_GET_SIZE, PyTuple_GET_ITEM
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from cpython.object cimport PyObject
+from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
+from cpython.unicode cimport PyUnicode_AsUTF8String
+from libc.string cimport memcpy, memmove
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+import asyncio
+import logging
+import traceback as _traceback_mod
+
+from msgpack import unpackb as _msgpack_unpackb, ExtType
+
+from malla import exceptions as mexc
+
+cdef extern from "Python.h":
+    object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
+    const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t *size) except NULL
+
+cdef object _log = logging.getLogger("malla.core")
+cdef object EncodeError = mexc.EncodeError
+cdef object ProtocolError = mexc.ProtocolError
+cdef object CallTimeout = mexc.CallTimeout
+cdef object ConnectionLost = mexc.ConnectionLost
+cdef object ServiceNotAvailable = mexc.ServiceNotAvailable
+cdef object MessageTooLarge = mexc.MessageTooLarge
+cdef object error_from_wire = mexc.error_from_wire
+cdef object CancelledError = asyncio.CancelledError
+
+cdef int ERR_SERVICE_NOT_AVAILABLE = mexc.ERR_SERVICE_NOT_AVAILABLE
+cdef int ERR_UNKNOWN_FUNCTION = mexc.ERR_UNKNOWN_FUNCTION
+cdef int ERR_REMOTE = mexc.ERR_REMOTE
+cdef int ERR_MESSAGE_TOO_LARGE = mexc.ERR_MESSAGE_TOO_LARGE
+cdef int ERR_DEADLINE = mexc.ERR_DEADLINE
+cdef int ERR_BAD_REQUEST = mexc.ERR_BAD_REQUEST
+cdef int ERR_OVERLOADED = mexc.ERR_OVERLOADED
+cdef int ERR_UNDECODABLE = mexc.ERR_UNDECODABLE
+
+# The codec's hooks (malla/codec.py installs them at import): `default(obj)`
+# returns an ExtType or a replacement value; `ext_hook(code, data)` rebuilds.
+cdef object _default = None
+cdef object _ext_hook = None
+
+HEADER = HEADER_SIZE
+
+
+def set_codec(default, ext_hook):
+    """Install the codec's hooks for values beyond msgpack's own types."""
+    global _default, _ext_hook
+    _default = default
+    _ext_hook = ext_hook
+
+
+cdef inline double _now() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+def monotonic():
+    """The clock the core stamps `last_heard` with (time.monotonic's)."""
+    return _now()
+
+
+cdef inline void _put_u16(char* p, uint16_t v) noexcept:
+    p[0] = <char>(v >> 8)
+    p[1] = <char>v
+
+
+cdef inline void _put_u32(char* p, uint32_t v) noexcept:
+    p[0] = <char>(v >> 24)
+    p[1] = <char>(v >> 16)
+    p[2] = <char>(v >> 8)
+    p[3] = <char>v
+
+
+cdef inline void _put_u64(char* p, uint64_t v) noexcept:
+    _put_u32(p, <uint32_t>(v >> 32))
+    _put_u32(p + 4, <uint32_t>v)
+
+
+cdef inline uint32_t _get_u32(const char* p) noexcept:
+    cdef const unsigned char* u = <const unsigned char*>p
+    return ((<uint32_t>u[0]) << 24) | ((<uint32_t>u[1]) << 16) | ((<uint32_t>u[2]) << 8) | u[3]
+
+
+cdef inline uint64_t _get_u64(const char* p) noexcept:
+    return ((<uint64_t>_get_u32(p)) << 32) | _get_u32(p + 4)
+
+
+cdef inline object _unpack(const char* p, Py_ssize_t n):
+    # msgpack copies what it keeps, so a view into our buffer is safe here.
+    return _msgpack_unpackb(PyMemoryView_FromMemory(<char*>p, n, PyBUF_READ),
+                            ext_hook=_ext_hook, raw=False, strict_map_key=False,
+                            use_list=True)
+
+
+# ---------------------------------------------------------------------------
+# WriteBuffer: frames and msgpack, encoded in place
+# ---------------------------------------------------------------------------
+
+cdef class WriteBuffer:
+    """A growable byte buffer with malla's msgpack encoder and frame builder."""
+
+    def __cinit__(self):
+        self._buf = <char*>PyMem_Malloc(WRITE_BUF_INITIAL)
+        if self._buf is NULL:
+            raise MemoryError()
+        self._size = WRITE_BUF_INITIAL
+        self._len = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+
+    def __len__(self):
+        return self._len
+
+    cdef int _grow(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t new_size = self._size * 2
+        cdef char* nb
+        if new_size < self._len + extra:
+            new_size = self._len + extra
+        nb = <char*>PyMem_Realloc(self._buf, new_size)
+        if nb is NULL:
+            raise MemoryError()
+        self._buf = nb
+        self._size = new_size
+        return 0
+
+    cdef inline int _reserve(self, Py_ssize_t extra) except -1:
+        if self._len + extra > self._size:
+            self._grow(extra)
+        return 0
+
+    cdef int write_raw(self, const char* data, Py_ssize_t n) except -1:
+        self._reserve(n)
+        memcpy(self._buf + self._len, data, n)
+        self._len += n
+        return 0
+
+    cdef void truncate(self, Py_ssize_t n):
+        self._len = n
+
+    cdef bytes take(self):
+        cdef bytes out = PyBytes_FromStringAndSize(self._buf, self._len)
+        self._len = 0
+        return out
+
+    cdef void release_if_large(self):
+        # After a large message, give the memory back: an idle connection
+        # must stay small.
+        cdef char* nb
+        if self._len == 0 and self._size > WRITE_BUF_KEEP:
+            nb = <char*>PyMem_Realloc(self._buf, WRITE_BUF_INITIAL)
+            if nb is not NULL:
+                self._buf = nb
+                self._size = WRITE_BUF_INITIAL
+
+    cdef Py_ssize_t begin_frame(self, uint8_t ftype, uint8_t flags, uint64_t sid) except -1:
+        cdef Py_ssize_t start = self._len
+        cdef char* p
+        self._reserve(HEADER_SIZE)
+        p = self._buf + start
+        p[0] = <char>ftype
+        p[1] = <char>flags
+        p[2] = 0
+        p[3] = 0
+        _put_u64(p + 8, sid)
+        self._len += HEADER_SIZE
+        return start
+
+    cdef int end_frame(self, Py_ssize_t start) except -1:
+        _put_u32(self._buf + start + 4, <uint32_t>(self._len - start - HEADER_SIZE))
+        return 0
+
+    cdef inline int _put_header(self, uint8_t fix, uint8_t fixmask, Py_ssize_t fixmax,
+                                uint8_t c8, uint8_t c16, uint8_t c32, Py_ssize_t n) except -1:
+        # Shared length-prefixed header for str/bin/array/map (c8 = 0: none).
+        cdef char* p
+        self._reserve(5)
+        p = self._buf + self._len
+        if fixmask and n < fixmax:
+            p[0] = <char>(fix | n)
+            self._len += 1
+        elif c8 and n < 256:
+            p[0] = <char>c8
+            p[1] = <char>n
+            self._len += 2
+        elif n < 65536:
+            p[0] = <char>c16
+            _put_u16(p + 1, <uint16_t>n)
+            self._len += 3
+        elif n <= 0xFFFFFFFF:
+            p[0] = <char>c32
+            _put_u32(p + 1, <uint32_t>n)
+            self._len += 5
+        else:
+            raise EncodeError("value too large for msgpack (more than 2**32-1 items or bytes)")
+        return 0
+
+    cdef inline int _put_array_header(self, Py_ssize_t n) except -1:
+        return self._put_header(0x90, 1, 16, 0, 0xdc, 0xdd, n)
+
+    cdef int _put_ext_header(self, uint8_t code, Py_ssize_t n) except -1:
+        cdef char* p
+        self._reserve(6)
+        p = self._buf + self._len
+        if n == 1 or n == 2 or n == 4 or n == 8 or n == 16:
+            p[0] = <char>(0xd4 if n == 1 else 0xd5 if n == 2 else 0xd6 if n == 4
+                          else 0xd7 if n == 8 else 0xd8)
+            p[1] = <char>code
+            self._len += 2
+        elif n < 256:
+            p[0] = <char>0xc7
+            p[1] = <char>n
+            p[2] = <char>code
+            self._len += 3
+        elif n < 65536:
+            p[0] = <char>0xc8
+            _put_u16(p + 1, <uint16_t>n)
+            p[3] = <char>code
+            self._len += 4
+        elif n <= 0xFFFFFFFF:
+            p[0] = <char>0xc9
+            _put_u32(p + 1, <uint32_t>n)
+            p[5] = <char>code
+            self._len += 6
+        else:
+            raise EncodeError("extension value too large for msgpack")
+        return 0
+
+    cdef int pack(self, object o, int depth) except -1:
+        cdef type t = type(o)
+        cdef char* p
+        cdef long long v
+        cdef unsigned long long uv
+        cdef int overflow = 0
+        cdef double d
+        cdef uint64_t bits
+        cdef Py_ssize_t n, i, pos
+        cdef const char* s
+        cdef PyObject* key
+        cdef PyObject* val
+
+        if depth > MAX_DEPTH:
+            raise EncodeError("value nested more than 512 levels deep (a cycle?)")
+        if o is None:
+            self._reserve(1)
+            self._buf[self._len] = <char>0xc0
+            self._len += 1
+        elif t is bool:
+            self._reserve(1)
+            self._buf[self._len] = <char>(0xc3 if o is True else 0xc2)
+            self._len += 1
+        elif t is int:
+            v = PyLong_AsLongLongAndOverflow(o, &overflow)
+            self._reserve(9)
+            p = self._buf + self._len
+            if overflow == 0:
+                if v >= 0:
+                    if v < 128:
+                        p[0] = <char>v
+                        self._len += 1
+                    elif v < 256:
+                        p[0] = <char>0xcc
+                        p[1] = <char>v
+                        self._len += 2
+                    elif v < 65536:
+                        p[0] = <char>0xcd
+                        _put_u16(p + 1, <uint16_t>v)
+                        self._len += 3
+                    elif v <= 0xFFFFFFFF:
+                        p[0] = <char>0xce
+                        _put_u32(p + 1, <uint32_t>v)
+                        self._len += 5
+                    else:
+                        p[0] = <char>0xcf
+                        _put_u64(p + 1, <uint64_t>v)
+                        self._len += 9
+                elif v >= -32:
+                    p[0] = <char>v
+                    self._len += 1
+                elif v >= -128:
+                    p[0] = <char>0xd0
+                    p[1] = <char>v
+                    self._len += 2
+                elif v >= -32768:
+                    p[0] = <char>0xd1
+                    _put_u16(p + 1, <uint16_t>v)
+                    self._len += 3
+                elif v >= -2147483648:
+                    p[0] = <char>0xd2
+                    _put_u32(p + 1, <uint32_t>v)
+                    self._len += 5
+                else:
+                    p[0] = <char>0xd3
+                    _put_u64(p + 1, <uint64_t>v)
+                    self._len += 9
+            elif overflow > 0 and o <= 0xFFFFFFFFFFFFFFFF:
+                uv = PyLong_AsUnsignedLongLong(o)
+                p[0] = <char>0xcf
+                _put_u64(p + 1, uv)
+                self._len += 9
+            else:
+                self._pack_via_default(o, depth)
+        elif t is float:
+            d = PyFloat_AS_DOUBLE(o)
+            memcpy(&bits, &d, 8)
+            self._reserve(9)
+            p = self._buf + self._len
+            p[0] = <char>0xcb
+            _put_u64(p + 1, bits)
+            self._len += 9
+        elif t is str:
+            try:
+                s = PyUnicode_AsUTF8AndSize(o, &n)
+            except UnicodeEncodeError as exc:
+                raise EncodeError(f"str is not valid UTF-8 ({exc.reason})") from None
+            self._put_header(0xa0, 1, 32, 0xd9, 0xda, 0xdb, n)
+            self.write_raw(s, n)
+        elif t is bytes:
+            n = PyBytes_GET_SIZE(o)
+            self._put_header(0, 0, 0, 0xc4, 0xc5, 0xc6, n)
+            self.write_raw(PyBytes_AS_STRING(o), n)
+        elif t is list:
+            n = PyList_GET_SIZE(o)
+            self._put_array_header(n)
+            for i in range(n):
+                self.pack(<object>PyList_GET_ITEM(o, i), depth + 1)
+        elif t is dict:
+            n = PyDict_Size(o)
+            self._put_header(0x80, 1, 16, 0, 0xde, 0xdf, n)
+            pos = 0
+            while PyDict_Next(o, &pos, &key, &val):
+                self.pack(<object>key, depth + 1)
+                self.pack(<object>val, depth + 1)
+        elif t is tuple:
+            self._pack_ext_container(EXT_TUPLE, o, depth)
+        elif t is set:
+            self._pack_ext_container(EXT_SET, o, depth)
+        elif t is frozenset:
+            self._pack_ext_container(EXT_FROZENSET, o, depth)
+        elif t is bytearray:
+            n = PyByteArray_GET_SIZE(o)
+            self._put_ext_header(EXT_BYTEARRAY, n)
+            self.write_raw(PyByteArray_AS_STRING(o), n)
+        else:
+            self._pack_via_default(o, depth)
+        return 0
+
+    cdef int _pack_ext_container(self, uint8_t code, object items, int depth) except -1:
+        # ext32 header reserved, items packed as an array after it, length
+        # back-filled: the nested value is encoded in place, with no copy.
+        cdef Py_ssize_t start = self._len
+        cdef Py_ssize_t n = len(items)
+        cdef char* p
+        self._reserve(6)
+        self._len += 6
+        self._put_array_header(n)
+        if type(items) is tuple:
+            for i in range(n):
+                self.pack(<object>PyTuple_GET_ITEM(items, i), depth + 1)
+        else:
+            for item in items:
+                self.pack(item, depth + 1)
+        p = self._buf + start
+        p[0] = <char>0xc9
+        _put_u32(p + 1, <uint32_t>(self._len - start - 6))
+        p[5] = <char>code
+        return 0
+
+    cdef int _pack_via_default(self, object o, int depth) except -1:
+        cdef object r
+        cdef bytes data
+        if _default is None:
+            raise EncodeError(f"cannot encode a {type(o).__qualname__} value")
+        r = _default(o)
+        if type(r) is ExtType:
+            data = r.data
+            self._put_ext_header(<uint8_t>r.code, PyBytes_GET_SIZE(data))
+            self.write_raw(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        else:
+            # A replacement value (a subclass travelling as its base type).
+            self.pack(r, depth + 1)
+        return 0
+
+    # -- Python-visible helpers (tests, codec, handshake) ---------------------
+
+    def encode(self, obj):
+        """Append the msgpack encoding of obj."""
+        self.pack(obj, 0)
+
+    def frame(self, int ftype, int flags, uint64_t sid, payload):
+        """Append one frame whose payload is the bytes given (sans-IO writer)."""
+        cdef Py_ssize_t start = self.begin_frame(<uint8_t>ftype, <uint8_t>flags, sid)
+        cdef const unsigned char[:] view = memoryview(payload).cast("B")
+        if view.shape[0]:
+            self.write_raw(<const char*>&view[0], view.shape[0])
+        self.end_frame(start)
+
+    def getvalue(self):
+        """Take everything written so far as bytes and empty the buffer."""
+        return self.take()
+
+
+def packb(obj):
+    """Encode obj with malla's msgpack encoder (the wire's value encoding)."""
+    cdef WriteBuffer wb = WriteBuffer.__new__(WriteBuffer)
+    wb.pack(obj, 0)
+    return wb.take()
+
+
+def unpackb(data):
+    """Decode a value encoded by packb (with the codec's extension types)."""
+    return _msgpack_unpackb(data, ext_hook=_ext_hook, raw=False,
+                            strict_map_key=False, use_list=True)
+
+
+def build_frame(int ftype, int flags, uint64_t sid, payload=b""):
+    """One frame's bytes: header then payload (sans-IO writer)."""
+    cdef WriteBuffer wb = WriteBuffer.__new__(WriteBuffer)
+    wb.frame(ftype, flags, sid, payload)
+    return wb.take()
+
+
+def split_message(int ftype, uint64_t sid, payload, Py_ssize_t max_frame_size,
+                  int flags=0):
+    """The frames of one message: chunks of at most max_frame_size, every
+    frame but the last flagged "more follows" (sans-IO writer)."""
+    cdef list frames = []
+    cdef Py_ssize_t n = len(payload), off = 0, chunk
+    if max_frame_size <= 0:
+        raise ValueError("max_frame_size must be positive")
+    while True:
+        chunk = min(max_frame_size, n - off)
+        last = off + chunk >= n
+        frames.append(build_frame(ftype, flags | (0 if last else FLAG_MORE), sid,
+                                  payload[off:off + chunk]))
+        off += chunk
+        if last:
+            return frames
+
+
+# ---------------------------------------------------------------------------
+# FrameReader: the sans-IO frame decoder
+# ---------------------------------------------------------------------------
+
+cdef class FrameReader:
+    """Decodes frames from bytes written into its buffer, one header at a time.
+
+    The protocol writes into `get_buffer_view()` (the BufferedProtocol path);
+    tests and fuzzers use `feed()`.  A header announcing more than
+    `max_frame_size` bytes raises ProtocolError before the payload arrives.
+    """
+
+    def __cinit__(self, uint32_t max_frame_size=1048576):
+        self._buf = <char*>PyMem_Malloc(READ_BUF_INITIAL)
+        if self._buf is NULL:
+            raise MemoryError()
+        self._size = READ_BUF_INITIAL
+        self._start = self._end = 0
+        self._need = HEADER_SIZE
+        self.max_frame_size = max_frame_size
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+
+    @property
+    def buffered(self):
+        """Bytes received and not yet consumed as frames."""
+        return self._end - self._start
+
+    @property
+    def capacity(self):
+        return self._size
+
+    cdef int _make_room(self, Py_ssize_t want) except -1:
+        cdef Py_ssize_t used = self._end - self._start
+        cdef Py_ssize_t new_size
+        cdef char* nb
+        if self._size - self._end >= want:
+            return 0
+        if self._start > 0:
+            if used:
+                memmove(self._buf, self._buf + self._start, used)
+            self._start = 0
+            self._end = used
+            if self._size - self._end >= want:
+                return 0
+        new_size = self._size * 2
+        if new_size < used + want:
+            new_size = used + want
+        nb = <char*>PyMem_Realloc(self._buf, new_size)
+        if nb is NULL:
+            raise MemoryError()
+        self._buf = nb
+        self._size = new_size
+        return 0
+
+    cdef object get_buffer_view(self):
+        # Room for the rest of the frame in progress (so it arrives in one
+        # contiguous piece), and never less than a few KiB per read.
+        cdef Py_ssize_t want = self._need - (self._end - self._start)
+        if want < 4096:
+            want = 4096
+        self._make_room(want)
+        return PyMemoryView_FromMemory(self._buf + self._end, self._size - self._end,
+                                       PyBUF_WRITE)
+
+    def get_buffer(self, sizehint=-1):
+        return self.get_buffer_view()
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        if nbytes < 0 or self._end + nbytes > self._size:
+            raise ValueError("buffer_updated beyond the buffer")
+        self._end += nbytes
+
+    cdef int next_frame(self, Frame* out) except -1:
+        # 1: a whole frame is in *out (payload valid until the next read);
+        # 0: more bytes are needed.
+        cdef Py_ssize_t avail = self._end - self._start
+        cdef const char* p
+        cdef uint32_t length
+        if avail < HEADER_SIZE:
+            self._need = HEADER_SIZE
+            return 0
+        p = self._buf + self._start
+        length = _get_u32(p + 4)
+        if length > self.max_frame_size:
+            raise ProtocolError(
+                f"frame of {length} bytes exceeds max_frame_size {self.max_frame_size}")
+        if <uint8_t>p[0] == 0:
+            raise ProtocolError("frame type 0 is not a frame")
+        if avail < HEADER_SIZE + <Py_ssize_t>length:
+            self._need = HEADER_SIZE + length
+            return 0
+        out.ftype = <uint8_t>p[0]
+        out.flags = <uint8_t>p[1]
+        out.length = length
+        out.sid = _get_u64(p + 8)
+        out.payload = p + HEADER_SIZE
+        self._start += HEADER_SIZE + length
+        self._need = HEADER_SIZE
+        return 1
+
+    cdef void compact_if_idle(self):
+        cdef char* nb
+        if self._start == self._end:
+            self._start = self._end = 0
+            if self._size > READ_BUF_INITIAL * 2:
+                nb = <char*>PyMem_Realloc(self._buf, READ_BUF_INITIAL)
+                if nb is not NULL:
+                    self._buf = nb
+                    self._size = READ_BUF_INITIAL
+
+    def feed(self, data):
+        """Append bytes; return the complete frames as
+        (type, flags, stream id, payload bytes) tuples."""
+        cdef const unsigned char[:] view = memoryview(data).cast("B")
+        cdef Py_ssize_t n = view.shape[0]
+        cdef Frame f
+        cdef list frames = []
+        if n:
+            self._make_room(n)
+            memcpy(self._buf + self._end, &view[0], n)
+            self._end += n
+        while self.next_frame(&f):
+            frames.append((f.ftype, f.flags, f.sid,
+                           PyBytes_FromStringAndSize(f.payload, f.length)))
+        self.compact_if_idle()
+        return frames
+
+
+# ---------------------------------------------------------------------------
+# ServiceEntry: what dispatch needs to know of one running service
+# ---------------------------------------------------------------------------
+
+cdef class ServiceEntry:
+    """A running service as the dispatcher sees it (built by malla.service).
+
+    `funcs` maps exported names to bound methods, `kinds` to 0 (plain def),
+    1 (async def) or 2 (@blocking).  `fast` is true when the service keeps the
+    default service_cb_in: plain functions are then called by the core
+    directly; everything else goes through `dispatch()`, which the Python
+    subclass implements.
+    """
+
+    def __init__(self, str name, dict funcs, dict kinds, bint fast, int max_concurrency):
+        self.name = name
+        self.funcs = funcs
+        self.kinds = kinds
+        self.fast = fast
+        self.paused = False
+        self.running = 0
+        self.max_concurrency = max_concurrency
+
+    def dispatch(self, proto, sid, fun, fn, args, kwargs, timeout, deadline, meta, cast):
+        raise NotImplementedError
+
+
+cdef class _Partial:
+    # A message arriving in several frames.
+    cdef uint8_t ftype
+    cdef uint8_t flags
+    cdef bytearray data
+    cdef bint dropped
+
+
+cdef class _LargeMessage:
+    # An encoded message bigger than one frame, sent a frame per round.
+    cdef uint8_t ftype
+    cdef uint8_t flags
+    cdef uint64_t sid
+    cdef bytes payload
+    cdef Py_ssize_t offset
+
+
+# ---------------------------------------------------------------------------
+# CoreProtocol
+# ---------------------------------------------------------------------------
+
+cdef class CoreProtocol:
+    """The protocol of one node-to-node connection (see module docstring).
+
+    The owner (malla.connection.Connection) runs the handshake, control
+    messages and policy; the core calls it through a few `_on_*` methods.
+    """
+
+    def __init__(self, owner, loop, bint dialer, dict services,
+                 uint32_t max_frame_size=1048576, uint64_t max_message_size=67108864):
+        self.owner = owner
+        self._loop = loop
+        self.dialer = dialer
+        self.services = services
+        self._reader = FrameReader(PREAUTH_MAX_FRAME)
+        self._wbuf = WriteBuffer()
+        self._state = CS_HANDSHAKE
+        self.peer_name = None
+        self._pending = {}
+        self._running = {}
+        self._partials = {}
+        self._partial_bytes = 0
+        # Dialler's streams are odd, acceptor's even: ids of the two
+        # directions never collide, so one table can key partial messages.
+        self._next_sid = 1 if dialer else 2
+        self.last_sid = 0
+        self.max_frame_size = max_frame_size
+        self.max_message_size = max_message_size
+        self.last_heard = _now()
+        self.last_sent = self.last_heard
+        self._in_read = False
+        self._flush_scheduled = False
+        self._wrote_this_tick = False
+        self._paused_writing = False
+        self._large = []
+        self._heap = NULL
+        self._heap_len = 0
+        self._heap_size = 0
+        self._timer = None
+        self._timer_at = 0
+        self.calls_in = 0
+        self.calls_out = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self._heap)
+
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def ready(self):
+        return self._state == CS_READY
+
+    @property
+    def closed(self):
+        return self._state >= CS_CLOSING
+
+    @property
+    def in_flight(self):
+        """Calls this side sent and still waits for."""
+        return len(self._pending)
+
+    @property
+    def running(self):
+        """Calls from the peer running here as tasks."""
+        return len(self._running)
+
+    @property
+    def read_buffer_capacity(self):
+        return self._reader._size
+
+    @property
+    def write_buffer_capacity(self):
+        return self._wbuf._size
+
+    @property
+    def queued_large(self):
+        """Large messages still being sent, a frame per round."""
+        return len(self._large)
+
+    @property
+    def timer_heap_len(self):
+        return self._heap_len
+
+    @property
+    def transport(self):
+        return self._transport
+
+    def set_ready(self, str peer_name, uint32_t max_frame_size):
+        """End of handshake: the agreed frame size applies from now on."""
+        if self._state != CS_HANDSHAKE:
+            raise mexc.InternalError("set_ready outside the handshake")
+        self.peer_name = peer_name
+        self.max_frame_size = max_frame_size
+        self._reader.max_frame_size = max_frame_size
+        self._state = CS_READY
+
+    # -- asyncio callbacks ----------------------------------------------------
+
+    def connection_made(self, transport):
+        self._transport = transport
+        self.owner._connection_made(self)
+
+    def connection_lost(self, exc):
+        cdef object owner = self.owner
+        self._state = CS_CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._heap_len = 0
+        peer = self.peer_name or "peer"
+
+        def lost():
+            err = ConnectionLost(f"connection to {peer} lost")
+            err.__cause__ = exc
+            return err
+
+        self._fail_pending(lost)
+        # The caller is gone: its calls running here are cancelled.
+        running = list(self._running.values())
+        self._running.clear()
+        for task in running:
+            task.cancel()
+        self._large = []
+        self._partials.clear()
+        self._transport = None
+        if owner is not None:
+            owner._connection_lost(exc)
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self._reader.get_buffer_view()
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        cdef Frame f
+        self._reader._end += nbytes
+        self.last_heard = _now()
+        self._in_read = True
+        try:
+            while self._state <= CS_READY:
+                if not self._reader.next_frame(&f):
+                    break
+                self._on_frame(&f)
+        except ProtocolError as exc:
+            self._protocol_violation(str(exc))
+        except Exception as exc:
+            _log.exception("malla core: error while handling a frame")
+            self._protocol_violation(f"internal error: {exc!r}")
+        finally:
+            self._in_read = False
+        self._reader.compact_if_idle()
+        if self._wbuf._len and self._state <= CS_CLOSING:
+            self.flush()
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        self._paused_writing = True
+
+    def resume_writing(self):
+        self._paused_writing = False
+        if self._large:
+            self._write_large_frames()
+        if self.owner is not None:
+            self.owner._writing_resumed()
+
+    @property
+    def writing_paused(self):
+        return self._paused_writing
+
+    # -- receiving --------------------------------------------------------------
+
+    cdef int _on_frame(self, Frame* f) except -1:
+        if self._state == CS_HANDSHAKE:
+            if f.flags & FLAG_MORE:
+                raise ProtocolError("a handshake message cannot be split")
+            if f.ftype == FT_HELLO or f.ftype == FT_AUTH or f.ftype == FT_ERROR:
+                self.owner._on_handshake_frame(
+                    f.ftype, f.flags, f.sid, PyBytes_FromStringAndSize(f.payload, f.length))
+            elif not (f.flags & FLAG_OPTIONAL):
+                raise ProtocolError(f"frame type {f.ftype} before the handshake ended")
+            return 0
+        if (f.flags & FLAG_MORE) or (PyDict_Size(self._partials) and f.sid in self._partials):
+            return self._on_chunk(f)
+        return self._on_message(f.ftype, f.flags, f.sid, f.payload, f.length)
+
+    cdef int _on_chunk(self, Frame* f) except -1:
+        cdef _Partial part
+        cdef object key = f.sid
+        cdef Py_ssize_t have
+        if f.sid == 0:
+            raise ProtocolError("a message on stream 0 cannot be split")
+        part = self._partials.get(key)
+        if part is None:
+            part = _Partial.__new__(_Partial)
+            part.ftype = f.ftype
+            part.flags = f.flags & ~FLAG_MORE
+            part.data = bytearray()
+            part.dropped = False
+            self._partials[key] = part
+        elif part.ftype != f.ftype:
+            raise ProtocolError(f"stream {f.sid}: frame type changed inside a message")
+        if not part.dropped:
+            have = PyByteArray_GET_SIZE(part.data)
+            if <uint64_t>(have + f.length) > self.max_message_size:
+                # Too large: drop what we have, keep the connection, and
+                # answer once the message's last frame has passed.
+                part.dropped = True
+                self._partial_bytes -= have
+                part.data = None
+            else:
+                part.data += PyMemoryView_FromMemory(<char*>f.payload, f.length, PyBUF_READ)
+                self._partial_bytes += f.length
+        if f.flags & FLAG_MORE:
+            return 0
+        del self._partials[key]
+        if part.dropped:
+            return self._on_dropped_message(part.ftype, f.sid)
+        self._partial_bytes -= PyByteArray_GET_SIZE(part.data)
+        return self._on_message(part.ftype, part.flags, f.sid,
+                                PyByteArray_AS_STRING(part.data),
+                                PyByteArray_GET_SIZE(part.data))
+
+    cdef int _on_dropped_message(self, uint8_t ftype, uint64_t sid) except -1:
+        msg = f"message larger than max_message_size {self.max_message_size}"
+        if ftype == FT_CALL:
+            self._queue_error(sid, ERR_MESSAGE_TOO_LARGE, "malla.exceptions.MessageTooLarge",
+                              msg, None)
+        elif ftype == FT_REPLY or ftype == FT_ERROR:
+            fut = self._pending.pop(sid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(MessageTooLarge(f"reply {msg}"))
+        else:
+            _log.warning("malla: dropped a %d frame from %s: %s", ftype, self.peer_name, msg)
+        return 0
+
+    cdef int _on_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
+                         const char* p, Py_ssize_t n) except -1:
+        if ftype == FT_REPLY:
+            return self._on_reply(sid, p, n)
+        if ftype == FT_CALL or ftype == FT_CAST:
+            return self._on_call(ftype, sid, p, n)
+        if ftype == FT_ERROR:
+            return self._on_error(sid, p, n)
+        if ftype == FT_CANCEL:
+            return self._on_cancel(sid)
+        if ftype == FT_HEARTBEAT:
+            if flags & FLAG_ACK:
+                self._queue_message(FT_HEARTBEAT, 0, sid, None)
+            elif sid != 0:
+                self.owner._on_pong(sid)
+            return 0
+        if ftype == FT_ANNOUNCE or ftype == FT_TABLE or ftype == FT_GOODBYE or ftype == FT_PEERS:
+            self.owner._on_control(ftype, flags, sid, PyBytes_FromStringAndSize(p, n))
+            return 0
+        if ftype == FT_HELLO or ftype == FT_AUTH:
+            raise ProtocolError("handshake frame after the handshake")
+        if flags & FLAG_OPTIONAL:
+            return 0
+        raise ProtocolError(f"unknown mandatory frame type {ftype}")
+
+    cdef int _on_reply(self, uint64_t sid, const char* p, Py_ssize_t n) except -1:
+        cdef object key = sid
+        cdef PyObject* fp = PyDict_GetItem(self._pending, key)
+        cdef object fut
+        if fp is NULL:
+            return 0          # a late reply to a call that timed out or was cancelled
+        fut = <object>fp
+        del self._pending[key]
+        try:
+            value = _unpack(p, n)
+        except EncodeError as exc:
+            # well-formed, but holds a value this node cannot rebuild (an
+            # unregistered user type): that call fails, the connection stays
+            if not fut.done():
+                fut.set_exception(exc)
+            return 0
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(ProtocolError(f"undecodable reply: {exc}"))
+            raise ProtocolError(f"undecodable reply on stream {sid}: {exc}") from None
+        if not fut.done():
+            fut.set_result(value)
+        return 0
+
+    cdef int _on_error(self, uint64_t sid, const char* p, Py_ssize_t n) except -1:
+        try:
+            code, exc_type, message, tb = _unpack(p, n)[:4]
+            err = error_from_wire(int(code), str(exc_type), str(message),
+                                  tb if isinstance(tb, str) else None)
+        except Exception as exc:
+            raise ProtocolError(f"undecodable ERROR frame: {exc}") from None
+        if sid == 0:
+            self.owner._on_connection_error(err)
+            return 0
+        fut = self._pending.pop(sid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(err)
+        return 0
+
+    cdef int _on_cancel(self, uint64_t sid) except -1:
+        task = self._running.pop(sid, None)
+        if task is not None:
+            task.cancel()
+        return 0
+
+    cdef int _on_call(self, uint8_t ftype, uint64_t sid, const char* p, Py_ssize_t n) except -1:
+        cdef bint cast = ftype == FT_CAST
+        cdef ServiceEntry entry
+        cdef PyObject* ep
+        cdef PyObject* fp
+        cdef list msg
+        self.calls_in += 1
+        try:
+            obj = _unpack(p, n)
+        except EncodeError as exc:
+            if not cast:
+                self._queue_error(sid, ERR_UNDECODABLE, "malla.exceptions.EncodeError",
+                                  str(exc), None)
+            return 0
+        except Exception as exc:
+            raise ProtocolError(f"undecodable call on stream {sid}: {exc}") from None
+        if type(obj) is not list or PyList_GET_SIZE(obj) < 7:
+            if not cast:
+                self._queue_error(sid, ERR_BAD_REQUEST, "malla.exceptions.ProtocolError",
+                                  "malformed call message", None)
+            return 0
+        msg = <list>obj
+        service = msg[0]
+        fun = msg[1]
+        args = msg[2]
+        kwargs = msg[3]
+        if (type(service) is not str or type(fun) is not str or type(args) is not list
+                or (kwargs is not None and type(kwargs) is not dict)):
+            if not cast:
+                self._queue_error(sid, ERR_BAD_REQUEST, "malla.exceptions.ProtocolError",
+                                  "malformed call message", None)
+            return 0
+        ep = PyDict_GetItem(self.services, service)
+        if ep is NULL or (<ServiceEntry>ep).paused:
+            if not cast:
+                self._queue_error(sid, ERR_SERVICE_NOT_AVAILABLE,
+                                  "malla.exceptions.ServiceNotAvailable",
+                                  f"service {service} is not available on this node", None)
+            return 0
+        entry = <ServiceEntry>ep
+        fp = PyDict_GetItem(entry.funcs, fun)
+        if fp is NULL:
+            if not cast:
+                self._queue_error(sid, ERR_UNKNOWN_FUNCTION, "malla.exceptions.UnknownFunction",
+                                  f"service {service} exports no function {fun!r}", None)
+            return 0
+        deadline = msg[5]
+        if deadline is not None and deadline <= 0:
+            # The caller's budget was spent before the call could start.
+            if not cast:
+                self._queue_error(sid, ERR_DEADLINE, "malla.exceptions.CallTimeout",
+                                  "deadline passed before the call started", None)
+            return 0
+        if entry.fast and entry.kinds[fun] == 0:
+            try:
+                if kwargs:
+                    result = (<object>fp)(*args, **kwargs)
+                else:
+                    result = (<object>fp)(*args)
+            except Exception as exc:
+                if not cast:
+                    self.reply_exception(sid, exc)
+                return 0
+            if not cast:
+                self.reply(sid, result)
+            return 0
+        task = entry.dispatch(self, sid, fun, <object>fp, args, kwargs, msg[4], deadline,
+                              msg[6], cast)
+        if task is not None and not cast:
+            self._running[sid] = task
+        return 0
+
+    # -- replies (also used by the Python dispatcher) ---------------------------
+
+    def reply(self, uint64_t sid, value):
+        """Send the REPLY of call `sid`; an unencodable value becomes an error."""
+        cdef Py_ssize_t start
+        if self._state != CS_READY:
+            return
+        start = self._wbuf.begin_frame(FT_REPLY, 0, sid)
+        try:
+            self._wbuf.pack(value, 0)
+        except Exception as exc:
+            self._wbuf.truncate(start)
+            self._queue_error(sid, ERR_REMOTE, "malla.exceptions.EncodeError",
+                              f"the result cannot be encoded: {exc}", None)
+            return
+        try:
+            self._queue_encoded(start)
+        except mexc.MessageTooLarge as exc:
+            self._queue_error(sid, ERR_REMOTE, "malla.exceptions.MessageTooLarge",
+                              f"the result is too large: {exc}", None)
+
+    def reply_exception(self, uint64_t sid, exc):
+        """Send the error of call `sid` whose function raised `exc`."""
+        cls = type(exc)
+        tb = "".join(_traceback_mod.format_exception(cls, exc, exc.__traceback__))
+        self._queue_error(sid, ERR_REMOTE, f"{cls.__module__}.{cls.__qualname__}",
+                          str(exc), tb)
+
+    def reply_error(self, uint64_t sid, int code, str exc_type, str message):
+        """Send a malla error (not run, overloaded, ...) for call `sid`."""
+        self._queue_error(sid, code, exc_type, message, None)
+
+    def task_done(self, uint64_t sid):
+        """Forget the task of call `sid`; False when it was cancelled."""
+        return self._running.pop(sid, None) is not None
+
+    # -- sending ----------------------------------------------------------------
+
+    cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message, object tb) except -1:
+        return self._queue_message(FT_ERROR, 0, sid, [code, exc_type, message, tb])
+
+    cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid, object payload) except -1:
+        cdef Py_ssize_t start
+        if self._state > CS_READY or self._transport is None:
+            return 0
+        start = self._wbuf.begin_frame(ftype, flags, sid)
+        if payload is not None:
+            try:
+                self._wbuf.pack(payload, 0)
+            except BaseException:
+                self._wbuf.truncate(start)
+                raise
+        return self._queue_encoded(start)
+
+    cdef int _queue_encoded(self, Py_ssize_t start) except -1:
+        # The frame at `start` is encoded; send it as one frame or, when it
+        # is larger than a frame, as a message split into frames.
+        cdef Py_ssize_t length = self._wbuf._len - start - HEADER_SIZE
+        cdef _LargeMessage m
+        cdef const char* h
+        if <uint64_t>length > self.max_message_size:
+            self._wbuf.truncate(start)
+            raise MessageTooLarge(
+                f"message of {length} bytes exceeds max_message_size {self.max_message_size}")
+        if length <= self.max_frame_size:
+            self._wbuf.end_frame(start)
+        else:
+            h = self._wbuf._buf + start
+            m = _LargeMessage.__new__(_LargeMessage)
+            m.ftype = <uint8_t>h[0]
+            m.flags = <uint8_t>h[1]
+            m.sid = _get_u64(h + 8)
+            m.payload = PyBytes_FromStringAndSize(h + HEADER_SIZE, length)
+            m.offset = 0
+            self._wbuf.truncate(start)
+            self._large.append(m)
+        return self._request_flush()
+
+    cdef int _request_flush(self) except -1:
+        # Inside a read, everything queued leaves in one write at its end.
+        # Otherwise the first message of a loop tick is written at once (no
+        # added latency) and the rest of the tick's messages are coalesced
+        # into one write by a call_soon.
+        if self._in_read:
+            return 0
+        if not self._wrote_this_tick:
+            self._wrote_this_tick = True
+            self.flush()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._end_tick)
+        return 0
+
+    def _end_tick(self):
+        self._flush_scheduled = False
+        self._wrote_this_tick = False
+        self.flush()
+
+    def flush(self):
+        """Write every queued small frame now, then a round of large frames."""
+        if self._transport is None or self._state == CS_CLOSED:
+            self._wbuf.truncate(0)
+            return
+        if self._wbuf._len:
+            self._transport.write(self._wbuf.take())
+            self.last_sent = _now()
+            self._wbuf.release_if_large()
+        if self._large and not self._paused_writing:
+            self._write_large_frames()
+
+    cdef int _write_large_frames(self) except -1:
+        # One frame of each large message per round, so that small frames
+        # (written as soon as they are queued) never wait behind more than
+        # one frame of any large message.  The next round starts when the
+        # transport has drained (resume_writing) or on the next loop tick.
+        cdef _LargeMessage m
+        cdef Py_ssize_t n, chunk
+        cdef list still = []
+        cdef bint last
+        if self._transport is None:
+            return 0
+        for m in self._large:
+            n = PyBytes_GET_SIZE(m.payload)
+            chunk = n - m.offset
+            if chunk > self.max_frame_size:
+                chunk = self.max_frame_size
+            last = m.offset + chunk >= n
+            self._wbuf.begin_frame(m.ftype, m.flags | (0 if last else FLAG_MORE), m.sid)
+            _put_u32(self._wbuf._buf + self._wbuf._len - HEADER_SIZE + 4, <uint32_t>chunk)
+            self._transport.write(self._wbuf.take())
+            self._transport.write(memoryview(m.payload)[m.offset:m.offset + chunk])
+            m.offset += chunk
+            if not last:
+                still.append(m)
+        self._large = still
+        self.last_sent = _now()
+        if still and not self._paused_writing and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._end_tick)
+        return 0
+
+    def send_frame(self, int ftype, int flags, uint64_t sid, bytes payload):
+        """Queue one frame of raw payload bytes (handshake)."""
+        cdef Py_ssize_t start
+        if self._transport is None:
+            return
+        start = self._wbuf.begin_frame(<uint8_t>ftype, <uint8_t>flags, sid)
+        self._wbuf.write_raw(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+        self._wbuf.end_frame(start)
+        self._request_flush()
+
+    def send_message(self, int ftype, payload, int flags=0, uint64_t sid=0):
+        """Queue a control message (msgpack payload); split if large."""
+        if sid == 0 and ftype != FT_HEARTBEAT and ftype != FT_ERROR:
+            sid = self._next_sid
+            self._next_sid += 2
+        self._queue_message(<uint8_t>ftype, <uint8_t>flags, sid, payload)
+
+    def ping(self):
+        """Send a HEARTBEAT asking for an answer; return its stream id."""
+        cdef uint64_t sid = self._next_sid
+        self._next_sid += 2
+        self._queue_message(FT_HEARTBEAT, FLAG_ACK, sid, None)
+        return sid
+
+    def call(self, str service, str fun, args, kwargs, double timeout_ms, deadline_ms, meta):
+        """Send a CALL; return the future of its reply.
+
+        Raises ServiceNotAvailable when the connection cannot take it (not
+        sent), EncodeError / MessageTooLarge when the request cannot be sent.
+        The call's stream id is left in `last_sid` (for `cancel`).
+        """
+        cdef uint64_t sid
+        cdef Py_ssize_t start
+        cdef WriteBuffer wb = self._wbuf
+        if self._state != CS_READY:
+            raise ServiceNotAvailable(f"connection to {self.peer_name} is not open")
+        sid = self._next_sid
+        start = wb.begin_frame(FT_CALL, 0, sid)
+        try:
+            self._pack_call(wb, service, fun, args, kwargs, timeout_ms, deadline_ms, meta)
+        except BaseException:
+            wb.truncate(start)
+            raise
+        self._next_sid += 2
+        fut = self._loop.create_future()
+        self._pending[sid] = fut
+        try:
+            self._queue_encoded(start)
+        except BaseException:
+            del self._pending[sid]
+            raise
+        self.last_sid = sid
+        self.calls_out += 1
+        if timeout_ms > 0:
+            self._heap_push(_now() + timeout_ms * 0.001, sid)
+        return fut
+
+    def cast(self, str service, str fun, args, kwargs, meta):
+        """Send a CAST (no reply)."""
+        cdef uint64_t sid
+        cdef Py_ssize_t start
+        cdef WriteBuffer wb = self._wbuf
+        if self._state != CS_READY:
+            raise ServiceNotAvailable(f"connection to {self.peer_name} is not open")
+        sid = self._next_sid
+        start = wb.begin_frame(FT_CAST, 0, sid)
+        try:
+            self._pack_call(wb, service, fun, args, kwargs, 0, None, meta)
+        except BaseException:
+            wb.truncate(start)
+            raise
+        self._next_sid += 2
+        self.calls_out += 1
+        self._queue_encoded(start)
+
+    cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
+                               double timeout_ms, deadline_ms, meta) except -1:
+        cdef Py_ssize_t i, n
+        wb._put_array_header(7)
+        wb.pack(service, 0)
+        wb.pack(fun, 0)
+        # args travel as a plain array, whether given as a list or a tuple
+        if type(args) is tuple:
+            n = PyTuple_GET_SIZE(args)
+            wb._put_array_header(n)
+            for i in range(n):
+                wb.pack(<object>PyTuple_GET_ITEM(args, i), 1)
+        elif type(args) is list:
+            wb.pack(args, 0)
+        else:
+            wb.pack(list(args), 0)
+        wb.pack(kwargs if kwargs else None, 0)
+        wb.pack(<int64_t>timeout_ms, 0)
+        wb.pack(deadline_ms, 0)
+        wb.pack(meta, 0)
+        return 0
+
+    def cancel(self, uint64_t sid):
+        """Forget call `sid` and tell the peer to cancel it."""
+        if self._pending.pop(sid, None) is None:
+            return False
+        self._queue_message(FT_CANCEL, 0, sid, None)
+        return True
+
+    def close(self):
+        """Flush and close the transport."""
+        if self._state >= CS_CLOSING:
+            return
+        self._state = CS_CLOSING
+        if self._transport is not None:
+            if self._wbuf._len:
+                self._transport.write(self._wbuf.take())
+            self._transport.close()
+
+    def abort(self):
+        if self._state >= CS_CLOSING and self._transport is None:
+            return
+        self._state = CS_CLOSING
+        if self._transport is not None:
+            self._transport.abort()
+
+    cdef int _protocol_violation(self, str message) except -1:
+        if self._state >= CS_CLOSING:
+            return 0
+        if self.owner is not None:
+            self.owner._on_protocol_error(ProtocolError(message))
+        self._state = CS_CLOSING
+        if self._transport is not None:
+            self._transport.abort()
+        return 0
+
+    cdef int _fail_pending(self, object exc_factory) except -1:
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(exc_factory())
+        return 0
+
+    # -- per-call timeouts: a min-heap of deadlines, one timer ---------------
+
+    cdef int _heap_push(self, double deadline, uint64_t sid) except -1:
+        cdef Py_ssize_t i, parent
+        cdef TimerEntry* nh
+        cdef TimerEntry tmp
+        if self._heap_len > 2 * PyDict_Size(self._pending) + 256:
+            self._heap_compact()
+        if self._heap_len == self._heap_size:
+            nh = <TimerEntry*>PyMem_Realloc(
+                self._heap, (self._heap_size * 2 + 64) * sizeof(TimerEntry))
+            if nh is NULL:
+                raise MemoryError()
+            self._heap = nh
+            self._heap_size = self._heap_size * 2 + 64
+        i = self._heap_len
+        self._heap[i].deadline = deadline
+        self._heap[i].sid = sid
+        self._heap_len += 1
+        while i > 0:
+            parent = (i - 1) >> 1
+            if self._heap[parent].deadline <= self._heap[i].deadline:
+                break
+            tmp = self._heap[parent]
+            self._heap[parent] = self._heap[i]
+            self._heap[i] = tmp
+            i = parent
+        if i == 0:
+            self._arm_timer()
+        return 0
+
+    cdef void _heap_pop(self):
+        cdef Py_ssize_t i = 0, child, n
+        cdef TimerEntry tmp
+        self._heap_len -= 1
+        n = self._heap_len
+        if n == 0:
+            return
+        self._heap[0] = self._heap[n]
+        while True:
+            child = 2 * i + 1
+            if child >= n:
+                break
+            if child + 1 < n and self._heap[child + 1].deadline < self._heap[child].deadline:
+                child += 1
+            if self._heap[i].deadline <= self._heap[child].deadline:
+                break
+            tmp = self._heap[child]
+            self._heap[child] = self._heap[i]
+            self._heap[i] = tmp
+            i = child
+
+    cdef int _heap_compact(self) except -1:
+        # Entries of calls already answered linger (lazy deletion); drop them
+        # and rebuild the heap, so it stays within 2x the calls in flight.
+        cdef Py_ssize_t i, j = 0, k, child, n
+        cdef TimerEntry tmp
+        for i in range(self._heap_len):
+            if self._heap[i].sid in self._pending:
+                self._heap[j] = self._heap[i]
+                j += 1
+        self._heap_len = n = j
+        for k in range(n // 2 - 1, -1, -1):
+            i = k
+            while True:
+                child = 2 * i + 1
+                if child >= n:
+                    break
+                if child + 1 < n and self._heap[child + 1].deadline < self._heap[child].deadline:
+                    child += 1
+                if self._heap[i].deadline <= self._heap[child].deadline:
+                    break
+                tmp = self._heap[child]
+                self._heap[child] = self._heap[i]
+                self._heap[i] = tmp
+                i = child
+        return 0
+
+    cdef int _arm_timer(self) except -1:
+        cdef double top
+        if self._heap_len == 0 or self._state == CS_CLOSED:
+            return 0
+        top = self._heap[0].deadline
+        if self._timer is not None:
+            if self._timer_at <= top + 0.0005:
+                return 0
+            self._timer.cancel()
+        self._timer_at = top
+        self._timer = self._loop.call_later(max(0.0, top - _now()), self._on_timer)
+        return 0
+
+    def _on_timer(self):
+        cdef double now = _now()
+        cdef uint64_t sid
+        self._timer = None
+        while self._heap_len and self._heap[0].deadline <= now:
+            sid = self._heap[0].sid
+            self._heap_pop()
+            fut = self._pending.pop(sid, None)
+            if fut is None:
+                continue
+            if not fut.done():
+                fut.set_exception(CallTimeout(f"no reply from {self.peer_name} in time"))
+            # The peer cancels what it still runs for us.
+            self._queue_message(FT_CANCEL, 0, sid, None)
+        while self._heap_len and self._heap[0].sid not in self._pending:
+            self._heap_pop()
+        self._arm_timer()
+
+
+class Protocol(CoreProtocol, asyncio.BufferedProtocol):
+    """CoreProtocol with asyncio's BufferedProtocol ABC (never asyncio.Protocol:
+    uvloop would then copy every read)."""
+
+
+# The enums' members as plain module constants, for the Python layers.
+for _enum in (FrameType, FrameFlag, ExtCode):
+    for _member in _enum:
+        globals()[_member.name] = int(_member)
+del _enum, _member

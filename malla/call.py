@@ -1,0 +1,271 @@
+"""The call API: remote() with failover, retries, timeouts and deadlines;
+local(); call_cb_all().  Mixed into Node.
+
+A call's path: the discovery table gives the ordered node list; the local
+node runs it in-process (same hook, timeout and error semantics), a remote
+node through its connection's core, which sends the CALL and resolves the
+future.  Failover and retries are decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from malla import exceptions as mexc
+from malla.codec import bad_value_path
+from malla.context import inherited_deadline
+
+if TYPE_CHECKING:
+    from malla.registry import Registry
+    from malla.service import RunningService
+
+__all__ = ["CallAPI", "service_name"]
+
+ServiceNotAvailable = mexc.ServiceNotAvailable
+_RETRYABLE = (mexc.RemoteError, mexc.CallTimeout, mexc.ConnectionLost)
+
+if sys.version_info >= (3, 11):
+    _timeout_ctx = asyncio.timeout
+else:  # pragma: no cover - Python 3.10
+    _timeout_ctx = None
+
+
+def service_name(service: Any) -> str:
+    """The service id of a name or a Service subclass (or instance)."""
+    if type(service) is str:
+        return service
+    name = getattr(service, "_malla_name", None)
+    if name is None:
+        raise TypeError(f"not a service name or malla.Service class: {service!r}")
+    return name
+
+
+class _Stats:
+    """Counters kept off the happy path: only failures, retries and
+    failovers touch them; calls are counted by the cores."""
+
+    __slots__ = ("errors", "retries", "failovers", "local_calls")
+
+    def __init__(self) -> None:
+        self.errors: dict[str, int] = {}
+        self.retries = 0
+        self.failovers = 0
+        self.local_calls = 0
+
+    def error(self, exc: BaseException) -> None:
+        key = type(exc).__name__
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+
+class CallAPI:
+    """remote(), local() and call_cb_all(), for Node."""
+
+    name: str
+    _registry: Registry
+    _conns: dict[str, Any]
+    _entries: dict[str, RunningService]
+    _stats: _Stats
+
+    async def remote(self, service: Any, fun: str, args: Any = (),
+                     kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
+                     sna_retries: int = 5, excp_retries: int = 0,
+                     retries_sleep_msec: int = 1000, meta: Any = None,
+                     deadline: int | None = None) -> Any:
+        """Call `fun` of `service` on the first node that runs it (DESIGN.md "Calls").
+
+        Fails over to the next node on "service not available"; when the list
+        is exhausted, sleeps `retries_sleep_msec` and starts again, up to
+        `sna_retries` more rounds.  Exceptions (RemoteError, CallTimeout,
+        ConnectionLost) are retried `excp_retries` times.  `timeout` (ms)
+        bounds each attempt, `deadline` (ms) the whole call; `timeout=0`
+        sends a cast and returns None.
+        """
+        name = service if type(service) is str else service_name(service)
+        if fun[:1] == "_":
+            raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
+        at = inherited_deadline()
+        if deadline is not None:
+            mine = time.monotonic() + deadline / 1000.0
+            if at is None or mine < at:
+                at = mine
+        sna_round = exc_round = 0
+        registry = self._registry
+        while True:
+            tried = 0
+            for node in registry.nodes(name):
+                tried += 1
+                try:
+                    if node == self.name:
+                        return await self._call_here(name, fun, args, kwargs, timeout, at, meta)
+                    return await self._call_node(node, name, fun, args, kwargs, timeout, at, meta)
+                except ServiceNotAvailable:
+                    self._stats.failovers += 1
+                    continue
+                except _RETRYABLE as exc:
+                    if exc_round >= excp_retries:
+                        self._stats.error(exc)
+                        raise
+                    exc_round += 1
+                    break
+            else:
+                if sna_round >= sna_retries:
+                    exc = ServiceNotAvailable(
+                        f"service {name} is not available"
+                        f" ({'no node runs it' if not tried else f'{tried} node(s) refused'},"
+                        f" {sna_round + 1} round(s))")
+                    self._stats.error(exc)
+                    raise exc
+                sna_round += 1
+            self._stats.retries += 1
+            await self._retry_sleep(retries_sleep_msec, at, name)
+
+    async def _retry_sleep(self, msec: int, at: float | None, name: str) -> None:
+        delay = msec / 1000.0
+        if at is not None:
+            left = at - time.monotonic()
+            if left <= delay:
+                await asyncio.sleep(max(left, 0.0))
+                raise mexc.CallTimeout(f"deadline passed while retrying {name}")
+        await asyncio.sleep(delay)
+
+    async def _call_node(self, node: str, name: str, fun: str, args: Any,
+                         kwargs: dict[str, Any] | None, timeout: int, at: float | None,
+                         meta: Any) -> Any:
+        conn = self._conns.get(node)
+        if conn is None:
+            raise ServiceNotAvailable(f"no connection to {node}")
+        info = self._registry.remote_info(name, node)
+        if info is not None and fun not in info["functions"]:
+            raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
+        proto = conn.proto
+        budget = None
+        if at is not None:
+            budget = (at - time.monotonic()) * 1000.0
+            if budget <= 0:
+                raise mexc.CallTimeout(f"deadline passed before calling {name}.{fun}")
+            if timeout == 0 or budget < timeout:
+                timeout = int(budget) or 1
+            budget = int(budget)
+        try:
+            if timeout == 0:
+                proto.cast(name, fun, args, kwargs, meta)
+                return None
+            fut = proto.call(name, fun, args, kwargs, timeout, budget, meta)
+        except mexc.EncodeError as exc:
+            raise _encode_error(exc, args, kwargs) from None
+        sid = proto.last_sid
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            proto.cancel(sid)
+            raise
+
+    async def _call_here(self, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
+                         timeout: int, at: float | None, meta: Any) -> Any:
+        entry = self._entries.get(name)
+        if entry is None or entry.paused:
+            raise ServiceNotAvailable(f"service {name} is not running here")
+        if fun not in entry.funcs:
+            raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
+        if entry.running >= entry.max_concurrency:
+            raise mexc.Overloaded(f"service {name} is at max_concurrency {entry.max_concurrency}")
+        self._stats.local_calls += 1
+        if at is not None:
+            left = (at - time.monotonic()) * 1000.0
+            if left <= 0:
+                raise mexc.CallTimeout(f"deadline passed before calling {name}.{fun}")
+            if timeout == 0 or left < timeout:
+                timeout = int(left) or 1
+        opts = {"caller": self.name, "timeout": timeout, "meta": meta}
+        entry.running += 1
+        try:
+            result = entry.invoke(fun, list(args), kwargs or {}, opts)
+            if inspect.isawaitable(result):
+                if timeout == 0:
+                    asyncio.ensure_future(result)
+                    return None
+                result = await _with_timeout(result, timeout, name, fun)
+        except (mexc.MallaError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise _as_remote_error(exc) from exc
+        finally:
+            entry.running -= 1
+        return None if timeout == 0 else result
+
+    async def local(self, service: Any, fun: str, args: Any = (),
+                    kwargs: dict[str, Any] | None = None) -> Any:
+        """Call `fun` on this node only, through service_cb_in.
+
+        Uses the running instance; when none runs, a class argument gets a
+        fresh instance, a name raises ServiceNotAvailable.  Exceptions of the
+        function are raised as they are.
+        """
+        name = service_name(service)
+        entry = self._entries.get(name)
+        if entry is not None:
+            if fun not in entry.funcs:
+                raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
+            result = entry.invoke(fun, list(args), kwargs or {},
+                                  {"caller": self.name, "timeout": None, "meta": None})
+        elif isinstance(service, type):
+            from malla.service import RunningService
+            fresh = RunningService(service())
+            if fun not in fresh.funcs:
+                raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
+            result = fresh.invoke(fun, list(args), kwargs or {},
+                                  {"caller": self.name, "timeout": None, "meta": None})
+        else:
+            raise ServiceNotAvailable(f"service {name} is not running on this node")
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def call_cb_all(self, service: Any, fun: str, args: Any = (),
+                          kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
+                          meta: Any = None, deadline: int | None = None,
+                          **_ignored: Any) -> list[Any]:
+        """Call every node of get_nodes(service) once, concurrently.
+
+        One result per node, in that order; a failure sits in its slot as
+        the exception instance.  No failover: each slot is that node.
+        """
+        name = service_name(service)
+        at = inherited_deadline()
+        if deadline is not None:
+            mine = time.monotonic() + deadline / 1000.0
+            if at is None or mine < at:
+                at = mine
+        nodes = list(self._registry.nodes(name))
+        calls = [self._call_here(name, fun, args, kwargs, timeout, at, meta) if n == self.name
+                 else self._call_node(n, name, fun, args, kwargs, timeout, at, meta)
+                 for n in nodes]
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+
+async def _with_timeout(awaitable: Any, timeout: int, name: str, fun: str) -> Any:
+    try:
+        if _timeout_ctx is not None:
+            async with _timeout_ctx(timeout / 1000.0):
+                return await awaitable
+        return await asyncio.wait_for(awaitable, timeout / 1000.0)
+    except (asyncio.TimeoutError, TimeoutError):
+        raise mexc.CallTimeout(f"{name}.{fun} did not finish within {timeout} ms") from None
+
+
+def _as_remote_error(exc: BaseException) -> mexc.RemoteError:
+    cls = type(exc)
+    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    return mexc.RemoteError(f"{cls.__module__}.{cls.__qualname__}", str(exc), tb)
+
+
+def _encode_error(exc: mexc.EncodeError, args: Any, kwargs: dict[str, Any] | None) -> mexc.EncodeError:
+    path = bad_value_path(list(args), "args")
+    if path is None and kwargs:
+        path = bad_value_path(kwargs, "kwargs")
+    return mexc.EncodeError(str(exc), path or "")

@@ -1,0 +1,198 @@
+"""One peer connection: the owner of a core Protocol.
+
+It runs the handshake (malla.handshake) over the core's frames, hands the
+authenticated connection to the node for admission, decodes control
+messages (TABLE, ANNOUNCE, PEERS, GOODBYE) for it, answers pings, and
+reports the connection's end.  Calls never pass through here: they go from
+the call API straight to the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from malla import exceptions as mexc
+from malla._ext import core
+from malla.handshake import Handshake, Hello, error_payload
+
+if TYPE_CHECKING:
+    from malla.node import Node
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("malla.connection")
+
+
+class Connection:
+    """A connection to one peer, from TCP connect to close."""
+
+    __slots__ = ("node", "dialer", "target", "proto", "handshake", "peer", "ready",
+                 "admitted", "closed", "_early", "_pings", "_hs_timer", "__weakref__")
+
+    def __init__(self, node: Node, dialer: bool, target: str | None = None) -> None:
+        self.node = node
+        self.dialer = dialer
+        self.target = target
+        self.proto: Any = None
+        self.handshake = Handshake(dialer, node._hello(), node._cookie)
+        self.peer: Hello | None = None
+        loop = asyncio.get_running_loop()
+        # Resolves with the connection that serves this peer once admitted
+        # (this one, or the one a simultaneous dial kept).
+        self.ready: asyncio.Future[Connection] = loop.create_future()
+        self.admitted = False
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._early: list[tuple[int, bytes]] = []
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._hs_timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        who = self.peer.name if self.peer else self.target or "?"
+        return f"<malla.Connection {'to' if self.dialer else 'from'} {who}>"
+
+    @property
+    def name(self) -> str | None:
+        return self.peer.name if self.peer else None
+
+    # -- called by the core -------------------------------------------------
+
+    def _connection_made(self, proto: Any) -> None:
+        self.proto = proto
+        loop = asyncio.get_running_loop()
+        self._hs_timer = loop.call_later(self.node.handshake_timeout, self._handshake_timed_out)
+        self._send(self.handshake.start())
+
+    def _on_handshake_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        try:
+            out = self.handshake.receive(ftype, payload)
+        except mexc.MallaError as exc:
+            if ftype != core.FT_ERROR:
+                self.proto.send_frame(core.FT_ERROR, 0, 0, error_payload(exc))
+            self._refuse(exc)
+            return
+        self._send(out)
+        if self.handshake.done:
+            self._handshake_done()
+
+    def _on_control(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        if not self.admitted:
+            self._early.append((ftype, payload))
+            return
+        self._apply_control(ftype, payload)
+
+    def _on_pong(self, sid: int) -> None:
+        fut = self._pings.pop(sid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _on_connection_error(self, err: mexc.MallaError) -> None:
+        if isinstance(err, mexc.ProtocolError) and "duplicate" in str(err):
+            log.warning("malla: %s refused us: %s", self, err)
+        self._fail_ready(err)
+
+    def _on_protocol_error(self, err: mexc.ProtocolError) -> None:
+        log.warning("malla: closing %s: %s", self, err)
+        self._fail_ready(err)
+
+    def _writing_resumed(self) -> None:
+        pass
+
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(mexc.ConnectionLost("connection lost"))
+        self._pings.clear()
+        self._fail_ready(mexc.ConnectionLost(f"connection to {self.target or self.name} lost "
+                                              "during the handshake"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.node._connection_closed(self)
+
+    # -- handshake --------------------------------------------------------------
+
+    def _send(self, frames: list[tuple[int, bytes]]) -> None:
+        for ftype, payload in frames:
+            self.proto.send_frame(ftype, 0, 0, payload)
+
+    def _handshake_timed_out(self) -> None:
+        self._hs_timer = None
+        if not self.handshake.done:
+            self._refuse(mexc.ProtocolError(
+                f"handshake not completed within {self.node.handshake_timeout} s"))
+
+    def _handshake_done(self) -> None:
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        self.peer = self.handshake.peer
+        assert self.peer is not None
+        self.proto.set_ready(self.peer.name, self.handshake.max_frame_size)
+        self.node._admit(self)
+
+    def _refuse(self, exc: mexc.MallaError) -> None:
+        peer = self.proto.transport.get_extra_info("peername") if self.proto.transport else None
+        log.warning("malla: refused connection %s %s: %s", "to" if self.dialer else "from",
+                    self.target or peer, exc)
+        self._fail_ready(exc)
+        self.proto.close()
+
+    def _fail_ready(self, exc: BaseException) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()  # retrieved: a refused background dial is logged, not raised
+
+    # -- after admission --------------------------------------------------------
+
+    def admit(self, serving: Connection) -> None:
+        """The node admitted the peer; `serving` is the connection it uses."""
+        self.admitted = serving is self
+        if not self.ready.done():
+            self.ready.set_result(serving)
+        if self.admitted:
+            early, self._early = self._early, []
+            for ftype, payload in early:
+                self._apply_control(ftype, payload)
+
+    def refuse(self, message: str) -> None:
+        """Refuse an authenticated peer (a duplicate node name, say)."""
+        self.proto.send_message(core.FT_ERROR, [mexc.ERR_BAD_REQUEST,
+                                                "malla.exceptions.ProtocolError", message, None])
+        self._fail_ready(mexc.ProtocolError(message))
+        self.proto.close()
+
+    def _apply_control(self, ftype: int, payload: bytes) -> None:
+        try:
+            body = core.unpackb(payload) if payload else None
+            self.node._on_control(self, ftype, body)
+        except mexc.MallaError as exc:
+            log.warning("malla: bad control message from %s: %s", self, exc)
+        except Exception as exc:  # malformed content: that connection only
+            log.warning("malla: closing %s after a malformed control message: %r", self, exc)
+            self.proto.abort()
+
+    async def ping(self, timeout: float) -> bool:
+        """True if the peer answers a HEARTBEAT within `timeout` seconds."""
+        if self.proto is None or self.proto.closed:
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        sid = self.proto.ping()
+        self._pings[sid] = fut
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except (asyncio.TimeoutError, mexc.ConnectionLost):
+            return False
+        finally:
+            self._pings.pop(sid, None)
+
+    def close(self) -> None:
+        if self.proto is not None:
+            self.proto.close()
+
+    def abort(self) -> None:
+        if self.proto is not None:
+            self.proto.abort()

@@ -1,0 +1,179 @@
+"""The handshake, sans-IO: HELLO both ways, then mutual HMAC proofs.
+
+Dialler -> HELLO; acceptor -> HELLO (or ERROR: incompatible versions);
+dialler -> AUTH(proof); acceptor checks it -> AUTH(proof) (or ERROR);
+dialler checks that.  A proof is HMAC-SHA256 over both HELLO payloads as
+sent (so nonces, names, incarnations, versions and capabilities are all
+bound to it) keyed by the cookie, with a different label per role: the
+cookie never crosses the wire, and a recorded handshake proves nothing
+against a fresh nonce.  See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from malla import exceptions as mexc
+from malla._ext import core
+
+__all__ = ["Hello", "Handshake", "PROTOCOL_VERSION", "MAGIC"]
+
+MAGIC = b"MALLA\x00"
+PROTOCOL_VERSION = 1
+# Capability bits (docs/protocol.md).  None are defined in version 1; a bit
+# a peer does not know is ignored.
+CAPABILITIES = 0
+NONCE_SIZE = 32
+
+_LABEL_DIALER = b"malla-v1 dialer proof"
+_LABEL_ACCEPTOR = b"malla-v1 acceptor proof"
+
+
+@dataclass(frozen=True)
+class Hello:
+    name: str
+    incarnation: int
+    hidden: bool
+    vmin: int = PROTOCOL_VERSION
+    vmax: int = PROTOCOL_VERSION
+    caps: int = CAPABILITIES
+    max_frame_size: int = 1 << 20
+    listen: tuple[str, int] | None = None
+    nonce: bytes = b""
+
+    def encode(self) -> bytes:
+        return core.packb({
+            "magic": MAGIC, "vmin": self.vmin, "vmax": self.vmax, "caps": self.caps,
+            "name": self.name, "inc": self.incarnation, "hidden": self.hidden,
+            "nonce": self.nonce, "mfs": self.max_frame_size,
+            "listen": list(self.listen) if self.listen else None,
+        })
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Hello:
+        try:
+            d = core.unpackb(payload)
+        except Exception as exc:
+            raise mexc.ProtocolError(f"not a malla peer (undecodable HELLO: {exc})") from None
+        if not isinstance(d, dict) or d.get("magic") != MAGIC:
+            raise mexc.ProtocolError("not a malla peer (bad magic in HELLO)")
+        try:
+            listen = d.get("listen")
+            hello = cls(
+                name=_typed(d["name"], str), incarnation=_typed(d["inc"], int),
+                hidden=_typed(d["hidden"], bool), vmin=_typed(d["vmin"], int),
+                vmax=_typed(d["vmax"], int), caps=_typed(d["caps"], int),
+                max_frame_size=_typed(d["mfs"], int),
+                listen=(str(listen[0]), int(listen[1])) if listen else None,
+                nonce=_typed(d["nonce"], bytes))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise mexc.ProtocolError(f"malformed HELLO: {exc!r}") from None
+        if not hello.name or len(hello.nonce) != NONCE_SIZE or hello.max_frame_size < 1024:
+            raise mexc.ProtocolError("malformed HELLO: empty name, bad nonce or frame size")
+        return hello
+
+
+def _typed(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def pick_version(ours: Hello, theirs: Hello) -> int:
+    """The highest version both speak, or ProtocolError naming both ranges."""
+    common = min(ours.vmax, theirs.vmax)
+    if common < max(ours.vmin, theirs.vmin):
+        raise mexc.ProtocolError(
+            f"incompatible protocol versions: this node speaks {ours.vmin}..{ours.vmax}, "
+            f"the peer {theirs.vmin}..{theirs.vmax}")
+    return common
+
+
+def _proof(cookie: bytes, label: bytes, dialer_hello: bytes, acceptor_hello: bytes) -> bytes:
+    msg = b"".join([label, len(dialer_hello).to_bytes(4, "big"), dialer_hello,
+                    len(acceptor_hello).to_bytes(4, "big"), acceptor_hello])
+    return hmac.new(cookie, msg, hashlib.sha256).digest()
+
+
+class Handshake:
+    """One side's handshake state machine.  Feed it frames, send what it returns.
+
+    `start()` and `receive()` return a list of (frame type, payload) to send.
+    Errors raise AuthenticationError or ProtocolError; `error_payload(exc)`
+    gives the ERROR frame to send the peer first, when it should get one.
+    """
+
+    def __init__(self, dialer: bool, local: Hello, cookie: bytes) -> None:
+        self.dialer = dialer
+        self.local = Hello(**{**local.__dict__, "nonce": os.urandom(NONCE_SIZE)})
+        self._cookie = cookie
+        self._local_bytes = self.local.encode()
+        self._peer_bytes = b""
+        self.peer: Hello | None = None
+        self.version = 0
+        self.max_frame_size = local.max_frame_size
+        self.done = False
+        self._state = "start"
+
+    def start(self) -> list[tuple[int, bytes]]:
+        self._state = "wait_hello"
+        return [(core.FT_HELLO, self._local_bytes)] if self.dialer else []
+
+    def receive(self, ftype: int, payload: bytes) -> list[tuple[int, bytes]]:
+        if ftype == core.FT_ERROR:
+            raise _peer_error(payload)
+        if self._state == "wait_hello" and ftype == core.FT_HELLO:
+            return self._on_hello(payload)
+        if self._state == "wait_auth" and ftype == core.FT_AUTH:
+            return self._on_auth(payload)
+        raise mexc.ProtocolError(f"unexpected frame type {ftype} in handshake state {self._state}")
+
+    def _on_hello(self, payload: bytes) -> list[tuple[int, bytes]]:
+        peer = Hello.decode(payload)
+        self.version = pick_version(self.local, peer)
+        self.peer = peer
+        self._peer_bytes = payload
+        self.max_frame_size = min(self.local.max_frame_size, peer.max_frame_size)
+        self._state = "wait_auth"
+        if self.dialer:
+            return [(core.FT_AUTH, self._expected(_LABEL_DIALER))]
+        return [(core.FT_HELLO, self._local_bytes)]
+
+    def _on_auth(self, payload: bytes) -> list[tuple[int, bytes]]:
+        label = _LABEL_ACCEPTOR if self.dialer else _LABEL_DIALER
+        if not hmac.compare_digest(payload, self._expected(label)):
+            raise mexc.AuthenticationError(
+                f"peer {self.peer.name if self.peer else '?'} failed the cookie check")
+        self.done = True
+        self._state = "done"
+        return [] if self.dialer else [(core.FT_AUTH, self._expected(_LABEL_ACCEPTOR))]
+
+    def _expected(self, label: bytes) -> bytes:
+        d, a = ((self._local_bytes, self._peer_bytes) if self.dialer
+                else (self._peer_bytes, self._local_bytes))
+        return _proof(self._cookie, label, d, a)
+
+
+# Errors a handshake reports to the peer before closing.
+def error_payload(exc: BaseException) -> bytes:
+    if isinstance(exc, mexc.AuthenticationError):
+        code, kind = mexc.ERR_AUTH, "malla.exceptions.AuthenticationError"
+        message = "authentication failed: the cookies differ"
+    else:
+        code, kind = mexc.ERR_BAD_REQUEST, "malla.exceptions.ProtocolError"
+        message = str(exc)
+    return core.packb([code, kind, message, None])
+
+
+def _peer_error(payload: bytes) -> mexc.MallaError:
+    try:
+        code, _kind, message = core.unpackb(payload)[:3]
+    except Exception:
+        return mexc.ProtocolError("the peer refused the handshake (undecodable ERROR)")
+    if code == mexc.ERR_AUTH:
+        return mexc.AuthenticationError(f"the peer refused us: {message}")
+    return mexc.ProtocolError(f"the peer refused the handshake: {message}")

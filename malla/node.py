@@ -1,0 +1,449 @@
+"""A node: listens, dials, admits authenticated peers, hosts services,
+announces them, keeps peers' liveness, and stops cleanly.
+
+Everything here is lifecycle and membership; the call path lives in
+malla.call (mixed in) and the per-call work in the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from typing import Any
+
+from malla import exceptions as mexc
+from malla._ext import core
+from malla.call import CallAPI, _Stats, service_name
+from malla.connection import Connection
+from malla.handshake import Hello
+from malla.liveness import Liveness
+from malla.registry import Registry
+from malla.service import RunningService, Service, describe
+
+__all__ = ["Node", "parse_address"]
+
+log = logging.getLogger("malla.node")
+
+DEFAULT_PORT = 4370
+
+
+def parse_address(target: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port', or a bare host) -> (host, port)."""
+    if target.startswith("["):
+        host, _, rest = target[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    host, sep, port = target.rpartition(":")
+    if not sep:
+        return target, default_port
+    try:
+        return host, int(port)
+    except ValueError:
+        raise ValueError(f"bad address {target!r}: the port must be a number") from None
+
+
+def _cookie_bytes(cookie: str | bytes | None) -> bytes:
+    if cookie is None:
+        cookie = os.environ.get("MALLA_COOKIE") or os.urandom(32).hex()
+    return cookie.encode() if isinstance(cookie, str) else bytes(cookie)
+
+
+class Node(CallAPI):
+    """A member of a malla cluster (DESIGN.md "Nodes and the cluster").
+
+    Seconds as floats for node settings, bytes for sizes.
+    """
+
+    def __init__(self, name: str, *, cookie: str | bytes | None = None,
+                 host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 seeds: list[str] | tuple[str, ...] = (), hidden: bool = False,
+                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 3.0,
+                 handshake_timeout: float = 5.0, check_interval: float = 10.0,
+                 redial_max: float = 5.0, max_frame_size: int = 1 << 20,
+                 max_message_size: int = 64 << 20, ssl_server: Any = None,
+                 ssl_client: Any = None) -> None:
+        if not name or not isinstance(name, str):
+            raise ValueError("a node needs a non-empty name")
+        if max_frame_size < 1024 or max_frame_size > 0xFFFFFFFF:
+            raise ValueError("max_frame_size must be between 1 KiB and 4 GiB")
+        self.name = name
+        self.host = host
+        self.port = port
+        self.hidden = hidden
+        self.seeds = list(seeds)
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.handshake_timeout = handshake_timeout
+        self.check_interval = check_interval
+        self.redial_max = redial_max
+        self.max_frame_size = max_frame_size
+        self.max_message_size = max_message_size
+        self.ssl_server = ssl_server
+        self.ssl_client = ssl_client
+        self.incarnation = random.getrandbits(64)
+        self._cookie = _cookie_bytes(cookie)
+        self._registry = Registry(name)
+        self._liveness = Liveness()
+        self._stats = _Stats()
+        self._entries: dict[str, RunningService] = {}
+        self._conns: dict[str, Connection] = {}
+        self._all: set[Connection] = set()
+        self._known: dict[str, tuple[str, int]] = {}
+        self._dialing: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._address: tuple[str, int] | None = None
+        self._stopping = False
+
+    def __repr__(self) -> str:
+        return f"<malla.Node {self.name} {self._address or 'not started'}>"
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> Node:
+        """Listen, then dial the seeds in the background; returns once listening."""
+        if self._server is not None:
+            return self
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._server = await self._loop.create_server(
+            lambda: self._make_protocol(False, None), self.host, self.port,
+            ssl=self.ssl_server, reuse_address=True)
+        sock = self._server.sockets[0].getsockname()
+        self._address = (sock[0], sock[1])
+        self._spawn(self._heartbeat_loop())
+        self._spawn(self._check_loop())
+        for target in self.seeds:
+            self._dial_in_background(target)
+        log.info("malla: node %s listening on %s:%d", self.name, *self._address)
+        return self
+
+    async def stop(self) -> None:
+        """Say goodbye to the peers, close every connection and stop. Idempotent."""
+        if self._server is None or self._stopping:
+            return
+        self._stopping = True
+        for task in list(self._tasks) + list(self._dialing.values()):
+            task.cancel()
+        self._server.close()
+        for conn in list(self._conns.values()):
+            conn.proto.send_message(core.FT_GOODBYE, None)
+        conns = list(self._all)
+        for conn in conns:
+            conn.close()
+        if conns:
+            await asyncio.wait([conn.closed for conn in conns], timeout=2.0)
+        for conn in conns:
+            if not conn.closed.done():
+                conn.abort()
+        await asyncio.gather(*self._tasks, *self._dialing.values(), return_exceptions=True)
+        self._tasks.clear()
+        self._dialing.clear()
+        self._server = None
+        log.info("malla: node %s stopped", self.name)
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) actually bound."""
+        if self._address is None:
+            raise RuntimeError(f"node {self.name} is not started")
+        return self._address
+
+    def peers(self) -> list[str]:
+        """Names of the connected, authenticated peers."""
+        return sorted(self._conns)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- connections ----------------------------------------------------------------
+
+    def _hello(self) -> Hello:
+        return Hello(name=self.name, incarnation=self.incarnation, hidden=self.hidden,
+                     max_frame_size=self.max_frame_size,
+                     listen=self._address if not self.hidden else None)
+
+    def _make_protocol(self, dialer: bool, target: str | None) -> Any:
+        conn = Connection(self, dialer, target)
+        self._all.add(conn)
+        return core.Protocol(conn, self._loop, dialer, self._entries,
+                             self.max_frame_size, self.max_message_size)
+
+    async def connect(self, target: str) -> None:
+        """Connect to `target` ("host:port") and wait for the handshake.
+
+        Raises AuthenticationError or ProtocolError when the peer refuses us
+        (or we it), ConnectionError when it cannot be reached.
+        """
+        await self._connect(target)
+
+    async def _connect(self, target: str) -> Connection:
+        if self._loop is None or self._stopping:
+            raise RuntimeError(f"node {self.name} is not running")
+        host, port = parse_address(target)
+        try:
+            _, proto = await asyncio.wait_for(
+                self._loop.create_connection(lambda: self._make_protocol(True, target),
+                                             host, port, ssl=self.ssl_client),
+                self.handshake_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"could not reach {target} within "
+                                  f"{self.handshake_timeout} s") from None
+        return await proto.owner.ready
+
+    def _dial_in_background(self, target: str, peer: str | None = None) -> None:
+        key = peer or target
+        if key in self._dialing or self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._dial_forever(target, peer))
+        self._dialing[key] = task
+        task.add_done_callback(lambda _t: self._dialing.pop(key, None))
+
+    async def _dial_forever(self, target: str, peer: str | None) -> None:
+        # Seeds are dialled while the node runs; mesh peers while they stay
+        # known.  Capped exponential backoff between attempts.
+        delay = 0.05
+        while not self._stopping:
+            if peer is not None and (peer not in self._known or peer in self._conns):
+                return
+            try:
+                conn = await self._connect(target)
+                delay = 0.05
+                await conn.closed
+            except mexc.MallaError as exc:
+                if isinstance(exc, mexc.ProtocolError) and "itself" in str(exc):
+                    return
+                log.warning("malla: %s could not join %s: %s", self.name, target, exc)
+            except (OSError, ConnectionError) as exc:
+                log.debug("malla: %s could not reach %s: %s", self.name, target, exc)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.redial_max)
+
+    def _admit(self, conn: Connection) -> None:
+        self._spawn(self._admit_task(conn))
+
+    async def _admit_task(self, conn: Connection) -> None:
+        peer = conn.peer
+        assert peer is not None
+        if peer.name == self.name:
+            if peer.incarnation == self.incarnation:
+                conn.refuse(f"node {self.name} connected to itself")
+            else:
+                conn.refuse(f"duplicate node name {peer.name!r}: that is this node's name")
+            return
+        old = self._conns.get(peer.name)
+        if old is not None and old is not conn:
+            if await old.ping(self.heartbeat_interval):
+                if old.peer is not None and old.peer.incarnation != peer.incarnation:
+                    conn.refuse(f"duplicate node name {peer.name!r}: "
+                                "a live node of that name is connected")
+                    return
+                # Both dialled at once: the connection dialled by the node
+                # with the smaller name survives, on both sides.
+                if conn.dialer != (self.name < peer.name):
+                    conn.admit(old)
+                    conn.close()
+                    return
+                old.admit(conn)
+                old.close()
+            else:
+                log.info("malla: %s replaces its silent connection to %s", self.name, peer.name)
+                self._drop(old)
+                old.abort()
+        if self._stopping or conn.proto.closed:
+            conn.close()
+            return
+        self._conns[peer.name] = conn
+        self._liveness.heard(peer.name)
+        if peer.listen and not peer.hidden:
+            self._known[peer.name] = peer.listen
+        conn.admit(conn)
+        log.info("malla: %s connected to %s", self.name, peer.name)
+        conn.proto.send_message(core.FT_TABLE, self._table())
+        if not self.hidden and not peer.hidden:
+            conn.proto.send_message(core.FT_PEERS, self._peer_list())
+            others = [c for n, c in self._conns.items() if n != peer.name]
+            entry = [[peer.name, peer.listen[0], peer.listen[1]]] if peer.listen else []
+            for other in others:
+                if entry and other.peer is not None and not other.peer.hidden:
+                    other.proto.send_message(core.FT_PEERS, entry)
+
+    def _connection_closed(self, conn: Connection) -> None:
+        self._all.discard(conn)
+        if conn.peer is not None and self._conns.get(conn.peer.name) is conn:
+            self._drop(conn)
+            log.info("malla: %s lost its connection to %s", self.name, conn.peer.name)
+            if conn.peer.name in self._known and not self._stopping and not self.hidden:
+                host, port = self._known[conn.peer.name]
+                self._dial_in_background(f"{host}:{port}", conn.peer.name)
+
+    def _drop(self, conn: Connection) -> None:
+        name = conn.peer.name if conn.peer else None
+        if name is not None and self._conns.get(name) is conn:
+            del self._conns[name]
+            self._registry.drop_node(name)
+            self._liveness.forget(name)
+
+    def _peer_list(self) -> list[list[Any]]:
+        return [[n, c.peer.listen[0], c.peer.listen[1]] for n, c in self._conns.items()
+                if c.peer is not None and c.peer.listen and not c.peer.hidden]
+
+    def _on_control(self, conn: Connection, ftype: int, body: Any) -> None:
+        name = conn.name
+        assert name is not None
+        if ftype == core.FT_TABLE:
+            self._registry.set_table(name, {str(k): v for k, v in body.items()})
+        elif ftype == core.FT_ANNOUNCE:
+            service, info = body
+            self._registry.set_remote(name, str(service), info)
+        elif ftype == core.FT_PEERS:
+            if not self.hidden:
+                for peer, host, port in body:
+                    self._learn(str(peer), str(host), int(port))
+        elif ftype == core.FT_GOODBYE:
+            # The peer is leaving for good: forget it now, do not redial.
+            self._known.pop(name, None)
+            self._registry.drop_node(name)
+
+    def _learn(self, peer: str, host: str, port: int) -> None:
+        if peer == self.name or peer in self._conns:
+            return
+        self._known[peer] = (host, port)
+        # The node with the smaller name dials, so that meshing rarely
+        # races; the check cycle dials whatever is still missing.
+        if self.name < peer:
+            self._dial_in_background(f"{host}:{port}", peer)
+
+    # -- liveness and the check cycle --------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for name, conn in list(self._conns.items()):
+                proto = conn.proto
+                if now - proto.last_sent >= interval * 0.5:
+                    proto.send_message(core.FT_HEARTBEAT, None)
+                self._liveness.heard(name, proto.last_heard)
+                if self._liveness.silent_for(name, now) > self.heartbeat_timeout:
+                    log.warning("malla: %s has not heard from %s for %.1f s: dropping it",
+                                self.name, name, self._liveness.silent_for(name, now))
+                    self._drop(conn)
+                    conn.abort()
+
+    async def _check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval)
+            self._registry.reshuffle()
+            table = self._table()
+            for conn in list(self._conns.values()):
+                conn.proto.send_message(core.FT_TABLE, table)
+            if not self.hidden:
+                for peer, (host, port) in list(self._known.items()):
+                    if peer not in self._conns:
+                        self._dial_in_background(f"{host}:{port}", peer)
+
+    # -- services -----------------------------------------------------------------
+
+    def _table(self) -> dict[str, Any]:
+        return {name: describe(e.instance, e.paused) for name, e in self._entries.items()
+                if type(e.instance)._malla_global}
+
+    def _announce(self, name: str, info: dict[str, Any] | None) -> None:
+        for conn in list(self._conns.values()):
+            conn.proto.send_message(core.FT_ANNOUNCE, [name, info])
+
+    async def start_service(self, service: Service | type[Service]) -> None:
+        """Run a service on this node; a global one is announced to the cluster."""
+        instance = service() if isinstance(service, type) else service
+        if not isinstance(instance, Service):
+            raise TypeError(f"not a malla.Service: {service!r}")
+        cls = type(instance)
+        name = cls._malla_name
+        if name in self._entries:
+            raise ValueError(f"service {name} is already running on {self.name}")
+        if cls._malla_global and self.hidden:
+            raise ValueError(f"hidden node {self.name} cannot host the global service {name}")
+        self._entries[name] = RunningService(instance)
+        info = describe(instance)
+        self._registry.set_local(name, info)
+        if cls._malla_global:
+            self._announce(name, info)
+
+    async def stop_service(self, service: Any) -> None:
+        """Stop a service here; calls to it fail over elsewhere."""
+        name = service_name(service)
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            raise mexc.ServiceNotAvailable(f"service {name} is not running on {self.name}")
+        self._registry.set_local(name, None)
+        if type(entry.instance)._malla_global:
+            self._announce(name, None)
+
+    async def pause_service(self, service: Any) -> None:
+        """Keep the service registered but announce it paused: callers fail over."""
+        await self._set_paused(service_name(service), True)
+
+    async def resume_service(self, service: Any) -> None:
+        await self._set_paused(service_name(service), False)
+
+    async def _set_paused(self, name: str, paused: bool) -> None:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise mexc.ServiceNotAvailable(f"service {name} is not running on {self.name}")
+        entry.paused = paused
+        info = describe(entry.instance, paused)
+        self._registry.set_local(name, info)
+        if type(entry.instance)._malla_global:
+            self._announce(name, info)
+
+    # -- discovery -----------------------------------------------------------------
+
+    def get_nodes(self, service: Any) -> list[str]:
+        """Nodes where the service runs: this node first when it does."""
+        return list(self._registry.nodes(service_name(service)))
+
+    def get_instances(self, service: Any) -> list[tuple[str, dict[str, Any]]]:
+        """get_nodes' order, with each instance's metadata."""
+        return self._registry.instances(service_name(service))
+
+    def get_services(self) -> dict[str, list[str]]:
+        """Every service seen, with the nodes running it now."""
+        return self._registry.services()
+
+    async def wait_for_services(self, services: list[Any], retries: int = 10) -> bool:
+        """Wait (a second between tries) until each service has a node."""
+        names = [service_name(s) for s in services]
+        for attempt in range(retries + 1):
+            if all(self._registry.nodes(n) for n in names):
+                return True
+            if attempt < retries:
+                await asyncio.sleep(1.0)
+        return False
+
+    # -- observability ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        protos = [c.proto for c in self._conns.values()]
+        return {
+            "calls_in": sum(p.calls_in for p in protos),
+            "calls_out": sum(p.calls_out for p in protos) + self._stats.local_calls,
+            "errors": dict(self._stats.errors),
+            "retries": self._stats.retries,
+            "failovers": self._stats.failovers,
+            "in_flight": sum(p.in_flight for p in protos),
+            "latency": {},
+        }

@@ -1,0 +1,115 @@
+"""The discovery table: which node runs which service, in call order.
+
+Eventually consistent: filled from each peer's TABLE on connect and its
+ANNOUNCEs after, emptied of a node when its connection is lost.  The order
+of remote nodes is shuffled each check cycle to spread load; the local node
+comes first when it runs the service.  `nodes()` is on every call's path,
+so orders are cached and rebuilt only on change.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+__all__ = ["Registry"]
+
+
+class Registry:
+    def __init__(self, local_name: str) -> None:
+        self.local_name = local_name
+        self._local: dict[str, dict[str, Any]] = {}          # service -> info
+        self._remote: dict[str, dict[str, dict[str, Any]]] = {}  # service -> node -> info
+        self._shuffle: dict[str, float] = {}                 # node -> sort key
+        self._seen: set[str] = set()
+        self._order: dict[str, list[str]] = {}
+        self.version = 0   # bumped on every change (proxies follow it)
+
+    # -- changes --------------------------------------------------------------
+
+    def set_local(self, service: str, info: dict[str, Any] | None) -> None:
+        if info is None:
+            self._local.pop(service, None)
+        else:
+            self._local[service] = info
+            self._seen.add(service)
+        self._changed(service)
+
+    def set_remote(self, node: str, service: str, info: dict[str, Any] | None) -> None:
+        nodes = self._remote.setdefault(service, {})
+        if info is None:
+            nodes.pop(node, None)
+        else:
+            nodes[node] = info
+            self._seen.add(service)
+            self._shuffle.setdefault(node, random.random())
+        self._changed(service)
+
+    def set_table(self, node: str, table: dict[str, dict[str, Any]]) -> None:
+        """Replace everything known of `node` by its full table."""
+        for service, nodes in self._remote.items():
+            if node in nodes and service not in table:
+                del nodes[node]
+                self._order.pop(service, None)
+        for service, info in table.items():
+            self.set_remote(node, service, info)
+        self.version += 1
+
+    def drop_node(self, node: str) -> None:
+        for service, nodes in self._remote.items():
+            if nodes.pop(node, None) is not None:
+                self._order.pop(service, None)
+        self._shuffle.pop(node, None)
+        self.version += 1
+
+    def reshuffle(self) -> None:
+        for node in self._shuffle:
+            self._shuffle[node] = random.random()
+        self._order.clear()
+        self.version += 1
+
+    def _changed(self, service: str) -> None:
+        self._order.pop(service, None)
+        self.version += 1
+
+    # -- queries --------------------------------------------------------------
+
+    def nodes(self, service: str) -> list[str]:
+        """Nodes where `service` runs and takes calls, in call order."""
+        order = self._order.get(service)
+        if order is None:
+            order = self._order[service] = self._compute(service)
+        return order
+
+    def _compute(self, service: str) -> list[str]:
+        local = self._local.get(service)
+        head = [self.local_name] if local is not None and not local.get("paused") else []
+        remote = [n for n, info in self._remote.get(service, {}).items()
+                  if not info.get("paused") and info.get("global", True)]
+        remote.sort(key=lambda n: self._shuffle.get(n, 0.0))
+        return head + remote
+
+    def instances(self, service: str) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for node in self.nodes(service):
+            info = self._local[service] if node == self.local_name else \
+                self._remote[service][node]
+            out.append((node, dict(info)))
+        return out
+
+    def remote_info(self, service: str, node: str) -> dict[str, Any] | None:
+        nodes = self._remote.get(service)
+        return None if nodes is None else nodes.get(node)
+
+    def info(self, service: str) -> dict[str, Any] | None:
+        """Metadata of any running instance (local preferred), or None."""
+        for node, info in self.instances(service):
+            return info
+        return None
+
+    def services(self) -> dict[str, list[str]]:
+        return {s: list(self.nodes(s)) for s in sorted(self._seen)}
+
+    def remote_table(self, node: str) -> dict[str, dict[str, Any]]:
+        return {s: info for s, nodes in self._remote.items()
+                for n, info in nodes.items() if n == node}

@@ -1,0 +1,196 @@
+"""Server side: the Service base class, its export rules, and the dispatcher
+the core hands calls to when it cannot run them itself.
+
+Exported functions are the public functions defined on subclasses of
+Service (never on Service itself): no attributes, no dunders, no private
+names, no hooks even when overridden.  The export table is built once per
+class; the network reaches nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+from malla import exceptions as mexc
+from malla._ext import core
+from malla.context import enter_call_context
+
+__all__ = ["Service", "blocking", "DEFAULT_MAX_CONCURRENCY"]
+
+# Calls running at once per service and node, unless the class says otherwise.
+DEFAULT_MAX_CONCURRENCY = 10_000
+
+KIND_SYNC, KIND_ASYNC, KIND_BLOCKING = 0, 1, 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def blocking(fn: F) -> F:
+    """Mark a service function to run in the node's thread pool, not on its loop."""
+    fn._malla_blocking = True  # type: ignore[attr-defined]
+    return fn
+
+
+class Service:
+    """Base class of malla services.
+
+    Class keywords: ``name`` (default the class name), ``vsn`` (default "0"),
+    ``global_`` (announce to the cluster; default False) and
+    ``max_concurrency`` (calls running at once on this node; beyond it a call
+    gets Overloaded).
+    """
+
+    _malla_name: ClassVar[str] = "Service"
+    _malla_vsn: ClassVar[str] = "0"
+    _malla_global: ClassVar[bool] = False
+    _malla_max_concurrency: ClassVar[int] = DEFAULT_MAX_CONCURRENCY
+    _malla_exports: ClassVar[dict[str, int]] = {}
+
+    def __init_subclass__(cls, *, name: str | None = None, vsn: str | None = None,
+                          global_: bool | None = None, max_concurrency: int | None = None,
+                          **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._malla_name = name if name is not None else cls.__name__
+        if vsn is not None:
+            cls._malla_vsn = str(vsn)
+        if global_ is not None:
+            cls._malla_global = bool(global_)
+        if max_concurrency is not None:
+            if max_concurrency < 1:
+                raise ValueError("max_concurrency must be at least 1")
+            cls._malla_max_concurrency = int(max_concurrency)
+        cls._malla_exports = _exports_of(cls)
+
+    def service_cb_in(self, fun: str, args: list[Any], kwargs: dict[str, Any],
+                      opts: dict[str, Any]) -> Any:
+        """The hook every call passes through; the default invokes the function.
+
+        An override may be ``def`` or ``async def``; its result is awaited if
+        awaitable.  ``opts`` holds ``caller``, ``timeout`` (ms) and ``meta``.
+        """
+        return invoke_function(self, fun, args, kwargs)
+
+
+def _exports_of(cls: type) -> dict[str, int]:
+    """name -> kind of every exported function of a Service subclass."""
+    hidden = set(vars(Service)) | set(dir(object))
+    exports: dict[str, int] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is Service or not issubclass(klass, Service):
+            continue
+        for attr, value in vars(klass).items():
+            if attr.startswith("_") or attr in hidden:
+                continue
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            if not inspect.isfunction(value):
+                exports.pop(attr, None)  # overridden by a non-function
+                continue
+            exports[attr] = _kind_of(value)
+    return exports
+
+
+def _kind_of(fn: Callable[..., Any]) -> int:
+    if getattr(fn, "_malla_blocking", False):
+        return KIND_BLOCKING
+    if inspect.iscoroutinefunction(fn):
+        return KIND_ASYNC
+    return KIND_SYNC
+
+
+def invoke_function(service: Service, fun: str, args: list[Any] | tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+    """Run an exported function: its value, or an awaitable of it."""
+    kind = type(service)._malla_exports.get(fun)
+    if kind is None:
+        raise mexc.UnknownFunction(
+            f"service {type(service)._malla_name} exports no function {fun!r}")
+    fn = getattr(service, fun)
+    if kind == KIND_BLOCKING:
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        return loop.run_in_executor(None, functools.partial(ctx.run, fn, *args, **kwargs))
+    return fn(*args, **kwargs)
+
+
+def signature_of(fn: Callable[..., Any]) -> list[list[Any]]:
+    """The announced signature: [name, kind, has_default] per parameter."""
+    params = list(inspect.signature(fn).parameters.values())
+    return [[p.name, int(p.kind), p.default is not inspect.Parameter.empty] for p in params]
+
+
+def describe(service: Service, paused: bool = False) -> dict[str, Any]:
+    """The metadata a node announces for a running service."""
+    cls = type(service)
+    return {
+        "vsn": cls._malla_vsn,
+        "global": cls._malla_global,
+        "paused": paused,
+        "functions": {name: signature_of(getattr(service, name))
+                      for name in cls._malla_exports},
+        "max_concurrency": cls._malla_max_concurrency,
+    }
+
+
+def _hook_overridden(cls: type) -> bool:
+    return getattr(cls, "service_cb_in") is not Service.service_cb_in
+
+
+class RunningService(core.ServiceEntry):
+    """A started service: the table the core dispatches through, and the
+    slow path for what the core does not run itself (hooks, coroutines,
+    blocking functions, the concurrency limit)."""
+
+    def __init__(self, instance: Service) -> None:
+        cls = type(instance)
+        funcs = {name: getattr(instance, name) for name in cls._malla_exports}
+        super().__init__(cls._malla_name, funcs, dict(cls._malla_exports),
+                         not _hook_overridden(cls), cls._malla_max_concurrency)
+        self.instance = instance
+        self.hooked = _hook_overridden(cls)
+
+    def invoke(self, fun: str, args: list[Any], kwargs: dict[str, Any],
+               opts: dict[str, Any]) -> Any:
+        """The call through service_cb_in: a value or an awaitable."""
+        if self.hooked:
+            return self.instance.service_cb_in(fun, args, kwargs, opts)
+        return invoke_function(self.instance, fun, args, kwargs)
+
+    def dispatch(self, proto: Any, sid: int, fun: str, fn: Any, args: list[Any],
+                 kwargs: dict[str, Any] | None, timeout: int, deadline: int | None,
+                 meta: Any, cast: bool) -> asyncio.Task[Any] | None:
+        if self.running >= self.max_concurrency:
+            if not cast:
+                proto.reply_error(sid, mexc.ERR_OVERLOADED, "malla.exceptions.Overloaded",
+                                  f"service {self.name} is at max_concurrency "
+                                  f"{self.max_concurrency}")
+            return None
+        opts = {"caller": proto.peer_name, "timeout": timeout, "meta": meta}
+        return asyncio.get_running_loop().create_task(
+            self._run(proto, sid, fun, args, kwargs or {}, opts, deadline, cast))
+
+    async def _run(self, proto: Any, sid: int, fun: str, args: list[Any],
+                   kwargs: dict[str, Any], opts: dict[str, Any], deadline: int | None,
+                   cast: bool) -> None:
+        self.running += 1
+        enter_call_context(deadline)
+        try:
+            result = self.invoke(fun, args, kwargs, opts)
+            if inspect.isawaitable(result):
+                result = await result
+        except asyncio.CancelledError:
+            proto.task_done(sid)
+            raise
+        except Exception as exc:
+            if proto.task_done(sid) and not cast:
+                proto.reply_exception(sid, exc)
+        else:
+            if proto.task_done(sid) and not cast:
+                proto.reply(sid, result)
+        finally:
+            self.running -= 1
