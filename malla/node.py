@@ -18,6 +18,7 @@ from malla import exceptions as mexc
 from malla._ext import core
 from malla.call import CallAPI, _Stats, service_name
 from malla.connection import Connection
+from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_all
 from malla.handshake import Hello
 from malla.liveness import Liveness
 from malla.registry import Registry
@@ -26,23 +27,6 @@ from malla.service import RunningService, Service, describe
 __all__ = ["Node", "parse_address"]
 
 log = logging.getLogger("malla.node")
-
-DEFAULT_PORT = 4370
-
-
-def parse_address(target: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """'host:port' (or '[v6]:port', or a bare host) -> (host, port)."""
-    if target.startswith("["):
-        host, _, rest = target[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    host, sep, port = target.rpartition(":")
-    if not sep:
-        return target, default_port
-    try:
-        return host, int(port)
-    except ValueError:
-        raise ValueError(f"bad address {target!r}: the port must be a number") from None
-
 
 def _cookie_bytes(cookie: str | bytes | None) -> bytes:
     if cookie is None:
@@ -58,12 +42,14 @@ class Node(CallAPI):
 
     def __init__(self, name: str, *, cookie: str | bytes | None = None,
                  host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 seeds: list[str] | tuple[str, ...] = (), hidden: bool = False,
+                 seeds: list[str] | tuple[str, ...] = (),
+                 connect: list[str] | tuple[str, ...] = (), hidden: bool = False,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 3.0,
                  handshake_timeout: float = 5.0, check_interval: float = 10.0,
                  redial_max: float = 5.0, max_frame_size: int = 1 << 20,
                  max_message_size: int = 64 << 20, ssl_server: Any = None,
-                 ssl_client: Any = None) -> None:
+                 ssl_client: Any = None, dns_servers: list[str] | None = None,
+                 forget_after: float = 60.0) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("a node needs a non-empty name")
         if max_frame_size < 1024 or max_frame_size > 0xFFFFFFFF:
@@ -73,6 +59,9 @@ class Node(CallAPI):
         self.port = port
         self.hidden = hidden
         self.seeds = list(seeds)
+        self.connect_targets = list(connect)
+        self.dns_servers = list(dns_servers) if dns_servers else None
+        self.forget_after = forget_after
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.handshake_timeout = handshake_timeout
@@ -91,6 +80,8 @@ class Node(CallAPI):
         self._conns: dict[str, Connection] = {}
         self._all: set[Connection] = set()
         self._known: dict[str, tuple[str, int]] = {}
+        self._lost_at: dict[str, float] = {}
+        self._resolver: Resolver | None = None
         self._dialing: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -118,6 +109,8 @@ class Node(CallAPI):
         self._spawn(self._check_loop())
         for target in self.seeds:
             self._dial_in_background(target)
+        if self.connect_targets:
+            self._spawn(self._resolve_loop())
         log.info("malla: node %s listening on %s:%d", self.name, *self._address)
         return self
 
@@ -182,12 +175,40 @@ class Node(CallAPI):
                              self.max_frame_size, self.max_message_size)
 
     async def connect(self, target: str) -> None:
-        """Connect to `target` ("host:port") and wait for the handshake.
+        """Connect to `target` and wait for the handshake(s).
 
-        Raises AuthenticationError or ProtocolError when the peer refuses us
-        (or we it), ConnectionError when it cannot be reached.
+        `target` is "host:port", "name@domain" (every A record of the domain,
+        default port 4370) or a bare domain (its SRV records).  Raises
+        AuthenticationError or ProtocolError when the peer refuses us (or we
+        it), ConnectionError when it cannot be reached or resolved.
         """
-        await self._connect(target)
+        if kind_of(target) == "address":
+            await self._connect(target)
+            return
+        addresses = await self._dns().resolve(target)
+        results = await asyncio.gather(*(self._connect(f"{h}:{p}") for h, p in addresses),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if len(errors) == len(results):
+            if errors and isinstance(errors[0], (mexc.MallaError, ConnectionError)):
+                raise errors[0]
+            raise ConnectionError(f"{target!r} resolved to no reachable node")
+
+    def _dns(self) -> Resolver:
+        if self._resolver is None:
+            self._resolver = Resolver(self.dns_servers)
+        return self._resolver
+
+    async def _resolve_loop(self) -> None:
+        # Node(connect=[...]): re-resolve every check_interval and dial the
+        # addresses not connected yet (pods come and go behind a name).
+        while True:
+            addresses = await resolve_all(self._dns(), self.connect_targets)
+            connected = {c.peer.listen for c in self._conns.values() if c.peer and c.peer.listen}
+            for host, port in addresses:
+                if (host, port) not in connected and (host, port) != self._address:
+                    self._dial_in_background(f"{host}:{port}", once=True)
+            await asyncio.sleep(self.check_interval)
 
     async def _connect(self, target: str) -> Connection:
         if self._loop is None or self._stopping:
@@ -203,11 +224,13 @@ class Node(CallAPI):
                                   f"{self.handshake_timeout} s") from None
         return await proto.owner.ready
 
-    def _dial_in_background(self, target: str, peer: str | None = None) -> None:
+    def _dial_in_background(self, target: str, peer: str | None = None,
+                            once: bool = False) -> None:
         key = peer or target
         if key in self._dialing or self._stopping:
             return
-        task = asyncio.get_running_loop().create_task(self._dial_forever(target, peer))
+        coro = self._dial_once(target) if once else self._dial_forever(target, peer)
+        task = asyncio.get_running_loop().create_task(coro)
         self._dialing[key] = task
         task.add_done_callback(lambda _t: self._dialing.pop(key, None))
 
@@ -230,6 +253,14 @@ class Node(CallAPI):
                 log.debug("malla: %s could not reach %s: %s", self.name, target, exc)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.redial_max)
+
+    async def _dial_once(self, target: str) -> None:
+        try:
+            await self._connect(target)
+        except mexc.MallaError as exc:
+            log.warning("malla: %s could not join %s: %s", self.name, target, exc)
+        except (OSError, ConnectionError) as exc:
+            log.debug("malla: %s could not reach %s: %s", self.name, target, exc)
 
     def _admit(self, conn: Connection) -> None:
         self._spawn(self._admit_task(conn))
@@ -266,6 +297,7 @@ class Node(CallAPI):
             conn.close()
             return
         self._conns[peer.name] = conn
+        self._lost_at.pop(peer.name, None)
         self._liveness.heard(peer.name)
         if peer.listen and not peer.hidden:
             self._known[peer.name] = peer.listen
@@ -285,6 +317,7 @@ class Node(CallAPI):
         if conn.peer is not None and self._conns.get(conn.peer.name) is conn:
             self._drop(conn)
             log.info("malla: %s lost its connection to %s", self.name, conn.peer.name)
+            self._lost_at[conn.peer.name] = time.monotonic()
             if conn.peer.name in self._known and not self._stopping and not self.hidden:
                 host, port = self._known[conn.peer.name]
                 self._dial_in_background(f"{host}:{port}", conn.peer.name)
@@ -351,10 +384,25 @@ class Node(CallAPI):
             table = self._table()
             for conn in list(self._conns.values()):
                 conn.proto.send_message(core.FT_TABLE, table)
+            self._forget_long_gone()
             if not self.hidden:
                 for peer, (host, port) in list(self._known.items()):
                     if peer not in self._conns:
                         self._dial_in_background(f"{host}:{port}", peer)
+
+    def _forget_long_gone(self) -> None:
+        # A peer gone for forget_after seconds is not redialled any more:
+        # short-lived clients leave no ghosts.
+        now = time.monotonic()
+        for peer, since in list(self._lost_at.items()):
+            if peer in self._conns:
+                del self._lost_at[peer]
+            elif now - since > self.forget_after:
+                del self._lost_at[peer]
+                self._known.pop(peer, None)
+                task = self._dialing.pop(peer, None)
+                if task is not None:
+                    task.cancel()
 
     # -- services -----------------------------------------------------------------
 
