@@ -1,0 +1,81 @@
+"""A malla node in its own process, for tests where a process must die,
+stop or be cut off.  Prints "READY <port>" once listening; stops on SIGTERM.
+
+    python tests/nodeproc.py NAME [--host H] [--port P] [--seed S]...
+        [--hb-interval S] [--hb-timeout S] [--check S] [--no-echo]
+
+Hosts Echo (global) unless --no-echo, and always Probe (global), which
+reports what this node sees, so a test can ask every survivor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import malla  # noqa: E402
+
+
+class Echo(malla.Service, global_=True):
+    def __init__(self, node_name: str) -> None:
+        self.node_name = node_name
+
+    def echo(self, x):
+        return x
+
+    def whoami(self):
+        return self.node_name
+
+    async def sleep(self, seconds: float):
+        await asyncio.sleep(seconds)
+        return self.node_name
+
+
+class Probe(malla.Service, global_=True):
+    """Runs on every test node; named after the node so each can be asked."""
+
+    node: malla.Node
+
+    def nodes_of(self, service: str):
+        return self.node.get_nodes(service)
+
+    def peers(self):
+        return self.node.peers()
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--seed", action="append", default=[])
+    p.add_argument("--hb-interval", type=float, default=0.2)
+    p.add_argument("--hb-timeout", type=float, default=1.0)
+    p.add_argument("--check", type=float, default=1.0)
+    p.add_argument("--no-echo", action="store_true")
+    a = p.parse_args()
+    node = malla.Node(a.name, host=a.host, port=a.port, seeds=a.seed,
+                      heartbeat_interval=a.hb_interval, heartbeat_timeout=a.hb_timeout,
+                      check_interval=a.check, redial_max=0.5)
+    await node.start()
+    if not a.no_echo:
+        await node.start_service(Echo(a.name))
+    probe_cls = type(f"Probe_{a.name}", (Probe,), {}, name=f"Probe_{a.name}", global_=True)
+    probe = probe_cls()
+    probe.node = node
+    await node.start_service(probe)
+    print(f"READY {node.address[1]}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await node.stop()
+
+
+if __name__ == "__main__":
+    malla.run(main())
