@@ -21,16 +21,42 @@ from malla.exceptions import (
     UnknownFunction,
 )
 from malla.node import Node
+from malla.facade import BlockingNode
 from malla.service import Service, blocking
 from malla.runner import run
+from malla.proxy import call
+from malla.api import (
+    call_cb_all,
+    get_instances,
+    get_nodes,
+    get_services,
+    local,
+    remote,
+    start,
+    stop,
+    wait_for_services,
+)
+from malla import services
 
 __all__ = [
     "__version__",
     "Node",
+    "BlockingNode",
     "Service",
     "blocking",
     "register_type",
     "run",
+    "call",
+    "start",
+    "stop",
+    "remote",
+    "local",
+    "call_cb_all",
+    "get_nodes",
+    "get_instances",
+    "get_services",
+    "wait_for_services",
+    "services",
     "MallaError",
     "ServiceNotAvailable",
     "Overloaded",

@@ -150,7 +150,9 @@ class Connection:
     def admit(self, serving: Connection) -> None:
         """The node admitted the peer; `serving` is the connection it uses."""
         self.admitted = serving is self
-        if not self.ready.done():
+        # A dialler is ready once the acceptor has admitted it too (its TABLE
+        # comes first), so that connect() raises the acceptor's refusal.
+        if not self.ready.done() and not (self.admitted and self.dialer):
             self.ready.set_result(serving)
         if self.admitted:
             early, self._early = self._early, []
@@ -165,6 +167,8 @@ class Connection:
         self.proto.close()
 
     def _apply_control(self, ftype: int, payload: bytes) -> None:
+        if ftype == core.FT_TABLE and not self.ready.done():
+            self.ready.set_result(self)
         try:
             body = core.unpackb(payload) if payload else None
             self.node._on_control(self, ftype, body)

@@ -21,6 +21,8 @@ from malla.connection import Connection
 from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_all
 from malla.handshake import Hello
 from malla.liveness import Liveness
+from malla.precompile import load_precompile
+from malla.proxy import Proxy, Services
 from malla.registry import Registry
 from malla.service import RunningService, Service, describe
 
@@ -49,7 +51,7 @@ class Node(CallAPI):
                  redial_max: float = 5.0, max_frame_size: int = 1 << 20,
                  max_message_size: int = 64 << 20, ssl_server: Any = None,
                  ssl_client: Any = None, dns_servers: list[str] | None = None,
-                 forget_after: float = 60.0) -> None:
+                 forget_after: float = 60.0, precompile: Any = None) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("a node needs a non-empty name")
         if max_frame_size < 1024 or max_frame_size > 0xFFFFFFFF:
@@ -74,6 +76,9 @@ class Node(CallAPI):
         self.incarnation = random.getrandbits(64)
         self._cookie = _cookie_bytes(cookie)
         self._registry = Registry(name)
+        self._precompiled = load_precompile(precompile)
+        self._proxies: dict[str, Proxy] = {}
+        self.services = Services(self)
         self._liveness = Liveness()
         self._stats = _Stats()
         self._entries: dict[str, RunningService] = {}
@@ -457,6 +462,19 @@ class Node(CallAPI):
         self._registry.set_local(name, info)
         if type(entry.instance)._malla_global:
             self._announce(name, info)
+
+    # -- proxies -------------------------------------------------------------------
+
+    def service(self, service: Any) -> Proxy:
+        """A proxy of `service` bound to this node (always; see `services`)."""
+        name = service_name(service)
+        proxy = self._proxies.get(name)
+        if proxy is None:
+            proxy = self._proxies[name] = Proxy(self, name)
+        return proxy
+
+    def _knows(self, name: str) -> bool:
+        return name in self._precompiled or name in self._registry.services()
 
     # -- discovery -----------------------------------------------------------------
 

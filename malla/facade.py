@@ -1,0 +1,182 @@
+"""BlockingNode: malla for synchronous programs (a Flask view, a script, a
+notebook cell).  The node runs on its own uvloop loop in a daemon thread;
+every method submits a coroutine there and blocks for its result, so
+exceptions are raised in the caller's thread.  Any number of threads may
+share one BlockingNode and its proxies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import uvloop
+
+from malla.node import Node
+from malla.proxy import Proxy
+
+__all__ = ["BlockingNode"]
+
+T = TypeVar("T")
+
+
+class BlockingNode:
+    """A Node on its own thread, with blocking methods (DESIGN.md)."""
+
+    def __init__(self, name: str, **node_options: Any) -> None:
+        self._loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name=f"malla-node-{name}")
+        self._thread.start()
+        self._closed = False
+        try:
+            self.node: Node = self._run(self._start(name, node_options))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.services = _BlockingServices(self)
+        atexit.register(self.close)
+
+    @staticmethod
+    async def _start(name: str, options: dict[str, Any]) -> Node:
+        node = Node(name, **options)
+        await node.start()
+        return node
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a BlockingNode method was called from its own loop thread; "
+                               "use the async Node API there")
+        if self._closed:
+            coro.close()
+            raise RuntimeError("this BlockingNode is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _in_loop(self, fn: Any, *args: Any) -> Any:
+        async def call() -> Any:
+            return fn(*args)
+        return self._run(call())
+
+    # -- the Node API, blocking ----------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.node.address
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def peers(self) -> list[str]:
+        return self._in_loop(self.node.peers)
+
+    def remote(self, service: Any, fun: str, args: Any = (),
+               kwargs: dict[str, Any] | None = None, **opts: Any) -> Any:
+        return self._run(self.node.remote(service, fun, args, kwargs, **opts))
+
+    def local(self, service: Any, fun: str, args: Any = (),
+              kwargs: dict[str, Any] | None = None) -> Any:
+        return self._run(self.node.local(service, fun, args, kwargs))
+
+    def call_cb_all(self, service: Any, fun: str, args: Any = (),
+                    kwargs: dict[str, Any] | None = None, **opts: Any) -> list[Any]:
+        return self._run(self.node.call_cb_all(service, fun, args, kwargs, **opts))
+
+    def start_service(self, service: Any) -> None:
+        self._run(self.node.start_service(service))
+
+    def stop_service(self, service: Any) -> None:
+        self._run(self.node.stop_service(service))
+
+    def pause_service(self, service: Any) -> None:
+        self._run(self.node.pause_service(service))
+
+    def resume_service(self, service: Any) -> None:
+        self._run(self.node.resume_service(service))
+
+    def connect(self, target: str) -> None:
+        self._run(self.node.connect(target))
+
+    def get_nodes(self, service: Any) -> list[str]:
+        return self._in_loop(self.node.get_nodes, service)
+
+    def get_instances(self, service: Any) -> list[tuple[str, dict[str, Any]]]:
+        return self._in_loop(self.node.get_instances, service)
+
+    def get_services(self) -> dict[str, list[str]]:
+        return self._in_loop(self.node.get_services)
+
+    def wait_for_services(self, services: list[Any], retries: int = 10) -> bool:
+        return self._run(self.node.wait_for_services(services, retries))
+
+    def stats(self) -> dict[str, Any]:
+        return self._in_loop(self.node.stats)
+
+    def service(self, name: Any) -> BlockingProxy:
+        return BlockingProxy(self, self.node.service(name))
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the node and its thread. Idempotent; also runs at exit."""
+        if self._closed:
+            return
+        try:
+            self._run(self.node.stop())
+        finally:
+            self._closed = True
+            self._stop_loop()
+            atexit.unregister(self.close)
+
+    stop = close
+
+    def _stop_loop(self) -> None:
+        self._closed = True
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> BlockingNode:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class BlockingProxy:
+    """A proxy whose functions block and return the result."""
+
+    def __init__(self, bnode: BlockingNode, proxy: Proxy) -> None:
+        self._bnode = bnode
+        self._proxy = proxy
+
+    def __repr__(self) -> str:
+        return f"<malla blocking proxy of service {self._proxy._name}>"
+
+    def __getattr__(self, fun: str) -> Any:
+        remote_fn = getattr(self._proxy, fun)
+
+        def blocking_call(*args: Any, **kwargs: Any) -> Any:
+            return self._bnode._run(remote_fn(*args, **kwargs).run())
+
+        blocking_call.__name__ = fun
+        blocking_call.__signature__ = remote_fn.__signature__  # type: ignore[attr-defined]
+        return blocking_call
+
+    def __dir__(self) -> list[str]:
+        return dir(self._proxy)
+
+
+class _BlockingServices:
+    def __init__(self, bnode: BlockingNode) -> None:
+        self._bnode = bnode
+
+    def __getattr__(self, name: str) -> BlockingProxy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        getattr(self._bnode.node.services, name)  # AttributeError when unknown
+        return self._bnode.service(name)
