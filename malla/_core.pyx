@@ -1109,12 +1109,14 @@ cdef class CoreProtocol:
 
     cdef int _request_flush(self) except -1:
         # Inside a read, everything queued leaves in one write at its end.
-        # Otherwise the first message of a loop tick is written at once (no
-        # added latency) and the rest of the tick's messages are coalesced
-        # into one write by a call_soon.
+        # Otherwise, on a quiet connection (at most this one call or task in
+        # flight) the message is written at once: no added latency.  Under
+        # load, the tick's messages are coalesced into one write by a
+        # call_soon: one syscall per batch instead of per call.
         if self._in_read:
             return 0
-        if not self._wrote_this_tick:
+        if (not self._wrote_this_tick
+                and PyDict_Size(self._pending) + PyDict_Size(self._running) <= 1):
             self._wrote_this_tick = True
             self.flush()
         if not self._flush_scheduled:
