@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from malla import exceptions as mexc
 from malla.codec import bad_value_path
 from malla.context import inherited_deadline
+from malla.service import RunningService, settle
 
 if TYPE_CHECKING:
     from malla.registry import Registry
-    from malla.service import RunningService
 
 __all__ = ["CallAPI", "service_name"]
 
@@ -189,7 +189,7 @@ class CallAPI:
                 if timeout == 0:
                     asyncio.ensure_future(result)
                     return None
-                result = await _with_timeout(result, timeout, name, fun)
+                result = await _with_timeout(settle(result), timeout, name, fun)
         except (mexc.MallaError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -214,7 +214,6 @@ class CallAPI:
             result = entry.invoke(fun, list(args), kwargs or {},
                                   {"caller": self.name, "timeout": None, "meta": None})
         elif isinstance(service, type):
-            from malla.service import RunningService
             fresh = RunningService(service())
             if fun not in fresh.funcs:
                 raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
@@ -223,7 +222,7 @@ class CallAPI:
         else:
             raise ServiceNotAvailable(f"service {name} is not running on this node")
         if inspect.isawaitable(result):
-            result = await result
+            result = await settle(result)
         return result
 
     async def call_cb_all(self, service: Any, fun: str, args: Any = (),

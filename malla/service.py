@@ -118,6 +118,14 @@ def invoke_function(service: Service, fun: str, args: list[Any] | tuple[Any, ...
     return fn(*args, **kwargs)
 
 
+async def settle(result: Any) -> Any:
+    """Await `result` while it is awaitable (an async hook may return the
+    awaitable of the function it calls)."""
+    while inspect.isawaitable(result):
+        result = await result
+    return result
+
+
 def signature_of(fn: Callable[..., Any]) -> list[list[Any]]:
     """The announced signature: [name, kind, has_default] per parameter."""
     params = list(inspect.signature(fn).parameters.values())
@@ -182,7 +190,7 @@ class RunningService(core.ServiceEntry):
         try:
             result = self.invoke(fun, args, kwargs, opts)
             if inspect.isawaitable(result):
-                result = await result
+                result = await settle(result)
         except asyncio.CancelledError:
             proto.task_done(sid)
             raise
