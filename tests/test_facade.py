@@ -1,0 +1,93 @@
+"""BlockingNode: a node on its own thread for synchronous programs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import malla
+from conftest import COOKIE, ROOT
+
+
+class Calc(malla.Service, global_=True):
+    def add(self, a, b):
+        return a + b
+
+    def thread(self):
+        return threading.get_ident()
+
+    def fail(self):
+        raise KeyError("missing")
+
+
+def test_blocking_node_methods_proxies_and_errors():
+    with malla.BlockingNode("server", cookie=COOKIE, port=0) as server:
+        server.start_service(Calc)
+        seed = f"127.0.0.1:{server.address[1]}"
+        with malla.BlockingNode("client", cookie=COOKIE, port=0, seeds=[seed]) as client:
+            assert client.wait_for_services(["Calc"], retries=5)
+            assert client.peers() == ["server"]
+            assert client.get_nodes("Calc") == ["server"]
+            assert client.remote("Calc", "add", [1, 2]) == 3
+            assert client.services.Calc.add(2, 3) == 5
+            assert client.service("Calc").add(a=1, b=1) == 2
+            assert client.call_cb_all("Calc", "add", [1, 1]) == [2]
+            # the function runs on the server's loop thread, not the caller's
+            assert client.services.Calc.thread() != threading.get_ident()
+            caught = []
+
+            def worker():
+                try:
+                    client.services.Calc.fail()
+                except malla.RemoteError as exc:
+                    caught.append((threading.current_thread().name, exc.exc_type))
+
+            t = threading.Thread(target=worker, name="caller-thread")
+            t.start()
+            t.join()
+            assert caught == [("caller-thread", "builtins.KeyError")]
+            with pytest.raises(AttributeError):
+                client.services.Nope
+    with pytest.raises(RuntimeError, match="closed"):
+        client.remote("Calc", "add", [1, 2])
+
+
+def test_blocking_node_shared_by_threads():
+    with malla.BlockingNode("server", cookie=COOKIE, port=0) as server:
+        server.start_service(Calc)
+        seed = f"127.0.0.1:{server.address[1]}"
+        with malla.BlockingNode("client", cookie=COOKIE, port=0, seeds=[seed]) as client:
+            assert client.wait_for_services(["Calc"], retries=5)
+            proxy = client.services.Calc
+            errors, results = [], []
+
+            def worker(k):
+                try:
+                    for i in range(200):
+                        results.append(proxy.add(k, i) == k + i)
+                except Exception as exc:  # pragma: no cover - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert errors == []
+            assert len(results) == 16 * 200 and all(results)
+
+
+def test_blocking_node_shuts_down_cleanly_at_exit():
+    code = (
+        "import malla\n"
+        "n = malla.BlockingNode('x', port=0)\n"
+        "print(n.address[1], flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().isdigit()
+    assert "Traceback" not in proc.stderr
