@@ -36,7 +36,7 @@ class Connection:
         self.dialer = dialer
         self.target = target
         self.proto: Any = None
-        self.handshake = Handshake(dialer, node._hello(), node._cookie)
+        self.handshake: Handshake | None = None
         self.peer: Hello | None = None
         loop = asyncio.get_running_loop()
         # Resolves with the connection that serves this peer once admitted
@@ -60,11 +60,14 @@ class Connection:
 
     def _connection_made(self, proto: Any) -> None:
         self.proto = proto
+        sockname = proto.transport.get_extra_info("sockname")
+        self.handshake = Handshake(self.dialer, self.node._hello(sockname), self.node._cookie)
         loop = asyncio.get_running_loop()
         self._hs_timer = loop.call_later(self.node.handshake_timeout, self._handshake_timed_out)
         self._send(self.handshake.start())
 
     def _on_handshake_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        assert self.handshake is not None
         try:
             out = self.handshake.receive(ftype, payload)
         except mexc.MallaError as exc:
@@ -120,7 +123,7 @@ class Connection:
 
     def _handshake_timed_out(self) -> None:
         self._hs_timer = None
-        if not self.handshake.done:
+        if self.handshake is not None and not self.handshake.done:
             self._refuse(mexc.ProtocolError(
                 f"handshake not completed within {self.node.handshake_timeout} s"))
 
@@ -128,6 +131,7 @@ class Connection:
         if self._hs_timer is not None:
             self._hs_timer.cancel()
             self._hs_timer = None
+        assert self.handshake is not None
         self.peer = self.handshake.peer
         assert self.peer is not None
         self.proto.set_ready(self.peer.name, self.handshake.max_frame_size)

@@ -168,10 +168,20 @@ class Node(CallAPI):
 
     # -- connections ----------------------------------------------------------------
 
-    def _hello(self) -> Hello:
+    def _hello(self, sockname: Any = None) -> Hello:
         return Hello(name=self.name, incarnation=self.incarnation, hidden=self.hidden,
                      max_frame_size=self.max_frame_size,
-                     listen=self._address if not self.hidden else None)
+                     listen=None if self.hidden else self._advertised(sockname))
+
+    def _advertised(self, sockname: Any) -> tuple[str, int] | None:
+        # Bound to every interface (0.0.0.0): advertise the address this
+        # connection uses, which the peer can reach us on.
+        if self._address is None:
+            return None
+        host, port = self._address
+        if host in ("0.0.0.0", "::") and sockname:
+            host = sockname[0]
+        return host, port
 
     def _make_protocol(self, dialer: bool, target: str | None) -> Any:
         conn = Connection(self, dialer, target)
