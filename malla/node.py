@@ -93,6 +93,9 @@ class Node(CallAPI):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._address: tuple[str, int] | None = None
         self._stopping = False
+        self._draining = False
+        self._goodbye_sent = False
+        self._members: dict[str, tuple[str, int]] = {}
 
     def __repr__(self) -> str:
         return f"<malla.Node {self.name} {self._address or 'not started'}>"
@@ -127,8 +130,7 @@ class Node(CallAPI):
         for task in list(self._tasks) + list(self._dialing.values()):
             task.cancel()
         self._server.close()
-        for conn in list(self._conns.values()):
-            conn.proto.send_message(core.FT_GOODBYE, None)
+        self._say_goodbye()
         conns = list(self._all)
         for conn in conns:
             conn.close()
@@ -142,6 +144,40 @@ class Node(CallAPI):
         self._dialing.clear()
         self._server = None
         log.info("malla: node %s stopped", self.name)
+
+    def _say_goodbye(self) -> None:
+        if not self._goodbye_sent:
+            self._goodbye_sent = True
+            for conn in list(self._conns.values()):
+                conn.proto.send_message(core.FT_GOODBYE, None)
+
+    async def drain(self, grace: float = 10.0, linger: float = 0.2) -> None:
+        """Leave the cluster without failing a call.
+
+        Stops advertising every service at once (announced paused: callers
+        fail over, and a call that still arrives gets "service not
+        available"), lets calls in flight finish for up to `grace` seconds,
+        says goodbye, answers stragglers for `linger` seconds, then stops.
+        """
+        if self._server is None or self._stopping or self._draining:
+            return
+        self._draining = True
+        for name, entry in list(self._entries.items()):
+            await self._set_paused(name, True)
+        end = time.monotonic() + grace
+        while self._busy() and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        if self._busy():
+            log.warning("malla: %s drained with calls still running after %.1f s",
+                        self.name, grace)
+        self._say_goodbye()
+        await asyncio.sleep(linger)
+        await self.stop()
+
+    def _busy(self) -> bool:
+        """Calls to this node's services still running."""
+        return (any(e.running for e in self._entries.values())
+                or any(c.proto.running for c in self._conns.values()))
 
     async def __aenter__(self) -> Node:
         return await self.start()
@@ -159,6 +195,14 @@ class Node(CallAPI):
     def peers(self) -> list[str]:
         """Names of the connected, authenticated peers."""
         return sorted(self._conns)
+
+    def members(self) -> dict[str, tuple[str, int]]:
+        """Every visible member this node has heard of, with its address
+        (a hidden node hears of them but does not connect by itself)."""
+        out = dict(self._members)
+        out.update({n: c.peer.listen for n, c in self._conns.items()
+                    if c.peer is not None and c.peer.listen})
+        return out
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -319,8 +363,9 @@ class Node(CallAPI):
         conn.admit(conn)
         log.info("malla: %s connected to %s", self.name, peer.name)
         conn.proto.send_message(core.FT_TABLE, self._table())
-        if not self.hidden and not peer.hidden:
+        if not self.hidden:
             conn.proto.send_message(core.FT_PEERS, self._peer_list())
+        if not self.hidden and not peer.hidden:
             others = [c for n, c in self._conns.items() if n != peer.name]
             entry = [[peer.name, peer.listen[0], peer.listen[1]]] if peer.listen else []
             for other in others:
@@ -357,8 +402,9 @@ class Node(CallAPI):
             service, info = body
             self._registry.set_remote(name, str(service), info)
         elif ftype == core.FT_PEERS:
-            if not self.hidden:
-                for peer, host, port in body:
+            for peer, host, port in body:
+                self._members[str(peer)] = (str(host), int(port))
+                if not self.hidden:
                     self._learn(str(peer), str(host), int(port))
         elif ftype == core.FT_GOODBYE:
             # The peer is leaving for good: forget it now, do not redial.

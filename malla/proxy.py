@@ -30,7 +30,7 @@ class _Default:
     """Stands for a remote parameter's default, which is not sent."""
 
     def __repr__(self) -> str:
-        return "<remote default>"
+        return "..."
 
 
 REMOTE_DEFAULT = _Default()
