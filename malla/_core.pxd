@@ -16,6 +16,8 @@ cdef enum:
     WRITE_BUF_KEEP = 65536
     # Frames allowed before authentication: handshake messages are small.
     PREAUTH_MAX_FRAME = 65536
+    # Transport write buffer: past this, writing pauses and new calls wait.
+    WRITE_HIGH_WATER = 1048576
 
 
 cpdef enum FrameType:

@@ -752,6 +752,7 @@ cdef class CoreProtocol:
 
     def connection_made(self, transport):
         self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_HIGH_WATER // 4)
         self.owner._connection_made(self)
 
     def connection_lost(self, exc):
@@ -808,14 +809,21 @@ cdef class CoreProtocol:
         return False
 
     def pause_writing(self):
+        # Past the high-water mark: new calls wait (or fail over) until the
+        # transport drains below the low-water mark.
         self._paused_writing = True
+        if self.owner is not None:
+            self.owner._writing_paused()
 
     def resume_writing(self):
         self._paused_writing = False
-        if self._large:
-            self._write_large_frames()
         if self.owner is not None:
             self.owner._writing_resumed()
+        # The calls that waited run first (they were woken before this
+        # call_soon); the next round of large frames goes after them.
+        if self._large and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._end_tick)
 
     @property
     def writing_paused(self):
@@ -1113,6 +1121,12 @@ cdef class CoreProtocol:
         # flight) the message is written at once: no added latency.  Under
         # load, the tick's messages are coalesced into one write by a
         # call_soon: one syscall per batch instead of per call.
+        if self._wbuf._len >= WRITE_BUF_KEEP:
+            # A caller that never yields (casts in a tight loop) must not
+            # grow our buffer: hand it to the transport, whose high-water
+            # mark then pauses new calls (flow control).
+            self.flush()
+            return 0
         if self._in_read:
             return 0
         if (not self._wrote_this_tick

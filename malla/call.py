@@ -143,6 +143,8 @@ class CallAPI:
         if info is not None and fun not in info["functions"]:
             raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
         proto = conn.proto
+        if proto.writing_paused:
+            await self._wait_congested(conn, name, timeout, at)
         budget = None
         if at is not None:
             budget = (at - time.monotonic()) * 1000.0
@@ -164,6 +166,18 @@ class CallAPI:
         except asyncio.CancelledError:
             proto.cancel(sid)
             raise
+
+    async def _wait_congested(self, conn: Any, name: str, timeout: int,
+                              at: float | None) -> None:
+        # Flow control: the connection's write buffer is past its high-water
+        # mark.  Fail over when another node can take the call; otherwise
+        # wait for it to drain, within the call's time.
+        if len(self._registry.nodes(name)) > 1:
+            raise ServiceNotAvailable(f"connection to {conn.name} is congested")
+        limit = (timeout or 15000) / 1000.0
+        if at is not None:
+            limit = min(limit, max(at - time.monotonic(), 0.0))
+        await conn.wait_writable(limit)
 
     async def _call_here(self, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
                          timeout: int, at: float | None, meta: Any) -> Any:

@@ -29,7 +29,8 @@ class Connection:
     """A connection to one peer, from TCP connect to close."""
 
     __slots__ = ("node", "dialer", "target", "proto", "handshake", "peer", "ready",
-                 "admitted", "closed", "_early", "_pings", "_hs_timer", "__weakref__")
+                 "admitted", "closed", "_early", "_pings", "_hs_timer", "_writable",
+                 "__weakref__")
 
     def __init__(self, node: Node, dialer: bool, target: str | None = None) -> None:
         self.node = node
@@ -47,6 +48,8 @@ class Connection:
         self._early: list[tuple[int, bytes]] = []
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._hs_timer: asyncio.TimerHandle | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     def __repr__(self) -> str:
         who = self.peer.name if self.peer else self.target or "?"
@@ -99,8 +102,22 @@ class Connection:
         log.warning("malla: closing %s: %s", self, err)
         self._fail_ready(err)
 
+    def _writing_paused(self) -> None:
+        self._writable.clear()
+
     def _writing_resumed(self) -> None:
-        pass
+        self._writable.set()
+
+    async def wait_writable(self, timeout: float) -> None:
+        """Wait until the connection's write buffer drains below its low-water
+        mark (flow control); CallTimeout after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._writable.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise mexc.CallTimeout(f"connection to {self.name} stayed congested "
+                                   f"for {timeout:.3f} s") from None
+        if self.proto is None or self.proto.closed:
+            raise mexc.ServiceNotAvailable(f"connection to {self.name} closed")
 
     def _connection_lost(self, exc: BaseException | None) -> None:
         if self._hs_timer is not None:
@@ -109,6 +126,7 @@ class Connection:
             if not fut.done():
                 fut.set_exception(mexc.ConnectionLost("connection lost"))
         self._pings.clear()
+        self._writable.set()
         self._fail_ready(mexc.ConnectionLost(f"connection to {self.target or self.name} lost "
                                               "during the handshake"))
         if not self.closed.done():

@@ -1,0 +1,179 @@
+"""Flow control and fairness: no unbounded buffer, no head-of-line blocking."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+
+import malla
+from malla._ext import core
+from conftest import COOKIE, node_factory, run_async, spawn_python, stop_all
+
+CONSUMER = """
+import sys, time, malla
+class Sink(malla.Service, global_=True):
+    def put(self, blob):
+        end = time.perf_counter() + 0.001     # a slow consumer: 1 ms of CPU a call
+        while time.perf_counter() < end:
+            pass
+        return len(blob)
+async def main():
+    node = malla.Node("consumer", port=0)
+    await node.start()
+    await node.start_service(Sink)
+    print(node.address[1], flush=True)
+    await asyncio.Event().wait()
+import asyncio
+malla.run(main())
+"""
+
+
+def rss_mib(pid: int | None = None) -> float:
+    with open(f"/proc/{pid or 'self'}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_fast_producer_slow_consumer_stays_bounded():
+    """A producer casting 64 KiB as fast as it can (far faster than the
+    consumer's 1 ms per call) grows neither process by more than 64 MiB."""
+    proc = spawn_python(CONSUMER)
+
+    async def main():
+        port = int(proc.stdout.readline())
+        make, made = node_factory()
+        try:
+            producer = await make("producer", seeds=[f"127.0.0.1:{port}"]).start()
+            assert await producer.wait_for_services(["Sink"], retries=10)
+            blob = os.urandom(64 * 1024)
+            for _ in range(20):   # warm up
+                await producer.remote("Sink", "put", [blob])
+            base_p, base_c = rss_mib(), rss_mib(proc.pid)
+            sent = 0
+            end = time.monotonic() + 3.0
+            peak_p = peak_c = 0.0
+            while time.monotonic() < end:
+                await producer.remote("Sink", "put", [blob], timeout=0)
+                sent += 1
+                if sent % 200 == 0:
+                    peak_p = max(peak_p, rss_mib() - base_p)
+                    peak_c = max(peak_c, rss_mib(proc.pid) - base_c)
+            peak_p = max(peak_p, rss_mib() - base_p)
+            peak_c = max(peak_c, rss_mib(proc.pid) - base_c)
+            print(f"\nsent {sent} casts of 64 KiB in 3 s; growth: producer {peak_p:.1f} MiB, "
+                  f"consumer {peak_c:.1f} MiB")
+            assert sent > 100
+            assert peak_p < 64, peak_p
+            assert peak_c < 64, peak_c
+            # and the connection still answers calls
+            assert await producer.remote("Sink", "put", [b"x"], timeout=30000) == 1
+        finally:
+            await stop_all(made)
+            proc.kill()
+            proc.wait()
+
+    run_async(main(), timeout=120)
+
+
+class FakeTransport:
+    """Records writes (a unit test of the core's writer, beside the TCP tests)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.buffered = 0
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 1) if name == "sockname" else default
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class Owner:
+    def _connection_made(self, proto):
+        pass
+
+    def _writing_paused(self):
+        pass
+
+    def _writing_resumed(self):
+        pass
+
+
+def frames_of(writes: list[bytes], max_frame: int) -> list[tuple[int, int, int]]:
+    reader = core.FrameReader(max_frame)
+    out = []
+    for chunk in writes:
+        out += [(t, f, sid) for t, f, sid, _ in reader.feed(chunk)]
+    return out
+
+
+def test_small_messages_never_wait_behind_more_than_one_large_frame():
+    async def main():
+        loop = asyncio.get_running_loop()
+        proto = core.Protocol(Owner(), loop, True, {}, 1024, 1 << 20)
+        transport = FakeTransport()
+        proto.connection_made(transport)
+        proto.set_ready("peer", 1024)
+        big = b"x" * (8 * 1024)               # 8+ frames of 1 KiB
+        proto.send_message(core.FT_ANNOUNCE, ["Big", {"blob": big}])
+        proto.pause_writing()                 # the transport is congested
+        for i in range(3):
+            proto.call("Svc", "f", [i], None, 0, None, None)
+        proto.send_message(core.FT_HEARTBEAT, None)
+        assert proto.queued_large == 1
+        proto.resume_writing()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        seq = frames_of(transport.writes, 1024)
+        big_frames = [i for i, (t, _, _) in enumerate(seq) if t == core.FT_ANNOUNCE]
+        small = [i for i, (t, _, _) in enumerate(seq) if t in (core.FT_CALL, core.FT_HEARTBEAT)]
+        assert len(big_frames) >= 8 and len(small) == 4
+        # what was queued ahead of each small message: at most one large frame
+        for i in small:
+            assert sum(1 for j in big_frames if j < i) <= 1, seq
+        assert seq[big_frames[-1]][1] & core.FLAG_MORE == 0
+        assert all(seq[j][1] & core.FLAG_MORE for j in big_frames[:-1])
+
+    run_async(main())
+
+
+def test_message_too_large_at_the_caller_keeps_the_connection():
+    async def main():
+        make, made = node_factory()
+        try:
+            class Echo(malla.Service, global_=True):
+                def echo(self, x):
+                    return x
+
+            a = await make("a", max_message_size=256 * 1024).start()
+            await a.start_service(Echo)
+            b = await make("b", seeds=[f"127.0.0.1:{a.address[1]}"],
+                           max_message_size=256 * 1024).start()
+            assert await b.wait_for_services(["Echo"], retries=5)
+            try:
+                await b.remote("Echo", "echo", [b"x" * (300 * 1024)])
+                raise AssertionError("no MessageTooLarge")
+            except malla.MessageTooLarge:
+                pass
+            assert await b.remote("Echo", "echo", [b"y" * 200_000]) == b"y" * 200_000
+        finally:
+            await stop_all(made)
+
+    run_async(main())
