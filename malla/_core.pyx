@@ -129,6 +129,23 @@ cdef inline object _unpack(const char* p, Py_ssize_t n):
                             use_list=True)
 
 
+cdef double BLOCKED_LOOP_WARNING = 0.1
+
+
+cdef inline void _warn_if_blocked(str service, str fun, double started):
+    # A plain def runs on the loop: one that holds it past 100 ms is named.
+    cdef double took = _now() - started
+    if took > BLOCKED_LOOP_WARNING:
+        _log.warning("malla: %s.%s blocked the event loop for %.0f ms (make it "
+                     "async def, or @malla.blocking to run it in a thread)",
+                     service, fun, took * 1000)
+
+
+def warn_if_blocked(str service, str fun, double started):
+    """Log a function that held the event loop for more than 100 ms."""
+    _warn_if_blocked(service, fun, started)
+
+
 # ---------------------------------------------------------------------------
 # WriteBuffer: frames and msgpack, encoded in place
 # ---------------------------------------------------------------------------
@@ -1019,6 +1036,7 @@ cdef class CoreProtocol:
                                   "deadline passed before the call started", None)
             return 0
         if entry.fast and entry.kinds[fun] == 0:
+            started = _now()
             try:
                 if kwargs:
                     result = (<object>fp)(*args, **kwargs)
@@ -1028,6 +1046,8 @@ cdef class CoreProtocol:
                 if not cast:
                     self.reply_exception(sid, exc)
                 return 0
+            finally:
+                _warn_if_blocked(entry.name, fun, started)
             if not cast:
                 self.reply(sid, result)
             return 0

@@ -44,6 +44,7 @@ class Hello:
     max_frame_size: int = 1 << 20
     listen: tuple[str, int] | None = None
     nonce: bytes = b""
+    udp: int | None = None
 
     def encode(self) -> bytes:
         return core.packb({
@@ -51,6 +52,7 @@ class Hello:
             "name": self.name, "inc": self.incarnation, "hidden": self.hidden,
             "nonce": self.nonce, "mfs": self.max_frame_size,
             "listen": list(self.listen) if self.listen else None,
+            "udp": self.udp,
         })
 
     @classmethod
@@ -69,7 +71,8 @@ class Hello:
                 vmax=_typed(d["vmax"], int), caps=_typed(d["caps"], int),
                 max_frame_size=_typed(d["mfs"], int),
                 listen=(str(listen[0]), int(listen[1])) if listen else None,
-                nonce=_typed(d["nonce"], bytes))
+                nonce=_typed(d["nonce"], bytes),
+                udp=int(d["udp"]) if d.get("udp") else None)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise mexc.ProtocolError(f"malformed HELLO: {exc!r}") from None
         if not hello.name or len(hello.nonce) != NONCE_SIZE or hello.max_frame_size < 1024:

@@ -20,7 +20,7 @@ from malla.call import CallAPI, _Stats, service_name
 from malla.connection import Connection
 from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_all
 from malla.handshake import Hello
-from malla.liveness import Liveness
+from malla.liveness import HeartbeatThread, Liveness
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
 from malla.registry import Registry
@@ -51,7 +51,8 @@ class Node(CallAPI):
                  redial_max: float = 5.0, max_frame_size: int = 1 << 20,
                  max_message_size: int = 64 << 20, ssl_server: Any = None,
                  ssl_client: Any = None, dns_servers: list[str] | None = None,
-                 forget_after: float = 60.0, precompile: Any = None) -> None:
+                 forget_after: float = 60.0, precompile: Any = None,
+                 udp_heartbeat: bool = True) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("a node needs a non-empty name")
         if max_frame_size < 1024 or max_frame_size > 0xFFFFFFFF:
@@ -64,6 +65,8 @@ class Node(CallAPI):
         self.connect_targets = list(connect)
         self.dns_servers = list(dns_servers) if dns_servers else None
         self.forget_after = forget_after
+        self.udp_heartbeat = udp_heartbeat
+        self._hb_thread: HeartbeatThread | None = None
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.handshake_timeout = handshake_timeout
@@ -113,6 +116,10 @@ class Node(CallAPI):
             ssl=self.ssl_server, reuse_address=True)
         sock = self._server.sockets[0].getsockname()
         self._address = (sock[0], sock[1])
+        if self.udp_heartbeat:
+            self._hb_thread = HeartbeatThread(self.name, self.incarnation, self._cookie,
+                                              sock[0], self.heartbeat_interval, self._liveness)
+            self._hb_thread.start()
         self._spawn(self._heartbeat_loop())
         self._spawn(self._check_loop())
         for target in self.seeds:
@@ -143,6 +150,9 @@ class Node(CallAPI):
         self._tasks.clear()
         self._dialing.clear()
         self._server = None
+        if self._hb_thread is not None:
+            self._hb_thread.stop()
+            self._hb_thread = None
         log.info("malla: node %s stopped", self.name)
 
     def _say_goodbye(self) -> None:
@@ -215,7 +225,8 @@ class Node(CallAPI):
     def _hello(self, sockname: Any = None) -> Hello:
         return Hello(name=self.name, incarnation=self.incarnation, hidden=self.hidden,
                      max_frame_size=self.max_frame_size,
-                     listen=None if self.hidden else self._advertised(sockname))
+                     listen=None if self.hidden else self._advertised(sockname),
+                     udp=self._hb_thread.port if self._hb_thread else None)
 
     def _advertised(self, sockname: Any) -> tuple[str, int] | None:
         # Bound to every interface (0.0.0.0): advertise the address this
@@ -358,6 +369,9 @@ class Node(CallAPI):
         self._conns[peer.name] = conn
         self._lost_at.pop(peer.name, None)
         self._liveness.heard(peer.name)
+        if self._hb_thread is not None and peer.udp:
+            peer_host = conn.proto.transport.get_extra_info("peername")[0]
+            self._hb_thread.add(peer.name, (peer_host, peer.udp), peer.incarnation)
         if peer.listen and not peer.hidden:
             self._known[peer.name] = peer.listen
         conn.admit(conn)
@@ -388,6 +402,8 @@ class Node(CallAPI):
             del self._conns[name]
             self._registry.drop_node(name)
             self._liveness.forget(name)
+            if self._hb_thread is not None:
+                self._hb_thread.remove(name)
 
     def _peer_list(self) -> list[list[Any]]:
         return [[n, c.peer.listen[0], c.peer.listen[1]] for n, c in self._conns.items()

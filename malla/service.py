@@ -188,7 +188,9 @@ class RunningService(core.ServiceEntry):
         self.running += 1
         enter_call_context(deadline)
         try:
+            started = core.monotonic()
             result = self.invoke(fun, args, kwargs, opts)
+            core.warn_if_blocked(self.name, fun, started)
             if inspect.isawaitable(result):
                 result = await settle(result)
         except asyncio.CancelledError:
