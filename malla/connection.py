@@ -52,7 +52,7 @@ class Connection:
         self._writable.set()
 
     def __repr__(self) -> str:
-        who = self.peer.name if self.peer else self.target or "?"
+        who = self.peer.name if self.peer else self.target or self._peer_host()
         return f"<malla.Connection {'to' if self.dialer else 'from'} {who}>"
 
     @property
@@ -63,6 +63,10 @@ class Connection:
 
     def _connection_made(self, proto: Any) -> None:
         self.proto = proto
+        if not self.dialer and self.node._throttle.blocked(self._peer_host()):
+            # this address keeps failing the handshake: no work for it now
+            proto.abort()
+            return
         sockname = proto.transport.get_extra_info("sockname")
         self.handshake = Handshake(self.dialer, self.node._hello(sockname), self.node._cookie)
         loop = asyncio.get_running_loop()
@@ -99,6 +103,8 @@ class Connection:
         self._fail_ready(err)
 
     def _on_protocol_error(self, err: mexc.ProtocolError) -> None:
+        if not self.dialer and (self.handshake is None or not self.handshake.done):
+            self.node._throttle.failed(self._peer_host())
         log.warning("malla: closing %s: %s", self, err)
         self._fail_ready(err)
 
@@ -152,10 +158,19 @@ class Connection:
         assert self.handshake is not None
         self.peer = self.handshake.peer
         assert self.peer is not None
+        if not self.dialer:
+            self.node._throttle.succeeded(self._peer_host())
         self.proto.set_ready(self.peer.name, self.handshake.max_frame_size)
         self.node._admit(self)
 
+    def _peer_host(self) -> str:
+        transport = self.proto.transport if self.proto is not None else None
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if peer else "?"
+
     def _refuse(self, exc: mexc.MallaError) -> None:
+        if not self.dialer:
+            self.node._throttle.failed(self._peer_host())
         peer = self.proto.transport.get_extra_info("peername") if self.proto.transport else None
         log.warning("malla: refused connection %s %s: %s", "to" if self.dialer else "from",
                     self.target or peer, exc)

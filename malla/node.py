@@ -18,6 +18,7 @@ from malla import exceptions as mexc
 from malla._ext import core
 from malla.call import CallAPI, _Stats, service_name
 from malla.connection import Connection
+from malla.guard import HandshakeThrottle, cookie_weakness
 from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_all
 from malla.handshake import Hello
 from malla.liveness import HeartbeatThread, Liveness
@@ -33,7 +34,11 @@ log = logging.getLogger("malla.node")
 def _cookie_bytes(cookie: str | bytes | None) -> bytes:
     if cookie is None:
         cookie = os.environ.get("MALLA_COOKIE") or os.urandom(32).hex()
-    return cookie.encode() if isinstance(cookie, str) else bytes(cookie)
+    raw = cookie.encode() if isinstance(cookie, str) else bytes(cookie)
+    weakness = cookie_weakness(raw)
+    if weakness:
+        log.warning("malla: weak cookie: %s; the cookie is the cluster's root secret", weakness)
+    return raw
 
 
 class Node(CallAPI):
@@ -79,6 +84,7 @@ class Node(CallAPI):
         self.incarnation = random.getrandbits(64)
         self._cookie = _cookie_bytes(cookie)
         self._registry = Registry(name)
+        self._throttle = HandshakeThrottle()
         self._precompiled = load_precompile(precompile)
         self._proxies: dict[str, Proxy] = {}
         self.services = Services(self)

@@ -1,0 +1,61 @@
+"""Guards around authentication: failed-handshake throttling per address,
+and a warning for a weak cookie."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+__all__ = ["HandshakeThrottle", "cookie_weakness"]
+
+log = logging.getLogger("malla.guard")
+
+_COMMON = {"secret", "cookie", "password", "passwd", "changeme", "malla", "admin",
+           "default", "test", "letmein", "qwerty", "cluster"}
+
+
+def cookie_weakness(cookie: bytes) -> str | None:
+    """Why the cookie is weak (shorter than 16 bytes or guessable), or None."""
+    if len(cookie) < 16:
+        return f"it is {len(cookie)} bytes long (use at least 16 random bytes)"
+    text = cookie.decode("latin-1").lower()
+    if len(set(text)) < 6:
+        return "it uses fewer than 6 distinct characters"
+    stripped = text.strip("0123456789-_ .")
+    if stripped in _COMMON or text.isdigit():
+        return "it is a common word or only digits"
+    return None
+
+
+class HandshakeThrottle:
+    """Refuses connections from an address whose handshakes keep failing.
+
+    After `free` failures, each new connection from that address within a
+    doubling backoff (capped at `cap` seconds) is closed at once, before any
+    handshake work.  A successful handshake from the address resets it;
+    other addresses are never slowed.
+    """
+
+    def __init__(self, free: int = 5, base: float = 0.1, cap: float = 30.0) -> None:
+        self.free = free
+        self.base = base
+        self.cap = cap
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def blocked(self, host: str) -> bool:
+        entry = self._failures.get(host)
+        if entry is None or entry[0] < self.free:
+            return False
+        count, last = entry
+        backoff = min(self.base * 2 ** (count - self.free), self.cap)
+        return time.monotonic() - last < backoff
+
+    def failed(self, host: str) -> None:
+        count, _ = self._failures.get(host, (0, 0.0))
+        self._failures[host] = (count + 1, time.monotonic())
+        if len(self._failures) > 10_000:   # bounded: forget the oldest
+            oldest = min(self._failures, key=lambda h: self._failures[h][1])
+            del self._failures[oldest]
+
+    def succeeded(self, host: str) -> None:
+        self._failures.pop(host, None)
