@@ -35,12 +35,13 @@ def register_type(cls: type, encode: Callable[[Any], bytes],
     """Let values of `cls` travel: `encode(obj) -> bytes`, `decode(bytes) -> obj`.
 
     The type is identified on the wire by `name` (default: the class's
-    qualified name, module included), so registration order does not matter;
-    register the same on every node.
+    qualified name, ``cls.__qualname__``, as DESIGN.md says; pass a name to
+    tell apart two classes of the same qualified name in different modules),
+    so registration order does not matter; register the same on every node.
     """
     if not isinstance(cls, type):
         raise TypeError("register_type needs a class")
-    wire_name = name or f"{cls.__module__}.{cls.__qualname__}"
+    wire_name = name or cls.__qualname__
     _encoders[cls] = (wire_name, encode)
     _decoders[wire_name] = decode
 

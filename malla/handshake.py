@@ -70,14 +70,26 @@ class Hello:
                 hidden=_typed(d["hidden"], bool), vmin=_typed(d["vmin"], int),
                 vmax=_typed(d["vmax"], int), caps=_typed(d["caps"], int),
                 max_frame_size=_typed(d["mfs"], int),
-                listen=(str(listen[0]), int(listen[1])) if listen else None,
+                listen=_address(listen) if listen else None,
                 nonce=_typed(d["nonce"], bytes),
-                udp=int(d["udp"]) if d.get("udp") else None)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+                udp=_port(d["udp"]) if d.get("udp") is not None else None)
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise mexc.ProtocolError(f"malformed HELLO: {exc!r}") from None
         if not hello.name or len(hello.nonce) != NONCE_SIZE or hello.max_frame_size < 1024:
             raise mexc.ProtocolError("malformed HELLO: empty name, bad nonce or frame size")
         return hello
+
+
+def _port(value: Any) -> int:
+    if type(value) is not int or not 0 < value < 65536:
+        raise ValueError(f"bad port {value!r}")
+    return value
+
+
+def _address(value: Any) -> tuple[str, int]:
+    if not isinstance(value, list) or len(value) != 2 or type(value[0]) is not str:
+        raise ValueError(f"bad address {value!r}")
+    return value[0], _port(value[1])
 
 
 def _typed(value: Any, kind: type) -> Any:
