@@ -3,9 +3,21 @@ processes — transparent proxies, remote() with timeouts, retries and
 failover, discovery — on a compiled uvloop core.  See DESIGN.md / docs/.
 """
 
+from malla import codec as _codec  # noqa: F401  (installs the codec's hooks in the core)
+from malla import services
+from malla._ext import core as _core  # noqa: F401  (fails loudly when not built)
 from malla._version import __version__
-from malla._ext import core as _core  # fails loudly when the extension is not built
-from malla import codec as _codec  # installs the codec's hooks in the core
+from malla.api import (
+    call_cb_all,
+    get_instances,
+    get_nodes,
+    get_services,
+    local,
+    remote,
+    start,
+    stop,
+    wait_for_services,
+)
 from malla.codec import register_type
 from malla.exceptions import (
     AuthenticationError,
@@ -20,52 +32,40 @@ from malla.exceptions import (
     ServiceNotAvailable,
     UnknownFunction,
 )
-from malla.node import Node
 from malla.facade import BlockingNode
-from malla.service import Service, blocking
-from malla.runner import run
+from malla.node import Node
 from malla.proxy import call
-from malla.api import (
-    call_cb_all,
-    get_instances,
-    get_nodes,
-    get_services,
-    local,
-    remote,
-    start,
-    stop,
-    wait_for_services,
-)
-from malla import services
+from malla.runner import run
+from malla.service import Service, blocking
 
 __all__ = [
-    "__version__",
-    "Node",
+    "AuthenticationError",
     "BlockingNode",
-    "Service",
-    "blocking",
-    "register_type",
-    "run",
-    "call",
-    "start",
-    "stop",
-    "remote",
-    "local",
-    "call_cb_all",
-    "get_nodes",
-    "get_instances",
-    "get_services",
-    "wait_for_services",
-    "services",
-    "MallaError",
-    "ServiceNotAvailable",
-    "Overloaded",
-    "RemoteError",
     "CallTimeout",
     "ConnectionLost",
-    "UnknownFunction",
     "EncodeError",
+    "MallaError",
     "MessageTooLarge",
-    "AuthenticationError",
+    "Node",
+    "Overloaded",
     "ProtocolError",
+    "RemoteError",
+    "Service",
+    "ServiceNotAvailable",
+    "UnknownFunction",
+    "__version__",
+    "blocking",
+    "call",
+    "call_cb_all",
+    "get_instances",
+    "get_nodes",
+    "get_services",
+    "local",
+    "register_type",
+    "remote",
+    "run",
+    "services",
+    "start",
+    "stop",
+    "wait_for_services",
 ]

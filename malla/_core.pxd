@@ -166,9 +166,11 @@ cdef class CoreProtocol:
     cdef int _on_error(self, uint64_t sid, const char* p, Py_ssize_t n) except -1
     cdef int _on_call(self, uint8_t ftype, uint64_t sid, const char* p, Py_ssize_t n) except -1
     cdef int _on_cancel(self, uint64_t sid) except -1
-    cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid, object payload) except -1
+    cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
+                            object payload) except -1
     cdef int _queue_encoded(self, Py_ssize_t start) except -1
-    cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message, object tb) except -1
+    cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message,
+                          object tb) except -1
     cdef int _request_flush(self) except -1
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
                                double timeout_ms, deadline_ms, meta) except -1

@@ -34,7 +34,6 @@ from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.object cimport PyObject
 from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
-from cpython.unicode cimport PyUnicode_AsUTF8String
 from libc.string cimport memcpy, memmove
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -1095,10 +1094,12 @@ cdef class CoreProtocol:
 
     # -- sending ----------------------------------------------------------------
 
-    cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message, object tb) except -1:
+    cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message,
+                          object tb) except -1:
         return self._queue_message(FT_ERROR, 0, sid, [code, exc_type, message, tb])
 
-    cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid, object payload) except -1:
+    cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
+                            object payload) except -1:
         cdef Py_ssize_t start
         if self._state > CS_READY or self._transport is None:
             return 0

@@ -14,8 +14,18 @@ from malla.node import Node
 from malla.precompile import load_precompile
 from malla.proxy import Proxy
 
-__all__ = ["start", "stop", "default_node", "remote", "local", "call_cb_all", "get_nodes",
-           "get_instances", "get_services", "wait_for_services"]
+__all__ = [
+    "call_cb_all",
+    "default_node",
+    "get_instances",
+    "get_nodes",
+    "get_services",
+    "local",
+    "remote",
+    "start",
+    "stop",
+    "wait_for_services",
+]
 
 _default: Node | None = None
 _stubs: dict[str, Proxy] = {}

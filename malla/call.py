@@ -40,7 +40,7 @@ def service_name(service: Any) -> str:
     if type(service) is str:
         return service
     name = getattr(service, "_malla_name", None)
-    if name is None:
+    if not isinstance(name, str):
         raise TypeError(f"not a service name or malla.Service class: {service!r}")
     return name
 
@@ -49,7 +49,7 @@ class _Stats:
     """Counters kept off the happy path: only failures, retries and
     failovers touch them; calls are counted by the cores."""
 
-    __slots__ = ("errors", "retries", "failovers", "local_calls")
+    __slots__ = ("errors", "failovers", "local_calls", "retries")
 
     def __init__(self) -> None:
         self.errors: dict[str, int] = {}
@@ -70,6 +70,9 @@ class CallAPI:
     _conns: dict[str, Any]
     _entries: dict[str, RunningService]
     _stats: _Stats
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        raise NotImplementedError
 
     async def remote(self, service: Any, fun: str, args: Any = (),
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
@@ -114,12 +117,12 @@ class CallAPI:
                     break
             else:
                 if sna_round >= sna_retries:
-                    exc = ServiceNotAvailable(
+                    err = ServiceNotAvailable(
                         f"service {name} is not available"
                         f" ({'no node runs it' if not tried else f'{tried} node(s) refused'},"
                         f" {sna_round + 1} round(s))")
-                    self._stats.error(exc)
-                    raise exc
+                    self._stats.error(err)
+                    raise err
                 sna_round += 1
             self._stats.retries += 1
             await self._retry_sleep(retries_sleep_msec, at, name)
@@ -201,7 +204,7 @@ class CallAPI:
             result = entry.invoke(fun, list(args), kwargs or {}, opts)
             if inspect.isawaitable(result):
                 if timeout == 0:
-                    asyncio.ensure_future(result)
+                    self._spawn(settle(result))
                     return None
                 result = await _with_timeout(settle(result), timeout, name, fun)
         except (mexc.MallaError, asyncio.CancelledError):
@@ -277,7 +280,8 @@ def _as_remote_error(exc: BaseException) -> mexc.RemoteError:
     return mexc.RemoteError(f"{cls.__module__}.{cls.__qualname__}", str(exc), tb)
 
 
-def _encode_error(exc: mexc.EncodeError, args: Any, kwargs: dict[str, Any] | None) -> mexc.EncodeError:
+def _encode_error(exc: mexc.EncodeError, args: Any,
+                  kwargs: dict[str, Any] | None) -> mexc.EncodeError:
     path = bad_value_path(list(args), "args")
     if path is None and kwargs:
         path = bad_value_path(kwargs, "kwargs")

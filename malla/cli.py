@@ -273,7 +273,7 @@ async def _cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_service(spec: str) -> type:
+def _load_service(spec: str) -> type[malla.Service]:
     module_name, colon, class_name = spec.partition(":")
     if not colon or not module_name or not class_name:
         raise UserError(f"--service expects module:Class, got {spec!r}", EXIT_USAGE)

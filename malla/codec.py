@@ -21,7 +21,7 @@ from msgpack import ExtType
 from malla._ext import core
 from malla.exceptions import EncodeError
 
-__all__ = ["register_type", "packb", "unpackb", "bad_value_path"]
+__all__ = ["bad_value_path", "packb", "register_type", "unpackb"]
 
 _encoders: dict[type, tuple[str, Callable[[Any], bytes]]] = {}
 _decoders: dict[str, Callable[[bytes], Any]] = {}

@@ -28,9 +28,22 @@ log = logging.getLogger("malla.connection")
 class Connection:
     """A connection to one peer, from TCP connect to close."""
 
-    __slots__ = ("node", "dialer", "target", "proto", "handshake", "peer", "ready",
-                 "admitted", "closed", "_early", "_pings", "_hs_timer", "_writable",
-                 "__weakref__")
+    __slots__ = (
+        "__weakref__",
+        "_early",
+        "_hs_timer",
+        "_pings",
+        "_writable",
+        "admitted",
+        "closed",
+        "dialer",
+        "handshake",
+        "node",
+        "peer",
+        "proto",
+        "ready",
+        "target",
+    )
 
     def __init__(self, node: Node, dialer: bool, target: str | None = None) -> None:
         self.node = node

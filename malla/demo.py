@@ -73,7 +73,8 @@ async def _run_demo() -> int:
         procs["beta"], _ = _spawn("beta", seed, True, env)
         procs["gamma"], _ = _spawn("gamma", seed, True, env)
         for name, proc in procs.items():
-            _say(f"  node {name:<6} pid {proc.pid}" + ("  hosts Greeter" if name != "alpha" else ""))
+            hosts = "  hosts Greeter" if name != "alpha" else ""
+            _say(f"  node {name:<6} pid {proc.pid}{hosts}")
         async with malla.Node("demo", port=0, seeds=[seed], check_interval=1.0) as node:
             _say(f"\nthis process is node 'demo', joining the cluster through alpha ({seed})")
             if not await node.wait_for_services(["Greeter"], retries=20):
@@ -90,7 +91,7 @@ async def _run_demo() -> int:
             _say(f"  Greeter.add(20, 22) = {total}")
             fanout = await node.call_cb_all("Greeter", "hello", ["everyone"])
             _say("\ncall_cb_all(Greeter.hello) asks every node at once:")
-            for where, answer in zip(node.get_nodes("Greeter"), fanout):
+            for where, answer in zip(node.get_nodes("Greeter"), fanout, strict=False):
                 _say(f"  {where}: {answer}")
             first = node.get_nodes("Greeter")[0]
             _say(f"\nkilling {first} (SIGKILL) while calling: remote() fails over")

@@ -21,7 +21,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-__all__ = ["Resolver", "parse_address", "DEFAULT_PORT"]
+__all__ = ["DEFAULT_PORT", "Resolver", "parse_address"]
 
 DEFAULT_PORT = 4370
 

@@ -14,18 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "MallaError",
-    "ServiceNotAvailable",
-    "Overloaded",
-    "RemoteError",
+    "AuthenticationError",
     "CallTimeout",
     "ConnectionLost",
-    "UnknownFunction",
     "EncodeError",
-    "MessageTooLarge",
-    "AuthenticationError",
-    "ProtocolError",
     "InternalError",
+    "MallaError",
+    "MessageTooLarge",
+    "Overloaded",
+    "ProtocolError",
+    "RemoteError",
+    "ServiceNotAvailable",
+    "UnknownFunction",
 ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import uvloop
@@ -56,8 +56,8 @@ class BlockingNode:
             raise RuntimeError("this BlockingNode is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _in_loop(self, fn: Any, *args: Any) -> Any:
-        async def call() -> Any:
+    def _in_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        async def call() -> T:
             return fn(*args)
         return self._run(call())
 

@@ -48,7 +48,7 @@ class HandshakeThrottle:
             return False
         count, last = entry
         backoff = min(self.base * 2 ** (count - self.free), self.cap)
-        return time.monotonic() - last < backoff
+        return bool(time.monotonic() - last < backoff)
 
     def failed(self, host: str) -> None:
         count, _ = self._failures.get(host, (0, 0.0))

@@ -20,7 +20,7 @@ from typing import Any
 from malla import exceptions as mexc
 from malla._ext import core
 
-__all__ = ["Hello", "Handshake", "PROTOCOL_VERSION", "MAGIC"]
+__all__ = ["MAGIC", "PROTOCOL_VERSION", "Handshake", "Hello"]
 
 MAGIC = b"MALLA\x00"
 PROTOCOL_VERSION = 1

@@ -18,8 +18,8 @@ from malla import exceptions as mexc
 from malla._ext import core
 from malla.call import CallAPI, _Stats, service_name
 from malla.connection import Connection
-from malla.guard import HandshakeThrottle, cookie_weakness
 from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_all
+from malla.guard import HandshakeThrottle, cookie_weakness
 from malla.handshake import Hello
 from malla.liveness import HeartbeatThread, Liveness
 from malla.precompile import load_precompile
@@ -178,7 +178,7 @@ class Node(CallAPI):
         if self._server is None or self._stopping or self._draining:
             return
         self._draining = True
-        for name, entry in list(self._entries.items()):
+        for name, _entry in list(self._entries.items()):
             await self._set_paused(name, True)
         end = time.monotonic() + grace
         while self._busy() and time.monotonic() < end:
@@ -247,6 +247,7 @@ class Node(CallAPI):
     def _make_protocol(self, dialer: bool, target: str | None) -> Any:
         conn = Connection(self, dialer, target)
         self._all.add(conn)
+        assert self._loop is not None
         return core.Protocol(conn, self._loop, dialer, self._entries,
                              self.max_frame_size, self.max_message_size)
 
@@ -298,7 +299,8 @@ class Node(CallAPI):
         except asyncio.TimeoutError:
             raise ConnectionError(f"could not reach {target} within "
                                   f"{self.handshake_timeout} s") from None
-        return await proto.owner.ready
+        conn: Connection = await proto.owner.ready
+        return conn
 
     def _dial_in_background(self, target: str, peer: str | None = None,
                             once: bool = False) -> None:
@@ -543,8 +545,13 @@ class Node(CallAPI):
 
     # -- proxies -------------------------------------------------------------------
 
-    def service(self, service: Any) -> Proxy:
-        """A proxy of `service` bound to this node (always; see `services`)."""
+    def service(self, service: Any) -> Any:
+        """A proxy of `service` bound to this node (always; see `services`).
+
+        Typed as Any so that a caller can give it the type of a
+        typing.Protocol describing the service's functions as `async def`s:
+        ``calc: CalculatorAPI = node.service("Calculator")``.
+        """
         name = service_name(service)
         proxy = self._proxies.get(name)
         if proxy is None:

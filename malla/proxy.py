@@ -21,7 +21,7 @@ from malla.precompile import load_precompile
 if TYPE_CHECKING:
     from malla.node import Node
 
-__all__ = ["Proxy", "RemoteFunction", "Call", "call", "signature_from_wire"]
+__all__ = ["Call", "Proxy", "RemoteFunction", "call", "signature_from_wire"]
 
 _NO_DEFAULT = inspect.Parameter.empty
 
@@ -52,7 +52,7 @@ def _arity_signature(arity: int) -> inspect.Signature:
 class Call:
     """A remote call not made yet: await it, or pass it to malla.call()."""
 
-    __slots__ = ("proxy", "fun", "args", "kwargs", "_used")
+    __slots__ = ("_used", "args", "fun", "kwargs", "proxy")
 
     def __init__(self, proxy: Proxy, fun: str, args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> None:
@@ -90,7 +90,7 @@ async def call(obj: Call, **opts: Any) -> Any:
 class RemoteFunction:
     """`proxy.fun`: callable, with the announced signature."""
 
-    __slots__ = ("_proxy", "__name__", "__qualname__")
+    __slots__ = ("__name__", "__qualname__", "_proxy")
 
     def __init__(self, proxy: Proxy, name: str) -> None:
         self._proxy = proxy
@@ -119,6 +119,11 @@ class Proxy:
     `node` is the node the proxy is bound to, or a callable returning it
     (the default node, looked up at each call).
     """
+
+    _node_or_getter: Node | Callable[[], Node]
+    _name: str
+    _last: dict[str, inspect.Signature]
+    _funcs: dict[str, RemoteFunction]
 
     def __init__(self, node: Node | Callable[[], Node], name: str) -> None:
         object.__setattr__(self, "_node_or_getter", node)
@@ -205,7 +210,8 @@ class Services:
         if not self._node._knows(name):
             raise AttributeError(f"no service {name!r} has been discovered or precompiled "
                                  f"on node {self._node.name}")
-        return self._node.service(name)
+        proxy: Proxy = self._node.service(name)
+        return proxy
 
     def __dir__(self) -> list[str]:
         return sorted(set(self._node.get_services()) | set(self._node._precompiled))

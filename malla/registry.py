@@ -103,7 +103,7 @@ class Registry:
 
     def info(self, service: str) -> dict[str, Any] | None:
         """Metadata of any running instance (local preferred), or None."""
-        for node, info in self.instances(service):
+        for _node, info in self.instances(service):
             return info
         return None
 

@@ -20,7 +20,7 @@ from malla import exceptions as mexc
 from malla._ext import core
 from malla.context import enter_call_context
 
-__all__ = ["Service", "blocking", "DEFAULT_MAX_CONCURRENCY"]
+__all__ = ["DEFAULT_MAX_CONCURRENCY", "Service", "blocking"]
 
 # Calls running at once per service and node, unless the class says otherwise.
 DEFAULT_MAX_CONCURRENCY = 10_000
@@ -145,8 +145,8 @@ def describe(service: Service, paused: bool = False) -> dict[str, Any]:
     }
 
 
-def _hook_overridden(cls: type) -> bool:
-    return getattr(cls, "service_cb_in") is not Service.service_cb_in
+def _hook_overridden(cls: type[Service]) -> bool:
+    return cls.service_cb_in is not Service.service_cb_in
 
 
 class RunningService(core.ServiceEntry):

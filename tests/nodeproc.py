@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import malla  # noqa: E402
+import malla
 
 
 class Echo(malla.Service, global_=True):

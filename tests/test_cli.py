@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import COOKIE, ROOT
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, MALLA_COOKIE=COOKIE)
@@ -62,7 +61,7 @@ def test_help_teaches():
 
 
 def test_services_and_call(cluster):
-    p1, p2, _ = cluster
+    p1, _p2, _ = cluster
     seed = f"127.0.0.1:{p1}"
     out = malla("call", "Calculator.add", "1", "2", "--seed", seed)
     assert out.returncode == 0, out.stderr
@@ -76,7 +75,7 @@ def test_services_and_call(cluster):
         out = malla("services", "--seed", seed, "--json")
         assert out.returncode == 0, out.stderr
         rows = json.loads(out.stdout)
-        if rows and sorted(rows[0]["nodes"]) == ["n1", "n2"] or time.monotonic() > deadline:
+        if (rows and sorted(rows[0]["nodes"]) == ["n1", "n2"]) or time.monotonic() > deadline:
             break
     assert rows == [{"service": "Calculator", "nodes": rows[0]["nodes"], "vsn": ["1.0.0"],
                      "functions": {"add": "(a, b)", "slow_square": "(x)"}}]
@@ -117,7 +116,7 @@ def test_wrong_cookie_is_one_line():
 
 
 def test_node_drains_on_sigterm(cluster):
-    p1, p2, procs = cluster
+    p1, _p2, procs = cluster
     procs[1].send_signal(signal.SIGTERM)
     rest, err = procs[1].communicate(timeout=20)
     assert procs[1].returncode == 0, err

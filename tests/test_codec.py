@@ -48,11 +48,11 @@ def same(a, b) -> bool:
     if t is Decimal:
         return a.as_tuple() == b.as_tuple() and str(a) == str(b)
     if t in (list, tuple):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=False))
     if t is dict:
         return len(a) == len(b) and all(
             same(ka, kb) and same(va, vb)
-            for (ka, va), (kb, vb) in zip(a.items(), b.items()))
+            for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=False))
     if t in (set, frozenset):
         if len(a) != len(b):
             return False
@@ -332,7 +332,8 @@ Pair = collections.namedtuple("Pair", "a b")
     (collections.OrderedDict([("b", 1), ("a", 2)]), {"b": 1, "a": 2}),
     (collections.defaultdict(list, {"a": [1]}), {"a": [1]}),
     (collections.Counter("aab"), {"a": 2, "b": 1}),
-    (MyDT(2020, 1, 2, 3, tzinfo=dt.timezone.utc), dt.datetime(2020, 1, 2, 3, tzinfo=dt.timezone.utc)),
+    (MyDT(2020, 1, 2, 3, tzinfo=dt.timezone.utc),
+     dt.datetime(2020, 1, 2, 3, tzinfo=dt.timezone.utc)),
     (MyDecimal("2.50"), Decimal("2.50")),
 ])
 def test_subclasses_travel_as_their_base_type(value, expected):
@@ -513,8 +514,10 @@ class B:
     s: str
 
 regs = {
-    "A": lambda: malla.register_type(A, lambda o: packb(o.v), lambda b: A(unpackb(b)), name="order.A"),
-    "B": lambda: malla.register_type(B, lambda o: packb(o.s), lambda b: B(unpackb(b)), name="order.B"),
+    "A": lambda: malla.register_type(A, lambda o: packb(o.v), lambda b: A(unpackb(b)),
+                                     name="order.A"),
+    "B": lambda: malla.register_type(B, lambda o: packb(o.s), lambda b: B(unpackb(b)),
+                                     name="order.B"),
 }
 for key in sys.argv[1]:
     regs[key]()

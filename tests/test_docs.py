@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
-DOCS = [os.path.join(ROOT, "README.md")] + sorted(
-    os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
-    if f.endswith(".md"))
+DOCS = [os.path.join(ROOT, "README.md"),
+        *sorted(os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                if f.endswith(".md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
@@ -21,7 +20,7 @@ def examples():
     for path in DOCS:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
-        for i, match in enumerate(BLOCK.finditer(text)):
+        for _i, match in enumerate(BLOCK.finditer(text)):
             line = text[:match.start()].count("\n") + 1
             yield pytest.param(match.group(1), id=f"{os.path.basename(path)}:{line}")
 

@@ -7,9 +7,9 @@ import sys
 import threading
 
 import pytest
+from conftest import COOKIE, ROOT
 
 import malla
-from conftest import COOKIE, ROOT
 
 
 class Calc(malla.Service, global_=True):
@@ -50,7 +50,7 @@ def test_blocking_node_methods_proxies_and_errors():
             t.join()
             assert caught == [("caller-thread", "builtins.KeyError")]
             with pytest.raises(AttributeError):
-                client.services.Nope
+                _ = client.services.Nope
     with pytest.raises(RuntimeError, match="closed"):
         client.remote("Calc", "add", [1, 2])
 

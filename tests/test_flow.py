@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import time
+
+from conftest import node_factory, run_async, spawn_python, stop_all
 
 import malla
 from malla._ext import core
-from conftest import COOKIE, node_factory, run_async, spawn_python, stop_all
 
 CONSUMER = """
 import sys, time, malla

@@ -7,8 +7,6 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import malla
 from malla._core import (
     FLAG_ACK,
     FLAG_MORE,
@@ -27,6 +25,8 @@ from malla._core import (
     build_frame,
     split_message,
 )
+
+import malla
 
 U64_MAX = 2**64 - 1
 
@@ -48,7 +48,7 @@ def stream_of(frames) -> bytes:
 def chunks_of(data: bytes, cuts) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     pieces, prev = [], 0
-    for p in points + [len(data)]:
+    for p in [*points, len(data)]:
         pieces.append(data[prev:p])
         prev = p
     return pieces
@@ -143,7 +143,7 @@ def test_byte_at_a_time_equals_all_at_once():
     assert got == FIXED_FRAMES
     # a frame is reported exactly when its last byte arrives, never earlier
     ends, pos = set(), 0
-    for t, f, sid, p in FIXED_FRAMES:
+    for _t, _f, _sid, p in FIXED_FRAMES:
         pos += HEADER + len(p)
         ends.add(pos)
     assert boundaries == ends

@@ -8,10 +8,10 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from malla._core import FT_AUTH, FT_CALL, FT_ERROR, FT_HEARTBEAT, FT_HELLO, FrameReader, build_frame
 
 import malla
 from malla import exceptions as mexc
-from malla._core import FT_AUTH, FT_CALL, FT_ERROR, FT_HEARTBEAT, FT_HELLO, FrameReader, build_frame
 from malla.codec import packb, unpackb
 from malla.handshake import MAGIC, NONCE_SIZE, Handshake, Hello, error_payload
 
@@ -29,7 +29,7 @@ def on_the_wire(ftype: int, payload: bytes) -> tuple[int, bytes]:
     """Send one handshake frame through the real framing, as the peer sees it."""
     frames = FrameReader(max_frame_size=PREAUTH_MAX_FRAME).feed(build_frame(ftype, 0, 0, payload))
     assert len(frames) == 1
-    t, flags, sid, p = frames[0]
+    t, _flags, _sid, p = frames[0]
     return t, p
 
 
@@ -63,7 +63,8 @@ def pump(dialer: Handshake, acceptor: Handshake, log: list | None = None,
 def pair(d_hello: Hello | None = None, a_hello: Hello | None = None,
          d_cookie: bytes = COOKIE, a_cookie: bytes = COOKIE) -> tuple[Handshake, Handshake]:
     return (Handshake(True, d_hello or hello("dialer@host", listen=("127.0.0.1", 4000)), d_cookie),
-            Handshake(False, a_hello or hello("acceptor@host", listen=("10.0.0.2", 4001)), a_cookie))
+            Handshake(False, a_hello or hello("acceptor@host", listen=("10.0.0.2", 4001)),
+                      a_cookie))
 
 
 # -- success -------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_two_handshakes_between_the_same_nodes_differ():
         log: list = []
         pump(dialer, acceptor, log)
         logs.append([p for _, _, p in log])
-    assert all(a != b for a, b in zip(*logs))
+    assert all(a != b for a, b in zip(*logs, strict=False))
 
 
 def test_replayed_dialer_hello_and_auth_fail():
@@ -236,7 +237,7 @@ def test_replayed_acceptor_hello_and_auth_fail():
 
 
 def test_reflected_dialer_proof_does_not_pass_as_the_acceptors():
-    dialer, acceptor = pair()
+    dialer, _acceptor = pair()
     [(_, d_hello)] = dialer.start()
     [(_, d_auth)] = dialer.receive(FT_HELLO, acceptor_hello_for(d_hello))
     # a fake acceptor without the cookie sends the dialer's own proof back
@@ -463,7 +464,7 @@ def test_frames_after_done_are_protocol_errors():
 
 
 def test_frames_before_start_are_protocol_errors():
-    dialer, acceptor = pair()
+    _dialer, acceptor = pair()
     [(_, d_hello)] = Handshake(True, hello("x"), COOKIE).start()
     with pytest.raises(malla.ProtocolError):
         acceptor.receive(FT_HELLO, d_hello)
@@ -518,7 +519,7 @@ def test_any_error_payload_raises_a_malla_error(payload):
 
 
 def test_error_payload_is_an_error_frame_body():
-    code, kind, message, tb = unpackb(error_payload(malla.AuthenticationError("secret detail")))
+    code, kind, message, _tb = unpackb(error_payload(malla.AuthenticationError("secret detail")))
     assert code == mexc.ERR_AUTH and "AuthenticationError" in kind
-    code, kind, message, tb = unpackb(error_payload(malla.ProtocolError("bad magic")))
+    code, kind, message, _tb = unpackb(error_payload(malla.ProtocolError("bad magic")))
     assert code == mexc.ERR_BAD_REQUEST and "bad magic" in message

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import pytest
+from conftest import node_factory, run_async, spawn_python, stop_all, wait_until
 
 import malla
 from malla.liveness import HeartbeatThread, Liveness
-from conftest import COOKIE, run_async, spawn_python, wait_until, node_factory, stop_all
 
 BLOCKER = """
 import sys, time, asyncio, malla

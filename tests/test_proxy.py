@@ -12,11 +12,18 @@ import time
 import warnings
 
 import pytest
+from conftest import (
+    COOKIE,
+    node_factory,
+    run_async,
+    seed_of,
+    spawn_python,
+    stop_all,
+    wait_until,
+)
 
 import malla
 from malla import api
-from conftest import COOKIE, ROOT, node_factory, run_async, seed_of, spawn_python, stop_all, \
-    wait_until
 
 
 class UserService(malla.Service, global_=True, vsn="1.0"):
@@ -59,7 +66,7 @@ def test_proxy_signatures_dir_help_and_checks():
             with pytest.raises(TypeError):
                 proxy.get_user_by_id(1, 2)             # full is keyword-only
             with pytest.raises(AttributeError, match="get_user_by_id, slow"):
-                proxy.nope
+                _ = proxy.nope
             assert await proxy.get_user_by_id(5, full=True) == {"id": 5, "full": True}
         finally:
             await stop_all(made)
@@ -119,7 +126,7 @@ def test_proxy_follows_new_version_and_outlives_service():
             assert dir(proxy) == ["get_user"]
             assert await proxy.get_user(3) == {"id": 3, "v": 2}
             with pytest.raises(AttributeError):
-                proxy.get_user_by_id
+                _ = proxy.get_user_by_id
         finally:
             await stop_all(made)
 
@@ -182,7 +189,7 @@ def test_call_cb_all_is_concurrent_and_ordered():
             took = time.monotonic() - t0
             order = caller.get_nodes("Sleeper")
             assert len(results) == 4
-            for node, result in zip(order, results):
+            for node, result in zip(order, results, strict=False):
                 if node == "n2":
                     assert isinstance(result, malla.RemoteError)
                 else:

@@ -9,15 +9,14 @@ import socket
 import ssl
 
 import pytest
+from conftest import COOKIE, node_factory, run_async, seed_of, stop_all
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import malla
-from malla._ext import core
 from malla.guard import HandshakeThrottle, cookie_weakness
-from conftest import COOKIE, node_factory, run_async, seed_of, stop_all, wait_until
 
 
 class Echo(malla.Service, global_=True):
@@ -58,7 +57,7 @@ def _garbage_from(host: str, port: int) -> bytes:
         s.settimeout(5)
         try:
             return s.recv(1024)
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             return b""
 
 
@@ -104,7 +103,7 @@ def test_incompatible_version_is_refused_naming_both_ranges(monkeypatch):
         finally:
             await stop_all(made)
 
-    import malla.handshake  # noqa: F401
+    import malla.handshake
     run_async(main())
 
 
@@ -139,7 +138,7 @@ def pki(tmp_path):
     ca, ca_cert, _ = _make_ca_and_cert(tmp_path, "ca")
     _, srv_cert, srv_key = _make_ca_and_cert(tmp_path, "server", ca)
     _, cli_cert, cli_key = _make_ca_and_cert(tmp_path, "client", ca)
-    other_ca, other_ca_cert, _ = _make_ca_and_cert(tmp_path, "other-ca")
+    other_ca, _other_ca_cert, _ = _make_ca_and_cert(tmp_path, "other-ca")
     _, bad_cert, bad_key = _make_ca_and_cert(tmp_path, "intruder", other_ca)
 
     def server_ctx(require_client=True):
