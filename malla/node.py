@@ -22,6 +22,7 @@ from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_al
 from malla.guard import HandshakeThrottle, cookie_weakness
 from malla.handshake import Hello
 from malla.liveness import HeartbeatThread, Liveness
+from malla.metrics import Metrics, serve_prometheus, timed_remote
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
 from malla.registry import Registry
@@ -57,7 +58,8 @@ class Node(CallAPI):
                  max_message_size: int = 64 << 20, ssl_server: Any = None,
                  ssl_client: Any = None, dns_servers: list[str] | None = None,
                  forget_after: float = 60.0, precompile: Any = None,
-                 udp_heartbeat: bool = True) -> None:
+                 udp_heartbeat: bool = True, metrics: bool = False,
+                 metrics_port: int | None = None) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("a node needs a non-empty name")
         if max_frame_size < 1024 or max_frame_size > 0xFFFFFFFF:
@@ -71,6 +73,13 @@ class Node(CallAPI):
         self.dns_servers = list(dns_servers) if dns_servers else None
         self.forget_after = forget_after
         self.udp_heartbeat = udp_heartbeat
+        self.metrics_port = metrics_port
+        self._metrics: Metrics | None = None
+        self._metrics_server: Any = None
+        if metrics or metrics_port is not None:
+            # this node's remote() becomes the timed one; other nodes pay nothing
+            self._metrics = Metrics()
+            self.remote = timed_remote(self, self._metrics)  # type: ignore[method-assign]
         self._hb_thread: HeartbeatThread | None = None
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -132,6 +141,8 @@ class Node(CallAPI):
             self._dial_in_background(target)
         if self.connect_targets:
             self._spawn(self._resolve_loop())
+        if self.metrics_port is not None and self._metrics_server is None:
+            self._metrics_server = serve_prometheus(self, self.metrics_port, self.host)
         log.info("malla: node %s listening on %s:%d", self.name, *self._address)
         return self
 
@@ -159,6 +170,11 @@ class Node(CallAPI):
         if self._hb_thread is not None:
             self._hb_thread.stop()
             self._hb_thread = None
+        if self._metrics_server is not None:
+            server, thread = self._metrics_server
+            server.shutdown()
+            thread.join(timeout=2)
+            self._metrics_server = None
         log.info("malla: node %s stopped", self.name)
 
     def _say_goodbye(self) -> None:
@@ -596,5 +612,5 @@ class Node(CallAPI):
             "retries": self._stats.retries,
             "failovers": self._stats.failovers,
             "in_flight": sum(p.in_flight for p in protos),
-            "latency": {},
+            "latency": self._metrics.snapshot() if self._metrics is not None else {},
         }

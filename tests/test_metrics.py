@@ -1,0 +1,99 @@
+"""node.stats(), latency histograms, and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+
+import pytest
+
+import malla
+from malla.metrics import LatencyHistogram
+from conftest import node_factory, run_async, seed_of, stop_all
+
+
+class Calc(malla.Service, global_=True):
+    def add(self, a, b):
+        return a + b
+
+    def fail(self):
+        raise ValueError("no")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_histogram_percentiles():
+    h = LatencyHistogram()
+    for us in range(1, 1001):
+        h.record_ns(us * 1000)
+    assert h.count == 1000
+    assert 400 <= h.percentile_us(0.5) <= 640         # within one bucket of 500
+    assert 900 <= h.percentile_us(0.99) <= 1280
+    assert LatencyHistogram().percentile_us(0.5) == 0.0
+
+
+def test_stats_count_calls_errors_retries_failovers_and_latency():
+    async def main():
+        make, made = node_factory()
+        try:
+            a = await make("a").start()
+            await a.start_service(Calc)
+            b = await make("b", seeds=[seed_of(a)], metrics=True).start()
+            assert await b.wait_for_services(["Calc"], retries=5)
+            for i in range(20):
+                assert await b.remote("Calc", "add", [i, 1]) == i + 1
+            with pytest.raises(malla.RemoteError):
+                await b.remote("Calc", "fail", excp_retries=1, retries_sleep_msec=1)
+            with pytest.raises(malla.ServiceNotAvailable):
+                await b.remote("Nobody", "f", sna_retries=2, retries_sleep_msec=1)
+            stats = b.stats()
+            assert stats["calls_out"] == 22
+            assert a.stats()["calls_in"] == 22
+            assert stats["errors"] == {"RemoteError": 1, "ServiceNotAvailable": 1}
+            assert stats["retries"] == 3
+            assert stats["in_flight"] == 0
+            assert stats["latency"]["Calc.add"]["count"] == 20
+            assert 0 < stats["latency"]["Calc.add"]["p50_us"] <= \
+                stats["latency"]["Calc.add"]["p99_us"]
+            assert a.stats()["latency"] == {}             # metrics off: nothing recorded
+            # failovers: the first node refuses (paused), the call moves on
+            c = await make("c", seeds=[seed_of(a)]).start()
+            await c.start_service(Calc)
+            await asyncio.sleep(0.3)
+            first = b.get_nodes("Calc")[0]
+            node = a if first == "a" else c
+            node._entries["Calc"].paused = True            # refuses without announcing
+            assert await b.remote("Calc", "add", [1, 1]) == 2
+            assert b.stats()["failovers"] == 1
+        finally:
+            await stop_all(made)
+
+    run_async(main())
+
+
+def test_prometheus_endpoint():
+    port = free_port()
+
+    async def main():
+        make, made = node_factory()
+        try:
+            a = await make("a").start()
+            await a.start_service(Calc)
+            b = await make("b", seeds=[seed_of(a)], metrics_port=port).start()
+            assert await b.wait_for_services(["Calc"], retries=5)
+            await b.remote("Calc", "add", [1, 2])
+            loop = asyncio.get_running_loop()
+            body = await loop.run_in_executor(None, lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+            assert 'malla_calls_out_total{node="b"} 1.0' in body
+            assert 'malla_peers{node="b"} 1.0' in body
+            assert 'malla_call_latency_seconds_count{call="Calc.add",node="b"} 1.0' in body
+        finally:
+            await stop_all(made)
+
+    run_async(main())
