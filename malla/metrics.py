@@ -24,7 +24,7 @@ _SUB = 4
 class LatencyHistogram:
     """A log-scale histogram of durations, constant memory."""
 
-    __slots__ = ("counts", "count")
+    __slots__ = ("count", "counts")
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
