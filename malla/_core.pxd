@@ -173,7 +173,7 @@ cdef class CoreProtocol:
                           object tb) except -1
     cdef int _request_flush(self) except -1
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
-                               double timeout_ms, deadline_ms, meta) except -1
+                               double timeout_ms, deadline_ms, meta, trace) except -1
     cdef int _write_large_frames(self) except -1
     cdef int _heap_push(self, double deadline, uint64_t sid) except -1
     cdef void _heap_pop(self)

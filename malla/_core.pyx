@@ -644,7 +644,8 @@ cdef class ServiceEntry:
         self.running = 0
         self.max_concurrency = max_concurrency
 
-    def dispatch(self, proto, sid, fun, fn, args, kwargs, timeout, deadline, meta, cast):
+    def dispatch(self, proto, sid, fun, fn, args, kwargs, timeout, deadline, meta, cast,
+                 trace):
         raise NotImplementedError
 
 
@@ -1051,7 +1052,7 @@ cdef class CoreProtocol:
                 self.reply(sid, result)
             return 0
         task = entry.dispatch(self, sid, fun, <object>fp, args, kwargs, msg[4], deadline,
-                              msg[6], cast)
+                              msg[6], cast, msg[7] if PyList_GET_SIZE(msg) > 7 else None)
         if task is not None and not cast:
             self._running[sid] = task
         return 0
@@ -1231,7 +1232,8 @@ cdef class CoreProtocol:
         self._queue_message(FT_HEARTBEAT, FLAG_ACK, sid, None)
         return sid
 
-    def call(self, str service, str fun, args, kwargs, double timeout_ms, deadline_ms, meta):
+    def call(self, str service, str fun, args, kwargs, double timeout_ms, deadline_ms, meta,
+             trace=None):
         """Send a CALL; return the future of its reply.
 
         Raises ServiceNotAvailable when the connection cannot take it (not
@@ -1246,7 +1248,8 @@ cdef class CoreProtocol:
         sid = self._next_sid
         start = wb.begin_frame(FT_CALL, 0, sid)
         try:
-            self._pack_call(wb, service, fun, args, kwargs, timeout_ms, deadline_ms, meta)
+            self._pack_call(wb, service, fun, args, kwargs, timeout_ms, deadline_ms, meta,
+                            trace)
         except BaseException:
             wb.truncate(start)
             raise
@@ -1264,7 +1267,7 @@ cdef class CoreProtocol:
             self._heap_push(_now() + timeout_ms * 0.001, sid)
         return fut
 
-    def cast(self, str service, str fun, args, kwargs, meta):
+    def cast(self, str service, str fun, args, kwargs, meta, trace=None):
         """Send a CAST (no reply)."""
         cdef uint64_t sid
         cdef Py_ssize_t start
@@ -1274,7 +1277,7 @@ cdef class CoreProtocol:
         sid = self._next_sid
         start = wb.begin_frame(FT_CAST, 0, sid)
         try:
-            self._pack_call(wb, service, fun, args, kwargs, 0, None, meta)
+            self._pack_call(wb, service, fun, args, kwargs, 0, None, meta, trace)
         except BaseException:
             wb.truncate(start)
             raise
@@ -1283,9 +1286,10 @@ cdef class CoreProtocol:
         self._queue_encoded(start)
 
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
-                               double timeout_ms, deadline_ms, meta) except -1:
+                               double timeout_ms, deadline_ms, meta, trace) except -1:
         cdef Py_ssize_t i, n
-        wb._put_array_header(7)
+        # the 8th field (trace context) is sent only when there is one
+        wb._put_array_header(7 if trace is None else 8)
         wb.pack(service, 0)
         wb.pack(fun, 0)
         # args travel as a plain array, whether given as a list or a tuple
@@ -1302,6 +1306,8 @@ cdef class CoreProtocol:
         wb.pack(<int64_t>timeout_ms, 0)
         wb.pack(deadline_ms, 0)
         wb.pack(meta, 0)
+        if trace is not None:
+            wb.pack(trace, 0)
         return 0
 
     def cancel(self, uint64_t sid):

@@ -20,6 +20,7 @@ from malla import exceptions as mexc
 from malla.codec import bad_value_path
 from malla.context import inherited_deadline
 from malla.service import RunningService, settle
+from malla.tracing import Tracing
 
 if TYPE_CHECKING:
     from malla.registry import Registry
@@ -70,6 +71,7 @@ class CallAPI:
     _conns: dict[str, Any]
     _entries: dict[str, RunningService]
     _stats: _Stats
+    _tracing: Tracing | None
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         raise NotImplementedError
@@ -156,11 +158,12 @@ class CallAPI:
             if timeout == 0 or budget < timeout:
                 timeout = int(budget) or 1
             budget = int(budget)
+        trace = self._tracing.carrier() if self._tracing is not None else None
         try:
             if timeout == 0:
-                proto.cast(name, fun, args, kwargs, meta)
+                proto.cast(name, fun, args, kwargs, meta, trace)
                 return None
-            fut = proto.call(name, fun, args, kwargs, timeout, budget, meta)
+            fut = proto.call(name, fun, args, kwargs, timeout, budget, meta, trace)
         except mexc.EncodeError as exc:
             raise _encode_error(exc, args, kwargs) from None
         sid = proto.last_sid
@@ -257,6 +260,13 @@ class CallAPI:
             mine = time.monotonic() + deadline / 1000.0
             if at is None or mine < at:
                 at = mine
+        if self._tracing is not None:
+            with self._tracing.client_span(name, fun):
+                return await self._fan_out(name, fun, args, kwargs, timeout, at, meta)
+        return await self._fan_out(name, fun, args, kwargs, timeout, at, meta)
+
+    async def _fan_out(self, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
+                       timeout: int, at: float | None, meta: Any) -> list[Any]:
         nodes = list(self._registry.nodes(name))
         calls = [self._call_here(name, fun, args, kwargs, timeout, at, meta) if n == self.name
                  else self._call_node(n, name, fun, args, kwargs, timeout, at, meta)

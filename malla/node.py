@@ -27,6 +27,7 @@ from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
 from malla.registry import Registry
 from malla.service import RunningService, Service, describe
+from malla.tracing import Tracing, traced_remote
 
 __all__ = ["Node", "parse_address"]
 
@@ -59,7 +60,7 @@ class Node(CallAPI):
                  ssl_client: Any = None, dns_servers: list[str] | None = None,
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, tracing: bool = False) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("a node needs a non-empty name")
         if max_frame_size < 1024 or max_frame_size > 0xFFFFFFFF:
@@ -76,10 +77,8 @@ class Node(CallAPI):
         self.metrics_port = metrics_port
         self._metrics: Metrics | None = None
         self._metrics_server: Any = None
-        if metrics or metrics_port is not None:
-            # this node's remote() becomes the timed one; other nodes pay nothing
-            self._metrics = Metrics()
-            self.remote = timed_remote(self, self._metrics)  # type: ignore[method-assign]
+        self._tracing: Tracing | None = Tracing() if tracing else None
+        self._wrap_remote(metrics or metrics_port is not None)
         self._hb_thread: HeartbeatThread | None = None
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -114,6 +113,19 @@ class Node(CallAPI):
         self._draining = False
         self._goodbye_sent = False
         self._members: dict[str, tuple[str, int]] = {}
+
+    def _wrap_remote(self, metrics: bool) -> None:
+        # Metrics and tracing replace this node's remote() by a wrapped one;
+        # without them it is the plain method and they cost nothing.
+        if not metrics and self._tracing is None:
+            return
+        remote = CallAPI.remote.__get__(self)
+        if metrics:
+            self._metrics = Metrics()
+            remote = timed_remote(remote, self._metrics)
+        if self._tracing is not None:
+            remote = traced_remote(remote, self._tracing)
+        self.remote = remote  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"<malla.Node {self.name} {self._address or 'not started'}>"
@@ -526,7 +538,7 @@ class Node(CallAPI):
             raise ValueError(f"service {name} is already running on {self.name}")
         if cls._malla_global and self.hidden:
             raise ValueError(f"hidden node {self.name} cannot host the global service {name}")
-        self._entries[name] = RunningService(instance)
+        self._entries[name] = RunningService(instance, self._tracing)
         info = describe(instance)
         self._registry.set_local(name, info)
         if cls._malla_global:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.context import enter_call_context
+from malla.tracing import Tracing
 
 __all__ = ["DEFAULT_MAX_CONCURRENCY", "Service", "blocking"]
 
@@ -154,13 +155,17 @@ class RunningService(core.ServiceEntry):
     slow path for what the core does not run itself (hooks, coroutines,
     blocking functions, the concurrency limit)."""
 
-    def __init__(self, instance: Service) -> None:
+    def __init__(self, instance: Service, tracing: Tracing | None = None) -> None:
         cls = type(instance)
         funcs = {name: getattr(instance, name) for name in cls._malla_exports}
-        super().__init__(cls._malla_name, funcs, dict(cls._malla_exports),
-                         not _hook_overridden(cls), cls._malla_max_concurrency)
+        # the core runs plain functions itself only when nothing else must
+        # happen around them (no hook, no server span)
+        fast = not _hook_overridden(cls) and tracing is None
+        super().__init__(cls._malla_name, funcs, dict(cls._malla_exports), fast,
+                         cls._malla_max_concurrency)
         self.instance = instance
         self.hooked = _hook_overridden(cls)
+        self.tracing = tracing
 
     def invoke(self, fun: str, args: list[Any], kwargs: dict[str, Any],
                opts: dict[str, Any]) -> Any:
@@ -171,7 +176,7 @@ class RunningService(core.ServiceEntry):
 
     def dispatch(self, proto: Any, sid: int, fun: str, fn: Any, args: list[Any],
                  kwargs: dict[str, Any] | None, timeout: int, deadline: int | None,
-                 meta: Any, cast: bool) -> asyncio.Task[Any] | None:
+                 meta: Any, cast: bool, trace: Any = None) -> asyncio.Task[Any] | None:
         if self.running >= self.max_concurrency:
             if not cast:
                 proto.reply_error(sid, mexc.ERR_OVERLOADED, "malla.exceptions.Overloaded",
@@ -179,8 +184,15 @@ class RunningService(core.ServiceEntry):
                                   f"{self.max_concurrency}")
             return None
         opts = {"caller": proto.peer_name, "timeout": timeout, "meta": meta}
-        return asyncio.get_running_loop().create_task(
-            self._run(proto, sid, fun, args, kwargs or {}, opts, deadline, cast))
+        run = self._run(proto, sid, fun, args, kwargs or {}, opts, deadline, cast)
+        if self.tracing is not None:
+            run = self._run_traced(run, fun, trace)
+        return asyncio.get_running_loop().create_task(run)
+
+    async def _run_traced(self, run: Any, fun: str, trace: Any) -> None:
+        assert self.tracing is not None
+        with self.tracing.server_span(self.name, fun, trace):
+            await run
 
     async def _run(self, proto: Any, sid: int, fun: str, args: list[Any],
                    kwargs: dict[str, Any], opts: dict[str, Any], deadline: int | None,
