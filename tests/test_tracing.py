@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from conftest import node_factory, run_async, seed_of, stop_all, wait_until
 from opentelemetry import trace
@@ -55,7 +57,7 @@ def test_chain_across_three_nodes_is_one_trace():
             assert len({s.context.trace_id for s in spans.values()}) == 1
             order = ["malla.call Middle.relay", "malla.serve Middle.relay",
                      "malla.call Leaf.work", "malla.serve Leaf.work"]
-            for parent, child in zip(order, order[1:], strict=False):
+            for parent, child in itertools.pairwise(order):
                 assert spans[child].parent.span_id == spans[parent].context.span_id
             assert spans["malla.call Middle.relay"].parent is None
         finally:
