@@ -50,6 +50,17 @@ cdef extern from "Python.h":
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
     const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t *size) except NULL
 
+cdef extern from *:
+    """
+    #if defined(__GLIBC__)
+    #include <malloc.h>
+    static void malla_trim_heap(void) { malloc_trim(0); }
+    #else
+    static void malla_trim_heap(void) { }
+    #endif
+    """
+    void malla_trim_heap() nogil
+
 cdef object _log = logging.getLogger("malla.core")
 cdef object EncodeError = mexc.EncodeError
 cdef object ProtocolError = mexc.ProtocolError
@@ -75,6 +86,25 @@ cdef object _default = None
 cdef object _ext_hook = None
 
 HEADER = HEADER_SIZE
+
+
+cdef bint _trim_scheduled = False
+
+
+def _trim_heap():
+    global _trim_scheduled
+    _trim_scheduled = False
+    malla_trim_heap()
+
+
+cdef void _after_large_message(object loop):
+    # glibc keeps the memory of a freed large message for reuse; once things
+    # are quiet, hand it back, so that an idle connection stays small even
+    # after a large message (at most one trim per half second).
+    global _trim_scheduled
+    if not _trim_scheduled:
+        _trim_scheduled = True
+        loop.call_later(0.5, _trim_heap)
 
 
 def set_codec(default, ext_hook):
@@ -819,7 +849,7 @@ cdef class CoreProtocol:
         finally:
             self._in_read = False
         self._reader.compact_if_idle()
-        if self._wbuf._len and self._state <= CS_CLOSING:
+        if (self._wbuf._len or self._large) and self._state <= CS_READY:
             self.flush()
 
     def eof_received(self):
@@ -892,6 +922,7 @@ cdef class CoreProtocol:
         if f.flags & FLAG_MORE:
             return 0
         del self._partials[key]
+        _after_large_message(self._loop)
         if part.dropped:
             return self._on_dropped_message(part.ftype, f.sid)
         self._partial_bytes -= PyByteArray_GET_SIZE(part.data)
@@ -1167,7 +1198,8 @@ cdef class CoreProtocol:
 
     def flush(self):
         """Write every queued small frame now, then a round of large frames."""
-        if self._transport is None or self._state == CS_CLOSED:
+        if self._transport is None or self._state >= CS_CLOSING:
+            # closing: close() already handed the transport what was queued
             self._wbuf.truncate(0)
             return
         if self._wbuf._len:
@@ -1201,6 +1233,8 @@ cdef class CoreProtocol:
             m.offset += chunk
             if not last:
                 still.append(m)
+            else:
+                _after_large_message(self._loop)
         self._large = still
         self.last_sent = _now()
         if still and not self._paused_writing and not self._flush_scheduled:

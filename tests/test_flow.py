@@ -177,3 +177,34 @@ def test_message_too_large_at_the_caller_keeps_the_connection():
             await stop_all(made)
 
     run_async(main())
+
+
+def test_large_messages_flow_without_waiting_and_buffers_shrink_after():
+    """A message above max_frame_size is not held until some later traffic
+    (heartbeats here come every 5 s), and both connections' buffers are
+    small again once it has passed."""
+    class Echo(malla.Service, global_=True):
+        def echo(self, x):
+            return x
+
+    async def main():
+        make, made = node_factory()
+        try:
+            a = await make("a", heartbeat_interval=5, heartbeat_timeout=30).start()
+            await a.start_service(Echo)
+            b = await make("b", seeds=[f"127.0.0.1:{a.address[1]}"], heartbeat_interval=5,
+                           heartbeat_timeout=30).start()
+            assert await b.wait_for_services(["Echo"], retries=5)
+            for size in (1 << 20, 3 << 20, 8 << 20):
+                blob = os.urandom(size)
+                t0 = time.monotonic()
+                assert await b.remote("Echo", "echo", [blob]) == blob
+                assert time.monotonic() - t0 < 2.0, f"{size} bytes took too long"
+            for proto in (a._conns["b"].proto, b._conns["a"].proto):
+                assert proto.read_buffer_capacity <= 64 * 1024
+                assert proto.write_buffer_capacity <= 64 * 1024
+                assert proto.queued_large == 0
+        finally:
+            await stop_all(made)
+
+    run_async(main())
