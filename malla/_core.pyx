@@ -1165,6 +1165,7 @@ cdef class CoreProtocol:
             m.payload = PyBytes_FromStringAndSize(h + HEADER_SIZE, length)
             m.offset = 0
             self._wbuf.truncate(start)
+            self._wbuf.release_if_large()
             self._large.append(m)
         return self._request_flush()
 
