@@ -1066,7 +1066,7 @@ cdef class CoreProtocol:
                 self._queue_error(sid, ERR_DEADLINE, "malla.exceptions.CallTimeout",
                                   "deadline passed before the call started", None)
             return 0
-        if entry.fast and entry.kinds[fun] == 0:
+        if entry.fast and entry.kinds[fun] == 0 and entry.running < entry.max_concurrency:
             started = _now()
             try:
                 if kwargs:

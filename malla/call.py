@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from malla import exceptions as mexc
 from malla.codec import bad_value_path
 from malla.context import inherited_deadline
+from malla.handshake import CAP_TRACE
 from malla.service import RunningService, settle
 from malla.tracing import Tracing
 
@@ -101,15 +102,16 @@ class CallAPI:
         sna_round = exc_round = 0
         registry = self._registry
         while True:
-            tried = 0
+            tried = overloaded = 0
             for node in registry.nodes(name):
                 tried += 1
                 try:
                     if node == self.name:
                         return await self._call_here(name, fun, args, kwargs, timeout, at, meta)
                     return await self._call_node(node, name, fun, args, kwargs, timeout, at, meta)
-                except ServiceNotAvailable:
+                except ServiceNotAvailable as exc:
                     self._stats.failovers += 1
+                    overloaded += isinstance(exc, mexc.Overloaded)
                     continue
                 except _RETRYABLE as exc:
                     if exc_round >= excp_retries:
@@ -119,7 +121,9 @@ class CallAPI:
                     break
             else:
                 if sna_round >= sna_retries:
-                    err = ServiceNotAvailable(
+                    # every node refused as overloaded: say so (still a ServiceNotAvailable)
+                    cls = mexc.Overloaded if tried and overloaded == tried else ServiceNotAvailable
+                    err = cls(
                         f"service {name} is not available"
                         f" ({'no node runs it' if not tried else f'{tried} node(s) refused'},"
                         f" {sna_round + 1} round(s))")
@@ -158,7 +162,9 @@ class CallAPI:
             if timeout == 0 or budget < timeout:
                 timeout = int(budget) or 1
             budget = int(budget)
-        trace = self._tracing.carrier() if self._tracing is not None else None
+        trace = None
+        if self._tracing is not None and conn.peer.caps & CAP_TRACE:
+            trace = self._tracing.carrier()
         try:
             if timeout == 0:
                 proto.cast(name, fun, args, kwargs, meta, trace)

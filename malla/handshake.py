@@ -24,9 +24,22 @@ __all__ = ["MAGIC", "PROTOCOL_VERSION", "Handshake", "Hello"]
 
 MAGIC = b"MALLA\x00"
 PROTOCOL_VERSION = 1
-# Capability bits (docs/protocol.md).  None are defined in version 1; a bit
-# a peer does not know is ignored.
-CAPABILITIES = 0
+# Capability bits (docs/protocol.md); a bit a peer does not know is ignored.
+CAP_TRACE = 1            # CALLs may carry the trace-context field
+CAP_UDP_HEARTBEAT = 2    # heartbeats also come by UDP (HELLO "udp")
+CAPABILITIES = CAP_TRACE | CAP_UDP_HEARTBEAT
+
+
+def protocol_limits() -> tuple[int, int, int]:
+    """(vmin, vmax, caps) this node speaks.  MALLA_PROTOCOL_LIMIT="1..1:0"
+    (a test setting) makes a node behave as an older or newer version would,
+    for the suite's interoperability tests."""
+    spec = os.environ.get("MALLA_PROTOCOL_LIMIT")
+    if not spec:
+        return PROTOCOL_VERSION, PROTOCOL_VERSION, CAPABILITIES
+    versions, _, caps = spec.partition(":")
+    vmin, _, vmax = versions.partition("..")
+    return int(vmin), int(vmax or vmin), int(caps) if caps else CAPABILITIES
 NONCE_SIZE = 32
 
 _LABEL_DIALER = b"malla-v1 dialer proof"

@@ -20,7 +20,7 @@ from malla.call import CallAPI, _Stats, service_name
 from malla.connection import Connection
 from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_all
 from malla.guard import HandshakeThrottle, cookie_weakness
-from malla.handshake import Hello
+from malla.handshake import CAP_UDP_HEARTBEAT, Hello, protocol_limits
 from malla.liveness import HeartbeatThread, Liveness
 from malla.metrics import Metrics, serve_prometheus, timed_remote
 from malla.precompile import load_precompile
@@ -99,6 +99,9 @@ class Node(CallAPI):
         self._liveness = Liveness()
         self._stats = _Stats()
         self._entries: dict[str, RunningService] = {}
+        # What the network may call: the global services (a non-global one
+        # is callable only on its own node).
+        self._exposed: dict[str, RunningService] = {}
         self._conns: dict[str, Connection] = {}
         self._all: set[Connection] = set()
         self._known: dict[str, tuple[str, int]] = {}
@@ -257,10 +260,11 @@ class Node(CallAPI):
     # -- connections ----------------------------------------------------------------
 
     def _hello(self, sockname: Any = None) -> Hello:
+        vmin, vmax, caps = protocol_limits()
+        udp = self._hb_thread.port if self._hb_thread and caps & CAP_UDP_HEARTBEAT else None
         return Hello(name=self.name, incarnation=self.incarnation, hidden=self.hidden,
-                     max_frame_size=self.max_frame_size,
-                     listen=None if self.hidden else self._advertised(sockname),
-                     udp=self._hb_thread.port if self._hb_thread else None)
+                     vmin=vmin, vmax=vmax, caps=caps, max_frame_size=self.max_frame_size,
+                     listen=None if self.hidden else self._advertised(sockname), udp=udp)
 
     def _advertised(self, sockname: Any) -> tuple[str, int] | None:
         # Bound to every interface (0.0.0.0): advertise the address this
@@ -276,7 +280,7 @@ class Node(CallAPI):
         conn = Connection(self, dialer, target)
         self._all.add(conn)
         assert self._loop is not None
-        return core.Protocol(conn, self._loop, dialer, self._entries,
+        return core.Protocol(conn, self._loop, dialer, self._exposed,
                              self.max_frame_size, self.max_message_size)
 
     async def connect(self, target: str) -> None:
@@ -319,14 +323,23 @@ class Node(CallAPI):
         if self._loop is None or self._stopping:
             raise RuntimeError(f"node {self.name} is not running")
         host, port = parse_address(target)
+        made: list[Any] = []   # uvloop builds the protocol before the TCP connect
+
+        def factory() -> Any:
+            made.append(self._make_protocol(True, target))
+            return made[-1]
+
         try:
             _, proto = await asyncio.wait_for(
-                self._loop.create_connection(lambda: self._make_protocol(True, target),
-                                             host, port, ssl=self.ssl_client),
+                self._loop.create_connection(factory, host, port, ssl=self.ssl_client),
                 self.handshake_timeout)
         except asyncio.TimeoutError:
             raise ConnectionError(f"could not reach {target} within "
                                   f"{self.handshake_timeout} s") from None
+        finally:
+            for p in made:   # a failed connect must not leave a Connection behind
+                if p.owner.proto is None:
+                    self._all.discard(p.owner)
         conn: Connection = await proto.owner.ready
         return conn
 
@@ -405,7 +418,7 @@ class Node(CallAPI):
         self._conns[peer.name] = conn
         self._lost_at.pop(peer.name, None)
         self._liveness.heard(peer.name)
-        if self._hb_thread is not None and peer.udp:
+        if self._hb_thread is not None and peer.udp and peer.caps & CAP_UDP_HEARTBEAT:
             peer_host = conn.proto.transport.get_extra_info("peername")[0]
             self._hb_thread.add(peer.name, (peer_host, peer.udp), peer.incarnation)
         if peer.listen and not peer.hidden:
@@ -539,6 +552,8 @@ class Node(CallAPI):
         if cls._malla_global and self.hidden:
             raise ValueError(f"hidden node {self.name} cannot host the global service {name}")
         self._entries[name] = RunningService(instance, self._tracing)
+        if cls._malla_global:
+            self._exposed[name] = self._entries[name]
         info = describe(instance)
         self._registry.set_local(name, info)
         if cls._malla_global:
@@ -548,6 +563,7 @@ class Node(CallAPI):
         """Stop a service here; calls to it fail over elsewhere."""
         name = service_name(service)
         entry = self._entries.pop(name, None)
+        self._exposed.pop(name, None)
         if entry is None:
             raise mexc.ServiceNotAvailable(f"service {name} is not running on {self.name}")
         self._registry.set_local(name, None)
