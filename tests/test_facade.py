@@ -91,3 +91,36 @@ def test_blocking_node_shuts_down_cleanly_at_exit():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().isdigit()
     assert "Traceback" not in proc.stderr
+
+
+def test_sixty_four_threads_share_one_node_and_one_proxy():
+    """One BlockingNode and one proxy, 64 OS threads, no error and no
+    "different loop" error (a million calls in MALLA_TEST_LONG mode)."""
+    import os
+
+    per_thread = 1_000_000 // 64 if os.environ.get("MALLA_TEST_LONG") else 300
+    with malla.BlockingNode("server", cookie=COOKIE, port=0) as server:
+        server.start_service(Calc)
+        seed = f"127.0.0.1:{server.address[1]}"
+        with malla.BlockingNode("client", cookie=COOKIE, port=0, seeds=[seed]) as client:
+            assert client.wait_for_services(["Calc"], retries=5)
+            proxy = client.services.Calc
+            errors: list[BaseException] = []
+            done = [0] * 64
+
+            def worker(k: int) -> None:
+                try:
+                    for i in range(per_thread):
+                        if proxy.add(k, i) != k + i:
+                            raise AssertionError("wrong answer")
+                        done[k] += 1
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(64)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert errors == []
+            assert sum(done) == 64 * per_thread
