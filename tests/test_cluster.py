@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import node_factory, run_async, seed_of, stop_all, wait_until
 
 import malla
+
+from conftest import node_factory, run_async, seed_of, stop_all, wait_until
 
 
 class Svc(malla.Service, global_=True):

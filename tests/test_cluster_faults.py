@@ -17,10 +17,11 @@ import sys
 import time
 
 import pytest
-from conftest import COOKIE, ROOT, run_async
-from netns import Topology
 
 import malla
+
+from conftest import COOKIE, ROOT, run_async
+from netns import Topology
 
 HB_INTERVAL = 0.2
 HB_TIMEOUT = 1.0

@@ -11,11 +11,12 @@ import sys
 import time
 
 import pytest
-from conftest import COOKIE, ROOT, node_factory, run_async, seed_of, stop_all, wait_until
-from netns import Topology
 
 import malla
 from malla import context
+
+from conftest import COOKIE, ROOT, node_factory, run_async, seed_of, stop_all, wait_until
+from netns import Topology
 
 NODEPROC = os.path.join(ROOT, "tests", "nodeproc.py")
 DEADLINE_MS = 800

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import node_factory, run_async, stop_all, wait_until
 from dnslib import QTYPE, RR, SRV, A, DNSLabel
 from dnslib.server import BaseResolver, DNSServer
 
 from malla.dns import Resolver, kind_of
+
+from conftest import node_factory, run_async, stop_all, wait_until
 
 
 class ZoneResolver(BaseResolver):

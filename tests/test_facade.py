@@ -7,9 +7,10 @@ import sys
 import threading
 
 import pytest
-from conftest import COOKIE, ROOT
 
 import malla
+
+from conftest import COOKIE, ROOT
 
 
 class Calc(malla.Service, global_=True):

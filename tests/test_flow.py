@@ -6,10 +6,10 @@ import asyncio
 import os
 import time
 
-from conftest import node_factory, run_async, spawn_python, stop_all
-
 import malla
 from malla._ext import core
+
+from conftest import node_factory, run_async, spawn_python, stop_all
 
 CONSUMER = """
 import sys, time, malla

@@ -7,6 +7,8 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import malla
 from malla._core import (
     FLAG_ACK,
     FLAG_MORE,
@@ -25,8 +27,6 @@ from malla._core import (
     build_frame,
     split_message,
 )
-
-import malla
 
 U64_MAX = 2**64 - 1
 

@@ -8,10 +8,10 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from malla._core import FT_AUTH, FT_CALL, FT_ERROR, FT_HEARTBEAT, FT_HELLO, FrameReader, build_frame
 
 import malla
 from malla import exceptions as mexc
+from malla._core import FT_AUTH, FT_CALL, FT_ERROR, FT_HEARTBEAT, FT_HELLO, FrameReader, build_frame
 from malla.codec import packb, unpackb
 from malla.handshake import MAGIC, NONCE_SIZE, Handshake, Hello, error_payload
 

@@ -16,6 +16,7 @@ import pytest
 
 import malla
 from malla.handshake import CAPABILITIES
+
 from conftest import COOKIE, ROOT, node_factory, run_async, stop_all
 
 NODEPROC = os.path.join(ROOT, "tests", "nodeproc.py")

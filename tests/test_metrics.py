@@ -7,10 +7,11 @@ import socket
 import urllib.request
 
 import pytest
-from conftest import node_factory, run_async, seed_of, stop_all
 
 import malla
 from malla.metrics import LatencyHistogram
+
+from conftest import node_factory, run_async, seed_of, stop_all
 
 
 class Calc(malla.Service, global_=True):

@@ -9,9 +9,9 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT
-
 import malla
+
+from conftest import ROOT
 
 
 def test_core_is_a_compiled_extension():

@@ -12,6 +12,10 @@ import time
 import warnings
 
 import pytest
+
+import malla
+from malla import api
+
 from conftest import (
     COOKIE,
     node_factory,
@@ -21,9 +25,6 @@ from conftest import (
     stop_all,
     wait_until,
 )
-
-import malla
-from malla import api
 
 
 class UserService(malla.Service, global_=True, vsn="1.0"):

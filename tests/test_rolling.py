@@ -18,6 +18,7 @@ import sys
 import time
 
 import malla
+
 from conftest import COOKIE, ROOT, node_factory, run_async, stop_all
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, MALLA_COOKIE=COOKIE)
@@ -78,7 +79,7 @@ def test_rolling_restart_under_load_gives_no_errors():
             for name, port in zip(names, ports, strict=True):
                 proc = procs[name]
                 proc.send_signal(signal.SIGTERM)
-                out, err = await asyncio.get_running_loop().run_in_executor(
+                _, err = await asyncio.get_running_loop().run_in_executor(
                     None, lambda p=proc: p.communicate(timeout=30))
                 assert proc.returncode == 0, err
                 procs[name] = start(name, port, None if name == names[0] else seed)

@@ -9,7 +9,6 @@ import socket
 import ssl
 
 import pytest
-from conftest import COOKIE, node_factory, run_async, seed_of, stop_all
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -17,6 +16,8 @@ from cryptography.x509.oid import NameOID
 
 import malla
 from malla.guard import HandshakeThrottle, cookie_weakness
+
+from conftest import COOKIE, node_factory, run_async, seed_of, stop_all
 
 
 class Echo(malla.Service, global_=True):

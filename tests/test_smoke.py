@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import node_factory, run_async, seed_of, stop_all
-
 import malla
+
+from conftest import node_factory, run_async, seed_of, stop_all
 
 
 class Calc(malla.Service, global_=True, vsn="1.0"):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from conftest import node_factory, run_async, seed_of, stop_all, wait_until
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import malla
+
+from conftest import node_factory, run_async, seed_of, stop_all, wait_until
 
 EXPORTER = InMemorySpanExporter()
 
