@@ -37,10 +37,63 @@ bench: build
 	$(VPY) -m bench
 
 soak: build
-	MALLA_SOAK=long $(VPY) -m pytest -q -p no:cacheprovider tests/test_soak.py
+	MALLA_SOAK=long $(VPY) -m pytest -q -s -p no:cacheprovider tests/test_soak.py
 
+# Coverage-guided fuzzing (fuzz/README.md): FUZZ_SECONDS per target (default
+# 60).  clang (Debian's) and atheris are installed when missing.  The core is
+# built with clang, -fsanitize=fuzzer-no-link (setup.py, MALLA_FUZZ=1) and
+# AddressSanitizer into build/fuzz/ -- never over the tree's own build, which
+# other commands may be importing -- and run with PYTHONPATH on a copy of the
+# package there and atheris's asan_with_fuzzer.so preloaded (it supplies the
+# libFuzzer symbols the instrumented extension needs).  New inputs go to a
+# temporary directory and are merged into fuzz/corpus/<target> (-merge=1, on
+# edges only, so the corpus stays small); crashes land in
+# fuzz/crashes/<target>.  Both are replayed by `make test`.  Finally the
+# normal extension is rebuilt in place (gcc); the target fails if it found a
+# crash.
 fuzz: build
-	@echo "fuzzing is not built yet: see docs/roadmap.md"; exit 1
+	command -v clang >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y clang; }
+	$(VPY) -m pip install -q atheris
+	rm -rf build/fuzz/pkg build/fuzz/out && mkdir -p build/fuzz/pkg/malla build/fuzz/out
+	CC=clang CXX=clang++ LDSHARED="clang -shared" CFLAGS="-fsanitize=address" MALLA_FUZZ=1 \
+	  $(VPY) setup.py -q build_ext --force --build-lib build/fuzz/lib --build-temp build/fuzz/temp
+	cp malla/*.py malla/py.typed build/fuzz/pkg/malla/
+	cp build/fuzz/lib/malla/_core*.so build/fuzz/pkg/malla/
+	@secs=$(or $(FUZZ_SECONDS),60); \
+	preload=$$($(VPY) -c 'import atheris, os; print(os.path.join(atheris.path(), "asan_with_fuzzer.so"))'); \
+	export LD_PRELOAD=$$preload PYTHONPATH=$(CURDIR)/build/fuzz/pkg \
+	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1; \
+	(cd build/fuzz && $(CURDIR)/$(VPY) -c \
+	  'import malla._core as c; assert "build/fuzz/" in c.__file__, c.__file__') || exit 1; \
+	printf '%-10s %10s %8s %6s %7s %8s %8s\n' target execs exec/s cov ft corpus crashes \
+	  > build/fuzz/out/summary.txt; \
+	found=0; \
+	for t in frames decode handshake; do \
+	  new=$$(mktemp -d); log=build/fuzz/out/$$t.log; \
+	  mkdir -p fuzz/corpus/$$t fuzz/crashes/$$t; \
+	  before=$$(ls fuzz/crashes/$$t | grep -cE '^(crash|timeout|oom|leak|slow-unit)-'); \
+	  echo "fuzz: $$t for $$secs s (log: $$log)"; \
+	  $(VPY) fuzz/fuzz_$$t.py $$new fuzz/corpus/$$t -max_total_time=$$secs -max_len=4096 \
+	    -timeout=10 -artifact_prefix=fuzz/crashes/$$t/ -print_final_stats=1 > $$log 2>&1; \
+	  $(VPY) fuzz/fuzz_$$t.py -merge=1 -use_counters=0 -max_len=4096 fuzz/corpus/$$t $$new \
+	    > build/fuzz/out/$$t.merge.log 2>&1 || echo "fuzz: merge of $$t failed (see its log)"; \
+	  rm -rf $$new; \
+	  after=$$(ls fuzz/crashes/$$t | grep -cE '^(crash|timeout|oom|leak|slow-unit)-'); \
+	  crashes=$$((after - before)); found=$$((found + crashes)); \
+	  execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' $$log); \
+	  rate=$$(sed -n 's/^stat::average_exec_per_sec: *//p' $$log); \
+	  cov=$$(grep -o 'cov: [0-9]*' $$log | tail -1 | cut -d' ' -f2); \
+	  ft=$$(grep -o 'ft: [0-9]*' $$log | tail -1 | cut -d' ' -f2); \
+	  printf '%-10s %10s %8s %6s %7s %8s %8s\n' $$t "$${execs:-?}" "$${rate:-?}" "$${cov:-?}" \
+	    "$${ft:-?}" "$$(ls fuzz/corpus/$$t | wc -l)" $$crashes >> build/fuzz/out/summary.txt; \
+	  if [ $$crashes -gt 0 ]; then grep -A3 'Uncaught Python exception\|ERROR: AddressSanitizer' $$log | head -20; fi; \
+	done; \
+	echo; cat build/fuzz/out/summary.txt; echo "$$found" > build/fuzz/out/crashes
+	@echo "fuzz: rebuilding the normal extension in place"
+	MALLA_BUILD_CYTHON_ALWAYS=1 CC=gcc $(VPY) setup.py -q build_ext --inplace
+	@found=$$(cat build/fuzz/out/crashes); if [ "$$found" -gt 0 ]; then \
+	  echo "fuzz: $$found new crash(es) in fuzz/crashes/: fix them, keep the files (make test replays them)"; \
+	  exit 1; fi
 
 debug: $(STAMP)
 	MALLA_DEBUG=1 MALLA_BUILD_CYTHON_ALWAYS=1 $(VPY) setup.py -q build_ext --inplace

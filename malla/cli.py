@@ -164,6 +164,14 @@ async def _join(args: argparse.Namespace, progress: Progress) -> malla.Node:
         raise UserError("cannot join the cluster: " +
                         "; ".join(f"{k}: {v}" for k, v in errors.items()), EXIT_UNREACHABLE)
     await asyncio.sleep(0.1)  # PEERS arrives right after the handshake
+    await _connect_members(node, progress)
+    await asyncio.sleep(0.1)  # TABLEs arrive right after each handshake
+    progress.done()
+    return node
+
+
+async def _connect_members(node: malla.Node, progress: Progress) -> None:
+    """A hidden node meshes with nobody by itself: dial every member heard of."""
     for name, (host, port) in sorted(node.members().items()):
         if name not in node.peers():
             progress.show(f"connecting to {name} at {host}:{port} ...")
@@ -171,9 +179,18 @@ async def _join(args: argparse.Namespace, progress: Progress) -> malla.Node:
                 await node.connect(f"{host}:{port}")
             except (malla.MallaError, OSError):
                 pass
-    await asyncio.sleep(0.1)  # TABLEs arrive right after each handshake
-    progress.done()
-    return node
+
+
+async def _wait_for(node: malla.Node, service: str, seconds: float, progress: Progress) -> bool:
+    """Wait for `service`, dialling members that join meanwhile."""
+    end = asyncio.get_running_loop().time() + seconds
+    while not node.get_nodes(service):
+        if asyncio.get_running_loop().time() > end:
+            return False
+        progress.show(f"waiting for {service} ...")
+        await _connect_members(node, progress)
+        await asyncio.sleep(0.2)
+    return True
 
 
 def _describe(params: list[list[Any]]) -> str:
@@ -257,9 +274,7 @@ async def _cmd_call(args: argparse.Namespace) -> int:
     progress = Progress()
     node = await _join(args, progress)
     try:
-        progress.show(f"waiting for {service} ...")
-        retries = max(0, int(args.wait))
-        if not await node.wait_for_services([service], retries=retries):
+        if not await _wait_for(node, service, args.wait, progress):
             raise UserError(f"service {service} is not available in the cluster")
         progress.done()
         result = await node.remote(service, fun, call_args, kwargs, timeout=args.timeout,

@@ -170,7 +170,8 @@ class Node(CallAPI):
             task.cancel()
         self._server.close()
         self._say_goodbye()
-        conns = list(self._all)
+        # (a dial still connecting has no transport yet: cancelling it is enough)
+        conns = [conn for conn in self._all if conn.proto is not None]
         for conn in conns:
             conn.close()
         if conns:
@@ -432,7 +433,9 @@ class Node(CallAPI):
             others = [c for n, c in self._conns.items() if n != peer.name]
             entry = [[peer.name, peer.listen[0], peer.listen[1]]] if peer.listen else []
             for other in others:
-                if entry and other.peer is not None and not other.peer.hidden:
+                # hidden peers hear of members too: they record them, and a
+                # client (the CLI) may choose to dial them
+                if entry and other.peer is not None:
                     other.proto.send_message(core.FT_PEERS, entry)
 
     def _connection_closed(self, conn: Connection) -> None:

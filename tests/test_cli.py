@@ -133,9 +133,18 @@ def test_readme_tour_runs_as_written():
     venv_bin = os.path.dirname(sys.executable)
     script = tour.replace("source .venv/bin/activate",
                           f'export PATH="{venv_bin}:$PATH"')
-    proc = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    # the commands as written; the trap only cleans up if one of them fails
+    script = "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + script
+    proc = subprocess.Popen(["bash", "-e", "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    lines = stdout.splitlines()
     assert "3" in lines and "49" in lines
     assert any(line.startswith("Calculator") for line in lines)
