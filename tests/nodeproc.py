@@ -3,9 +3,13 @@ stop or be cut off.  Prints "READY <port>" once listening; stops on SIGTERM.
 
     python tests/nodeproc.py NAME [--host H] [--port P] [--seed S]...
         [--hb-interval S] [--hb-timeout S] [--check S] [--no-echo]
+        [--ledger DIR] [--ledger-max-concurrency N] [--max-frame-size B]
+        [--max-message-size B]
 
 Hosts Echo (global) unless --no-echo, and always Probe (global), which
 reports what this node sees, so a test can ask every survivor.
+With --ledger DIR it also hosts Ledger and Ledger_<name> (global), which
+append every call id they run to DIR/<name>.ids (the soak, tests/soak.py).
 """
 
 from __future__ import annotations
@@ -48,6 +52,30 @@ class Probe(malla.Service, global_=True):
         return self.node.peers()
 
 
+class Ledger(malla.Service, global_=True):
+    """Records each call it runs: the call id, 8 bytes little-endian, written
+    with os.write on an O_APPEND fd before the function returns, so "ran" is
+    on disk (page cache: survives kill -9) before the reply can leave."""
+
+    def __init__(self, node_name: str, fd: int) -> None:
+        self.node_name = node_name
+        self.fd = fd
+
+    def run(self, call_id: int, x: int, pad: bytes = b""):
+        os.write(self.fd, call_id.to_bytes(8, "little"))
+        return [self.node_name, call_id, 2 * x + 1]
+
+    async def arun(self, call_id: int, x: int, think_ms: float = 0.0):
+        if think_ms > 0:
+            await asyncio.sleep(think_ms / 1000.0)
+        os.write(self.fd, call_id.to_bytes(8, "little"))
+        return [self.node_name, call_id, 2 * x + 1]
+
+    def boom(self, call_id: int):
+        os.write(self.fd, call_id.to_bytes(8, "little"))
+        raise RuntimeError(f"boom {call_id}")
+
+
 async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("name")
@@ -58,10 +86,15 @@ async def main() -> None:
     p.add_argument("--hb-timeout", type=float, default=1.0)
     p.add_argument("--check", type=float, default=1.0)
     p.add_argument("--no-echo", action="store_true")
+    p.add_argument("--ledger", default=None)
+    p.add_argument("--ledger-max-concurrency", type=int, default=0)
+    p.add_argument("--max-frame-size", type=int, default=1 << 20)
+    p.add_argument("--max-message-size", type=int, default=64 << 20)
     a = p.parse_args()
     node = malla.Node(a.name, host=a.host, port=a.port, seeds=a.seed,
                       heartbeat_interval=a.hb_interval, heartbeat_timeout=a.hb_timeout,
-                      check_interval=a.check, redial_max=0.5)
+                      check_interval=a.check, redial_max=0.5,
+                      max_frame_size=a.max_frame_size, max_message_size=a.max_message_size)
     await node.start()
     if not a.no_echo:
         await node.start_service(Echo(a.name))
@@ -69,6 +102,15 @@ async def main() -> None:
     probe = probe_cls()
     probe.node = node
     await node.start_service(probe)
+    if a.ledger:
+        fd = os.open(os.path.join(a.ledger, f"{a.name}.ids"),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        limit = {"max_concurrency": a.ledger_max_concurrency} if a.ledger_max_concurrency else {}
+        shared = type("Ledger", (Ledger,), {}, name="Ledger", global_=True, **limit)
+        await node.start_service(shared(a.name, fd))
+        named = type(f"Ledger_{a.name}", (Ledger,), {}, name=f"Ledger_{a.name}", global_=True,
+                     **limit)
+        await node.start_service(named(a.name, fd))
     print(f"READY {node.address[1]}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
