@@ -153,9 +153,11 @@ cdef inline uint64_t _get_u64(const char* p) noexcept:
 
 cdef inline object _unpack(const char* p, Py_ssize_t n):
     # msgpack copies what it keeps, so a view into our buffer is safe here.
+    # Its own timestamp (ext -1) never reaches ext_hook: timestamp=3 reads it
+    # as an aware UTC datetime, a wire type (a msgpack Timestamp is not).
     return _msgpack_unpackb(PyMemoryView_FromMemory(<char*>p, n, PyBUF_READ),
                             ext_hook=_ext_hook, raw=False, strict_map_key=False,
-                            use_list=True)
+                            use_list=True, timestamp=3)
 
 
 cdef double BLOCKED_LOOP_WARNING = 0.1
@@ -493,7 +495,7 @@ def packb(obj):
 def unpackb(data):
     """Decode a value encoded by packb (with the codec's extension types)."""
     return _msgpack_unpackb(data, ext_hook=_ext_hook, raw=False,
-                            strict_map_key=False, use_list=True)
+                            strict_map_key=False, use_list=True, timestamp=3)
 
 
 def build_frame(int ftype, int flags, uint64_t sid, payload=b""):
@@ -888,7 +890,9 @@ cdef class CoreProtocol:
             elif not (f.flags & FLAG_OPTIONAL):
                 raise ProtocolError(f"frame type {f.ftype} before the handshake ended")
             return 0
-        if (f.flags & FLAG_MORE) or (PyDict_Size(self._partials) and f.sid in self._partials):
+        # (a single frame above max_message_size goes there too, to be dropped)
+        if ((f.flags & FLAG_MORE) or f.length > self.max_message_size
+                or (PyDict_Size(self._partials) and f.sid in self._partials)):
             return self._on_chunk(f)
         return self._on_message(f.ftype, f.flags, f.sid, f.payload, f.length)
 
@@ -1060,13 +1064,23 @@ cdef class CoreProtocol:
                                   f"service {service} exports no function {fun!r}", None)
             return 0
         deadline = msg[5]
+        # a budget in ms (docs/protocol.md): a number, finite, within 64 bits
+        if deadline is not None and ((type(deadline) is not int and type(deadline) is not float)
+                                     or not -1e19 < deadline < 1e19):
+            if not cast:
+                self._queue_error(sid, ERR_BAD_REQUEST, "malla.exceptions.ProtocolError",
+                                  "malformed call message", None)
+            return 0
         if deadline is not None and deadline <= 0:
             # The caller's budget was spent before the call could start.
             if not cast:
                 self._queue_error(sid, ERR_DEADLINE, "malla.exceptions.CallTimeout",
                                   "deadline passed before the call started", None)
             return 0
-        if entry.fast and entry.kinds[fun] == 0 and entry.running < entry.max_concurrency:
+        # (with a deadline, the call goes through dispatch: the handler's context
+        # gets the remaining budget)
+        if (entry.fast and entry.kinds[fun] == 0 and deadline is None
+                and entry.running < entry.max_concurrency):
             started = _now()
             try:
                 if kwargs:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla.codec import bad_value_path
-from malla.context import inherited_deadline
+from malla.context import inherited_deadline, reset_deadline, set_deadline_at
 from malla.handshake import CAP_TRACE
 from malla.service import RunningService, settle
 from malla.tracing import Tracing
@@ -209,6 +209,8 @@ class CallAPI:
                 timeout = int(left) or 1
         opts = {"caller": self.name, "timeout": timeout, "meta": meta}
         entry.running += 1
+        # the handler (and what it calls) sees this call's deadline, as remotely
+        token = set_deadline_at(at) if at is not None else None
         try:
             result = entry.invoke(fun, list(args), kwargs or {}, opts)
             if inspect.isawaitable(result):
@@ -222,6 +224,8 @@ class CallAPI:
             raise _as_remote_error(exc) from exc
         finally:
             entry.running -= 1
+            if token is not None:
+                reset_deadline(token)
         return None if timeout == 0 else result
 
     async def local(self, service: Any, fun: str, args: Any = (),

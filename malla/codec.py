@@ -131,6 +131,9 @@ def _time(v: list[Any]) -> _dt.time:
 
 def _user(v: list[Any]) -> Any:
     wire_name, data = v
+    if type(wire_name) is not str or type(data) is not bytes:
+        # docs/protocol.md: [name, bytes]; a decoder only ever gets bytes
+        raise ValueError("malformed user-type value (not [str, bytes])")
     decode = _decoders.get(wire_name)
     if decode is None:
         raise EncodeError(f"received a value of unregistered type {wire_name!r}: "
