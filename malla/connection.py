@@ -209,6 +209,29 @@ class Connection:
             for ftype, payload in early:
                 self._apply_control(ftype, payload)
 
+    def dialer_port(self) -> int:
+        """The dialling side's port of this TCP connection (both sides know it)."""
+        transport = self.proto.transport if self.proto is not None else None
+        if transport is None:
+            return 0
+        addr = transport.get_extra_info("sockname" if self.dialer else "peername")
+        return int(addr[1]) if addr else 0
+
+    async def retire(self, idle: float = 0.1, limit: float = 30.0) -> None:
+        """Close this redundant connection once no call has been in flight on
+        it, either way, for `idle` seconds (or after `limit` seconds): its
+        calls finish instead of failing with ConnectionLost."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        quiet_since = loop.time()
+        while self.proto is not None and not self.proto.closed and loop.time() < end:
+            if self.proto.in_flight or self.proto.running:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= idle:
+                break
+            await asyncio.sleep(0.01)
+        self.close()
+
     def refuse(self, message: str) -> None:
         """Refuse an authenticated peer (a duplicate node name, say)."""
         self.proto.send_message(core.FT_ERROR, [mexc.ERR_BAD_REQUEST,

@@ -401,14 +401,14 @@ class Node(CallAPI):
                     conn.refuse(f"duplicate node name {peer.name!r}: "
                                 "a live node of that name is connected")
                     return
-                # Both dialled at once: the connection dialled by the node
-                # with the smaller name survives, on both sides.
-                if conn.dialer != (self.name < peer.name):
+                # Two live connections to one peer: both sides keep the same
+                # one, and the other closes once its calls are done.
+                if self._survivor(old, conn, peer.name) is old:
                     conn.admit(old)
-                    conn.close()
+                    self._spawn(conn.retire())
                     return
                 old.admit(conn)
-                old.close()
+                self._spawn(old.retire())
             else:
                 log.info("malla: %s replaces its silent connection to %s", self.name, peer.name)
                 self._drop(old)
@@ -437,6 +437,16 @@ class Node(CallAPI):
                 # client (the CLI) may choose to dial them
                 if entry and other.peer is not None:
                     other.proto.send_message(core.FT_PEERS, entry)
+
+    def _survivor(self, a: Connection, b: Connection, peer: str) -> Connection:
+        """Of two live connections to `peer`, the one both sides keep."""
+        if a.dialer != b.dialer:
+            # both dialled at once: the one dialled by the smaller name
+            mine_wins = self.name < peer
+            return a if a.dialer == mine_wins else b
+        # one side dialled twice (a seed redial racing connect()): the one
+        # from the dialler's lower port, which both sides see
+        return a if a.dialer_port() < b.dialer_port() else b
 
     def _connection_closed(self, conn: Connection) -> None:
         self._all.discard(conn)

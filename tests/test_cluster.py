@@ -172,3 +172,47 @@ def test_lost_peer_is_redialled_then_forgotten():
             await stop_all(made)
 
     run_async(main())
+
+
+def test_a_second_connection_from_the_same_side_fails_no_call():
+    """A seed redial racing an explicit connect() (or any duplicate dial)
+    makes a second live connection: one is retired once its calls are done,
+    and no call in flight fails."""
+    class Slow(malla.Service, global_=True):
+        async def work(self, i):
+            await asyncio.sleep(0.01)
+            return i
+
+    async def main():
+        make, made = node_factory()
+        try:
+            a = await make("zed").start()   # the caller's name sorts first
+            await a.start_service(Slow)
+            b = await make("b", seeds=[seed_of(a)]).start()
+            assert await b.wait_for_services(["Slow"], retries=5)
+            stop = asyncio.Event()
+            errors, ok = [], 0
+
+            async def caller(k):
+                nonlocal ok
+                while not stop.is_set():
+                    try:
+                        assert await b.remote("Slow", "work", [k]) == k
+                        ok += 1
+                    except malla.MallaError as exc:
+                        errors.append(exc)
+
+            tasks = [asyncio.ensure_future(caller(k)) for k in range(16)]
+            await asyncio.sleep(0.2)
+            for _ in range(5):
+                await b.connect(seed_of(a))           # the same side dials again
+                await asyncio.sleep(0.2)
+            stop.set()
+            await asyncio.gather(*tasks)
+            assert errors == [] and ok > 100
+            await wait_until(lambda: len(a._all) == 1 and len(b._all) == 1, timeout=5)
+            assert b.peers() == ["zed"]
+        finally:
+            await stop_all(made)
+
+    run_async(main())
