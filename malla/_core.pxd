@@ -146,6 +146,8 @@ cdef class CoreProtocol:
     cdef bint _in_read
     cdef bint _flush_scheduled
     cdef bint _wrote_this_tick
+    cdef bint _busy_tick
+    cdef int _queued_this_tick
     cdef bint _paused_writing
     cdef object _large
     # per-call timeouts: a binary min-heap of (deadline, sid) in C memory

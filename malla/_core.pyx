@@ -734,6 +734,8 @@ cdef class CoreProtocol:
         self._in_read = False
         self._flush_scheduled = False
         self._wrote_this_tick = False
+        self._busy_tick = False
+        self._queued_this_tick = 0
         self._paused_writing = False
         self._large = []
         self._heap = NULL
@@ -1186,9 +1188,12 @@ cdef class CoreProtocol:
     cdef int _request_flush(self) except -1:
         # Inside a read, everything queued leaves in one write at its end.
         # Otherwise, on a quiet connection (at most this one call or task in
-        # flight) the message is written at once: no added latency.  Under
-        # load, the tick's messages are coalesced into one write by a
-        # call_soon: one syscall per batch instead of per call.
+        # flight, and the last tick queued a single message) the message is
+        # written at once: no added latency.  Under load, the tick's
+        # messages are coalesced into one write by a call_soon: one syscall
+        # per batch instead of per call, and batches are not split (writing
+        # the first call of a busy tick at once would make the peer answer
+        # it alone, and the batches fragment from there).
         if self._wbuf._len >= WRITE_BUF_KEEP:
             # A caller that never yields (casts in a tight loop) must not
             # grow our buffer: hand it to the transport, whose high-water
@@ -1197,7 +1202,8 @@ cdef class CoreProtocol:
             return 0
         if self._in_read:
             return 0
-        if (not self._wrote_this_tick
+        self._queued_this_tick += 1
+        if (not self._wrote_this_tick and not self._busy_tick
                 and PyDict_Size(self._pending) + PyDict_Size(self._running) <= 1):
             self._wrote_this_tick = True
             self.flush()
@@ -1209,6 +1215,8 @@ cdef class CoreProtocol:
     def _end_tick(self):
         self._flush_scheduled = False
         self._wrote_this_tick = False
+        self._busy_tick = self._queued_this_tick > 1
+        self._queued_this_tick = 0
         self.flush()
 
     def flush(self):
