@@ -14,13 +14,14 @@ import inspect
 import sys
 import time
 import traceback
+import types
 from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla.codec import bad_value_path
 from malla.context import inherited_deadline, reset_deadline, set_deadline_at
 from malla.handshake import CAP_TRACE
-from malla.service import RunningService, settle
+from malla.service import KIND_SYNC, RunningService, settle
 from malla.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -196,7 +197,8 @@ class CallAPI:
         entry = self._entries.get(name)
         if entry is None or entry.paused:
             raise ServiceNotAvailable(f"service {name} is not running here")
-        if fun not in entry.funcs:
+        fn = entry.funcs.get(fun)
+        if fn is None:
             raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
         if entry.running >= entry.max_concurrency:
             raise mexc.Overloaded(f"service {name} is at max_concurrency {entry.max_concurrency}")
@@ -207,17 +209,21 @@ class CallAPI:
                 raise mexc.CallTimeout(f"deadline passed before calling {name}.{fun}")
             if timeout == 0 or left < timeout:
                 timeout = int(left) or 1
-        opts = {"caller": self.name, "timeout": timeout, "meta": meta}
         entry.running += 1
         # the handler (and what it calls) sees this call's deadline, as remotely
         token = set_deadline_at(at) if at is not None else None
         try:
+            if entry.fast and entry.kinds[fun] == KIND_SYNC:
+                # the default hook on a plain def: call it, as the core does
+                result = fn(*args, **kwargs) if kwargs else fn(*args)
+                return None if timeout == 0 else result
+            opts = {"caller": self.name, "timeout": timeout, "meta": meta}
             result = entry.invoke(fun, list(args), kwargs or {}, opts)
             if inspect.isawaitable(result):
                 if timeout == 0:
                     self._spawn(settle(result))
                     return None
-                result = await _with_timeout(settle(result), timeout, name, fun)
+                result = await _run_with_timeout(result, timeout, name, fun)
         except (mexc.MallaError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -282,6 +288,43 @@ class CallAPI:
                  else self._call_node(n, name, fun, args, kwargs, timeout, at, meta)
                  for n in nodes]
         return list(await asyncio.gather(*calls, return_exceptions=True))
+
+
+async def _run_with_timeout(awaitable: Any, timeout: int, name: str, fun: str) -> Any:
+    """Await an in-process call's result within `timeout` ms.
+
+    A coroutine that finishes without suspending (a cache hit, a pure
+    computation) needs no timer at all: its first step runs here, and only
+    one that suspends continues under a timeout.
+    """
+    if type(awaitable) is types.CoroutineType:
+        try:
+            pending = awaitable.send(None)
+        except StopIteration as stop:
+            if inspect.isawaitable(stop.value):
+                return await _with_timeout(settle(stop.value), timeout, name, fun)
+            return stop.value
+        awaitable = _resume(awaitable, pending)
+    return await _with_timeout(settle(awaitable), timeout, name, fun)
+
+
+@types.coroutine
+def _resume(coro: Any, pending: Any) -> Any:
+    """Go on with `coro`, which has yielded `pending`, as if awaited all along:
+    values and exceptions (cancellation) the task sends are passed on."""
+    while True:
+        try:
+            value = yield pending
+        except BaseException as exc:
+            try:
+                pending = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                pending = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
 
 
 async def _with_timeout(awaitable: Any, timeout: int, name: str, fun: str) -> Any:

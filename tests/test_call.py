@@ -627,3 +627,60 @@ def test_large_message_round_trips_while_small_calls_go_on():
             await stop_all(made)
 
     run_async(main())
+
+
+def test_in_process_coroutines_suspended_or_not():
+    """An in-process async handler that finishes without suspending runs with
+    no timer; one that suspends goes on under the timeout, gets values and
+    exceptions through, and is cancelled with its caller."""
+    class Mixed(malla.Service):
+        cancelled = 0
+        started = None
+
+        async def now(self, x):
+            return x + 1
+
+        async def later(self, x):
+            await asyncio.sleep(0.01)
+            fut = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(fut.set_result, x * 2)
+            return await fut
+
+        async def fails_later(self):
+            await asyncio.sleep(0)
+            raise KeyError("k")
+
+        async def hang(self):
+            Mixed.started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                Mixed.cancelled += 1
+                raise
+
+    async def main():
+        make, made = node_factory()
+        try:
+            node = await make("solo").start()
+            await node.start_service(Mixed)
+            Mixed.started = asyncio.Event()
+            assert await node.remote("Mixed", "now", [1]) == 2
+            assert await node.remote("Mixed", "later", [4]) == 8
+            with pytest.raises(malla.RemoteError) as info:
+                await node.remote("Mixed", "fails_later")
+            assert info.value.exc_type == "builtins.KeyError"
+            with pytest.raises(malla.CallTimeout):
+                await node.remote("Mixed", "hang", timeout=50)
+            assert Mixed.cancelled == 1
+            Mixed.started.clear()
+            task = asyncio.ensure_future(node.remote("Mixed", "hang"))
+            await Mixed.started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert Mixed.cancelled == 2
+            assert node._entries["Mixed"].running == 0
+        finally:
+            await stop_all(made)
+
+    run_async(main())
