@@ -149,12 +149,26 @@ class CallAPI:
         conn = self._conns.get(node)
         if conn is None:
             raise ServiceNotAvailable(f"no connection to {node}")
-        info = self._registry.remote_info(name, node)
+        if conn.proto.writing_paused:
+            await self._wait_congested(conn, name, timeout, at)
+        proto, fut = self._send(conn, name, fun, args, kwargs, timeout, at, meta)
+        if fut is None:
+            return None
+        sid = proto.last_sid
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            proto.cancel(sid)
+            raise
+
+    def _send(self, conn: Any, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
+              timeout: int, at: float | None, meta: Any) -> tuple[Any, Any]:
+        """Send one attempt on a connection: (its protocol, the future of the
+        reply), or (protocol, None) for a cast.  Raises what prevents sending."""
+        info = self._registry.remote_info(name, conn.name)
         if info is not None and fun not in info["functions"]:
             raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
         proto = conn.proto
-        if proto.writing_paused:
-            await self._wait_congested(conn, name, timeout, at)
         budget = None
         if at is not None:
             budget = (at - time.monotonic()) * 1000.0
@@ -169,16 +183,10 @@ class CallAPI:
         try:
             if timeout == 0:
                 proto.cast(name, fun, args, kwargs, meta, trace)
-                return None
-            fut = proto.call(name, fun, args, kwargs, timeout, budget, meta, trace)
+                return proto, None
+            return proto, proto.call(name, fun, args, kwargs, timeout, budget, meta, trace)
         except mexc.EncodeError as exc:
             raise _encode_error(exc, args, kwargs) from None
-        sid = proto.last_sid
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            proto.cancel(sid)
-            raise
 
     async def _wait_congested(self, conn: Any, name: str, timeout: int,
                               at: float | None) -> None:
@@ -283,11 +291,37 @@ class CallAPI:
 
     async def _fan_out(self, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
                        timeout: int, at: float | None, meta: Any) -> list[Any]:
-        nodes = list(self._registry.nodes(name))
-        calls = [self._call_here(name, fun, args, kwargs, timeout, at, meta) if n == self.name
-                 else self._call_node(n, name, fun, args, kwargs, timeout, at, meta)
-                 for n in nodes]
-        return list(await asyncio.gather(*calls, return_exceptions=True))
+        # Every CALL is sent before anything is awaited (one write per
+        # connection, no task per node); the replies' futures are gathered.
+        loop = asyncio.get_running_loop()
+        waits: list[Any] = []
+        sent: list[tuple[Any, int]] = []
+        for node in self._registry.nodes(name):
+            conn = None if node == self.name else self._conns.get(node)
+            if conn is None or conn.proto.writing_paused:
+                call = (self._call_here(name, fun, args, kwargs, timeout, at, meta)
+                        if node == self.name else
+                        self._call_node(node, name, fun, args, kwargs, timeout, at, meta))
+                waits.append(loop.create_task(call))
+                continue
+            try:
+                proto, fut = self._send(conn, name, fun, args, kwargs, timeout, at, meta)
+            except mexc.MallaError as exc:
+                fut = loop.create_future()
+                fut.set_exception(exc)
+            else:
+                if fut is None:
+                    fut = loop.create_future()
+                    fut.set_result(None)
+                else:
+                    sent.append((proto, proto.last_sid))
+            waits.append(fut)
+        try:
+            return list(await asyncio.gather(*waits, return_exceptions=True))
+        except asyncio.CancelledError:
+            for proto, sid in sent:
+                proto.cancel(sid)
+            raise
 
 
 async def _run_with_timeout(awaitable: Any, timeout: int, name: str, fun: str) -> Any:
