@@ -161,7 +161,10 @@ _DECODERS: dict[int, Callable[[bytes], Any]] = {
 def _ext_hook(code: int, data: bytes) -> Any:
     decode = _DECODERS.get(code)
     if decode is None:
-        raise ValueError(f"unknown msgpack extension type {code}")
+        # a type of a later version (docs/protocol.md reserves 13-63): that
+        # one message fails, the connection stays
+        raise EncodeError(f"received a value of unknown extension type {code} "
+                          "(sent by a newer malla?)")
     return decode(data)
 
 
