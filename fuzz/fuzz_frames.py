@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import struct
 import sys
@@ -323,24 +322,7 @@ def seeds() -> dict[str, bytes]:
     return out
 
 
-def write_seeds(directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    for name, data in seeds().items():
-        assert len(data) < 4096, name
-        with open(os.path.join(directory, f"seed-{name}"), "wb") as fh:
-            fh.write(data)
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--write-seeds"]:
-        write_seeds(sys.argv[2])
-    else:
-        import logging
+    import _target
 
-        logging.disable(logging.CRITICAL)
-        print(f"INFO: malla core from {core.__file__}", flush=True)
-        # libFuzzer's -merge=1 re-runs argv[0] through the shell: make it a
-        # command line that starts this interpreter on this file.
-        argv = [f"{sys.executable} {os.path.abspath(sys.argv[0])}", *sys.argv[1:]]
-        atheris.Setup(argv, TestOneInput)
-        atheris.Fuzz()
+    _target.main(TestOneInput, seeds)

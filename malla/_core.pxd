@@ -178,6 +178,7 @@ cdef class CoreProtocol:
                                double timeout_ms, deadline_ms, meta, trace) except -1
     cdef int _write_large_frames(self) except -1
     cdef int _heap_push(self, double deadline, uint64_t sid) except -1
+    cdef void _heap_sift_down(self, Py_ssize_t i)
     cdef void _heap_pop(self)
     cdef int _heap_compact(self) except -1
     cdef int _arm_timer(self) except -1

@@ -1440,51 +1440,40 @@ cdef class CoreProtocol:
             self._arm_timer()
         return 0
 
-    cdef void _heap_pop(self):
-        cdef Py_ssize_t i = 0, child, n
+    cdef void _heap_sift_down(self, Py_ssize_t i):
+        # Move entry i down until neither child has an earlier deadline.
+        cdef Py_ssize_t child, n = self._heap_len
         cdef TimerEntry tmp
-        self._heap_len -= 1
-        n = self._heap_len
-        if n == 0:
-            return
-        self._heap[0] = self._heap[n]
         while True:
             child = 2 * i + 1
             if child >= n:
-                break
+                return
             if child + 1 < n and self._heap[child + 1].deadline < self._heap[child].deadline:
                 child += 1
             if self._heap[i].deadline <= self._heap[child].deadline:
-                break
+                return
             tmp = self._heap[child]
             self._heap[child] = self._heap[i]
             self._heap[i] = tmp
             i = child
 
+    cdef void _heap_pop(self):
+        self._heap_len -= 1
+        if self._heap_len:
+            self._heap[0] = self._heap[self._heap_len]
+            self._heap_sift_down(0)
+
     cdef int _heap_compact(self) except -1:
         # Entries of calls already answered linger (lazy deletion); drop them
         # and rebuild the heap, so it stays within 2x the calls in flight.
-        cdef Py_ssize_t i, j = 0, k, child, n
-        cdef TimerEntry tmp
+        cdef Py_ssize_t i, j = 0
         for i in range(self._heap_len):
             if self._heap[i].sid in self._pending:
                 self._heap[j] = self._heap[i]
                 j += 1
-        self._heap_len = n = j
-        for k in range(n // 2 - 1, -1, -1):
-            i = k
-            while True:
-                child = 2 * i + 1
-                if child >= n:
-                    break
-                if child + 1 < n and self._heap[child + 1].deadline < self._heap[child].deadline:
-                    child += 1
-                if self._heap[i].deadline <= self._heap[child].deadline:
-                    break
-                tmp = self._heap[child]
-                self._heap[child] = self._heap[i]
-                self._heap[i] = tmp
-                i = child
+        self._heap_len = j
+        for i in range(j // 2 - 1, -1, -1):
+            self._heap_sift_down(i)
         return 0
 
     cdef int _arm_timer(self) except -1:

@@ -208,3 +208,44 @@ def test_large_messages_flow_without_waiting_and_buffers_shrink_after():
             await stop_all(made)
 
     run_async(main())
+
+
+def test_per_call_timeouts_fire_in_order_and_the_heap_stays_bounded():
+    """The core's one-timer-per-connection heap: unanswered calls time out
+    no earlier than their own timeout, answered ones never, and the heap
+    of deadlines stays within 2x the calls in flight (plus slack)."""
+    import random
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        proto = core.Protocol(Owner(), loop, True, {}, 1 << 20, 1 << 20)
+        proto.connection_made(FakeTransport())
+        proto.set_ready("peer", 1 << 20)
+        rng = random.Random(7)
+        calls = []
+        for _ in range(2000):
+            timeout = rng.randint(20, 300)
+            fut = proto.call("Svc", "f", [], None, timeout, None, None)
+            calls.append((loop.time(), timeout, proto.last_sid, fut))
+            assert proto.timer_heap_len <= 2 * proto.in_flight + 257
+        answered = set()
+        for start, timeout, sid, fut in calls:
+            if rng.random() < 0.5:
+                frame = core.build_frame(core.FT_REPLY, 0, sid, core.packb(sid))
+                buf = proto.get_buffer(len(frame))
+                buf[:len(frame)] = frame
+                proto.buffer_updated(len(frame))
+                answered.add(sid)
+        ended: dict[int, float] = {}
+        for _, _, sid, fut in calls:
+            fut.add_done_callback(lambda f, sid=sid: ended.setdefault(sid, loop.time()))
+        await asyncio.wait([f for *_, f in calls], timeout=5)
+        for start, timeout, sid, fut in calls:
+            if sid in answered:
+                assert fut.result() == sid
+            else:
+                assert isinstance(fut.exception(), malla.CallTimeout)
+                assert ended[sid] - start >= timeout / 1000 - 0.002
+        assert proto.in_flight == 0
+
+    run_async(main())
