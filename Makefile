@@ -37,7 +37,7 @@ bench: build
 	$(VPY) -m bench
 
 soak: build
-	MALLA_SOAK=long $(VPY) -m pytest -q -s -p no:cacheprovider tests/test_soak.py
+	$(VPY) -m pytest -q -s -p no:cacheprovider tests/long_soak.py
 
 # Coverage-guided fuzzing (fuzz/README.md): FUZZ_SECONDS per target (default
 # 60).  clang (Debian's) and atheris are installed when missing.  The core is

@@ -3,7 +3,7 @@ and restart, SIGSTOP/SIGCONT, SIGTERM and restart) and one in network
 namespaces (those and a link cut), each about 25k calls at concurrency 64 across 4 subprocess nodes,
 every fault kind at least twice.
 
-`make soak` (MALLA_SOAK=long) runs the long version instead: a million calls
+`make soak` runs the long version (tests/long_soak.py): a million calls
 at concurrency 256 across 5 nodes in namespaces, every fault kind several
 times; the report is printed (pytest -s shows it) and written to
 bench/results/soak.json.
@@ -18,16 +18,9 @@ The p100 deadline overrun (target < 50 ms) is reported, not asserted.
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 
-from conftest import ROOT
 from soak import SoakConfig, format_report, run_soak
-
-LONG = os.environ.get("MALLA_SOAK") == "long"
-RESULTS = os.path.join(ROOT, "bench", "results", "soak.json")
 
 
 def check(report: dict) -> None:
@@ -64,7 +57,6 @@ def check(report: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(LONG, reason="MALLA_SOAK=long runs the long soak instead")
 def test_soak_short_loopback():
     # Ledger takes 16 calls at once per node: past that, Overloaded and failover.
     check(run_soak(SoakConfig(calls=25_000, nodes=4, concurrency=64, netns=False,
@@ -73,21 +65,6 @@ def test_soak_short_loopback():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(LONG, reason="MALLA_SOAK=long runs the long soak instead")
 def test_soak_short_netns():
     check(run_soak(SoakConfig(calls=25_000, nodes=4, concurrency=64, netns=True,
                               faults=("kill9", "sigstop", "term", "cut"), min_each_fault=2)))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="the long soak runs under make soak (MALLA_SOAK=long)")
-def test_soak_long():
-    calls = int(os.environ.get("MALLA_SOAK_CALLS", "1000000"))
-    report = run_soak(SoakConfig(calls=calls, nodes=5, concurrency=256, netns=True,
-                                 faults=("kill9", "sigstop", "term", "cut", "cutkill"),
-                                 min_each_fault=3, server_max_concurrency=64, spared=2,
-                                 think_ms=2.0, warmup=50_000, progress=True))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(report, f, indent=2)
-    check(report)

@@ -1,0 +1,30 @@
+"""The long soak (`make soak`): a million calls across five nodes in network
+namespaces, under every kind of fault.  Not collected by `make test` (its
+short version is tests/test_soak.py); the report goes to
+bench/results/soak.json."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from test_soak import check
+
+from conftest import ROOT
+from soak import SoakConfig, run_soak
+
+RESULTS = os.path.join(ROOT, "bench", "results", "soak.json")
+
+
+@pytest.mark.slow
+def test_soak_long():
+    calls = int(os.environ.get("MALLA_SOAK_CALLS", "1000000"))
+    report = run_soak(SoakConfig(calls=calls, nodes=5, concurrency=256, netns=True,
+                                 faults=("kill9", "sigstop", "term", "cut", "cutkill"),
+                                 min_each_fault=3, server_max_concurrency=64, spared=2,
+                                 think_ms=2.0, warmup=50_000, progress=True))
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump(report, f, indent=2)
+    check(report)
