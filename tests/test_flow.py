@@ -229,7 +229,7 @@ def test_per_call_timeouts_fire_in_order_and_the_heap_stays_bounded():
             calls.append((loop.time(), timeout, proto.last_sid, fut))
             assert proto.timer_heap_len <= 2 * proto.in_flight + 257
         answered = set()
-        for start, timeout, sid, fut in calls:
+        for _start, _timeout, sid, _fut in calls:
             if rng.random() < 0.5:
                 frame = core.build_frame(core.FT_REPLY, 0, sid, core.packb(sid))
                 buf = proto.get_buffer(len(frame))
