@@ -18,7 +18,7 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff():
-    out = run(sys.executable, "-m", "ruff", "check", "malla", "tests", "examples", "bench")
+    out = run(sys.executable, "-m", "ruff", "check", "malla", "tests", "examples", "bench", "fuzz")
     assert out.returncode == 0, out.stdout + out.stderr
 
 
