@@ -110,7 +110,7 @@ cdef class FrameReader:
     cdef int _make_room(self, Py_ssize_t want) except -1
     cdef object get_buffer_view(self)
     cdef int next_frame(self, Frame* out) except -1
-    cdef void compact_if_idle(self)
+    cdef void compact_if_idle(self, bint shrink)
 
 
 cdef class ServiceEntry:
@@ -147,6 +147,8 @@ cdef class CoreProtocol:
     cdef bint _flush_scheduled
     cdef bint _wrote_this_tick
     cdef bint _busy_tick
+    cdef double _large_at
+    cdef bint _idle_check_scheduled
     cdef int _queued_this_tick
     cdef bint _paused_writing
     cdef object _large
@@ -174,6 +176,7 @@ cdef class CoreProtocol:
     cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message,
                           object tb) except -1
     cdef int _request_flush(self) except -1
+    cdef void _note_large(self)
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
                                double timeout_ms, deadline_ms, meta, trace) except -1
     cdef int _write_large_frames(self) except -1

@@ -88,23 +88,10 @@ cdef object _ext_hook = None
 HEADER = HEADER_SIZE
 
 
-cdef bint _trim_scheduled = False
-
-
-def _trim_heap():
-    global _trim_scheduled
-    _trim_scheduled = False
-    malla_trim_heap()
-
-
-cdef void _after_large_message(object loop):
-    # glibc keeps the memory of a freed large message for reuse; once things
-    # are quiet, hand it back, so that an idle connection stays small even
-    # after a large message (at most one trim per half second).
-    global _trim_scheduled
-    if not _trim_scheduled:
-        _trim_scheduled = True
-        loop.call_later(0.5, _trim_heap)
+# Buffers grown for large messages are kept while large messages keep
+# coming (regrowing them costs page faults on every message) and given back
+# once none has passed for this long, so that an idle connection is small.
+cdef double LARGE_IDLE = 0.5
 
 
 def set_codec(default, ext_hook):
@@ -625,11 +612,11 @@ cdef class FrameReader:
         self._need = HEADER_SIZE
         return 1
 
-    cdef void compact_if_idle(self):
+    cdef void compact_if_idle(self, bint shrink):
         cdef char* nb
         if self._start == self._end:
             self._start = self._end = 0
-            if self._size > READ_BUF_INITIAL * 2:
+            if shrink and self._size > READ_BUF_INITIAL * 2:
                 nb = <char*>PyMem_Realloc(self._buf, READ_BUF_INITIAL)
                 if nb is not NULL:
                     self._buf = nb
@@ -649,7 +636,7 @@ cdef class FrameReader:
         while self.next_frame(&f):
             frames.append((f.ftype, f.flags, f.sid,
                            PyBytes_FromStringAndSize(f.payload, f.length)))
-        self.compact_if_idle()
+        self.compact_if_idle(True)
         return frames
 
 
@@ -696,6 +683,7 @@ cdef class _LargeMessage:
     cdef uint64_t sid
     cdef bytes payload
     cdef Py_ssize_t offset
+    cdef Py_ssize_t chunk
 
 
 # ---------------------------------------------------------------------------
@@ -736,6 +724,8 @@ cdef class CoreProtocol:
         self._wrote_this_tick = False
         self._busy_tick = False
         self._queued_this_tick = 0
+        self._large_at = 0
+        self._idle_check_scheduled = False
         self._paused_writing = False
         self._large = []
         self._heap = NULL
@@ -852,9 +842,11 @@ cdef class CoreProtocol:
             self._protocol_violation(f"internal error: {exc!r}")
         finally:
             self._in_read = False
-        self._reader.compact_if_idle()
+        self._reader.compact_if_idle(False)
         if (self._wbuf._len or self._large) and self._state <= CS_READY:
             self.flush()
+        if self._reader._size > READ_BUF_INITIAL * 2:
+            self._note_large()
 
     def eof_received(self):
         return False
@@ -928,7 +920,7 @@ cdef class CoreProtocol:
         if f.flags & FLAG_MORE:
             return 0
         del self._partials[key]
-        _after_large_message(self._loop)
+        self._note_large()
         if part.dropped:
             return self._on_dropped_message(part.ftype, f.sid)
         self._partial_bytes -= PyByteArray_GET_SIZE(part.data)
@@ -1166,6 +1158,7 @@ cdef class CoreProtocol:
         cdef Py_ssize_t length = self._wbuf._len - start - HEADER_SIZE
         cdef _LargeMessage m
         cdef const char* h
+        cdef Py_ssize_t frames
         if <uint64_t>length > self.max_message_size:
             self._wbuf.truncate(start)
             raise MessageTooLarge(
@@ -1180,8 +1173,12 @@ cdef class CoreProtocol:
             m.sid = _get_u64(h + 8)
             m.payload = PyBytes_FromStringAndSize(h + HEADER_SIZE, length)
             m.offset = 0
+            # frames of equal size: a message just over the limit goes as two
+            # halves, not a full frame and a sliver that waits for a drain
+            frames = (length + self.max_frame_size - 1) // self.max_frame_size
+            m.chunk = (length + frames - 1) // frames
             self._wbuf.truncate(start)
-            self._wbuf.release_if_large()
+            self._note_large()
             self._large.append(m)
         return self._request_flush()
 
@@ -1212,6 +1209,26 @@ cdef class CoreProtocol:
             self._loop.call_soon(self._end_tick)
         return 0
 
+    cdef void _note_large(self):
+        self._large_at = _now()
+        if not self._idle_check_scheduled and self._state <= CS_READY:
+            self._idle_check_scheduled = True
+            self._loop.call_later(LARGE_IDLE, self._idle_check)
+
+    def _idle_check(self):
+        cdef double quiet = _now() - self._large_at
+        self._idle_check_scheduled = False
+        if self._state > CS_READY:
+            return
+        if quiet < LARGE_IDLE:
+            self._idle_check_scheduled = True
+            self._loop.call_later(LARGE_IDLE - quiet, self._idle_check)
+            return
+        self._reader.compact_if_idle(True)
+        self._wbuf.release_if_large()
+        # glibc keeps freed memory for reuse: hand it back to the system too
+        malla_trim_heap()
+
     def _end_tick(self):
         self._flush_scheduled = False
         self._wrote_this_tick = False
@@ -1228,7 +1245,8 @@ cdef class CoreProtocol:
         if self._wbuf._len:
             self._transport.write(self._wbuf.take())
             self.last_sent = _now()
-            self._wbuf.release_if_large()
+            if self._wbuf._size > WRITE_BUF_KEEP:
+                self._note_large()
         if self._large and not self._paused_writing:
             self._write_large_frames()
 
@@ -1246,8 +1264,8 @@ cdef class CoreProtocol:
         for m in self._large:
             n = PyBytes_GET_SIZE(m.payload)
             chunk = n - m.offset
-            if chunk > self.max_frame_size:
-                chunk = self.max_frame_size
+            if chunk > m.chunk:
+                chunk = m.chunk
             last = m.offset + chunk >= n
             self._wbuf.begin_frame(m.ftype, m.flags | (0 if last else FLAG_MORE), m.sid)
             _put_u32(self._wbuf._buf + self._wbuf._len - HEADER_SIZE + 4, <uint32_t>chunk)
@@ -1257,7 +1275,7 @@ cdef class CoreProtocol:
             if not last:
                 still.append(m)
             else:
-                _after_large_message(self._loop)
+                self._note_large()
         self._large = still
         self.last_sent = _now()
         if still and not self._paused_writing and not self._flush_scheduled:

@@ -28,3 +28,11 @@ def test_soak_long():
     with open(RESULTS, "w") as f:
         json.dump(report, f, indent=2)
     check(report)
+
+
+def test_fast_producer_for_a_minute():
+    """Flow control over 60 s: a producer 10x faster than its consumer grows
+    neither process by more than 64 MiB."""
+    from test_flow import run_fast_producer
+
+    run_fast_producer(60.0)
