@@ -6,8 +6,9 @@
   against an idle connection, and whether liveness held (the peer stayed
   connected, with a 1 s heartbeat timeout).
 * ``observability``: the sequential round trip with metrics and tracing off
-  (the plain node), metrics on, and tracing on (OpenTelemetry SDK, every
-  call sampled, and none sampled).
+  (the plain node), metrics on, and tracing on (OpenTelemetry SDK): every
+  call traced, every call dropped by the provider's sampler, and malla's
+  own rate at 1% (``Node(tracing=0.01)``).
 
     python -m bench.extras [--json PATH]
 
@@ -130,10 +131,12 @@ async def _observability(port: int) -> dict[str, Any]:
     payload = make_payload(16)
     runs: dict[str, list[float]] = {}
     configs = [("plain", {}), ("metrics", {"metrics": True}),
-               ("tracing_sampled", {"tracing": True}), ("tracing_unsampled", {"tracing": True})]
+               ("tracing_all", {"tracing": True}),
+               ("tracing_provider_drops", {"tracing": True}),
+               ("tracing_1pct", {"tracing": 0.01})]
     for rep in range(5):
         for label, options in configs:
-            Switch.mode = "off" if label == "tracing_unsampled" else "on"
+            Switch.mode = "off" if label == "tracing_provider_drops" else "on"
             node = malla.Node(f"obs-{rep}-{label}", cookie=COOKIE, host=HOST, port=0,
                               hidden=True, **options)
             await node.start()

@@ -284,7 +284,7 @@ class CallAPI:
             mine = time.monotonic() + deadline / 1000.0
             if at is None or mine < at:
                 at = mine
-        if self._tracing is not None:
+        if self._tracing is not None and self._tracing.wanted():
             with self._tracing.client_span(name, fun):
                 return await self._fan_out(name, fun, args, kwargs, timeout, at, meta)
         return await self._fan_out(name, fun, args, kwargs, timeout, at, meta)

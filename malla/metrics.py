@@ -12,68 +12,38 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from malla._ext import core
+
 if TYPE_CHECKING:
     from malla.node import Node
 
 __all__ = ["LatencyHistogram", "Metrics", "prometheus_collector", "serve_prometheus"]
 
-# Four buckets per power of two of microseconds: about 19% relative error.
-_SUB = 4
-
-
-class LatencyHistogram:
-    """A log-scale histogram of durations, constant memory."""
-
-    __slots__ = ("count", "counts")
-
-    def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
-        self.count = 0
-
-    def record_ns(self, ns: int) -> None:
-        us = max(ns // 1000, 1)
-        octave = us.bit_length() - 1
-        sub = (us >> max(octave - 2, 0)) & 3 if octave >= 2 else us & 3
-        index = octave * _SUB + sub
-        self.counts[index] = self.counts.get(index, 0) + 1
-        self.count += 1
-
-    @staticmethod
-    def _upper_us(index: int) -> float:
-        octave, sub = divmod(index, _SUB)
-        if octave < 2:
-            return float(2 ** octave + sub + 1)
-        step = 2 ** (octave - 2)
-        return float(2 ** octave + (sub + 1) * step) if sub < 3 else float(2 ** (octave + 1))
-
-    def percentile_us(self, q: float) -> float:
-        if not self.count:
-            return 0.0
-        rank = q * self.count
-        seen = 0
-        for index in sorted(self.counts):
-            seen += self.counts[index]
-            if seen >= rank:
-                return self._upper_us(index)
-        return self._upper_us(max(self.counts))
+# The histogram lives in the core: recording is on every call's path.
+LatencyHistogram = core.LatencyHistogram
+_NONE: dict[str, Any] = {}
 
 
 class Metrics:
     """Latency per (service, function) of the calls a node makes."""
 
     def __init__(self) -> None:
-        self.latency: dict[tuple[str, str], LatencyHistogram] = {}
+        # service -> function -> histogram: two lookups, no key to build
+        self.latency: dict[str, dict[str, Any]] = {}
 
-    def record(self, service: str, fun: str, ns: int) -> None:
-        hist = self.latency.get((service, fun))
+    def histogram(self, service: str, fun: str) -> Any:
+        funs = self.latency.get(service)
+        if funs is None:
+            funs = self.latency[service] = {}
+        hist = funs.get(fun)
         if hist is None:
-            hist = self.latency[(service, fun)] = LatencyHistogram()
-        hist.record_ns(ns)
+            hist = funs[fun] = LatencyHistogram()
+        return hist
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         return {f"{s}.{f}": {"count": h.count, "p50_us": h.percentile_us(0.5),
                              "p99_us": h.percentile_us(0.99)}
-                for (s, f), h in sorted(self.latency.items())}
+                for s, funs in sorted(self.latency.items()) for f, h in sorted(funs.items())}
 
 
 Remote = Callable[..., Coroutine[Any, Any, Any]]
@@ -83,12 +53,17 @@ def timed_remote(inner: Remote, metrics: Metrics) -> Remote:
     """`inner` (a node's remote), recording each call's latency."""
     from malla.call import service_name
 
+    clock = time.perf_counter_ns
+    latency = metrics.latency
+
     async def remote(service: Any, fun: str, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter_ns()
+        started = clock()
         try:
             return await inner(service, fun, *args, **kwargs)
         finally:
-            metrics.record(service_name(service), fun, time.perf_counter_ns() - started)
+            name = service if type(service) is str else service_name(service)
+            hist = latency.get(name, _NONE).get(fun) or metrics.histogram(name, fun)
+            hist.record_ns(clock() - started)
 
     remote.__doc__ = inner.__doc__
     return remote

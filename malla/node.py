@@ -60,7 +60,7 @@ class Node(CallAPI):
                  ssl_client: Any = None, dns_servers: list[str] | None = None,
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
-                 metrics_port: int | None = None, tracing: bool = False) -> None:
+                 metrics_port: int | None = None, tracing: bool | float = False) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("a node needs a non-empty name")
         if max_frame_size < 1024 or max_frame_size > 0xFFFFFFFF:
@@ -77,7 +77,10 @@ class Node(CallAPI):
         self.metrics_port = metrics_port
         self._metrics: Metrics | None = None
         self._metrics_server: Any = None
-        self._tracing: Tracing | None = Tracing() if tracing else None
+        # tracing=True: every call; a float: that share of calls starting a
+        # trace (0.0 included: only calls made inside a trace)
+        self._tracing: Tracing | None = (
+            None if tracing is False else Tracing(1.0 if tracing is True else float(tracing)))
         self._wrap_remote(metrics or metrics_port is not None)
         self._hb_thread: HeartbeatThread | None = None
         self.heartbeat_interval = heartbeat_interval

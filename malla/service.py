@@ -185,7 +185,8 @@ class RunningService(core.ServiceEntry):
             return None
         opts = {"caller": proto.peer_name, "timeout": timeout, "meta": meta}
         run = self._run(proto, sid, fun, args, kwargs or {}, opts, deadline, cast)
-        if self.tracing is not None:
+        if self.tracing is not None and trace is not None:
+            # a SERVER span for calls that come with a trace context
             run = self._run_traced(run, fun, trace)
         return asyncio.get_running_loop().create_task(run)
 

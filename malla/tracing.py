@@ -4,13 +4,15 @@ A call made by a tracing node is a CLIENT span "malla.call Service.fun"; its
 context travels in the CALL message's trace field (W3C trace context), never
 in the user's `meta`; a tracing node serving it opens a SERVER span
 "malla.serve Service.fun" under it, and the handler's own calls nest below,
-so a chain across nodes, or a call_cb_all fan-out, is one trace.  Sampling
-is the TracerProvider's (e.g. ParentBased(TraceIdRatioBased(0.01))): an
-unsampled call costs a context lookup and no span.
+so a chain across nodes, or a call_cb_all fan-out, is one trace.  Sampling:
+`Node(tracing=0.01)` starts a trace for 1% of the calls made outside any
+trace (calls inside a traced handler are always followed), and the
+TracerProvider's own sampler applies on top.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,7 +21,15 @@ __all__ = ["Tracing"]
 
 
 class Tracing:
-    def __init__(self) -> None:
+    """`rate`: the share of calls that start a trace (1.0: all).  A call made
+    inside a recorded span (a handler serving a traced call) is always
+    traced, so a trace is never cut; an untraced call costs a lookup of the
+    current span and a random number, and sends no trace context."""
+
+    def __init__(self, rate: float = 1.0) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("tracing rate must be between 0 and 1")
+        self.rate = rate
         try:
             from opentelemetry import propagate, trace
         except ImportError as exc:
@@ -47,8 +57,16 @@ class Tracing:
                             "rpc.method": fun}) as span:
             yield span
 
+    def wanted(self) -> bool:
+        """Whether the call about to be made gets a span."""
+        if self.rate >= 1.0 or self._trace.get_current_span().is_recording():
+            return True
+        return random.random() < self.rate
+
     def carrier(self) -> dict[str, str] | None:
         """The current trace context to send with a call (None: none)."""
+        if not self._trace.get_current_span().get_span_context().is_valid:
+            return None
         out: dict[str, str] = {}
         self._propagate.inject(out)
         return out or None
@@ -60,6 +78,8 @@ def traced_remote(inner: Callable[..., Coroutine[Any, Any, Any]],
     from malla.call import service_name
 
     async def remote(service: Any, fun: str, *args: Any, **kwargs: Any) -> Any:
+        if not tracing.wanted():
+            return await inner(service, fun, *args, **kwargs)
         with tracing.client_span(service_name(service), fun):
             return await inner(service, fun, *args, **kwargs)
 

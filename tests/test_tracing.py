@@ -119,3 +119,27 @@ def test_trace_context_is_not_put_in_meta():
             await stop_all(made)
 
     run_async(main())
+
+
+def test_sampling_rate_zero_makes_no_span():
+    async def main():
+        make, made = node_factory()
+        try:
+            c = await make("c", tracing=True).start()
+            await c.start_service(Leaf)
+            a = await make("a", tracing=0.0, seeds=[seed_of(c)]).start()
+            assert await a.wait_for_services(["Leaf"], retries=5)
+            EXPORTER.clear()
+            for i in range(20):
+                assert await a.remote("Leaf", "work", [i]) == 2 * i
+            assert EXPORTER.get_finished_spans() == ()
+            # inside a recorded span, the call is followed whatever the rate
+            with trace.get_tracer("test").start_as_current_span("outer"):
+                await a.remote("Leaf", "work", [1])
+            await wait_until(lambda: len(EXPORTER.get_finished_spans()) == 3)
+            names = sorted(s.name for s in EXPORTER.get_finished_spans())
+            assert names == ["malla.call Leaf.work", "malla.serve Leaf.work", "outer"]
+        finally:
+            await stop_all(made)
+
+    run_async(main())
