@@ -229,6 +229,9 @@ def _measure_load(
     return Measurement(figures)
 
 
+_IDLE_SETTLE_S = 1.0
+
+
 def _measure_idle(starter: _Clients, params: dict[str, Any], servers: list[Child]) -> Measurement:
     """Server RSS growth per idle connection, before and after one big message each."""
     (server,) = servers
@@ -241,6 +244,9 @@ def _measure_idle(starter: _Clients, params: dict[str, Any], servers: list[Child
     opened = server.ask_rss()["current_kib"]
     client.send("big")
     result = client.expect("result", _MEMORY_TIMEOUT_S)
+    # "idle after a large message": let every system be idle for a second
+    # (malla gives grown buffers back after half a second without any)
+    time.sleep(_IDLE_SETTLE_S)
     after = server.ask_rss()
     extra: dict[str, float | None] = {}
     if base is not None and opened is not None and after["current_kib"] is not None:

@@ -149,6 +149,7 @@ cdef class CoreProtocol:
     cdef bint _busy_tick
     cdef double _large_at
     cdef bint _idle_check_scheduled
+    cdef bint _shrink_after_read
     cdef int _queued_this_tick
     cdef bint _paused_writing
     cdef object _large
@@ -176,7 +177,8 @@ cdef class CoreProtocol:
     cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message,
                           object tb) except -1
     cdef int _request_flush(self) except -1
-    cdef void _note_large(self)
+    cdef bint _note_large(self)
+    cdef void _schedule_idle_check(self)
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
                                double timeout_ms, deadline_ms, meta, trace) except -1
     cdef int _write_large_frames(self) except -1

@@ -729,6 +729,7 @@ cdef class CoreProtocol:
         self._queued_this_tick = 0
         self._large_at = 0
         self._idle_check_scheduled = False
+        self._shrink_after_read = False
         self._paused_writing = False
         self._large = []
         self._heap = NULL
@@ -845,11 +846,12 @@ cdef class CoreProtocol:
             self._protocol_violation(f"internal error: {exc!r}")
         finally:
             self._in_read = False
-        self._reader.compact_if_idle(False)
+        self._reader.compact_if_idle(self._shrink_after_read)
+        self._shrink_after_read = False
         if (self._wbuf._len or self._large) and self._state <= CS_READY:
             self.flush()
-        if self._reader._size > READ_BUF_INITIAL * 2:
-            self._note_large()
+        if nbytes > READ_BUF_INITIAL or self._reader._end - self._reader._start > READ_BUF_INITIAL:
+            self._schedule_idle_check()     # give the grown buffer back once idle
 
     def eof_received(self):
         return False
@@ -923,7 +925,7 @@ cdef class CoreProtocol:
         if f.flags & FLAG_MORE:
             return 0
         del self._partials[key]
-        self._note_large()
+        self._shrink_after_read = not self._note_large()
         if part.dropped:
             return self._on_dropped_message(part.ftype, f.sid)
         self._partial_bytes -= PyByteArray_GET_SIZE(part.data)
@@ -1181,7 +1183,8 @@ cdef class CoreProtocol:
             frames = (length + self.max_frame_size - 1) // self.max_frame_size
             m.chunk = (length + frames - 1) // frames
             self._wbuf.truncate(start)
-            self._note_large()
+            if not self._note_large():
+                self._wbuf.release_if_large()    # a lone large message
             self._large.append(m)
         return self._request_flush()
 
@@ -1212,8 +1215,16 @@ cdef class CoreProtocol:
             self._loop.call_soon(self._end_tick)
         return 0
 
-    cdef void _note_large(self):
-        self._large_at = _now()
+    cdef bint _note_large(self):
+        # True when large messages are streaming (another one passed less
+        # than LARGE_IDLE ago): then the grown buffers are worth keeping.
+        cdef double now = _now()
+        cdef bint streaming = now - self._large_at < LARGE_IDLE
+        self._large_at = now
+        self._schedule_idle_check()
+        return streaming
+
+    cdef void _schedule_idle_check(self):
         if not self._idle_check_scheduled and self._state <= CS_READY:
             self._idle_check_scheduled = True
             self._loop.call_later(LARGE_IDLE, self._idle_check)
@@ -1246,10 +1257,10 @@ cdef class CoreProtocol:
             self._wbuf.truncate(0)
             return
         if self._wbuf._len:
+            if self._wbuf._len > WRITE_BUF_KEEP:
+                self._schedule_idle_check()     # give the grown buffer back once idle
             self._transport.write(self._wbuf.take())
             self.last_sent = _now()
-            if self._wbuf._size > WRITE_BUF_KEEP:
-                self._note_large()
         if self._large and not self._paused_writing:
             self._write_large_frames()
 
