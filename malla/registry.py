@@ -109,7 +109,3 @@ class Registry:
 
     def services(self) -> dict[str, list[str]]:
         return {s: list(self.nodes(s)) for s in sorted(self._seen)}
-
-    def remote_table(self, node: str) -> dict[str, dict[str, Any]]:
-        return {s: info for s, nodes in self._remote.items()
-                for n, info in nodes.items() if n == node}
