@@ -21,6 +21,7 @@ from malla import exceptions as mexc
 from malla.codec import bad_value_path
 from malla.context import inherited_deadline, reset_deadline, set_deadline_at
 from malla.handshake import CAP_TRACE
+from malla.metrics import Metrics
 from malla.service import KIND_SYNC, RunningService, settle
 from malla.tracing import Tracing
 
@@ -74,6 +75,7 @@ class CallAPI:
     _entries: dict[str, RunningService]
     _stats: _Stats
     _tracing: Tracing | None
+    _metrics: Metrics | None
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         raise NotImplementedError
@@ -100,39 +102,49 @@ class CallAPI:
             mine = time.monotonic() + deadline / 1000.0
             if at is None or mine < at:
                 at = mine
-        sna_round = exc_round = 0
-        registry = self._registry
-        while True:
-            tried = overloaded = 0
-            for node in registry.nodes(name):
-                tried += 1
-                try:
-                    if node == self.name:
-                        return await self._call_here(name, fun, args, kwargs, timeout, at, meta)
-                    return await self._call_node(node, name, fun, args, kwargs, timeout, at, meta)
-                except ServiceNotAvailable as exc:
-                    self._stats.failovers += 1
-                    overloaded += isinstance(exc, mexc.Overloaded)
-                    continue
-                except _RETRYABLE as exc:
-                    if exc_round >= excp_retries:
-                        self._stats.error(exc)
-                        raise
-                    exc_round += 1
-                    break
-            else:
-                if sna_round >= sna_retries:
-                    # every node refused as overloaded: say so (still a ServiceNotAvailable)
-                    cls = mexc.Overloaded if tried and overloaded == tried else ServiceNotAvailable
-                    err = cls(
-                        f"service {name} is not available"
-                        f" ({'no node runs it' if not tried else f'{tried} node(s) refused'},"
-                        f" {sna_round + 1} round(s))")
-                    self._stats.error(err)
-                    raise err
-                sna_round += 1
-            self._stats.retries += 1
-            await self._retry_sleep(retries_sleep_msec, at, name)
+        # with metrics on, the call is timed here; off, it costs a test
+        metrics = self._metrics
+        started = time.perf_counter_ns() if metrics is not None else 0
+        try:
+            sna_round = exc_round = 0
+            registry = self._registry
+            while True:
+                tried = overloaded = 0
+                for node in registry.nodes(name):
+                    tried += 1
+                    try:
+                        if node == self.name:
+                            return await self._call_here(name, fun, args, kwargs, timeout, at, meta)
+                        return await self._call_node(node, name, fun, args, kwargs, timeout, at,
+                                                     meta)
+                    except ServiceNotAvailable as exc:
+                        self._stats.failovers += 1
+                        overloaded += isinstance(exc, mexc.Overloaded)
+                        continue
+                    except _RETRYABLE as exc:
+                        if exc_round >= excp_retries:
+                            self._stats.error(exc)
+                            raise
+                        exc_round += 1
+                        break
+                else:
+                    if sna_round >= sna_retries:
+                        # every node refused as overloaded: say so (still a
+                        # ServiceNotAvailable)
+                        cls = (mexc.Overloaded if tried and overloaded == tried
+                               else ServiceNotAvailable)
+                        err = cls(
+                            f"service {name} is not available"
+                            f" ({'no node runs it' if not tried else f'{tried} node(s) refused'},"
+                            f" {sna_round + 1} round(s))")
+                        self._stats.error(err)
+                        raise err
+                    sna_round += 1
+                self._stats.retries += 1
+                await self._retry_sleep(retries_sleep_msec, at, name)
+        finally:
+            if started:
+                metrics.record(name, fun, time.perf_counter_ns() - started)  # type: ignore[union-attr]
 
     async def _retry_sleep(self, msec: int, at: float | None, name: str) -> None:
         delay = msec / 1000.0

@@ -1,15 +1,12 @@
 """Optional metrics: latency histograms per "Service.fun", and a Prometheus
 exposition of node.stats().
 
-Off by default, and then free: the node's remote() is the plain one.  With
-`Node(metrics=True)` (or `metrics_port=`) the node's remote() is replaced by
-a timed one for that node only.
+Off by default, and then free: remote() tests one attribute.  With
+`Node(metrics=True)` (or `metrics_port=`) remote() times each call.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from malla._ext import core
@@ -40,33 +37,14 @@ class Metrics:
             hist = funs[fun] = LatencyHistogram()
         return hist
 
+    def record(self, service: str, fun: str, ns: int) -> None:
+        hist = self.latency.get(service, _NONE).get(fun) or self.histogram(service, fun)
+        hist.record_ns(ns)
+
     def snapshot(self) -> dict[str, dict[str, float]]:
         return {f"{s}.{f}": {"count": h.count, "p50_us": h.percentile_us(0.5),
                              "p99_us": h.percentile_us(0.99)}
                 for s, funs in sorted(self.latency.items()) for f, h in sorted(funs.items())}
-
-
-Remote = Callable[..., Coroutine[Any, Any, Any]]
-
-
-def timed_remote(inner: Remote, metrics: Metrics) -> Remote:
-    """`inner` (a node's remote), recording each call's latency."""
-    from malla.call import service_name
-
-    clock = time.perf_counter_ns
-    latency = metrics.latency
-
-    async def remote(service: Any, fun: str, *args: Any, **kwargs: Any) -> Any:
-        started = clock()
-        try:
-            return await inner(service, fun, *args, **kwargs)
-        finally:
-            name = service if type(service) is str else service_name(service)
-            hist = latency.get(name, _NONE).get(fun) or metrics.histogram(name, fun)
-            hist.record_ns(clock() - started)
-
-    remote.__doc__ = inner.__doc__
-    return remote
 
 
 def prometheus_collector(node: Node) -> Any:

@@ -22,7 +22,7 @@ from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_al
 from malla.guard import HandshakeThrottle, cookie_weakness
 from malla.handshake import CAP_UDP_HEARTBEAT, Hello, protocol_limits
 from malla.liveness import HeartbeatThread, Liveness
-from malla.metrics import Metrics, serve_prometheus, timed_remote
+from malla.metrics import Metrics, serve_prometheus
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
 from malla.registry import Registry
@@ -123,15 +123,12 @@ class Node(CallAPI):
     def _wrap_remote(self, metrics: bool) -> None:
         # Metrics and tracing replace this node's remote() by a wrapped one;
         # without them it is the plain method and they cost nothing.
-        if not metrics and self._tracing is None:
-            return
-        remote = CallAPI.remote.__get__(self)
         if metrics:
             self._metrics = Metrics()
-            remote = timed_remote(remote, self._metrics)
         if self._tracing is not None:
-            remote = traced_remote(remote, self._tracing)
-        self.remote = remote  # type: ignore[method-assign]
+            # tracing replaces this node's remote() by a traced one
+            remote = traced_remote(CallAPI.remote.__get__(self), self._tracing)
+            self.remote = remote  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"<malla.Node {self.name} {self._address or 'not started'}>"
