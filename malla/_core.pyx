@@ -48,6 +48,7 @@ from malla import exceptions as mexc
 
 cdef extern from "Python.h":
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
+    object PyUnicode_DecodeUTF8(const char *s, Py_ssize_t size, const char *errors)
     const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t *size) except NULL
 
 cdef extern from *:
@@ -141,7 +142,75 @@ cdef inline uint64_t _get_u64(const char* p) noexcept:
     return ((<uint64_t>_get_u32(p)) << 32) | _get_u32(p + 4)
 
 
+cdef object _NOT_SCALAR = object()
+
+
+cdef object _unpack_scalar(const unsigned char* p, Py_ssize_t n):
+    # A reply is very often one scalar (a number, a string, bytes, None):
+    # build it here, without a call into msgpack.  Anything else, or a
+    # scalar that does not span the payload exactly, is msgpack's to decode.
+    cdef unsigned char c
+    cdef Py_ssize_t size, head
+    cdef uint64_t bits
+    cdef double d
+    if n == 0:
+        return _NOT_SCALAR
+    c = p[0]
+    if n == 1:
+        if c <= 0x7f:
+            return <long>c
+        if c >= 0xe0:
+            return <long>(<signed char>c)
+        if c == 0xc0:
+            return None
+        if c == 0xc2:
+            return False
+        if c == 0xc3:
+            return True
+        if c == 0xa0:
+            return ""
+        return _NOT_SCALAR
+    if c == 0xcb and n == 9:
+        bits = _get_u64(<const char*>p + 1)
+        memcpy(&d, &bits, 8)
+        return d
+    if c == 0xcc and n == 2:
+        return <long>p[1]
+    if c == 0xcd and n == 3:
+        return <long>((<unsigned int>p[1] << 8) | p[2])
+    if c == 0xce and n == 5:
+        return <unsigned long long>_get_u32(<const char*>p + 1)
+    if c == 0xcf and n == 9:
+        return <unsigned long long>_get_u64(<const char*>p + 1)
+    if c == 0xd0 and n == 2:
+        return <long>(<signed char>p[1])
+    if c == 0xd1 and n == 3:
+        return <long>(<short>((<unsigned int>p[1] << 8) | p[2]))
+    if c == 0xd2 and n == 5:
+        return <long long>(<int>_get_u32(<const char*>p + 1))
+    if c == 0xd3 and n == 9:
+        return <long long>(<int64_t>_get_u64(<const char*>p + 1))
+    if 0xa0 <= c <= 0xbf:
+        size, head = c & 0x1f, 1
+    elif c == 0xd9 or c == 0xc4:
+        size, head = p[1], 2
+    elif (c == 0xda or c == 0xc5) and n >= 3:
+        size, head = (<Py_ssize_t>p[1] << 8) | p[2], 3
+    elif (c == 0xdb or c == 0xc6) and n >= 5:
+        size, head = _get_u32(<const char*>p + 1), 5
+    else:
+        return _NOT_SCALAR
+    if head + size != n:
+        return _NOT_SCALAR
+    if c == 0xc4 or c == 0xc5 or c == 0xc6:
+        return PyBytes_FromStringAndSize(<const char*>p + head, size)
+    return PyUnicode_DecodeUTF8(<const char*>p + head, size, NULL)
+
+
 cdef inline object _unpack(const char* p, Py_ssize_t n):
+    cdef object value = _unpack_scalar(<const unsigned char*>p, n)
+    if value is not _NOT_SCALAR:
+        return value
     # msgpack copies what it keeps, so a view into our buffer is safe here.
     # Its own timestamp (ext -1) never reaches ext_hook: timestamp=3 reads it
     # as an aware UTC datetime, a wire type (a msgpack Timestamp is not).
@@ -484,8 +553,10 @@ def packb(obj):
 
 def unpackb(data):
     """Decode a value encoded by packb (with the codec's extension types)."""
-    return _msgpack_unpackb(data, ext_hook=_ext_hook, raw=False,
-                            strict_map_key=False, use_list=True, timestamp=3)
+    cdef const unsigned char[:] view = memoryview(data).cast("B")
+    if view.shape[0]:
+        return _unpack(<const char*>&view[0], view.shape[0])
+    return _unpack(b"", 0)
 
 
 def build_frame(int ftype, int flags, uint64_t sid, payload=b""):
