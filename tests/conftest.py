@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import uvloop
@@ -197,3 +198,17 @@ def kill_process(proc: subprocess.Popen) -> None:
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+
+
+def with_nodes(test: Callable[..., Any], *, loop: str = "uvloop", timeout: float = 60.0) -> Any:
+    """Run `await test(make)` on a fresh loop, where `make(name, **options)`
+    makes a node on loopback; every node it made is stopped afterwards,
+    whether the test passed or failed."""
+    async def main() -> Any:
+        make, made = node_factory()
+        try:
+            return await test(make)
+        finally:
+            await stop_all(made)
+
+    return run_async(main(), loop=loop, timeout=timeout)

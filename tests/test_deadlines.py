@@ -15,7 +15,16 @@ import pytest
 import malla
 from malla import context
 
-from conftest import COOKIE, ROOT, node_factory, run_async, seed_of, stop_all, wait_until
+from conftest import (
+    COOKIE,
+    ROOT,
+    node_factory,
+    run_async,
+    seed_of,
+    stop_all,
+    wait_until,
+    with_nodes,
+)
 from netns import Topology
 
 NODEPROC = os.path.join(ROOT, "tests", "nodeproc.py")
@@ -52,36 +61,28 @@ def free_port() -> int:
 
 
 def test_deadline_with_a_dead_port_and_retries():
-    async def main():
-        make, made = node_factory()
-        try:
-            node = await make("caller", seeds=[f"127.0.0.1:{free_port()}"]).start()
-            exc = await assert_bounded(node.remote("Nobody", "f", sna_retries=1000,
-                                                   retries_sleep_msec=50,
-                                                   deadline=DEADLINE_MS))
-            assert isinstance(exc, malla.CallTimeout)
-        finally:
-            await stop_all(made)
+    async def main(make):
+        node = await make("caller", seeds=[f"127.0.0.1:{free_port()}"]).start()
+        exc = await assert_bounded(node.remote("Nobody", "f", sna_retries=1000,
+                                               retries_sleep_msec=50,
+                                               deadline=DEADLINE_MS))
+        assert isinstance(exc, malla.CallTimeout)
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_deadline_with_a_deadlocked_callee_and_exception_retries():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(Hang)
-            b = await make("b", seeds=[seed_of(a)]).start()
-            assert await b.wait_for_services(["Hang"], retries=5)
-            exc = await assert_bounded(b.remote("Hang", "forever", timeout=300, excp_retries=50,
-                                                retries_sleep_msec=10, deadline=DEADLINE_MS))
-            assert isinstance(exc, malla.CallTimeout)
-            await wait_until(lambda: Hang.cancelled == Hang.entered, timeout=3)
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Hang)
+        b = await make("b", seeds=[seed_of(a)]).start()
+        assert await b.wait_for_services(["Hang"], retries=5)
+        exc = await assert_bounded(b.remote("Hang", "forever", timeout=300, excp_retries=50,
+                                            retries_sleep_msec=10, deadline=DEADLINE_MS))
+        assert isinstance(exc, malla.CallTimeout)
+        await wait_until(lambda: Hang.cancelled == Hang.entered, timeout=3)
 
-    run_async(main())
+    with_nodes(main)
 
 
 def _spawn(argv, **kw):
@@ -147,25 +148,21 @@ def test_deadline_when_the_reply_is_lost_on_the_way():
             Slowish.ran += 1
             return "done"
 
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a", heartbeat_timeout=30, udp_heartbeat=False).start()
-            await a.start_service(Slowish)
-            proxy = LossyProxy(a.address[1])
-            port = await proxy.start()
-            b = await make("b", heartbeat_timeout=30, udp_heartbeat=False).start()
-            await b.connect(f"127.0.0.1:{port}")
-            assert await b.wait_for_services(["Slowish"], retries=5)
-            assert await b.remote("Slowish", "work") == "done"
-            proxy.drop_replies = True
-            exc = await assert_bounded(b.remote("Slowish", "work", deadline=DEADLINE_MS))
-            assert isinstance(exc, malla.CallTimeout)
-            assert Slowish.ran == 2          # it ran: "may have run" was the right answer
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a", heartbeat_timeout=30, udp_heartbeat=False).start()
+        await a.start_service(Slowish)
+        proxy = LossyProxy(a.address[1])
+        port = await proxy.start()
+        b = await make("b", heartbeat_timeout=30, udp_heartbeat=False).start()
+        await b.connect(f"127.0.0.1:{port}")
+        assert await b.wait_for_services(["Slowish"], retries=5)
+        assert await b.remote("Slowish", "work") == "done"
+        proxy.drop_replies = True
+        exc = await assert_bounded(b.remote("Slowish", "work", deadline=DEADLINE_MS))
+        assert isinstance(exc, malla.CallTimeout)
+        assert Slowish.ran == 2          # it ran: "may have run" was the right answer
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_deadline_with_a_black_holed_peer_in_a_namespace():
@@ -214,28 +211,24 @@ class Outer(malla.Service, global_=True):
 
 
 def test_cancelling_the_outer_call_cancels_the_whole_tree():
-    async def main():
-        make, made = node_factory()
-        try:
-            c = await make("c").start()
-            await c.start_service(Inner)
-            b = await make("b", seeds=[seed_of(c)]).start()
-            Outer.node = b
-            await b.start_service(Outer)
-            a = await make("a", seeds=[seed_of(b)]).start()
-            assert await a.wait_for_services(["Outer"], retries=5)
-            await wait_until(lambda: b.get_nodes("Inner") == ["c"])
-            outer = asyncio.ensure_future(a.remote("Outer", "relay", deadline=5000))
-            await wait_until(lambda: len(Inner.seen_budget) == 1)
-            assert 0 < Inner.seen_budget[0] < 5000          # the budget travelled two hops
-            outer.cancel()
-            await wait_until(lambda: Inner.cancelled == 1, timeout=3)
-            await wait_until(lambda: b.stats()["in_flight"] == 0 and
-                             all(e.running == 0 for e in b._entries.values()))
-        finally:
-            await stop_all(made)
+    async def main(make):
+        c = await make("c").start()
+        await c.start_service(Inner)
+        b = await make("b", seeds=[seed_of(c)]).start()
+        Outer.node = b
+        await b.start_service(Outer)
+        a = await make("a", seeds=[seed_of(b)]).start()
+        assert await a.wait_for_services(["Outer"], retries=5)
+        await wait_until(lambda: b.get_nodes("Inner") == ["c"])
+        outer = asyncio.ensure_future(a.remote("Outer", "relay", deadline=5000))
+        await wait_until(lambda: len(Inner.seen_budget) == 1)
+        assert 0 < Inner.seen_budget[0] < 5000          # the budget travelled two hops
+        outer.cancel()
+        await wait_until(lambda: Inner.cancelled == 1, timeout=3)
+        await wait_until(lambda: b.stats()["in_flight"] == 0 and
+                         all(e.running == 0 for e in b._entries.values()))
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_ten_thousand_cancelled_calls_leave_nothing_running():
@@ -243,26 +236,22 @@ def test_ten_thousand_cancelled_calls_leave_nothing_running():
         async def park(self):
             await asyncio.sleep(60)
 
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(Park)
-            b = await make("b", seeds=[seed_of(a)]).start()
-            assert await b.wait_for_services(["Park"], retries=5)
-            tasks = [asyncio.ensure_future(b.remote("Park", "park")) for _ in range(10_000)]
-            await wait_until(lambda: a._conns["b"].proto.running == 10_000, timeout=30)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            proto_a, proto_b = a._conns["b"].proto, b._conns["a"].proto
-            await wait_until(lambda: proto_a.running == 0 and a._entries["Park"].running == 0,
-                             timeout=30)
-            assert proto_b.in_flight == 0
-            handler_tasks = [t for t in asyncio.all_tasks() if "RunningService._run" in repr(t)]
-            assert handler_tasks == []
-            assert b.stats()["in_flight"] == 0
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Park)
+        b = await make("b", seeds=[seed_of(a)]).start()
+        assert await b.wait_for_services(["Park"], retries=5)
+        tasks = [asyncio.ensure_future(b.remote("Park", "park")) for _ in range(10_000)]
+        await wait_until(lambda: a._conns["b"].proto.running == 10_000, timeout=30)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        proto_a, proto_b = a._conns["b"].proto, b._conns["a"].proto
+        await wait_until(lambda: proto_a.running == 0 and a._entries["Park"].running == 0,
+                         timeout=30)
+        assert proto_b.in_flight == 0
+        handler_tasks = [t for t in asyncio.all_tasks() if "RunningService._run" in repr(t)]
+        assert handler_tasks == []
+        assert b.stats()["in_flight"] == 0
 
-    run_async(main(), timeout=120)
+    with_nodes(main, timeout=120)

@@ -8,7 +8,7 @@ from dnslib.server import BaseResolver, DNSServer
 
 from malla.dns import Resolver, kind_of
 
-from conftest import node_factory, run_async, stop_all, wait_until
+from conftest import run_async, wait_until, with_nodes
 
 
 class ZoneResolver(BaseResolver):
@@ -78,40 +78,32 @@ def test_connect_through_srv_and_reresolve(dns_server):
     up a node added to the records later (a headless service scaling up)."""
     zone, server = dns_server
 
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            b = await make("b").start()
-            zone.set_a("a.test", ["127.0.0.1"])
-            zone.set_srv("_malla._tcp.test", [("a.test", a.address[1])])
-            c = await make("c", connect=["_malla._tcp.test"], dns_servers=[server],
-                           check_interval=0.2).start()
-            await wait_until(lambda: c.peers() == ["a"], timeout=10)
-            # scale up: b appears in the SRV records
-            zone.set_srv("_malla._tcp.test", [("a.test", a.address[1]),
-                                              ("a.test", b.address[1])])
-            await wait_until(lambda: c.peers() == ["a", "b"], timeout=10)
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        b = await make("b").start()
+        zone.set_a("a.test", ["127.0.0.1"])
+        zone.set_srv("_malla._tcp.test", [("a.test", a.address[1])])
+        c = await make("c", connect=["_malla._tcp.test"], dns_servers=[server],
+                       check_interval=0.2).start()
+        await wait_until(lambda: c.peers() == ["a"], timeout=10)
+        # scale up: b appears in the SRV records
+        zone.set_srv("_malla._tcp.test", [("a.test", a.address[1]),
+                                          ("a.test", b.address[1])])
+        await wait_until(lambda: c.peers() == ["a", "b"], timeout=10)
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_connect_name_at_domain(dns_server):
     zone, server = dns_server
 
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a", port=0).start()
-            zone.set_a("cluster.test", ["127.0.0.1"])
-            c = await make("c", dns_servers=[server]).start()
-            await c.connect(f"a@cluster.test:{a.address[1]}")
-            assert c.peers() == ["a"]
-            with pytest.raises(ConnectionError):
-                await c.connect("x@missing.test")
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a", port=0).start()
+        zone.set_a("cluster.test", ["127.0.0.1"])
+        c = await make("c", dns_servers=[server]).start()
+        await c.connect(f"a@cluster.test:{a.address[1]}")
+        assert c.peers() == ["a"]
+        with pytest.raises(ConnectionError):
+            await c.connect("x@missing.test")
 
-    run_async(main())
+    with_nodes(main)

@@ -9,7 +9,7 @@ import time
 import malla
 from malla._ext import core
 
-from conftest import node_factory, run_async, spawn_python, stop_all, wait_until
+from conftest import node_factory, run_async, spawn_python, stop_all, wait_until, with_nodes
 
 CONSUMER = """
 import sys, time, malla
@@ -161,28 +161,24 @@ def test_small_messages_never_wait_behind_more_than_one_large_frame():
 
 
 def test_message_too_large_at_the_caller_keeps_the_connection():
-    async def main():
-        make, made = node_factory()
+    async def main(make):
+        class Echo(malla.Service, global_=True):
+            def echo(self, x):
+                return x
+
+        a = await make("a", max_message_size=256 * 1024).start()
+        await a.start_service(Echo)
+        b = await make("b", seeds=[f"127.0.0.1:{a.address[1]}"],
+                       max_message_size=256 * 1024).start()
+        assert await b.wait_for_services(["Echo"], retries=5)
         try:
-            class Echo(malla.Service, global_=True):
-                def echo(self, x):
-                    return x
+            await b.remote("Echo", "echo", [b"x" * (300 * 1024)])
+            raise AssertionError("no MessageTooLarge")
+        except malla.MessageTooLarge:
+            pass
+        assert await b.remote("Echo", "echo", [b"y" * 200_000]) == b"y" * 200_000
 
-            a = await make("a", max_message_size=256 * 1024).start()
-            await a.start_service(Echo)
-            b = await make("b", seeds=[f"127.0.0.1:{a.address[1]}"],
-                           max_message_size=256 * 1024).start()
-            assert await b.wait_for_services(["Echo"], retries=5)
-            try:
-                await b.remote("Echo", "echo", [b"x" * (300 * 1024)])
-                raise AssertionError("no MessageTooLarge")
-            except malla.MessageTooLarge:
-                pass
-            assert await b.remote("Echo", "echo", [b"y" * 200_000]) == b"y" * 200_000
-        finally:
-            await stop_all(made)
-
-    run_async(main())
+    with_nodes(main)
 
 
 def test_large_messages_flow_without_waiting_and_buffers_shrink_after():
@@ -193,29 +189,25 @@ def test_large_messages_flow_without_waiting_and_buffers_shrink_after():
         def echo(self, x):
             return x
 
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a", heartbeat_interval=5, heartbeat_timeout=30).start()
-            await a.start_service(Echo)
-            b = await make("b", seeds=[f"127.0.0.1:{a.address[1]}"], heartbeat_interval=5,
-                           heartbeat_timeout=30).start()
-            assert await b.wait_for_services(["Echo"], retries=5)
-            for size in (1 << 20, 3 << 20, 8 << 20):
-                blob = os.urandom(size)
-                t0 = time.monotonic()
-                assert await b.remote("Echo", "echo", [blob]) == blob
-                assert time.monotonic() - t0 < 2.0, f"{size} bytes took too long"
-            protos = (a._conns["b"].proto, b._conns["a"].proto)
-            assert all(p.queued_large == 0 for p in protos)
-            # kept while large messages come, given back once they stop
-            await wait_until(lambda: all(p.read_buffer_capacity <= 64 * 1024 and
-                                         p.write_buffer_capacity <= 64 * 1024
-                                         for p in protos), timeout=5)
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a", heartbeat_interval=5, heartbeat_timeout=30).start()
+        await a.start_service(Echo)
+        b = await make("b", seeds=[f"127.0.0.1:{a.address[1]}"], heartbeat_interval=5,
+                       heartbeat_timeout=30).start()
+        assert await b.wait_for_services(["Echo"], retries=5)
+        for size in (1 << 20, 3 << 20, 8 << 20):
+            blob = os.urandom(size)
+            t0 = time.monotonic()
+            assert await b.remote("Echo", "echo", [blob]) == blob
+            assert time.monotonic() - t0 < 2.0, f"{size} bytes took too long"
+        protos = (a._conns["b"].proto, b._conns["a"].proto)
+        assert all(p.queued_large == 0 for p in protos)
+        # kept while large messages come, given back once they stop
+        await wait_until(lambda: all(p.read_buffer_capacity <= 64 * 1024 and
+                                     p.write_buffer_capacity <= 64 * 1024
+                                     for p in protos), timeout=5)
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_per_call_timeouts_fire_in_order_and_the_heap_stays_bounded():

@@ -11,7 +11,7 @@ import pytest
 import malla
 from malla.metrics import LatencyHistogram
 
-from conftest import node_factory, run_async, seed_of, stop_all
+from conftest import seed_of, with_nodes
 
 
 class Calc(malla.Service, global_=True):
@@ -39,62 +39,54 @@ def test_histogram_percentiles():
 
 
 def test_stats_count_calls_errors_retries_failovers_and_latency():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(Calc)
-            b = await make("b", seeds=[seed_of(a)], metrics=True).start()
-            assert await b.wait_for_services(["Calc"], retries=5)
-            for i in range(20):
-                assert await b.remote("Calc", "add", [i, 1]) == i + 1
-            with pytest.raises(malla.RemoteError):
-                await b.remote("Calc", "fail", excp_retries=1, retries_sleep_msec=1)
-            with pytest.raises(malla.ServiceNotAvailable):
-                await b.remote("Nobody", "f", sna_retries=2, retries_sleep_msec=1)
-            stats = b.stats()
-            assert stats["calls_out"] == 22
-            assert a.stats()["calls_in"] == 22
-            assert stats["errors"] == {"RemoteError": 1, "ServiceNotAvailable": 1}
-            assert stats["retries"] == 3
-            assert stats["in_flight"] == 0
-            assert stats["latency"]["Calc.add"]["count"] == 20
-            assert 0 < stats["latency"]["Calc.add"]["p50_us"] <= \
-                stats["latency"]["Calc.add"]["p99_us"]
-            assert a.stats()["latency"] == {}             # metrics off: nothing recorded
-            # failovers: the first node refuses (paused), the call moves on
-            c = await make("c", seeds=[seed_of(a)]).start()
-            await c.start_service(Calc)
-            await asyncio.sleep(0.3)
-            first = b.get_nodes("Calc")[0]
-            node = a if first == "a" else c
-            node._entries["Calc"].paused = True            # refuses without announcing
-            assert await b.remote("Calc", "add", [1, 1]) == 2
-            assert b.stats()["failovers"] == 1
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Calc)
+        b = await make("b", seeds=[seed_of(a)], metrics=True).start()
+        assert await b.wait_for_services(["Calc"], retries=5)
+        for i in range(20):
+            assert await b.remote("Calc", "add", [i, 1]) == i + 1
+        with pytest.raises(malla.RemoteError):
+            await b.remote("Calc", "fail", excp_retries=1, retries_sleep_msec=1)
+        with pytest.raises(malla.ServiceNotAvailable):
+            await b.remote("Nobody", "f", sna_retries=2, retries_sleep_msec=1)
+        stats = b.stats()
+        assert stats["calls_out"] == 22
+        assert a.stats()["calls_in"] == 22
+        assert stats["errors"] == {"RemoteError": 1, "ServiceNotAvailable": 1}
+        assert stats["retries"] == 3
+        assert stats["in_flight"] == 0
+        assert stats["latency"]["Calc.add"]["count"] == 20
+        assert 0 < stats["latency"]["Calc.add"]["p50_us"] <= \
+            stats["latency"]["Calc.add"]["p99_us"]
+        assert a.stats()["latency"] == {}             # metrics off: nothing recorded
+        # failovers: the first node refuses (paused), the call moves on
+        c = await make("c", seeds=[seed_of(a)]).start()
+        await c.start_service(Calc)
+        await asyncio.sleep(0.3)
+        first = b.get_nodes("Calc")[0]
+        node = a if first == "a" else c
+        node._entries["Calc"].paused = True            # refuses without announcing
+        assert await b.remote("Calc", "add", [1, 1]) == 2
+        assert b.stats()["failovers"] == 1
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_prometheus_endpoint():
     port = free_port()
 
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(Calc)
-            b = await make("b", seeds=[seed_of(a)], metrics_port=port).start()
-            assert await b.wait_for_services(["Calc"], retries=5)
-            await b.remote("Calc", "add", [1, 2])
-            loop = asyncio.get_running_loop()
-            body = await loop.run_in_executor(None, lambda: urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
-            assert 'malla_calls_out_total{node="b"} 1.0' in body
-            assert 'malla_peers{node="b"} 1.0' in body
-            assert 'malla_call_latency_seconds_count{call="Calc.add",node="b"} 1.0' in body
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Calc)
+        b = await make("b", seeds=[seed_of(a)], metrics_port=port).start()
+        assert await b.wait_for_services(["Calc"], retries=5)
+        await b.remote("Calc", "add", [1, 2])
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(None, lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+        assert 'malla_calls_out_total{node="b"} 1.0' in body
+        assert 'malla_peers{node="b"} 1.0' in body
+        assert 'malla_call_latency_seconds_count{call="Calc.add",node="b"} 1.0' in body
 
-    run_async(main())
+    with_nodes(main)

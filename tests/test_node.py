@@ -30,6 +30,7 @@ from conftest import (
     spawn_node,
     stop_all,
     wait_until,
+    with_nodes,
 )
 
 HEADER = struct.Struct(">BBHIQ")   # type, flags, reserved, length, stream id
@@ -110,105 +111,85 @@ def test_async_with_starts_and_stops():
 
 
 def test_peers_and_connect_waits_for_handshake():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            b = await make("b").start()
-            c = await make("c").start()
-            assert a.peers() == []
-            await b.connect(seed_of(a))
-            assert b.peers() == ["a"]          # no waiting: connect returned after the handshake
-            await wait_until(lambda: a.peers() == ["b"])
-            await c.connect(seed_of(a))
-            assert "a" in c.peers()
-            # full mesh, learned transitively
-            await wait_until(lambda: a.peers() == ["b", "c"] and b.peers() == ["a", "c"]
-                             and c.peers() == ["a", "b"])
-            await b.stop()
-            await wait_until(lambda: a.peers() == ["c"] and c.peers() == ["a"])
-            assert b.peers() == []
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        b = await make("b").start()
+        c = await make("c").start()
+        assert a.peers() == []
+        await b.connect(seed_of(a))
+        assert b.peers() == ["a"]          # no waiting: connect returned after the handshake
+        await wait_until(lambda: a.peers() == ["b"])
+        await c.connect(seed_of(a))
+        assert "a" in c.peers()
+        # full mesh, learned transitively
+        await wait_until(lambda: a.peers() == ["b", "c"] and b.peers() == ["a", "c"]
+                         and c.peers() == ["a", "b"])
+        await b.stop()
+        await wait_until(lambda: a.peers() == ["c"] and c.peers() == ["a"])
+        assert b.peers() == []
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_connect_to_nothing_raises_connection_error():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            with pytest.raises(ConnectionError):
-                await a.connect(f"127.0.0.1:{free_port()}")
-            assert a.peers() == []
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        with pytest.raises(ConnectionError):
+            await a.connect(f"127.0.0.1:{free_port()}")
+        assert a.peers() == []
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_failed_dials_leave_no_connection_behind():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a", seeds=[f"127.0.0.1:{free_port()}"], redial_max=0.05).start()
-            await asyncio.sleep(0.5)      # several failed background dials
-            with pytest.raises(ConnectionError):
-                await a.connect(f"127.0.0.1:{free_port()}")
-            assert a._all == set()        # (uvloop makes the protocol before connecting)
-            t0 = time.monotonic()
-            await a.stop()
-            assert time.monotonic() - t0 < 1.5, "stop() waited for connections that never were"
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a", seeds=[f"127.0.0.1:{free_port()}"], redial_max=0.05).start()
+        await asyncio.sleep(0.5)      # several failed background dials
+        with pytest.raises(ConnectionError):
+            await a.connect(f"127.0.0.1:{free_port()}")
+        assert a._all == set()        # (uvloop makes the protocol before connecting)
+        t0 = time.monotonic()
+        await a.stop()
+        assert time.monotonic() - t0 < 1.5, "stop() waited for connections that never were"
 
-    run_async(main())
+    with_nodes(main)
 
 
 # -- authentication and the handshake ------------------------------------------------
 
 
 def test_wrong_cookie_is_refused_and_acceptor_keeps_serving():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(Calc())
-            intruder = await make("intruder", cookie="not-the-cookie").start()
-            with pytest.raises(malla.AuthenticationError):
-                await intruder.connect(seed_of(a))
-            assert a.peers() == []
-            assert intruder.peers() == []
-            assert a.stats()["calls_in"] == 0
-            friend = await make("friend").start()
-            await friend.connect(seed_of(a))
-            await wait_until(lambda: friend.get_nodes(Calc))
-            assert await friend.remote(Calc, "add", [2, 3]) == 5
-            assert a.peers() == ["friend"]
-            assert "intruder" not in a.peers()
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Calc())
+        intruder = await make("intruder", cookie="not-the-cookie").start()
+        with pytest.raises(malla.AuthenticationError):
+            await intruder.connect(seed_of(a))
+        assert a.peers() == []
+        assert intruder.peers() == []
+        assert a.stats()["calls_in"] == 0
+        friend = await make("friend").start()
+        await friend.connect(seed_of(a))
+        await wait_until(lambda: friend.get_nodes(Calc))
+        assert await friend.remote(Calc, "add", [2, 3]) == 5
+        assert a.peers() == ["friend"]
+        assert "intruder" not in a.peers()
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_silent_client_closed_after_handshake_timeout():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a", handshake_timeout=0.3).start()
-            reader, writer = await raw_open(a)
-            t0 = time.monotonic()
-            await read_until_eof(reader, timeout=5)
-            elapsed = time.monotonic() - t0
-            assert elapsed >= 0.2, f"closed after {elapsed:.3f} s, before handshake_timeout"
-            writer.close()
-            assert a.peers() == []
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a", handshake_timeout=0.3).start()
+        reader, writer = await raw_open(a)
+        t0 = time.monotonic()
+        await read_until_eof(reader, timeout=5)
+        elapsed = time.monotonic() - t0
+        assert elapsed >= 0.2, f"closed after {elapsed:.3f} s, before handshake_timeout"
+        writer.close()
+        assert a.peers() == []
 
-    run_async(main())
+    with_nodes(main)
 
 
 GARBAGE = {
@@ -222,122 +203,102 @@ GARBAGE = {
 
 @pytest.mark.parametrize("kind", sorted(GARBAGE))
 def test_garbage_closes_that_connection_only(kind):
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(Calc())
-            b = await make("b", seeds=[seed_of(a)]).start()
-            await wait_until(lambda: b.get_nodes(Calc))
-            reader, writer = await raw_open(a)
-            writer.write(GARBAGE[kind])
-            await writer.drain()
-            await read_until_eof(reader, timeout=5)
-            writer.close()
-            assert a.peers() == ["b"]
-            for i in range(3):
-                assert await b.remote(Calc, "add", [i, 1], timeout=2000) == i + 1
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Calc())
+        b = await make("b", seeds=[seed_of(a)]).start()
+        await wait_until(lambda: b.get_nodes(Calc))
+        reader, writer = await raw_open(a)
+        writer.write(GARBAGE[kind])
+        await writer.drain()
+        await read_until_eof(reader, timeout=5)
+        writer.close()
+        assert a.peers() == ["b"]
+        for i in range(3):
+            assert await b.remote(Calc, "add", [i, 1], timeout=2000) == i + 1
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_oversized_header_before_auth_closes_without_buffering():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(Calc())
-            b = await make("b", seeds=[seed_of(a)]).start()
-            await wait_until(lambda: b.get_nodes(Calc))
-            before = set(a._all)
-            reader, writer = await raw_open(a)
-            await wait_until(lambda: len(set(a._all) - before) == 1)
-            (conn,) = set(a._all) - before
-            # A valid-looking header announcing 2 GiB; no payload follows.
-            writer.write(HEADER.pack(core.FT_HELLO, 0, 0, 2**31, 0))
-            await writer.drain()
-            await read_until_eof(reader, timeout=5)
-            writer.close()
-            assert conn.proto.read_buffer_capacity < 1 << 20
-            assert a.peers() == ["b"]
-            assert await b.remote(Calc, "add", [1, 1], timeout=2000) == 2
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Calc())
+        b = await make("b", seeds=[seed_of(a)]).start()
+        await wait_until(lambda: b.get_nodes(Calc))
+        before = set(a._all)
+        reader, writer = await raw_open(a)
+        await wait_until(lambda: len(set(a._all) - before) == 1)
+        (conn,) = set(a._all) - before
+        # A valid-looking header announcing 2 GiB; no payload follows.
+        writer.write(HEADER.pack(core.FT_HELLO, 0, 0, 2**31, 0))
+        await writer.drain()
+        await read_until_eof(reader, timeout=5)
+        writer.close()
+        assert conn.proto.read_buffer_capacity < 1 << 20
+        assert a.peers() == ["b"]
+        assert await b.remote(Calc, "add", [1, 1], timeout=2000) == 2
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_oversized_header_after_auth_closes_without_buffering():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(Calc())
-            b = await make("b", seeds=[seed_of(a)]).start()
-            await wait_until(lambda: b.get_nodes(Calc))
-            raw = await RawPeer.connect(a, "raw")
-            reader, writer = raw.reader, raw.writer
-            conn = a._conns["raw"]
-            writer.write(HEADER.pack(core.FT_CALL, 0, 0, 2**31, 1))
-            await writer.drain()
-            await read_until_eof(reader, timeout=5)
-            writer.close()
-            await wait_until(lambda: "raw" not in a.peers())
-            assert conn.proto.read_buffer_capacity < 1 << 20
-            assert a.peers() == ["b"]
-            assert await b.remote(Calc, "add", [2, 2], timeout=2000) == 4
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Calc())
+        b = await make("b", seeds=[seed_of(a)]).start()
+        await wait_until(lambda: b.get_nodes(Calc))
+        raw = await RawPeer.connect(a, "raw")
+        reader, writer = raw.reader, raw.writer
+        conn = a._conns["raw"]
+        writer.write(HEADER.pack(core.FT_CALL, 0, 0, 2**31, 1))
+        await writer.drain()
+        await read_until_eof(reader, timeout=5)
+        writer.close()
+        await wait_until(lambda: "raw" not in a.peers())
+        assert conn.proto.read_buffer_capacity < 1 << 20
+        assert a.peers() == ["b"]
+        assert await b.remote(Calc, "add", [2, 2], timeout=2000) == 4
 
-    run_async(main())
+    with_nodes(main)
 
 
 # -- seeds, duplicates, incarnations -----------------------------------------------------
 
 
 def test_seed_dialled_in_background_before_the_server_exists():
-    async def main():
-        make, made = node_factory()
-        try:
-            port = free_port()
-            client = await make("client", seeds=[f"127.0.0.1:{port}"], redial_max=0.2).start()
-            assert client.peers() == []     # start() returned without the seed
-            await asyncio.sleep(0.3)        # a few failed dials
-            server = await make("server", port=port).start()
-            await server.start_service(Calc())
-            await wait_until(lambda: client.peers() == ["server"], timeout=10)
-            assert await client.wait_for_services([Calc], retries=5)
-            assert await client.remote(Calc, "add", [20, 22]) == 42
-        finally:
-            await stop_all(made)
+    async def main(make):
+        port = free_port()
+        client = await make("client", seeds=[f"127.0.0.1:{port}"], redial_max=0.2).start()
+        assert client.peers() == []     # start() returned without the seed
+        await asyncio.sleep(0.3)        # a few failed dials
+        server = await make("server", port=port).start()
+        await server.start_service(Calc())
+        await wait_until(lambda: client.peers() == ["server"], timeout=10)
+        assert await client.wait_for_services([Calc], retries=5)
+        assert await client.remote(Calc, "add", [20, 22]) == 42
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_duplicate_live_name_is_refused_and_original_stays():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a", heartbeat_interval=0.2).start()
-            await a.start_service(Calc())
-            original = await make("dup").start()
-            await original.connect(seed_of(a))
-            await wait_until(lambda: original.get_nodes(Calc))
-            impostor = await make("dup").start()
-            with pytest.raises(malla.ProtocolError, match="duplicate"):
-                await impostor.connect(seed_of(a))
-            await asyncio.sleep(0.3)
-            assert a.peers() == ["dup"]
-            assert a._conns["dup"].peer.incarnation == original.incarnation
-            assert original.peers() == ["a"]
-            assert await original.remote(Calc, "add", [1, 2]) == 3
-            await impostor.stop()
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a", heartbeat_interval=0.2).start()
+        await a.start_service(Calc())
+        original = await make("dup").start()
+        await original.connect(seed_of(a))
+        await wait_until(lambda: original.get_nodes(Calc))
+        impostor = await make("dup").start()
+        with pytest.raises(malla.ProtocolError, match="duplicate"):
+            await impostor.connect(seed_of(a))
+        await asyncio.sleep(0.3)
+        assert a.peers() == ["dup"]
+        assert a._conns["dup"].peer.incarnation == original.incarnation
+        assert original.peers() == ["a"]
+        assert await original.remote(Calc, "add", [1, 2]) == 3
+        await impostor.stop()
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_new_incarnation_after_kill_is_accepted():

@@ -24,6 +24,7 @@ from conftest import (
     spawn_python,
     stop_all,
     wait_until,
+    with_nodes,
 )
 
 
@@ -49,89 +50,77 @@ async def pair(make):
 
 
 def test_proxy_signatures_dir_help_and_checks():
-    async def main():
-        make, made = node_factory()
-        try:
-            a, b = await pair(make)
-            await a.start_service(UserService)
-            assert await b.wait_for_services(["UserService"], retries=5)
-            proxy = b.services.UserService
-            assert proxy is b.service("UserService") is b.service(UserService)
-            assert dir(proxy) == ["get_user_by_id", "slow"]
-            sig = inspect.signature(proxy.get_user_by_id)
-            assert list(sig.parameters) == ["user_id", "full"]
-            assert sig.parameters["full"].kind is inspect.Parameter.KEYWORD_ONLY
-            assert "get_user_by_id" in pydoc.render_doc(proxy)
-            with pytest.raises(TypeError):
-                proxy.get_user_by_id()                 # missing user_id, checked locally
-            with pytest.raises(TypeError):
-                proxy.get_user_by_id(1, 2)             # full is keyword-only
-            with pytest.raises(AttributeError, match="get_user_by_id, slow"):
-                _ = proxy.nope
-            assert await proxy.get_user_by_id(5, full=True) == {"id": 5, "full": True}
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a, b = await pair(make)
+        await a.start_service(UserService)
+        assert await b.wait_for_services(["UserService"], retries=5)
+        proxy = b.services.UserService
+        assert proxy is b.service("UserService") is b.service(UserService)
+        assert dir(proxy) == ["get_user_by_id", "slow"]
+        sig = inspect.signature(proxy.get_user_by_id)
+        assert list(sig.parameters) == ["user_id", "full"]
+        assert sig.parameters["full"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert "get_user_by_id" in pydoc.render_doc(proxy)
+        with pytest.raises(TypeError):
+            proxy.get_user_by_id()                 # missing user_id, checked locally
+        with pytest.raises(TypeError):
+            proxy.get_user_by_id(1, 2)             # full is keyword-only
+        with pytest.raises(AttributeError, match="get_user_by_id, slow"):
+            _ = proxy.nope
+        assert await proxy.get_user_by_id(5, full=True) == {"id": 5, "full": True}
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_lazy_call_does_nothing_until_awaited_and_warns_if_never():
-    async def main():
-        make, made = node_factory()
-        try:
-            a, b = await pair(make)
-            await a.start_service(UserService)
-            assert await b.wait_for_services(["UserService"], retries=5)
-            before = a.stats()["calls_in"]
-            obj = b.services.UserService.get_user_by_id(1)
-            await asyncio.sleep(0.1)
-            assert a.stats()["calls_in"] == before       # nothing sent yet
-            assert await obj == {"id": 1, "full": False}
-            assert a.stats()["calls_in"] == before + 1
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                b.services.UserService.get_user_by_id(2)
-                gc.collect()
-            assert any("never awaited" in str(w.message) for w in caught)
-            # malla.call runs it with options
-            with pytest.raises(malla.CallTimeout):
-                await malla.call(b.services.UserService.slow(5), timeout=50)
-            coro = b.remote("UserService", "slow", [0])
-            with pytest.raises(TypeError):
-                await malla.call(coro)
-            coro.close()
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a, b = await pair(make)
+        await a.start_service(UserService)
+        assert await b.wait_for_services(["UserService"], retries=5)
+        before = a.stats()["calls_in"]
+        obj = b.services.UserService.get_user_by_id(1)
+        await asyncio.sleep(0.1)
+        assert a.stats()["calls_in"] == before       # nothing sent yet
+        assert await obj == {"id": 1, "full": False}
+        assert a.stats()["calls_in"] == before + 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            b.services.UserService.get_user_by_id(2)
+            gc.collect()
+        assert any("never awaited" in str(w.message) for w in caught)
+        # malla.call runs it with options
+        with pytest.raises(malla.CallTimeout):
+            await malla.call(b.services.UserService.slow(5), timeout=50)
+        coro = b.remote("UserService", "slow", [0])
+        with pytest.raises(TypeError):
+            await malla.call(coro)
+        coro.close()
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_proxy_follows_new_version_and_outlives_service():
-    async def main():
-        make, made = node_factory()
-        try:
-            a, b = await pair(make)
-            await a.start_service(UserService)
-            assert await b.wait_for_services(["UserService"], retries=5)
-            proxy = b.service("UserService")
-            assert "get_user_by_id" in dir(proxy)
-            await a.stop_service("UserService")
-            await wait_until(lambda: not b.get_nodes("UserService"))
-            assert "get_user_by_id" in dir(proxy)          # last announced signatures
-            t0 = time.monotonic()
-            with pytest.raises(malla.ServiceNotAvailable):
-                await proxy.get_user_by_id(1)
-            assert time.monotonic() - t0 < 1.0             # at once, no retry rounds
-            await a.start_service(UserServiceV2)
-            await wait_until(lambda: b.get_nodes("UserService") == ["a"])
-            assert dir(proxy) == ["get_user"]
-            assert await proxy.get_user(3) == {"id": 3, "v": 2}
-            with pytest.raises(AttributeError):
-                _ = proxy.get_user_by_id
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a, b = await pair(make)
+        await a.start_service(UserService)
+        assert await b.wait_for_services(["UserService"], retries=5)
+        proxy = b.service("UserService")
+        assert "get_user_by_id" in dir(proxy)
+        await a.stop_service("UserService")
+        await wait_until(lambda: not b.get_nodes("UserService"))
+        assert "get_user_by_id" in dir(proxy)          # last announced signatures
+        t0 = time.monotonic()
+        with pytest.raises(malla.ServiceNotAvailable):
+            await proxy.get_user_by_id(1)
+        assert time.monotonic() - t0 < 1.0             # at once, no retry rounds
+        await a.start_service(UserServiceV2)
+        await wait_until(lambda: b.get_nodes("UserService") == ["a"])
+        assert dir(proxy) == ["get_user"]
+        assert await proxy.get_user(3) == {"id": 3, "v": 2}
+        with pytest.raises(AttributeError):
+            _ = proxy.get_user_by_id
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_precompiled_stubs_before_and_after_discovery(tmp_path, monkeypatch):
@@ -175,31 +164,27 @@ def test_call_cb_all_is_concurrent_and_ordered():
             await asyncio.sleep(seconds)
             return self.name
 
-    async def main():
-        make, made = node_factory()
-        try:
-            first = await make("n0").start()
-            nodes = [first] + [await make(f"n{i}", seeds=[seed_of(first)]).start()
-                               for i in range(1, 4)]
-            for node in nodes:
-                await node.start_service(Sleeper(node.name))
-            caller = await make("caller", seeds=[seed_of(first)]).start()
-            await wait_until(lambda: len(caller.get_nodes("Sleeper")) == 4)
-            t0 = time.monotonic()
-            results = await caller.call_cb_all("Sleeper", "nap", [0.3])
-            took = time.monotonic() - t0
-            order = caller.get_nodes("Sleeper")
-            assert len(results) == 4
-            for node, result in zip(order, results, strict=False):
-                if node == "n2":
-                    assert isinstance(result, malla.RemoteError)
-                else:
-                    assert result == node
-            assert took < 0.3 * 3          # concurrent: far less than the sum (1.2 s)
-        finally:
-            await stop_all(made)
+    async def main(make):
+        first = await make("n0").start()
+        nodes = [first] + [await make(f"n{i}", seeds=[seed_of(first)]).start()
+                           for i in range(1, 4)]
+        for node in nodes:
+            await node.start_service(Sleeper(node.name))
+        caller = await make("caller", seeds=[seed_of(first)]).start()
+        await wait_until(lambda: len(caller.get_nodes("Sleeper")) == 4)
+        t0 = time.monotonic()
+        results = await caller.call_cb_all("Sleeper", "nap", [0.3])
+        took = time.monotonic() - t0
+        order = caller.get_nodes("Sleeper")
+        assert len(results) == 4
+        for node, result in zip(order, results, strict=False):
+            if node == "n2":
+                assert isinstance(result, malla.RemoteError)
+            else:
+                assert result == node
+        assert took < 0.3 * 3          # concurrent: far less than the sum (1.2 s)
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_module_level_api_on_the_standard_loop():
@@ -244,17 +229,13 @@ async def main():
 malla.run(main())
 """
 
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(UserService)
-            proc = spawn_python(code, seed_of(a))
-            out, err = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: proc.communicate(timeout=30))
-            assert proc.returncode == 0, err
-            assert out.strip() == "{'id': 42, 'full': False}"
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(UserService)
+        proc = spawn_python(code, seed_of(a))
+        out, err = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: proc.communicate(timeout=30))
+        assert proc.returncode == 0, err
+        assert out.strip() == "{'id': 42, 'full': False}"
 
-    run_async(main())
+    with_nodes(main)

@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 import malla
 from malla.guard import HandshakeThrottle, cookie_weakness
 
-from conftest import COOKIE, node_factory, run_async, seed_of, stop_all
+from conftest import COOKIE, node_factory, run_async, seed_of, stop_all, with_nodes
 
 
 class Echo(malla.Service, global_=True):
@@ -63,25 +63,21 @@ def _garbage_from(host: str, port: int) -> bytes:
 
 
 def test_failed_handshakes_from_one_address_are_rate_limited():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(Echo)
-            port = a.address[1]
-            loop = asyncio.get_running_loop()
-            for _ in range(5):
-                await loop.run_in_executor(None, _garbage_from, "127.0.0.2", port)
-            assert a._throttle.blocked("127.0.0.2")
-            # a peer from another address authenticates as fast as ever
-            b = await make("b", seeds=[seed_of(a)]).start()
-            assert await b.wait_for_services(["Echo"], retries=5)
-            assert await b.remote("Echo", "echo", [1]) == 1
-            assert not a._throttle.blocked("127.0.0.1")
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Echo)
+        port = a.address[1]
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            await loop.run_in_executor(None, _garbage_from, "127.0.0.2", port)
+        assert a._throttle.blocked("127.0.0.2")
+        # a peer from another address authenticates as fast as ever
+        b = await make("b", seeds=[seed_of(a)]).start()
+        assert await b.wait_for_services(["Echo"], retries=5)
+        assert await b.remote("Echo", "echo", [1]) == 1
+        assert not a._throttle.blocked("127.0.0.1")
 
-    run_async(main())
+    with_nodes(main)
 
 
 def test_incompatible_version_is_refused_naming_both_ranges(monkeypatch):
@@ -159,33 +155,29 @@ def pki(tmp_path):
 def test_mutual_tls_with_the_cookie_check_inside(pki):
     server_ctx, client_ctx, (bad_cert, bad_key) = pki
 
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a", ssl_server=server_ctx(), ssl_client=client_ctx()).start()
-            await a.start_service(Echo)
-            b = await make("b", ssl_server=server_ctx(), ssl_client=client_ctx()).start()
-            await b.connect(seed_of(a))
-            assert await b.wait_for_services(["Echo"], retries=5)
-            assert await b.remote("Echo", "echo", [b"over tls"]) == b"over tls"
-            conn = b._conns["a"]
-            assert conn.proto.transport.get_extra_info("ssl_object") is not None
-            # a client certificate from another CA is refused by TLS
-            c = await make("c", ssl_client=client_ctx(bad_cert, bad_key)).start()
-            with pytest.raises((ssl.SSLError, ConnectionError, malla.MallaError)):
-                await c.connect(seed_of(a))
-            # the right certificate but the wrong cookie: refused by the handshake
-            d = await make("d", cookie="another-cookie-entirely-x",
-                           ssl_client=client_ctx()).start()
-            with pytest.raises(malla.AuthenticationError):
-                await d.connect(seed_of(a))
-            # plain TCP to a TLS node fails cleanly, and the node keeps serving
-            e = await make("e").start()
-            with pytest.raises((malla.MallaError, ConnectionError)):
-                await e.connect(seed_of(a))
-            assert await b.remote("Echo", "echo", [2]) == 2
-            assert a.peers() == ["b"]
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a", ssl_server=server_ctx(), ssl_client=client_ctx()).start()
+        await a.start_service(Echo)
+        b = await make("b", ssl_server=server_ctx(), ssl_client=client_ctx()).start()
+        await b.connect(seed_of(a))
+        assert await b.wait_for_services(["Echo"], retries=5)
+        assert await b.remote("Echo", "echo", [b"over tls"]) == b"over tls"
+        conn = b._conns["a"]
+        assert conn.proto.transport.get_extra_info("ssl_object") is not None
+        # a client certificate from another CA is refused by TLS
+        c = await make("c", ssl_client=client_ctx(bad_cert, bad_key)).start()
+        with pytest.raises((ssl.SSLError, ConnectionError, malla.MallaError)):
+            await c.connect(seed_of(a))
+        # the right certificate but the wrong cookie: refused by the handshake
+        d = await make("d", cookie="another-cookie-entirely-x",
+                       ssl_client=client_ctx()).start()
+        with pytest.raises(malla.AuthenticationError):
+            await d.connect(seed_of(a))
+        # plain TCP to a TLS node fails cleanly, and the node keeps serving
+        e = await make("e").start()
+        with pytest.raises((malla.MallaError, ConnectionError)):
+            await e.connect(seed_of(a))
+        assert await b.remote("Echo", "echo", [2]) == 2
+        assert a.peers() == ["b"]
 
-    run_async(main())
+    with_nodes(main)

@@ -6,7 +6,7 @@ import asyncio
 
 import malla
 
-from conftest import node_factory, run_async, seed_of, stop_all
+from conftest import seed_of, with_nodes
 
 
 class Calc(malla.Service, global_=True, vsn="1.0"):
@@ -19,18 +19,14 @@ class Calc(malla.Service, global_=True, vsn="1.0"):
 
 
 def test_two_nodes_call_each_other():
-    async def main():
-        make, made = node_factory()
-        try:
-            a = await make("a").start()
-            await a.start_service(Calc())
-            b = await make("b", seeds=[seed_of(a)]).start()
-            assert await b.wait_for_services(["Calc"], retries=5)
-            assert b.peers() == ["a"] and a.peers() == ["b"]
-            assert await b.remote("Calc", "add", [1, 2]) == 3
-            assert await b.remote(Calc, "square", [7]) == 49
-            assert await b.remote("Calc", "add", [(1,), (2,)]) == (1, 2)
-        finally:
-            await stop_all(made)
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Calc())
+        b = await make("b", seeds=[seed_of(a)]).start()
+        assert await b.wait_for_services(["Calc"], retries=5)
+        assert b.peers() == ["a"] and a.peers() == ["b"]
+        assert await b.remote("Calc", "add", [1, 2]) == 3
+        assert await b.remote(Calc, "square", [7]) == 49
+        assert await b.remote("Calc", "add", [(1,), (2,)]) == (1, 2)
 
-    run_async(main())
+    with_nodes(main)
