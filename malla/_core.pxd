@@ -179,6 +179,8 @@ cdef class CoreProtocol:
     cdef int _request_flush(self) except -1
     cdef bint _note_large(self)
     cdef void _schedule_idle_check(self)
+    cdef Py_ssize_t _encode_call(self, uint8_t ftype, str service, str fun, args, kwargs,
+                                 double timeout_ms, deadline_ms, meta, trace) except -1
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
                                double timeout_ms, deadline_ms, meta, trace) except -1
     cdef int _write_large_frames(self) except -1

@@ -1400,20 +1400,9 @@ cdef class CoreProtocol:
         sent), EncodeError / MessageTooLarge when the request cannot be sent.
         The call's stream id is left in `last_sid` (for `cancel`).
         """
-        cdef uint64_t sid
-        cdef Py_ssize_t start
-        cdef WriteBuffer wb = self._wbuf
-        if self._state != CS_READY:
-            raise ServiceNotAvailable(f"connection to {self.peer_name} is not open")
-        sid = self._next_sid
-        start = wb.begin_frame(FT_CALL, 0, sid)
-        try:
-            self._pack_call(wb, service, fun, args, kwargs, timeout_ms, deadline_ms, meta,
-                            trace)
-        except BaseException:
-            wb.truncate(start)
-            raise
-        self._next_sid += 2
+        cdef Py_ssize_t start = self._encode_call(FT_CALL, service, fun, args, kwargs,
+                                                  timeout_ms, deadline_ms, meta, trace)
+        cdef uint64_t sid = self.last_sid
         fut = self._loop.create_future()
         self._pending[sid] = fut
         try:
@@ -1421,7 +1410,6 @@ cdef class CoreProtocol:
         except BaseException:
             del self._pending[sid]
             raise
-        self.last_sid = sid
         self.calls_out += 1
         if timeout_ms > 0:
             self._heap_push(_now() + timeout_ms * 0.001, sid)
@@ -1429,21 +1417,30 @@ cdef class CoreProtocol:
 
     def cast(self, str service, str fun, args, kwargs, meta, trace=None):
         """Send a CAST (no reply)."""
-        cdef uint64_t sid
-        cdef Py_ssize_t start
+        cdef Py_ssize_t start = self._encode_call(FT_CAST, service, fun, args, kwargs, 0, None,
+                                                  meta, trace)
+        self.calls_out += 1
+        self._queue_encoded(start)
+
+    cdef Py_ssize_t _encode_call(self, uint8_t ftype, str service, str fun, args, kwargs,
+                                 double timeout_ms, deadline_ms, meta, trace) except -1:
+        # The CALL or CAST frame of a new stream, encoded in the write buffer:
+        # returns where it starts (its stream id is in last_sid); nothing is
+        # left in the buffer when the arguments cannot be encoded.
         cdef WriteBuffer wb = self._wbuf
+        cdef Py_ssize_t start
         if self._state != CS_READY:
             raise ServiceNotAvailable(f"connection to {self.peer_name} is not open")
-        sid = self._next_sid
-        start = wb.begin_frame(FT_CAST, 0, sid)
+        start = wb.begin_frame(ftype, 0, self._next_sid)
         try:
-            self._pack_call(wb, service, fun, args, kwargs, 0, None, meta, trace)
+            self._pack_call(wb, service, fun, args, kwargs, timeout_ms, deadline_ms, meta,
+                            trace)
         except BaseException:
             wb.truncate(start)
             raise
+        self.last_sid = self._next_sid
         self._next_sid += 2
-        self.calls_out += 1
-        self._queue_encoded(start)
+        return start
 
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
                                double timeout_ms, deadline_ms, meta, trace) except -1:
