@@ -99,6 +99,11 @@ fuzz: build
 debug: $(STAMP)
 	MALLA_DEBUG=1 MALLA_BUILD_CYTHON_ALWAYS=1 $(VPY) setup.py -q build_ext --inplace
 
+lint: build
+	$(VPY) -m ruff check malla tests examples bench fuzz
+	$(VPY) -m mypy
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/cython-lint --max-line-length 100 $(CORE)
+
 clean:
 	rm -rf build malla/_core.c malla/_core.html malla/*.so
 
