@@ -1,14 +1,78 @@
-"""What every fuzz target shares: writing its seeds, and running under atheris.
+"""What the fuzz targets share: writing their seeds, running under atheris,
+and a core protocol to feed (a fake transport, a service, one loop).
 
     if __name__ == "__main__":
         _target.main(TestOneInput, seeds)
+
+Import it after the target's instrumented imports of malla.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
+
+import malla
+
+
+class FakeTransport:
+    """Records what the core writes (no socket: a fuzz input is the peer)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.aborted = False
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def set_write_buffer_limits(self, high: Any = None, low: Any = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class Echo(malla.Service):
+    """Served to incoming CALLs: a plain def (run by the core, or by the
+    Python dispatcher when the call has a deadline) and an async def."""
+
+    def echo(self, *args: Any, **kwargs: Any) -> Any:
+        return [list(args), kwargs]
+
+    async def aecho(self, *args: Any, **kwargs: Any) -> Any:
+        return [list(args), kwargs]
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    # One loop for the process (a loop per input costs a socketpair); its
+    # callbacks are drained after each input.
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        _loop.set_exception_handler(lambda loop, ctx: None)
+    return _loop
+
+
+def drain(loop: asyncio.AbstractEventLoop) -> None:
+    """Run the callbacks the last input scheduled."""
+    loop.call_soon(loop.stop)
+    loop.run_forever()
 
 
 def write_seeds(seeds: Callable[[], dict[str, bytes]], directory: str) -> None:

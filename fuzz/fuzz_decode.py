@@ -33,7 +33,6 @@ Replayed without atheris by tests/test_fuzz_replay.py (``TestOneInput``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import decimal
@@ -55,6 +54,7 @@ with _instrumented:
     from malla._ext import core
     from malla.service import RunningService
 
+from _target import Echo, FakeTransport, drain, get_loop  # after malla's instrumented import
 from msgpack import ExtType
 from msgpack import packb as msgpack_packb
 
@@ -184,30 +184,6 @@ def check_codec(payload: bytes) -> tuple[str, object]:
 
 # -- the core's decode paths ------------------------------------------------------------
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.aborted = False
-
-    def write(self, data) -> None:
-        self.writes.append(bytes(data))
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name, default=None):
-        return default
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
 class Owner:
     def __init__(self) -> None:
         self.protocol_errors: list[BaseException] = []
@@ -243,31 +219,7 @@ class Owner:
         pass
 
 
-class Echo(malla.Service):
-    """Served to incoming CALLs: a plain def (run by the core, or by the
-    Python dispatcher when the call has a deadline) and an async def."""
 
-    def echo(self, *args, **kwargs):
-        return [list(args), kwargs]
-
-    async def aecho(self, *args, **kwargs):
-        return [list(args), kwargs]
-
-
-_loop: asyncio.AbstractEventLoop | None = None
-
-
-def _get_loop() -> asyncio.AbstractEventLoop:
-    global _loop
-    if _loop is None:
-        _loop = asyncio.new_event_loop()
-        _loop.set_exception_handler(lambda loop, ctx: None)
-    return _loop
-
-
-def _drain(loop: asyncio.AbstractEventLoop) -> None:
-    loop.call_soon(loop.stop)
-    loop.run_forever()
 
 
 async def _feed(proto, stream: bytes) -> None:
@@ -294,7 +246,7 @@ KINDS = (core.FT_REPLY, core.FT_CALL, core.FT_CAST, core.FT_ERROR)
 
 
 def check_core(kind: int, payload: bytes, split: int, expected: tuple[str, object]) -> None:
-    loop = _get_loop()
+    loop = get_loop()
     owner = Owner()
     proto = core.Protocol(owner, loop, True, {"Echo": RunningService(Echo())}, 1 << 20, 1 << 20)
     transport = FakeTransport()
@@ -310,8 +262,8 @@ def check_core(kind: int, payload: bytes, split: int, expected: tuple[str, objec
     else:
         stream = core.build_frame(kind, 0, sid, payload)
     loop.run_until_complete(_feed(proto, stream))
-    _drain(loop)
-    _drain(loop)
+    drain(loop)
+    drain(loop)
     for err in owner.protocol_errors:
         assert not str(err).startswith("internal error"), f"uncaught error in the core: {err}"
     outcome, value = expected
@@ -366,7 +318,7 @@ def check_core(kind: int, payload: bytes, split: int, expected: tuple[str, objec
             assert fut.done() and isinstance(fut.exception(), malla.MallaError)
     proto.connection_lost(None)
     assert fut.done() and proto.in_flight == 0
-    _drain(loop)
+    drain(loop)
 
 
 def _is_error_message(value) -> bool:

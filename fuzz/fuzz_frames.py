@@ -38,6 +38,8 @@ with _instrumented:
     from malla._ext import core
     from malla.service import RunningService
 
+from _target import Echo, FakeTransport, drain, get_loop  # after malla's instrumented import
+
 HEADER = 16
 # FrameReader limits tried: 0 (only empty frames), tiny, the pre-auth limit,
 # the minimum agreed limit, the default.
@@ -119,31 +121,6 @@ def check_reader(stream: bytes, limit: int, mode: int, seed: int, via_buffer: bo
 
 # -- the protocol's read path ------------------------------------------------------
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.aborted = False
-        self.closed = False
-
-    def write(self, data) -> None:
-        self.writes.append(bytes(data))
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name, default=None):
-        return default
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
 class Owner:
     """What malla.connection.Connection is to the core, recording calls."""
 
@@ -187,32 +164,7 @@ class Owner:
         pass
 
 
-class Echo(malla.Service):
-    """Served to incoming CALLs: a plain def (run by the core) and an async def."""
 
-    def echo(self, *args, **kwargs):
-        return [list(args), kwargs]
-
-    async def aecho(self, *args, **kwargs):
-        return [list(args), kwargs]
-
-
-_loop: asyncio.AbstractEventLoop | None = None
-
-
-def _get_loop() -> asyncio.AbstractEventLoop:
-    # One loop for the process (a loop per input costs a socketpair); its
-    # callbacks are drained after each input.
-    global _loop
-    if _loop is None:
-        _loop = asyncio.new_event_loop()
-        _loop.set_exception_handler(lambda loop, ctx: None)
-    return _loop
-
-
-def _drain(loop: asyncio.AbstractEventLoop) -> None:
-    loop.call_soon(loop.stop)
-    loop.run_forever()
 
 
 async def _feed_protocol(proto, chunks: list[bytes]) -> None:
@@ -234,7 +186,7 @@ async def _feed_protocol(proto, chunks: list[bytes]) -> None:
 
 
 def check_protocol(stream: bytes, ready: bool, limit: int, mode: int, seed: int) -> None:
-    loop = _get_loop()
+    loop = get_loop()
     owner = Owner()
     proto = core.Protocol(owner, loop, bool(seed & 1), {"Echo": RunningService(Echo())},
                           max(limit, 1024), 1 << 16)
@@ -244,7 +196,7 @@ def check_protocol(stream: bytes, ready: bool, limit: int, mode: int, seed: int)
         proto.set_ready("peer", max(limit, 1024))
         owner.ready = True
     loop.run_until_complete(_feed_protocol(proto, _chunks(stream, mode, seed)))
-    _drain(loop)
+    drain(loop)
     for err in owner.protocol_errors:
         assert not str(err).startswith("internal error"), f"uncaught error in the core: {err}"
     if owner.protocol_errors:
@@ -265,7 +217,7 @@ def check_protocol(stream: bytes, ready: bool, limit: int, mode: int, seed: int)
     proto.connection_lost(None)
     assert owner.lost == 1
     assert proto.in_flight == 0
-    _drain(loop)
+    drain(loop)
 
 
 def TestOneInput(data: bytes) -> None:

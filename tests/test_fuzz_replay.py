@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT
 
 FUZZ = os.path.join(ROOT, "fuzz")
+sys.path.insert(0, FUZZ)   # the targets import their shared _target module
 TARGETS = ("frames", "decode", "handshake")
 
 
