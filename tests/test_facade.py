@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -57,28 +58,7 @@ def test_blocking_node_methods_proxies_and_errors():
 
 
 def test_blocking_node_shared_by_threads():
-    with malla.BlockingNode("server", cookie=COOKIE, port=0) as server:
-        server.start_service(Calc)
-        seed = f"127.0.0.1:{server.address[1]}"
-        with malla.BlockingNode("client", cookie=COOKIE, port=0, seeds=[seed]) as client:
-            assert client.wait_for_services(["Calc"], retries=5)
-            proxy = client.services.Calc
-            errors, results = [], []
-
-            def worker(k):
-                try:
-                    for i in range(200):
-                        results.append(proxy.add(k, i) == k + i)
-                except Exception as exc:  # pragma: no cover - reported below
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert errors == []
-            assert len(results) == 16 * 200 and all(results)
+    threads_share_one_proxy(16, 200)
 
 
 def test_blocking_node_shuts_down_cleanly_at_exit():
@@ -97,9 +77,12 @@ def test_blocking_node_shuts_down_cleanly_at_exit():
 def test_sixty_four_threads_share_one_node_and_one_proxy():
     """One BlockingNode and one proxy, 64 OS threads, no error and no
     "different loop" error (a million calls in MALLA_TEST_LONG mode)."""
-    import os
+    threads_share_one_proxy(64, 1_000_000 // 64 if os.environ.get("MALLA_TEST_LONG") else 300)
 
-    per_thread = 1_000_000 // 64 if os.environ.get("MALLA_TEST_LONG") else 300
+
+def threads_share_one_proxy(n_threads: int, per_thread: int) -> None:
+    """`n_threads` OS threads call through one proxy of one BlockingNode:
+    every answer right, no error."""
     with malla.BlockingNode("server", cookie=COOKIE, port=0) as server:
         server.start_service(Calc)
         seed = f"127.0.0.1:{server.address[1]}"
@@ -107,7 +90,7 @@ def test_sixty_four_threads_share_one_node_and_one_proxy():
             assert client.wait_for_services(["Calc"], retries=5)
             proxy = client.services.Calc
             errors: list[BaseException] = []
-            done = [0] * 64
+            done = [0] * n_threads
 
             def worker(k: int) -> None:
                 try:
@@ -118,10 +101,10 @@ def test_sixty_four_threads_share_one_node_and_one_proxy():
                 except BaseException as exc:
                     errors.append(exc)
 
-            threads = [threading.Thread(target=worker, args=(k,)) for k in range(64)]
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             assert errors == []
-            assert sum(done) == 64 * per_thread
+            assert sum(done) == n_threads * per_thread
