@@ -184,9 +184,8 @@ class Connection:
     def _refuse(self, exc: mexc.MallaError) -> None:
         if not self.dialer:
             self.node._throttle.failed(self._peer_host())
-        peer = self.proto.transport.get_extra_info("peername") if self.proto.transport else None
         log.warning("malla: refused connection %s %s: %s", "to" if self.dialer else "from",
-                    self.target or peer, exc)
+                    self.target or self._peer_host(), exc)
         self._fail_ready(exc)
         self.proto.close()
 
