@@ -123,12 +123,14 @@ class Proxy:
     _node_or_getter: Node | Callable[[], Node]
     _name: str
     _last: dict[str, inspect.Signature]
+    _last_source: Any
     _funcs: dict[str, RemoteFunction]
 
     def __init__(self, node: Node | Callable[[], Node], name: str) -> None:
         object.__setattr__(self, "_node_or_getter", node)
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_last", {})
+        object.__setattr__(self, "_last_source", None)
         object.__setattr__(self, "_funcs", {})
 
     @property
@@ -148,9 +150,12 @@ class Proxy:
             node = None
         info = node._registry.info(self._name) if node is not None else None
         if info is not None:
-            sigs = {name: signature_from_wire(params)
-                    for name, params in info.get("functions", {}).items()}
+            functions = info.get("functions", {})
+            if functions is self._last_source:
+                return self._last   # built once per announcement, not per call
+            sigs = {name: signature_from_wire(params) for name, params in functions.items()}
             object.__setattr__(self, "_last", sigs)
+            object.__setattr__(self, "_last_source", functions)
             return sigs
         if self._last:
             return self._last

@@ -90,22 +90,20 @@ class Registry:
         return head + remote
 
     def instances(self, service: str) -> list[tuple[str, dict[str, Any]]]:
-        out = []
-        for node in self.nodes(service):
-            info = self._local[service] if node == self.local_name else \
-                self._remote[service][node]
-            out.append((node, dict(info)))
-        return out
+        return [(node, dict(self._info_of(service, node))) for node in self.nodes(service)]
+
+    def _info_of(self, service: str, node: str) -> dict[str, Any]:
+        return self._local[service] if node == self.local_name else self._remote[service][node]
 
     def remote_info(self, service: str, node: str) -> dict[str, Any] | None:
         nodes = self._remote.get(service)
         return None if nodes is None else nodes.get(node)
 
     def info(self, service: str) -> dict[str, Any] | None:
-        """Metadata of any running instance (local preferred), or None."""
-        for _node, info in self.instances(service):
-            return info
-        return None
+        """Metadata of the first instance in call order (local preferred), or
+        None.  Not a copy: for reading (proxies read it on every call)."""
+        nodes = self.nodes(service)
+        return self._info_of(service, nodes[0]) if nodes else None
 
     def services(self) -> dict[str, list[str]]:
         return {s: list(self.nodes(s)) for s in sorted(self._seen)}
