@@ -35,7 +35,7 @@ test-long: build
 bench: build
 	$(VPY) -m pip install -q -e '.[test,bench]'
 	$(VPY) -m bench
-	taskset -c 0 $(VPY) -m bench.extras
+	$(VPY) -m bench.extras
 
 soak: build
 	$(VPY) -m pytest -q -s -p no:cacheprovider tests/long_soak.py

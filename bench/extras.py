@@ -4,7 +4,9 @@
   128 MiB, a 100 MB payload crosses a connection while 1 KiB calls keep
   going on the same connection, in the same direction: their p50/p99
   against an idle connection, and whether liveness held (the peer stayed
-  connected, with a 1 s heartbeat timeout).
+  connected, with a 1 s heartbeat timeout).  Measured with each process on
+  its own CPU (as nodes of a cluster are) and with both sharing one CPU,
+  three times each, alternating; medians.
 * ``observability``: the sequential round trip with metrics and tracing off
   (the plain node), metrics on, and tracing on (OpenTelemetry SDK): every
   call traced, every call dropped by the provider's sampler, and malla's
@@ -109,6 +111,34 @@ async def _client(port: int) -> dict[str, Any]:
     return hol
 
 
+ALL_CPUS = sorted(os.sched_getaffinity(0))
+ONE_CPU = ALL_CPUS[:1]
+
+
+def _pin(pids: list[int], cpus: list[int]) -> None:
+    for pid in pids:
+        os.sched_setaffinity(pid, cpus)
+
+
+async def _hol(port: int, pids: list[int]) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"own_cpus": [], "one_cpu": []}
+    for _ in range(3):
+        for mode in runs:
+            _pin(pids, ALL_CPUS if mode == "own_cpus" else ONE_CPU)
+            runs[mode].append(await _client(port))
+    _pin(pids, ALL_CPUS)
+    out: dict[str, Any] = {}
+    for mode, results in runs.items():
+        med = {key: statistics.median(r[key] for r in results)
+               for key in ("p99_ratio", "p50_ratio", "transfer_s", "transfer_mb_s")}
+        med["idle_p99_us"] = statistics.median(r["idle"]["p99_us"] for r in results)
+        med["during_p99_us"] = statistics.median(r["during_100mb"]["p99_us"] for r in results)
+        med["during_calls"] = statistics.median(r["during_100mb"]["calls"] for r in results)
+        med["peer_stayed_connected"] = all(r["peer_stayed_connected"] for r in results)
+        out[mode] = {"median": med, "runs": results}
+    return out
+
+
 async def _observability(port: int) -> dict[str, Any]:
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
@@ -159,30 +189,48 @@ async def _main(args: argparse.Namespace) -> int:
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        results = {"hol": await _client(port), "observability": await _observability(port)}
+        results: dict[str, Any] = {}
+        pids = [os.getpid(), server.pid]
+        if args.only in ("all", "hol"):
+            results["hol"] = await _hol(port, pids)
+        if args.only in ("all", "observability"):
+            _pin(pids, ONE_CPU)
+            results["observability"] = await _observability(port)
     finally:
         server.kill()
         server.wait()
-    hol, obs = results["hol"], results["observability"]
-    print("head-of-line: 1 KiB calls while 100 MB crosses the same connection")
-    print(f"  idle      p50 {hol['idle']['p50_us']:8.1f} us   p99 {hol['idle']['p99_us']:8.1f} us")
-    print(f"  during    p50 {hol['during_100mb']['p50_us']:8.1f} us   "
-          f"p99 {hol['during_100mb']['p99_us']:8.1f} us   ({hol['during_100mb']['calls']} calls)")
-    print(f"  p99 ratio {hol['p99_ratio']:.2f}; 100 MB in {hol['transfer_s']:.2f} s "
-          f"({hol['transfer_mb_s']:.0f} MB/s); peer stayed connected: "
-          f"{hol['peer_stayed_connected']}")
-    print("observability: sequential round trip p50 (median of 5)")
-    for label, v in obs["seq_p50_us"].items():
-        print(f"  {label:<18} {v:7.2f} us  ({obs['added_vs_plain'][label]:+.1%})")
+    if "hol" in results:
+        _print_hol(results["hol"])
+    if "observability" in results:
+        _print_observability(results["observability"])
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(results, fh, indent=2)
     return 0
 
 
+def _print_hol(hol: dict[str, Any]) -> None:
+    print("head-of-line: 1 KiB calls while 100 MB crosses the same connection (median of 3)")
+    for mode, label in (("own_cpus", "each process on its own CPU"),
+                        ("one_cpu", "both processes on one CPU")):
+        m = hol[mode]["median"]
+        print(f"  {label}:")
+        print(f"    idle p99 {m['idle_p99_us']:8.1f} us   during p99 {m['during_p99_us']:8.1f} us"
+              f"   ({m['during_calls']:.0f} calls)   p99 ratio {m['p99_ratio']:.2f}")
+        print(f"    100 MB in {m['transfer_s']:.2f} s ({m['transfer_mb_s']:.0f} MB/s); "
+              f"peer stayed connected: {m['peer_stayed_connected']}")
+
+
+def _print_observability(obs: dict[str, Any]) -> None:
+    print("observability: sequential round trip p50 (median of 5)")
+    for label, v in obs["seq_p50_us"].items():
+        print(f"  {label:<18} {v:7.2f} us  ({obs['added_vs_plain'][label]:+.1%})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.extras")
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "serve"])
+    parser.add_argument("--only", default="all", choices=["all", "hol", "observability"])
     parser.add_argument("--json", default=str(REPO_ROOT / "bench" / "results" / "extras.json"))
     args = parser.parse_args(argv)
     if args.mode == "serve":

@@ -19,24 +19,32 @@ import malla
 
 
 class FakeTransport:
-    """Records what the core writes (no socket: a fuzz input is the peer)."""
+    """Records what the core writes (no socket: a fuzz input is the peer).
+    Also the fake transport of the core's unit tests."""
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.given: list[Any] = []      # the objects handed over, uncopied
+        self.buffered = 0
         self.aborted = False
         self.closed = False
 
     def write(self, data: Any) -> None:
         self.writes.append(bytes(data))
 
+    def writelines(self, bufs: Any) -> None:
+        bufs = list(bufs)
+        self.write(b"".join(bytes(b) for b in bufs))      # one system call
+        self.given += bufs
+
     def set_write_buffer_limits(self, high: Any = None, low: Any = None) -> None:
         pass
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self.buffered
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
+        return ("127.0.0.1", 1) if name == "sockname" else default
 
     def close(self) -> None:
         self.closed = True

@@ -26,7 +26,11 @@ This target mirrors that split and checks, on arbitrary bytes:
    outcome the codec predicts: a result, a failed message with the
    connection kept, or a ``ProtocolError`` that closes it; never an
    "internal error", never an exception out of ``buffer_updated``; a CALL is
-   answered exactly once, a CAST never.
+   answered exactly once, a CAST never;
+4. the receiver's reassembly of a split message, which writes large bytes
+   values straight into their own objects (here: every bin of 4 bytes or
+   more), decodes the payload, cut anywhere, to the same value or the same
+   kind of failure.
 
 Replayed without atheris by tests/test_fuzz_replay.py (``TestOneInput``).
 """
@@ -180,6 +184,22 @@ def check_codec(payload: bytes) -> tuple[str, object]:
     assert outcome2 == "value", f"re-encoded value does not decode: {back!r}"
     assert canon(back) == c1, "value does not come back as it went"
     return outcome, value
+
+
+def check_reassembly(payload: bytes, cut: int, expected: tuple[str, object]) -> None:
+    part = core.Reassembly(core.FT_REPLY, 0, 4, 1 << 20)
+    cut %= len(payload) + 1
+    part.add(payload[:cut])
+    part.add(payload[cut:])
+    try:
+        got: tuple[str, object] = ("value", part.decode())
+    except malla.EncodeError as exc:
+        got = ("fails", exc)
+    except MALFORMED as exc:
+        got = ("malformed", exc)
+    assert got[0] == expected[0], f"reassembly: {got!r}, the codec: {expected!r}"
+    if got[0] == "value":
+        assert canon(got[1]) == canon(expected[1]), "reassembly decodes another value"
 
 
 # -- the core's decode paths ------------------------------------------------------------
@@ -337,6 +357,7 @@ def TestOneInput(data: bytes) -> None:
     expected = check_codec(payload)
     split = (cfg >> 2) * 7 if cfg & 0x80 else 0     # frames of 7..441 bytes
     check_core(KINDS[cfg & 3], payload, split, expected)
+    check_reassembly(payload, cfg * 3, expected)
 
 
 # -- seeds ------------------------------------------------------------------------------

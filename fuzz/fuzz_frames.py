@@ -188,12 +188,13 @@ async def _feed_protocol(proto, chunks: list[bytes]) -> None:
 def check_protocol(stream: bytes, ready: bool, limit: int, mode: int, seed: int) -> None:
     loop = get_loop()
     owner = Owner()
+    # a small max_message_size exercises dropping; a large one, detaching
     proto = core.Protocol(owner, loop, bool(seed & 1), {"Echo": RunningService(Echo())},
-                          max(limit, 1024), 1 << 16)
+                          max(limit, 1024), 1 << 16 if seed & 4 else 1 << 20)
     transport = FakeTransport()
     proto.connection_made(transport)
     if ready:
-        proto.set_ready("peer", max(limit, 1024))
+        proto.set_ready("peer", max(limit, 1024), bool(seed & 2))    # CAP_WINDOW
         owner.ready = True
     loop.run_until_complete(_feed_protocol(proto, _chunks(stream, mode, seed)))
     drain(loop)
@@ -271,6 +272,17 @@ def seeds() -> dict[str, bytes]:
     out["more-on-stream-0-ready"] = bytes([0x83, 0]) + f(core.FT_REPLY, core.FLAG_MORE, 0, b"a")
     out["hello-after-ready"] = bytes([0x83, 0]) + valid[0]
     out["more-in-handshake"] = bytes([0x03, 0]) + f(core.FT_HELLO, core.FLAG_MORE, 0, b"")
+    window = f(core.FT_WINDOW, core.FLAG_OPTIONAL, 0, core.packb(4096))
+    out["window-ack-ready"] = bytes([0x83, 2]) + window
+    out["window-malformed-ready"] = bytes([0x83, 2]) + f(core.FT_WINDOW, core.FLAG_OPTIONAL, 0,
+                                                         core.packb(-1))
+    # a split CALL announcing a bin too large to detach here... and one that
+    # is detached but ends after 20 of its 300,000 bytes
+    for name, size in (("bin-cut", 300_000), ("bin-huge", 1 << 31)):
+        head = core.packb(["Echo", "echo", [None], None, 0, None, None])
+        cut = head[:-5] + b"\xc6" + struct.pack(">I", size) + b"b" * 20
+        out[f"split-call-{name}-ready"] = bytes([0x80 | 0x20 | 0x03, 2]) + b"".join(
+            core.split_message(core.FT_CALL, 7, cut, 16))
     return out
 
 

@@ -18,6 +18,21 @@ cdef enum:
     PREAUTH_MAX_FRAME = 65536
     # Transport write buffer: past this, writing pauses and new calls wait.
     WRITE_HIGH_WATER = 1048576
+    # A message larger than SPLIT_MIN is sent in frames of LARGE_FRAME, one
+    # frame of each large message per loop round, so that a small frame
+    # queued meanwhile waits behind one such frame at most; a smaller one
+    # goes whole, as one frame (no window, no reassembly).
+    SPLIT_MIN = 262144
+    LARGE_FRAME = 32768
+    # A `bytes` value at least this large is not copied: the sender hands the
+    # object itself to the transport, the receiver writes it straight into
+    # its final bytes object.  Not below SPLIT_MIN (a message holding one is
+    # then always sent in frames).
+    DETACH_MIN = SPLIT_MIN
+    # With CAP_WINDOW, at most this many bytes of large-message frames are
+    # unacknowledged by the receiver (in kernel buffers on either side): the
+    # bound on what a small frame can find ahead of it.
+    LARGE_WINDOW = 131072
 
 
 cpdef enum FrameType:
@@ -33,6 +48,7 @@ cpdef enum FrameType:
     FT_TABLE = 10
     FT_GOODBYE = 11
     FT_PEERS = 12
+    FT_WINDOW = 13
 
 
 cpdef enum FrameFlag:
@@ -55,6 +71,9 @@ cpdef enum ExtCode:
     EXT_UUID = 11
     EXT_COMPLEX = 12
     EXT_USER = 64
+    # Receiver-internal: marks where a detached bytes value goes when a
+    # large message is decoded.  Never valid on the wire.
+    EXT_DETACHED = 127
 
 
 cdef enum ConnState:
@@ -81,6 +100,10 @@ cdef class WriteBuffer:
     cdef char* _buf
     cdef Py_ssize_t _size
     cdef Py_ssize_t _len
+    # Detached bytes values: [(offset in _buf where they belong, bytes), ...]
+    cdef list _segs
+    cdef Py_ssize_t _detached
+    cdef Py_ssize_t detach_min      # 0: every value is copied into _buf
 
     cdef int _grow(self, Py_ssize_t extra) except -1
     cdef inline int _reserve(self, Py_ssize_t extra) except -1
@@ -95,6 +118,8 @@ cdef class WriteBuffer:
     cdef Py_ssize_t begin_frame(self, uint8_t ftype, uint8_t flags, uint64_t sid) except -1
     cdef int end_frame(self, Py_ssize_t start) except -1
     cdef bytes take(self)
+    cdef list take_parts(self, Py_ssize_t start, Py_ssize_t payload_at)
+    cdef int _detach(self, bytes value) except -1
     cdef void truncate(self, Py_ssize_t n)
     cdef void release_if_large(self)
 
@@ -111,6 +136,35 @@ cdef class FrameReader:
     cdef object get_buffer_view(self)
     cdef int next_frame(self, Frame* out) except -1
     cdef void compact_if_idle(self, bint shrink)
+
+
+cdef enum ScanState:
+    SCAN_TOKEN = 0      # at the first byte of a msgpack token
+    SCAN_HEAD = 1       # inside a token's header
+    SCAN_COPY = 2       # inside a payload kept in the skeleton
+    SCAN_DETACH = 3     # inside a bin payload going to its own bytes object
+
+
+cdef class Reassembly:
+    cdef uint8_t ftype
+    cdef uint8_t flags
+    cdef bint dropped
+    cdef WriteBuffer skeleton
+    cdef list detached
+    cdef Py_ssize_t detach_min
+    cdef Py_ssize_t limit
+    cdef Py_ssize_t received
+    # the token scanner
+    cdef ScanState state
+    cdef unsigned char head[9]
+    cdef Py_ssize_t head_len
+    cdef Py_ssize_t head_need
+    cdef Py_ssize_t left
+    cdef char* dst
+
+    cdef int feed(self, const char* p, Py_ssize_t n) except -1
+    cdef int _token(self) except -1
+    cdef int finish(self) except -1
 
 
 cdef class ServiceEntry:
@@ -152,6 +206,9 @@ cdef class CoreProtocol:
     cdef bint _shrink_after_read
     cdef int _queued_this_tick
     cdef bint _paused_writing
+    cdef bint _large_congested      # large messages queued behind the streaming one
+    cdef bint _congested            # what callers see: wait before sending
+    cdef Py_ssize_t _large_queued   # bytes of large messages not yet written
     cdef object _large
     # per-call timeouts: a binary min-heap of (deadline, sid) in C memory
     cdef TimerEntry* _heap
@@ -162,14 +219,24 @@ cdef class CoreProtocol:
     cdef public uint64_t calls_in
     cdef public uint64_t calls_out
 
+    # Large-message flow control (CAP_WINDOW): 0 when the peer has none
+    cdef Py_ssize_t _window
+    cdef Py_ssize_t _credit          # bytes of large frames we may still send
+    cdef Py_ssize_t _consumed        # bytes of large frames read, not yet acknowledged
+
     cdef int _on_frame(self, Frame* f) except -1
     cdef int _on_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
-                         const char* p, Py_ssize_t n) except -1
+                         const char* p, Py_ssize_t n, list detached) except -1
     cdef int _on_chunk(self, Frame* f) except -1
     cdef int _on_dropped_message(self, uint8_t ftype, uint64_t sid) except -1
-    cdef int _on_reply(self, uint64_t sid, const char* p, Py_ssize_t n) except -1
-    cdef int _on_error(self, uint64_t sid, const char* p, Py_ssize_t n) except -1
-    cdef int _on_call(self, uint8_t ftype, uint64_t sid, const char* p, Py_ssize_t n) except -1
+    cdef int _on_reply(self, uint64_t sid, const char* p, Py_ssize_t n,
+                       list detached) except -1
+    cdef int _on_error(self, uint64_t sid, const char* p, Py_ssize_t n,
+                       list detached) except -1
+    cdef int _on_call(self, uint8_t ftype, uint64_t sid, const char* p, Py_ssize_t n,
+                      list detached) except -1
+    cdef int _on_window(self, const char* p, Py_ssize_t n) except -1
+    cdef int _acknowledge_large(self) except -1
     cdef int _on_cancel(self, uint64_t sid) except -1
     cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
                             object payload) except -1
@@ -183,7 +250,9 @@ cdef class CoreProtocol:
                                  double timeout_ms, deadline_ms, meta, trace) except -1
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
                                double timeout_ms, deadline_ms, meta, trace) except -1
-    cdef int _write_large_frames(self) except -1
+    cdef void _update_congestion(self)
+    cdef bytes _take_small(self)
+    cdef int _large_round(self, list bufs) except -1
     cdef int _heap_push(self, double deadline, uint64_t sid) except -1
     cdef void _heap_sift_down(self, Py_ssize_t i)
     cdef void _heap_pop(self)

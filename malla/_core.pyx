@@ -90,6 +90,11 @@ cdef object _default = None
 cdef object _ext_hook = None
 
 HEADER = HEADER_SIZE
+# How large messages travel (see _core.pxd), for tests and docs.
+SPLIT = SPLIT_MIN
+FRAME_OF_LARGE = LARGE_FRAME
+DETACH = DETACH_MIN
+WINDOW = LARGE_WINDOW
 
 
 # Buffers grown for large messages are kept while large messages keep
@@ -219,6 +224,34 @@ cdef inline object _unpack(const char* p, Py_ssize_t n):
                             use_list=True, timestamp=3)
 
 
+cdef class _DetachedHook:
+    # msgpack's ext_hook while a skeleton is decoded: markers (tag 0) become
+    # their detached values; code 127 sent by the peer (tag 1) and every
+    # other code go to the codec.
+    cdef list values
+
+    def __call__(self, int code, bytes data):
+        if code == EXT_DETACHED:
+            if PyBytes_GET_SIZE(data) == 5 and data[0] == 0:
+                return self.values[_get_u32(PyBytes_AS_STRING(data) + 1)]
+            return _ext_hook(code, data[1:])
+        return _ext_hook(code, data)
+
+
+cdef object _unpack_detached(const char* p, Py_ssize_t n, list detached):
+    # Decode a message that may have detached bytes values (Reassembly).
+    cdef _DetachedHook hook
+    if detached is None:
+        return _unpack(p, n)
+    if n == 8 and PyList_GET_SIZE(detached) == 1:
+        return detached[0]          # the whole message is one bytes value (a REPLY)
+    hook = _DetachedHook.__new__(_DetachedHook)
+    hook.values = detached
+    return _msgpack_unpackb(PyMemoryView_FromMemory(<char*>p, n, PyBUF_READ),
+                            ext_hook=hook, raw=False, strict_map_key=False,
+                            use_list=True, timestamp=3)
+
+
 cdef double BLOCKED_LOOP_WARNING = 0.1
 
 
@@ -281,11 +314,43 @@ cdef class WriteBuffer:
 
     cdef void truncate(self, Py_ssize_t n):
         self._len = n
+        cdef Py_ssize_t last
+        if self._segs:
+            # (the module is compiled without wraparound: no [-1])
+            last = PyList_GET_SIZE(self._segs) - 1
+            while last >= 0 and <Py_ssize_t>(<tuple>self._segs[last])[0] >= n:
+                self._detached -= PyBytes_GET_SIZE((<tuple>self._segs.pop())[1])
+                last -= 1
 
     cdef bytes take(self):
+        # (frames holding detached values never come here: take_parts)
         cdef bytes out = PyBytes_FromStringAndSize(self._buf, self._len)
         self._len = 0
         return out
+
+    cdef list take_parts(self, Py_ssize_t start, Py_ssize_t payload_at):
+        # The bytes from payload_at on, as a list of buffers: copies of our
+        # own bytes around the detached values, which are not copied.  The
+        # buffer is then cut back to `start`.
+        cdef list parts = []
+        cdef Py_ssize_t at = payload_at, pos
+        if self._segs:
+            for pos, value in self._segs:
+                if pos > at:
+                    parts.append(PyBytes_FromStringAndSize(self._buf + at, pos - at))
+                parts.append(value)
+                at = pos
+        if self._len > at:
+            parts.append(PyBytes_FromStringAndSize(self._buf + at, self._len - at))
+        self.truncate(start)
+        return parts
+
+    cdef int _detach(self, bytes value) except -1:
+        if self._segs is None:
+            self._segs = []
+        self._segs.append((self._len, value))
+        self._detached += PyBytes_GET_SIZE(value)
+        return 0
 
     cdef void release_if_large(self):
         # After a large message, give the memory back: an idle connection
@@ -462,7 +527,10 @@ cdef class WriteBuffer:
         elif t is bytes:
             n = PyBytes_GET_SIZE(o)
             self._put_header(0, 0, 0, 0xc4, 0xc5, 0xc6, n)
-            self.write_raw(PyBytes_AS_STRING(o), n)
+            if self.detach_min and n >= self.detach_min:
+                self._detach(o)
+            else:
+                self.write_raw(PyBytes_AS_STRING(o), n)
         elif t is list:
             n = PyList_GET_SIZE(o)
             self._put_array_header(n)
@@ -494,16 +562,22 @@ cdef class WriteBuffer:
         # back-filled: the nested value is encoded in place, with no copy.
         cdef Py_ssize_t start = self._len
         cdef Py_ssize_t n = len(items)
+        cdef Py_ssize_t detach_min = self.detach_min
         cdef char* p
         self._reserve(6)
         self._len += 6
         self._put_array_header(n)
-        if type(items) is tuple:
-            for i in range(n):
-                self.pack(<object>PyTuple_GET_ITEM(items, i), depth + 1)
-        else:
-            for item in items:
-                self.pack(item, depth + 1)
+        # the ext's length is counted in our buffer: nothing inside detaches
+        self.detach_min = 0
+        try:
+            if type(items) is tuple:
+                for i in range(n):
+                    self.pack(<object>PyTuple_GET_ITEM(items, i), depth + 1)
+            else:
+                for item in items:
+                    self.pack(item, depth + 1)
+        finally:
+            self.detach_min = detach_min
         p = self._buf + start
         p[0] = <char>0xc9
         _put_u32(p + 1, <uint32_t>(self._len - start - 6))
@@ -742,22 +816,207 @@ cdef class ServiceEntry:
         raise NotImplementedError
 
 
-cdef class _Partial:
-    # A message arriving in several frames.
-    cdef uint8_t ftype
-    cdef uint8_t flags
-    cdef bytearray data
-    cdef bint dropped
+# The bytes a msgpack token's header has after its first byte (lengths, an
+# ext's type), by first byte; 0 for the rest.
+cdef uint8_t[256] _TOKEN_HEAD
+for _first, _head in {
+        0xc4: 1, 0xc5: 2, 0xc6: 4,                  # bin 8/16/32: length
+        0xc7: 2, 0xc8: 3, 0xc9: 5,                  # ext 8/16/32: length, type
+        0xca: 4, 0xcb: 8,                           # float 32/64
+        0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8,         # uint 8..64
+        0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8,         # int 8..64
+        0xd4: 1, 0xd5: 1, 0xd6: 1, 0xd7: 1, 0xd8: 1,   # fixext 1..16: type
+        0xd9: 1, 0xda: 2, 0xdb: 4,                  # str 8/16/32: length
+        0xdc: 2, 0xdd: 4, 0xde: 2, 0xdf: 4,         # array, map 16/32: count
+        }.items():
+    _TOKEN_HEAD[_first] = _head
+
+
+cdef class Reassembly:
+    """One message arriving in several frames (sans-IO).
+
+    With `detach_min` > 0 the bytes are read as a stream of msgpack tokens
+    (no parsing of the structure: tokens are self-delimiting), and the
+    payload of every `bin` of at least `detach_min` bytes is written straight
+    into its final bytes object, a marker taking its place in the skeleton:
+    a 100 MB argument is copied once, a frame at a time, instead of a last
+    100 MB copy that would hold the event loop.  `limit` bounds the sizes
+    such a bin may announce.
+    """
+
+    def __cinit__(self, int ftype=0, int flags=0, Py_ssize_t detach_min=0,
+                  Py_ssize_t limit=0):
+        self.ftype = <uint8_t>ftype
+        self.flags = <uint8_t>flags
+        self.skeleton = WriteBuffer()
+        self.detach_min = detach_min
+        self.limit = limit
+
+    @property
+    def received(self):
+        return self.received
+
+    cdef int feed(self, const char* p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t m
+        self.received += n
+        if self.detach_min == 0:
+            return self.skeleton.write_raw(p, n)
+        while n > 0:
+            if self.state == SCAN_COPY or self.state == SCAN_DETACH:
+                m = n if n < self.left else self.left
+                if self.state == SCAN_COPY:
+                    self.skeleton.write_raw(p, m)
+                else:
+                    memcpy(self.dst, p, m)
+                    self.dst += m
+                self.left -= m
+                if self.left == 0:
+                    self.state = SCAN_TOKEN
+            elif self.state == SCAN_TOKEN:
+                self.head[0] = <unsigned char>p[0]
+                self.head_len = 1
+                self.head_need = 1 + _TOKEN_HEAD[<unsigned char>p[0]]
+                m = 1
+                if self.head_need == 1:
+                    self._token()
+                else:
+                    self.state = SCAN_HEAD
+            else:
+                m = self.head_need - self.head_len
+                if m > n:
+                    m = n
+                memcpy(self.head + self.head_len, p, m)
+                self.head_len += m
+                if self.head_len == self.head_need:
+                    self._token()
+            p += m
+            n -= m
+        return 0
+
+    cdef int _token(self) except -1:
+        # A whole token header is in self.head: keep it, or detach its bin.
+        cdef unsigned char c = self.head[0]
+        cdef const char* h = <const char*>self.head
+        cdef Py_ssize_t size = 0
+        cdef char marker[9]
+        if 0xa0 <= c <= 0xbf:
+            size = c & 0x1f
+        elif c == 0xc4 or c == 0xc7 or c == 0xd9:
+            size = self.head[1]
+        elif c == 0xc5 or c == 0xc8 or c == 0xda:
+            size = (self.head[1] << 8) | self.head[2]
+        elif c == 0xc6 or c == 0xc9 or c == 0xdb:
+            size = _get_u32(h + 1)
+        elif 0xd4 <= c <= 0xd8:
+            size = 1 << (c - 0xd4)
+        if 0xc4 <= c <= 0xc6 and self.detach_min <= size <= self.limit:
+            # the marker: ext 127, tag 0, the value's index
+            value = PyBytes_FromStringAndSize(NULL, size)
+            if self.detached is None:
+                self.detached = []
+            marker[0] = <char>0xc7
+            marker[1] = 5
+            marker[2] = <char>EXT_DETACHED
+            marker[3] = 0
+            _put_u32(marker + 4, <uint32_t>PyList_GET_SIZE(self.detached))
+            self.skeleton.write_raw(marker, 8)
+            self.detached.append(value)
+            self.dst = PyBytes_AS_STRING(value)
+            self.left = size
+            self.state = SCAN_DETACH
+            return 0
+        if ((0xc7 <= c <= 0xc9 or 0xd4 <= c <= 0xd8)
+                and <uint8_t>self.head[self.head_len - 1] == EXT_DETACHED):
+            # The peer sent code 127 itself: it keeps its place, tagged 1, so
+            # that decoding fails there as for any extension code we do not
+            # know, and no marker can be forged.
+            marker[0] = <char>0xc9
+            _put_u32(marker + 1, <uint32_t>(size + 1))
+            marker[5] = <char>EXT_DETACHED
+            marker[6] = 1
+            self.skeleton.write_raw(marker, 7)
+            if self.detached is None:
+                self.detached = []
+        else:
+            self.skeleton.write_raw(h, self.head_len)
+        self.left = size
+        self.state = SCAN_COPY if size else SCAN_TOKEN
+        return 0
+
+    cdef int finish(self) except -1:
+        # The message ended.  Inside a token, the skeleton must fail to decode
+        # as the message itself would: a cut header or payload is cut in the
+        # skeleton too; a half-filled detached value gets a byte after its
+        # marker that no msgpack value starts with.
+        if self.state == SCAN_HEAD:
+            self.skeleton.write_raw(<const char*>self.head, self.head_len)
+        elif self.state == SCAN_DETACH:
+            self.skeleton.write_raw(b"\xc1", 1)
+        return 0
+
+    def add(self, data):
+        """Feed bytes (tests and fuzzers)."""
+        cdef const unsigned char[:] view = memoryview(data).cast("B")
+        if view.shape[0]:
+            self.feed(<const char*>&view[0], view.shape[0])
+
+    def decode(self):
+        """End the message and decode it (tests and fuzzers)."""
+        self.finish()
+        return _unpack_detached(self.skeleton._buf, self.skeleton._len, self.detached)
+
+    def skeleton_bytes(self):
+        return PyBytes_FromStringAndSize(self.skeleton._buf, self.skeleton._len)
+
+    @property
+    def detached_values(self):
+        return list(self.detached or ())
+
+
+cdef bytes _frame_header(uint8_t ftype, uint8_t flags, uint64_t sid, uint32_t length):
+    cdef bytes h = PyBytes_FromStringAndSize(NULL, HEADER_SIZE)
+    cdef char* p = PyBytes_AS_STRING(h)
+    p[0] = <char>ftype
+    p[1] = <char>flags
+    p[2] = 0
+    p[3] = 0
+    _put_u32(p + 4, length)
+    _put_u64(p + 8, sid)
+    return h
 
 
 cdef class _LargeMessage:
-    # An encoded message bigger than one frame, sent a frame per round.
+    # An encoded message bigger than one frame, sent a frame per round.  Its
+    # payload is a list of buffers: our encoding around the detached values.
     cdef uint8_t ftype
     cdef uint8_t flags
     cdef uint64_t sid
-    cdef bytes payload
-    cdef Py_ssize_t offset
+    cdef list parts
+    cdef Py_ssize_t part_index, part_offset
+    cdef Py_ssize_t length, sent
     cdef Py_ssize_t chunk
+
+    cdef int take_into(self, list bufs, Py_ssize_t n) except -1:
+        # Append the next n payload bytes to bufs as views (no copy).
+        cdef object part
+        cdef Py_ssize_t size, take
+        while n > 0:
+            part = self.parts[self.part_index]
+            size = len(part)
+            take = size - self.part_offset
+            if take > n:
+                take = n
+            if self.part_offset == 0 and take == size:
+                bufs.append(part)
+            else:
+                bufs.append(memoryview(part)[self.part_offset:self.part_offset + take])
+            self.part_offset += take
+            n -= take
+            if self.part_offset == size:
+                self.parts[self.part_index] = None      # the transport holds it now
+                self.part_index += 1
+                self.part_offset = 0
+        return 0
 
 
 # ---------------------------------------------------------------------------
@@ -779,6 +1038,7 @@ cdef class CoreProtocol:
         self.services = services
         self._reader = FrameReader(PREAUTH_MAX_FRAME)
         self._wbuf = WriteBuffer()
+        self._wbuf.detach_min = DETACH_MIN
         self._state = CS_HANDSHAKE
         self.peer_name = None
         self._pending = {}
@@ -855,13 +1115,16 @@ cdef class CoreProtocol:
     def transport(self):
         return self._transport
 
-    def set_ready(self, str peer_name, uint32_t max_frame_size):
-        """End of handshake: the agreed frame size applies from now on."""
+    def set_ready(self, str peer_name, uint32_t max_frame_size, bint window=False):
+        """End of handshake: the agreed frame size applies from now on, and
+        large messages are paced by the peer's acknowledgements when both
+        sides announced CAP_WINDOW."""
         if self._state != CS_HANDSHAKE:
             raise mexc.InternalError("set_ready outside the handshake")
         self.peer_name = peer_name
         self.max_frame_size = max_frame_size
         self._reader.max_frame_size = max_frame_size
+        self._window = self._credit = LARGE_WINDOW if window else 0
         self._state = CS_READY
 
     # -- asyncio callbacks ----------------------------------------------------
@@ -892,6 +1155,7 @@ cdef class CoreProtocol:
         for task in running:
             task.cancel()
         self._large = []
+        self._large_queued = 0
         self._partials.clear()
         self._transport = None
         if owner is not None:
@@ -910,6 +1174,8 @@ cdef class CoreProtocol:
                 if not self._reader.next_frame(&f):
                     break
                 self._on_frame(&f)
+            if self._consumed and self._state == CS_READY:
+                self._acknowledge_large()
         except ProtocolError as exc:
             self._protocol_violation(str(exc))
         except Exception as exc:
@@ -931,13 +1197,11 @@ cdef class CoreProtocol:
         # Past the high-water mark: new calls wait (or fail over) until the
         # transport drains below the low-water mark.
         self._paused_writing = True
-        if self.owner is not None:
-            self.owner._writing_paused()
+        self._update_congestion()
 
     def resume_writing(self):
         self._paused_writing = False
-        if self.owner is not None:
-            self.owner._writing_resumed()
+        self._update_congestion()
         # The calls that waited run first (they were woken before this
         # call_soon); the next round of large frames goes after them.
         if self._large and not self._flush_scheduled:
@@ -946,7 +1210,20 @@ cdef class CoreProtocol:
 
     @property
     def writing_paused(self):
-        return self._paused_writing
+        """Congested: the transport is past its high-water mark, or large
+        messages beyond the one streaming wait to be sent."""
+        return self._congested
+
+    cdef void _update_congestion(self):
+        cdef bint congested = self._paused_writing or self._large_congested
+        if congested == self._congested:
+            return
+        self._congested = congested
+        if self.owner is not None:
+            if congested:
+                self.owner._writing_paused()
+            else:
+                self.owner._writing_resumed()
 
     # -- receiving --------------------------------------------------------------
 
@@ -964,34 +1241,40 @@ cdef class CoreProtocol:
         if ((f.flags & FLAG_MORE) or f.length > self.max_message_size
                 or (PyDict_Size(self._partials) and f.sid in self._partials)):
             return self._on_chunk(f)
-        return self._on_message(f.ftype, f.flags, f.sid, f.payload, f.length)
+        return self._on_message(f.ftype, f.flags, f.sid, f.payload, f.length, None)
 
     cdef int _on_chunk(self, Frame* f) except -1:
-        cdef _Partial part
+        cdef Reassembly part
         cdef object key = f.sid
-        cdef Py_ssize_t have
+        cdef bint scan, counted
         if f.sid == 0:
             raise ProtocolError("a message on stream 0 cannot be split")
         part = self._partials.get(key)
+        # the frames the sender counts against its window: every frame of a
+        # message sent in several (not a lone frame above max_message_size)
+        counted = part is not None or f.flags & FLAG_MORE
         if part is None:
-            part = _Partial.__new__(_Partial)
-            part.ftype = f.ftype
-            part.flags = f.flags & ~FLAG_MORE
-            part.data = bytearray()
-            part.dropped = False
+            # values of calls and replies are worth detaching; control
+            # messages go to Python whole
+            scan = (f.ftype == FT_CALL or f.ftype == FT_CAST or f.ftype == FT_REPLY
+                    or f.ftype == FT_ERROR)
+            part = Reassembly(f.ftype, f.flags & ~FLAG_MORE, DETACH_MIN if scan else 0,
+                              self.max_message_size)
             self._partials[key] = part
         elif part.ftype != f.ftype:
             raise ProtocolError(f"stream {f.sid}: frame type changed inside a message")
+        if self._window and counted:
+            self._consumed += f.length
         if not part.dropped:
-            have = PyByteArray_GET_SIZE(part.data)
-            if <uint64_t>(have + f.length) > self.max_message_size:
+            if <uint64_t>(part.received + f.length) > self.max_message_size:
                 # Too large: drop what we have, keep the connection, and
                 # answer once the message's last frame has passed.
                 part.dropped = True
-                self._partial_bytes -= have
-                part.data = None
+                self._partial_bytes -= part.received
+                part.skeleton = None
+                part.detached = None
             else:
-                part.data += PyMemoryView_FromMemory(<char*>f.payload, f.length, PyBUF_READ)
+                part.feed(f.payload, f.length)
                 self._partial_bytes += f.length
         if f.flags & FLAG_MORE:
             return 0
@@ -999,10 +1282,10 @@ cdef class CoreProtocol:
         self._shrink_after_read = not self._note_large()
         if part.dropped:
             return self._on_dropped_message(part.ftype, f.sid)
-        self._partial_bytes -= PyByteArray_GET_SIZE(part.data)
-        return self._on_message(part.ftype, part.flags, f.sid,
-                                PyByteArray_AS_STRING(part.data),
-                                PyByteArray_GET_SIZE(part.data))
+        self._partial_bytes -= part.received
+        part.finish()
+        return self._on_message(part.ftype, part.flags, f.sid, part.skeleton._buf,
+                                part.skeleton._len, part.detached)
 
     cdef int _on_dropped_message(self, uint8_t ftype, uint64_t sid) except -1:
         msg = f"message larger than max_message_size {self.max_message_size}"
@@ -1018,13 +1301,15 @@ cdef class CoreProtocol:
         return 0
 
     cdef int _on_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
-                         const char* p, Py_ssize_t n) except -1:
+                         const char* p, Py_ssize_t n, list detached) except -1:
         if ftype == FT_REPLY:
-            return self._on_reply(sid, p, n)
+            return self._on_reply(sid, p, n, detached)
         if ftype == FT_CALL or ftype == FT_CAST:
-            return self._on_call(ftype, sid, p, n)
+            return self._on_call(ftype, sid, p, n, detached)
         if ftype == FT_ERROR:
-            return self._on_error(sid, p, n)
+            return self._on_error(sid, p, n, detached)
+        if ftype == FT_WINDOW:
+            return self._on_window(p, n)
         if ftype == FT_CANCEL:
             return self._on_cancel(sid)
         if ftype == FT_HEARTBEAT:
@@ -1042,7 +1327,8 @@ cdef class CoreProtocol:
             return 0
         raise ProtocolError(f"unknown mandatory frame type {ftype}")
 
-    cdef int _on_reply(self, uint64_t sid, const char* p, Py_ssize_t n) except -1:
+    cdef int _on_reply(self, uint64_t sid, const char* p, Py_ssize_t n,
+                       list detached) except -1:
         cdef object key = sid
         cdef PyObject* fp = PyDict_GetItem(self._pending, key)
         cdef object fut
@@ -1051,7 +1337,7 @@ cdef class CoreProtocol:
         fut = <object>fp
         del self._pending[key]
         try:
-            value = _unpack(p, n)
+            value = _unpack_detached(p, n, detached)
         except EncodeError as exc:
             # well-formed, but holds a value this node cannot rebuild (an
             # unregistered user type): that call fails, the connection stays
@@ -1066,9 +1352,10 @@ cdef class CoreProtocol:
             fut.set_result(value)
         return 0
 
-    cdef int _on_error(self, uint64_t sid, const char* p, Py_ssize_t n) except -1:
+    cdef int _on_error(self, uint64_t sid, const char* p, Py_ssize_t n,
+                       list detached) except -1:
         try:
-            code, exc_type, message, tb = _unpack(p, n)[:4]
+            code, exc_type, message, tb = _unpack_detached(p, n, detached)[:4]
             err = error_from_wire(int(code), str(exc_type), str(message),
                                   tb if isinstance(tb, str) else None)
         except Exception as exc:
@@ -1081,13 +1368,34 @@ cdef class CoreProtocol:
             fut.set_exception(err)
         return 0
 
+    cdef int _on_window(self, const char* p, Py_ssize_t n) except -1:
+        # The peer consumed this many bytes of our large frames: send more.
+        if self._window == 0:
+            return 0            # not negotiated: an optional frame we skip
+        try:
+            consumed = _unpack(p, n)
+        except Exception:
+            consumed = None
+        if type(consumed) is not int or not 0 <= consumed <= (1 << 40):
+            raise ProtocolError(f"malformed WINDOW frame: {consumed!r}")
+        self._credit += <Py_ssize_t>consumed
+        return 0
+
+    cdef int _acknowledge_large(self) except -1:
+        # End of a read: tell the peer how much of its large frames we took,
+        # so it never has more than LARGE_WINDOW bytes of them in flight.
+        self._queue_message(FT_WINDOW, FLAG_OPTIONAL, 0, self._consumed)
+        self._consumed = 0
+        return 0
+
     cdef int _on_cancel(self, uint64_t sid) except -1:
         task = self._running.pop(sid, None)
         if task is not None:
             task.cancel()
         return 0
 
-    cdef int _on_call(self, uint8_t ftype, uint64_t sid, const char* p, Py_ssize_t n) except -1:
+    cdef int _on_call(self, uint8_t ftype, uint64_t sid, const char* p, Py_ssize_t n,
+                      list detached) except -1:
         cdef bint cast = ftype == FT_CAST
         cdef ServiceEntry entry
         cdef PyObject* ep
@@ -1095,7 +1403,7 @@ cdef class CoreProtocol:
         cdef list msg
         self.calls_in += 1
         try:
-            obj = _unpack(p, n)
+            obj = _unpack_detached(p, n, detached)
         except EncodeError as exc:
             if not cast:
                 self._queue_error(sid, ERR_UNDECODABLE, "malla.exceptions.EncodeError",
@@ -1231,29 +1539,42 @@ cdef class CoreProtocol:
     cdef int _queue_encoded(self, Py_ssize_t start) except -1:
         # The frame at `start` is encoded; send it as one frame or, when it
         # is larger than a frame, as a message split into frames.
-        cdef Py_ssize_t length = self._wbuf._len - start - HEADER_SIZE
+        cdef WriteBuffer wb = self._wbuf
+        cdef Py_ssize_t length = wb._len - start - HEADER_SIZE + wb._detached
+        cdef Py_ssize_t chunk = LARGE_FRAME
+        cdef Py_ssize_t whole = SPLIT_MIN
         cdef _LargeMessage m
         cdef const char* h
         cdef Py_ssize_t frames
         if <uint64_t>length > self.max_message_size:
-            self._wbuf.truncate(start)
+            wb.truncate(start)
             raise MessageTooLarge(
                 f"message of {length} bytes exceeds max_message_size {self.max_message_size}")
-        if length <= self.max_frame_size:
-            self._wbuf.end_frame(start)
+        if chunk > self.max_frame_size:
+            chunk = self.max_frame_size
+        if whole > self.max_frame_size:
+            whole = self.max_frame_size
+        if length <= whole and not wb._segs:
+            wb.end_frame(start)
         else:
-            h = self._wbuf._buf + start
+            h = wb._buf + start
             m = _LargeMessage.__new__(_LargeMessage)
             m.ftype = <uint8_t>h[0]
             m.flags = <uint8_t>h[1]
             m.sid = _get_u64(h + 8)
-            m.payload = PyBytes_FromStringAndSize(h + HEADER_SIZE, length)
-            m.offset = 0
+            m.length = length
             # frames of equal size: a message just over the limit goes as two
             # halves, not a full frame and a sliver that waits for a drain
-            frames = (length + self.max_frame_size - 1) // self.max_frame_size
+            frames = (length + chunk - 1) // chunk
             m.chunk = (length + frames - 1) // frames
-            self._wbuf.truncate(start)
+            m.parts = wb.take_parts(start, start + HEADER_SIZE)
+            self._large_queued += length
+            if self._large and self._large_queued > WRITE_HIGH_WATER:
+                # One large message streams while small calls go on; more
+                # behind it are a backlog the caller must wait for (its
+                # memory is ours to bound), as for a full transport.
+                self._large_congested = True
+                self._update_congestion()
             if not self._note_large():
                 self._wbuf.release_if_large()    # a lone large message
             self._large.append(m)
@@ -1322,48 +1643,69 @@ cdef class CoreProtocol:
         self.flush()
 
     def flush(self):
-        """Write every queued small frame now, then a round of large frames."""
+        """Write every queued small frame now, then a round of large frames,
+        in one system call."""
+        cdef list bufs
         if self._transport is None or self._state >= CS_CLOSING:
             # closing: close() already handed the transport what was queued
             self._wbuf.truncate(0)
             return
-        if self._wbuf._len:
-            if self._wbuf._len > WRITE_BUF_KEEP:
-                self._schedule_idle_check()     # give the grown buffer back once idle
-            self._transport.write(self._wbuf.take())
-            self.last_sent = _now()
         if self._large and not self._paused_writing:
-            self._write_large_frames()
+            bufs = []
+            if self._wbuf._len:
+                bufs.append(self._take_small())
+            self._large_round(bufs)
+            if bufs:
+                self._transport.writelines(bufs)
+                self.last_sent = _now()
+        elif self._wbuf._len:
+            self._transport.write(self._take_small())
+            self.last_sent = _now()
 
-    cdef int _write_large_frames(self) except -1:
+    cdef bytes _take_small(self):
+        if self._wbuf._len > WRITE_BUF_KEEP:
+            self._schedule_idle_check()     # give the grown buffer back once idle
+        return self._wbuf.take()
+
+    cdef int _large_round(self, list bufs) except -1:
         # One frame of each large message per round, so that small frames
         # (written as soon as they are queued) never wait behind more than
-        # one frame of any large message.  The next round starts when the
-        # transport has drained (resume_writing) or on the next loop tick.
+        # one frame of any large message.  With a window, a frame goes only
+        # while the peer has acknowledged enough: what a small frame finds
+        # ahead of it in the kernel's buffers is bounded too.  The next round
+        # starts on the next loop tick, when the transport has drained
+        # (resume_writing) or when the peer acknowledges (_on_window).
         cdef _LargeMessage m
-        cdef Py_ssize_t n, chunk
+        cdef Py_ssize_t chunk
         cdef list still = []
         cdef bint last
-        if self._transport is None:
-            return 0
+        cdef bint windowed = self._window > 0
         for m in self._large:
-            n = PyBytes_GET_SIZE(m.payload)
-            chunk = n - m.offset
+            chunk = m.length - m.sent
             if chunk > m.chunk:
                 chunk = m.chunk
-            last = m.offset + chunk >= n
-            self._wbuf.begin_frame(m.ftype, m.flags | (0 if last else FLAG_MORE), m.sid)
-            _put_u32(self._wbuf._buf + self._wbuf._len - HEADER_SIZE + 4, <uint32_t>chunk)
-            self._transport.write(self._wbuf.take())
-            self._transport.write(memoryview(m.payload)[m.offset:m.offset + chunk])
-            m.offset += chunk
+            if windowed and self._credit < chunk:
+                still.append(m)
+                continue
+            last = m.sent + chunk >= m.length
+            bufs.append(_frame_header(m.ftype, m.flags | (0 if last else FLAG_MORE), m.sid,
+                                      <uint32_t>chunk))
+            m.take_into(bufs, chunk)
+            m.sent += chunk
+            self._large_queued -= chunk
+            if windowed:
+                self._credit -= chunk
             if not last:
                 still.append(m)
             else:
                 self._note_large()
         self._large = still
-        self.last_sent = _now()
-        if still and not self._paused_writing and not self._flush_scheduled:
+        if self._large_congested and (self._large_queued <= WRITE_HIGH_WATER // 4
+                                      or PyList_GET_SIZE(still) <= 1):
+            self._large_congested = False
+            self._update_congestion()
+        if (still and not self._paused_writing and not self._flush_scheduled
+                and (not windowed or self._credit >= LARGE_FRAME)):
             self._flush_scheduled = True
             self._loop.call_soon(self._end_tick)
         return 0

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla._ext import core
-from malla.handshake import Handshake, Hello, error_payload
+from malla.handshake import CAP_WINDOW, Handshake, Hello, error_payload
 
 if TYPE_CHECKING:
     from malla.node import Node
@@ -173,7 +173,8 @@ class Connection:
         assert self.peer is not None
         if not self.dialer:
             self.node._throttle.succeeded(self._peer_host())
-        self.proto.set_ready(self.peer.name, self.handshake.max_frame_size)
+        self.proto.set_ready(self.peer.name, self.handshake.max_frame_size,
+                             bool(self.handshake.caps & CAP_WINDOW))
         self.node._admit(self)
 
     def _peer_host(self) -> str:

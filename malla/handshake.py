@@ -27,7 +27,8 @@ PROTOCOL_VERSION = 1
 # Capability bits (docs/protocol.md); a bit a peer does not know is ignored.
 CAP_TRACE = 1            # CALLs may carry the trace-context field
 CAP_UDP_HEARTBEAT = 2    # heartbeats also come by UDP (HELLO "udp")
-CAPABILITIES = CAP_TRACE | CAP_UDP_HEARTBEAT
+CAP_WINDOW = 4           # large messages are paced by WINDOW acknowledgements
+CAPABILITIES = CAP_TRACE | CAP_UDP_HEARTBEAT | CAP_WINDOW
 
 
 def protocol_limits() -> tuple[int, int, int]:
@@ -144,6 +145,7 @@ class Handshake:
         self.peer: Hello | None = None
         self.version = 0
         self.max_frame_size = local.max_frame_size
+        self.caps = 0                    # the capabilities both sides announced
         self.done = False
         self._state = "start"
 
@@ -166,6 +168,7 @@ class Handshake:
         self.peer = peer
         self._peer_bytes = payload
         self.max_frame_size = min(self.local.max_frame_size, peer.max_frame_size)
+        self.caps = self.local.caps & peer.caps
         self._state = "wait_auth"
         if self.dialer:
             return [(core.FT_AUTH, self._expected(_LABEL_DIALER))]

@@ -10,6 +10,7 @@ import malla
 from malla._ext import core
 
 from conftest import node_factory, run_async, spawn_python, stop_all, wait_until, with_nodes
+from fuzz._target import FakeTransport
 
 CONSUMER = """
 import sys, time, malla
@@ -85,34 +86,19 @@ def run_fast_producer(seconds: float) -> None:
     run_async(main(), timeout=seconds + 120)
 
 
-class FakeTransport:
-    """Records writes (a unit test of the core's writer, beside the TCP tests)."""
+class Owner:
+    """What the core calls on its owner (malla.connection.Connection)."""
 
     def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.buffered = 0
+        self.protocol_errors: list[malla.ProtocolError] = []
 
-    def write(self, data) -> None:
-        self.writes.append(bytes(data))
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def get_extra_info(self, name, default=None):
-        return ("127.0.0.1", 1) if name == "sockname" else default
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-
-class Owner:
     def _connection_made(self, proto):
+        pass
+
+    def _on_protocol_error(self, err):
+        self.protocol_errors.append(err)
+
+    def _connection_lost(self, exc):
         pass
 
     def _writing_paused(self):

@@ -2,7 +2,8 @@
 
 MALLA_PROTOCOL_LIMIT (a test setting) makes a subprocess node speak as an
 older release would ("1..1:0": version 1, no capabilities: no UDP
-heartbeats, no trace field) or as a newer one ("1..2:3": versions up to 2).
+heartbeats, no trace field, no large-message window) or as a newer one
+("1..2:7": versions up to 2).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import pytest
 
 import malla
-from malla.handshake import CAPABILITIES
+from malla.handshake import CAP_WINDOW, CAPABILITIES
 
 from conftest import COOKIE, ROOT, node_factory, run_async, stop_all
 
@@ -27,7 +28,8 @@ class Here(malla.Service, global_=True):
         return f"hello {who}"
 
 
-@pytest.mark.parametrize("limit, version, caps", [("1..1:0", 1, 0), ("1..2:3", 1, 3)])
+@pytest.mark.parametrize("limit, version, caps", [("1..1:0", 1, 0), ("1..2:3", 1, 3),
+                                                    ("1..2:7", 1, 7)])
 def test_adjacent_versions_interoperate(limit, version, caps):
     env = dict(os.environ, MALLA_COOKIE=COOKIE, PYTHONPATH=ROOT, MALLA_PROTOCOL_LIMIT=limit)
     proc = subprocess.Popen([sys.executable, NODEPROC, "other", "--hb-interval", "0.2",
@@ -48,6 +50,11 @@ def test_adjacent_versions_interoperate(limit, version, caps):
             # calls both ways, with and without the trace field
             assert await node.remote("Echo", "echo", [{"k": (1, 2)}]) == {"k": (1, 2)}
             assert await node.remote("Probe_other", "peers") == ["current"]
+            # large messages both ways (frames, detached bytes), paced by
+            # acknowledgements only when both announced CAP_WINDOW
+            big = os.urandom(3 << 20)
+            assert await node.remote("Echo", "echo", [[big, "tail"]]) == [big, "tail"]
+            assert bool(conn.handshake.caps & CAP_WINDOW) == bool(caps & CAP_WINDOW)
             # heartbeats keep it connected, whichever channels the peer has
             await asyncio.sleep(3 * 1.0)
             assert node.peers() == ["other"]

@@ -36,6 +36,8 @@ from malla._ext import core
 from malla.codec import packb, unpackb
 from malla.service import RunningService
 
+from fuzz._target import FakeTransport as RecordingTransport
+
 MAX_FRAME = 1024
 
 
@@ -50,32 +52,21 @@ class Echo(malla.Service):
         await asyncio.sleep(3600)
 
 
-class FakeTransport:
+class FakeTransport(RecordingTransport):
     """Records writes; close/abort deliver connection_lost on the next loop
     iteration, as asyncio's transports do."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.loop = loop
         self.proto: core.Protocol | None = None
-        self.writes: list[bytes] = []
-        self.aborted = False
-        self.closed = False
         self.writes_after_abort = 0
 
     def write(self, data) -> None:
         if self.aborted:       # asyncio drops these; so do we
             self.writes_after_abort += 1
             return
-        self.writes.append(bytes(data))
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name, default=None):
-        return default
+        super().write(data)
 
     def _lose(self) -> None:
         if not self.closed:
@@ -461,14 +452,14 @@ class ConnectionMachine(RuleBasedStateMachine):
             assert len(self.owner.pongs) == pongs + (sid != 0)
 
     @precondition(lambda self: self.ready and self.open)
-    @rule(ftype=st.integers(13, 255), payload=st.binary(max_size=3 * MAX_FRAME),
+    @rule(ftype=st.integers(core.FT_WINDOW + 1, 255), payload=st.binary(max_size=3 * MAX_FRAME),
           sid=st.sampled_from([5, 2**40]))
     def unknown_optional(self, ftype, payload, sid):
         self.feed(self.message(ftype, sid, payload, core.FLAG_OPTIONAL))
         assert not self.proto.closed
 
     @precondition(lambda self: self.ready and self.open)
-    @rule(ftype=st.integers(13, 255), roll=ROLL)
+    @rule(ftype=st.integers(core.FT_WINDOW + 1, 255), roll=ROLL)
     def unknown_mandatory(self, ftype, roll):
         if roll:
             return
