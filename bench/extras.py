@@ -49,10 +49,18 @@ class Sink(malla.Service, global_=True):
         return len(blob)
 
 
-async def _serve() -> None:
+def _hol_options(window: int | None) -> dict[str, Any]:
+    # a 100 MB message, liveness checked every 0.2 s (dropped after 1 s)
+    options: dict[str, Any] = {"max_message_size": 128 << 20, "heartbeat_interval": 0.2,
+                               "heartbeat_timeout": 1.0}
+    if window is not None:
+        options["window_size"] = window
+    return options
+
+
+async def _serve(window: int | None) -> None:
     node = malla.Node("extras-server", cookie=COOKIE, host=HOST, port=0,
-                      max_message_size=128 << 20, heartbeat_interval=0.2,
-                      heartbeat_timeout=1.0)
+                      **_hol_options(window))
     await node.start()
     await node.start_service(Sink)
     print(node.address[1], flush=True)
@@ -76,10 +84,9 @@ async def _timed_calls(node: malla.Node, payload: bytes, n: int | None = None,
     return out
 
 
-async def _client(port: int) -> dict[str, Any]:
+async def _client(port: int, window: int | None) -> dict[str, Any]:
     node = malla.Node("extras-client", cookie=COOKIE, host=HOST, port=0, hidden=True,
-                      max_message_size=128 << 20, heartbeat_interval=0.2,
-                      heartbeat_timeout=1.0)
+                      **_hol_options(window))
     await node.start()
     await node.connect(f"{HOST}:{port}")
     assert await node.wait_for_services(["Sink"])
@@ -120,12 +127,12 @@ def _pin(pids: list[int], cpus: list[int]) -> None:
         os.sched_setaffinity(pid, cpus)
 
 
-async def _hol(port: int, pids: list[int]) -> dict[str, Any]:
+async def _hol(port: int, pids: list[int], window: int | None) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"own_cpus": [], "one_cpu": []}
     for _ in range(3):
         for mode in runs:
             _pin(pids, ALL_CPUS if mode == "own_cpus" else ONE_CPU)
-            runs[mode].append(await _client(port))
+            runs[mode].append(await _client(port, window))
     _pin(pids, ALL_CPUS)
     out: dict[str, Any] = {}
     for mode, results in runs.items():
@@ -183,7 +190,8 @@ async def _observability(port: int) -> dict[str, Any]:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    server = subprocess.Popen([sys.executable, "-m", "bench.extras", "serve"],
+    window = [] if args.window is None else ["--window", str(args.window)]
+    server = subprocess.Popen([sys.executable, "-m", "bench.extras", "serve", *window],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               cwd=REPO_ROOT)
     try:
@@ -192,7 +200,7 @@ async def _main(args: argparse.Namespace) -> int:
         results: dict[str, Any] = {}
         pids = [os.getpid(), server.pid]
         if args.only in ("all", "hol"):
-            results["hol"] = await _hol(port, pids)
+            results["hol"] = await _hol(port, pids, args.window)
         if args.only in ("all", "observability"):
             _pin(pids, ONE_CPU)
             results["observability"] = await _observability(port)
@@ -230,11 +238,13 @@ def _print_observability(obs: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.extras")
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "serve"])
+    parser.add_argument("--window", type=int, default=None,
+                        help="the nodes' window_size (default: malla's)")
     parser.add_argument("--only", default="all", choices=["all", "hol", "observability"])
     parser.add_argument("--json", default=str(REPO_ROOT / "bench" / "results" / "extras.json"))
     args = parser.parse_args(argv)
     if args.mode == "serve":
-        uvloop.run(_serve())
+        uvloop.run(_serve(args.window))
         return 0
     return uvloop.run(_main(args))
 

@@ -219,8 +219,9 @@ cdef class CoreProtocol:
     cdef public uint64_t calls_in
     cdef public uint64_t calls_out
 
-    # Large-message flow control (CAP_WINDOW): 0 when the peer has none
-    cdef Py_ssize_t _window
+    # Large-message flow control (CAP_WINDOW)
+    cdef bint _acknowledge           # negotiated: we send WINDOW frames
+    cdef Py_ssize_t _window          # our window (0: not paced)
     cdef Py_ssize_t _credit          # bytes of large frames we may still send
     cdef Py_ssize_t _consumed        # bytes of large frames read, not yet acknowledged
 

@@ -1108,6 +1108,12 @@ cdef class CoreProtocol:
         return len(self._large)
 
     @property
+    def window(self):
+        """Bytes of our large messages the peer may have unacknowledged (0:
+        not paced)."""
+        return self._window
+
+    @property
     def timer_heap_len(self):
         return self._heap_len
 
@@ -1115,16 +1121,21 @@ cdef class CoreProtocol:
     def transport(self):
         return self._transport
 
-    def set_ready(self, str peer_name, uint32_t max_frame_size, bint window=False):
-        """End of handshake: the agreed frame size applies from now on, and
-        large messages are paced by the peer's acknowledgements when both
-        sides announced CAP_WINDOW."""
+    def set_ready(self, str peer_name, uint32_t max_frame_size, bint windows=False,
+                  Py_ssize_t window_size=LARGE_WINDOW):
+        """End of handshake: the agreed frame size applies from now on.  With
+        `windows` (both sides announced CAP_WINDOW) we acknowledge the frames
+        of the peer's large messages, and pace ours by its acknowledgements,
+        `window_size` bytes in flight at most (0: not paced)."""
         if self._state != CS_HANDSHAKE:
             raise mexc.InternalError("set_ready outside the handshake")
         self.peer_name = peer_name
         self.max_frame_size = max_frame_size
         self._reader.max_frame_size = max_frame_size
-        self._window = self._credit = LARGE_WINDOW if window else 0
+        if 0 < window_size < LARGE_FRAME:
+            raise ValueError(f"a window below one frame ({LARGE_FRAME} bytes) never opens")
+        self._acknowledge = windows
+        self._window = self._credit = window_size if windows else 0
         self._state = CS_READY
 
     # -- asyncio callbacks ----------------------------------------------------
@@ -1263,7 +1274,7 @@ cdef class CoreProtocol:
             self._partials[key] = part
         elif part.ftype != f.ftype:
             raise ProtocolError(f"stream {f.sid}: frame type changed inside a message")
-        if self._window and counted:
+        if self._acknowledge and counted:
             self._consumed += f.length
         if not part.dropped:
             if <uint64_t>(part.received + f.length) > self.max_message_size:
@@ -1370,7 +1381,7 @@ cdef class CoreProtocol:
 
     cdef int _on_window(self, const char* p, Py_ssize_t n) except -1:
         # The peer consumed this many bytes of our large frames: send more.
-        if self._window == 0:
+        if not self._acknowledge:
             return 0            # not negotiated: an optional frame we skip
         try:
             consumed = _unpack(p, n)

@@ -174,7 +174,7 @@ class Connection:
         if not self.dialer:
             self.node._throttle.succeeded(self._peer_host())
         self.proto.set_ready(self.peer.name, self.handshake.max_frame_size,
-                             bool(self.handshake.caps & CAP_WINDOW))
+                             bool(self.handshake.caps & CAP_WINDOW), self.node.window_size)
         self.node._admit(self)
 
     def _peer_host(self) -> str:

@@ -56,7 +56,8 @@ class Node(CallAPI):
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 3.0,
                  handshake_timeout: float = 5.0, check_interval: float = 10.0,
                  redial_max: float = 5.0, max_frame_size: int = 1 << 20,
-                 max_message_size: int = 64 << 20, ssl_server: Any = None,
+                 max_message_size: int = 64 << 20, window_size: int = core.WINDOW,
+                 ssl_server: Any = None,
                  ssl_client: Any = None, dns_servers: list[str] | None = None,
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
@@ -65,6 +66,9 @@ class Node(CallAPI):
             raise ValueError("a node needs a non-empty name")
         if max_frame_size < 1024 or max_frame_size > 0xFFFFFFFF:
             raise ValueError("max_frame_size must be between 1 KiB and 4 GiB")
+        if window_size and window_size < core.FRAME_OF_LARGE:
+            raise ValueError(f"window_size must be 0 (no pacing) or at least "
+                             f"{core.FRAME_OF_LARGE} bytes (one frame of a large message)")
         self.name = name
         self.host = host
         self.port = port
@@ -90,6 +94,9 @@ class Node(CallAPI):
         self.redial_max = redial_max
         self.max_frame_size = max_frame_size
         self.max_message_size = max_message_size
+        # bytes of large messages in flight to a peer before it acknowledges
+        # them (CAP_WINDOW): the bound on what a small call waits behind
+        self.window_size = window_size
         self.ssl_server = ssl_server
         self.ssl_client = ssl_client
         self.incarnation = random.getrandbits(64)

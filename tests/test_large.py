@@ -18,7 +18,7 @@ import malla
 from malla._ext import core
 from malla.codec import packb, unpackb
 
-from conftest import node_factory, run_async, spawn_python, stop_all
+from conftest import node_factory, run_async, spawn_python, stop_all, wait_until, with_nodes
 from fuzz._target import FakeTransport
 from test_codec import same, values
 from test_flow import Owner
@@ -102,12 +102,12 @@ def test_the_internal_marker_cannot_be_forged():
 
 # -- the sender ------------------------------------------------------------------
 
-def ready_protocol(window: bool, max_frame: int = 1 << 20):
+def ready_protocol(window: bool, max_frame: int = 1 << 20, window_size: int = core.WINDOW):
     owner = Owner()
     proto = core.Protocol(owner, asyncio.get_running_loop(), True, {}, max_frame, 1 << 30)
     transport = FakeTransport()
     proto.connection_made(transport)
-    proto.set_ready("peer", max_frame, window)
+    proto.set_ready("peer", max_frame, window, window_size)
     return owner, proto, transport
 
 
@@ -181,9 +181,12 @@ def test_the_window_bounds_what_is_in_flight_and_acknowledgements_release_more()
     run_async(main())
 
 
-def test_without_the_window_a_large_message_is_not_held_back():
+@pytest.mark.parametrize("windows, size", [(False, core.WINDOW), (True, 0)])
+def test_without_a_window_a_large_message_is_not_held_back(windows, size):
+    """Not negotiated, or window_size=0 (which still acknowledges the peer's)."""
     async def main():
-        _owner, proto, transport = ready_protocol(window=False)
+        _owner, proto, transport = ready_protocol(windows, window_size=size)
+        assert proto.window == 0
         proto.cast("Svc", "f", [os.urandom(2 << 20)], None, None)
         await ticks(200)
         assert proto.queued_large == 0
@@ -192,10 +195,32 @@ def test_without_the_window_a_large_message_is_not_held_back():
     run_async(main())
 
 
+def test_window_size_is_a_node_setting():
+    with pytest.raises(ValueError, match="window_size"):
+        malla.Node("w", window_size=1000)
+
+    class Echo(malla.Service, global_=True):
+        def echo(self, x):
+            return x
+
+    async def main(make):
+        a = await make("a", window_size=0).start()
+        await a.start_service(Echo)
+        b = await make("b", seeds=[f"127.0.0.1:{a.address[1]}"], window_size=64 << 10).start()
+        assert await b.wait_for_services(["Echo"], retries=5)
+        await wait_until(lambda: "b" in a._conns)
+        assert b._conns["a"].proto.window == 64 << 10
+        assert a._conns["b"].proto.window == 0
+        big = os.urandom(3 << 20)
+        assert await b.remote("Echo", "echo", [big]) == big    # paced one way only
+
+    with_nodes(main)
+
+
 def test_the_receiver_acknowledges_the_frames_of_split_messages_only():
     async def main():
-        for window in (True, False):
-            _owner, proto, transport = ready_protocol(window=window)
+        for window, size in ((True, core.WINDOW), (True, 0), (False, core.WINDOW)):
+            _owner, proto, transport = ready_protocol(window, window_size=size)
             payload = core.packb(["Svc", "f", [b"z" * 100_000], None, 0, None, None])
             frames = core.split_message(core.FT_CAST, 2, payload, core.FRAME_OF_LARGE)
             whole = core.build_frame(core.FT_CAST, 0, 4, core.packb(["Svc", "f", [], None,
