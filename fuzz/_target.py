@@ -53,6 +53,47 @@ class FakeTransport:
         self.aborted = True
 
 
+class RecordingOwner:
+    """What malla.connection.Connection is to the core, recording each call.
+    The fuzz targets' owners add their checks; the core's tests use it as is."""
+
+    def __init__(self) -> None:
+        self.handshake_frames: list[tuple[int, bytes]] = []
+        self.protocol_errors: list[BaseException] = []
+        self.connection_errors: list[BaseException] = []
+        self.controls: list[int] = []
+        self.pongs: list[int] = []
+        self.flow: list[str] = []        # "paused" / "resumed", in order
+        self.lost = 0
+
+    def _connection_made(self, proto: Any) -> None:
+        pass
+
+    def _on_handshake_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        self.handshake_frames.append((ftype, payload))
+
+    def _on_control(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        self.controls.append(ftype)
+
+    def _on_pong(self, sid: int) -> None:
+        self.pongs.append(sid)
+
+    def _on_connection_error(self, err: BaseException) -> None:
+        self.connection_errors.append(err)
+
+    def _on_protocol_error(self, err: BaseException) -> None:
+        self.protocol_errors.append(err)
+
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        self.lost += 1
+
+    def _writing_paused(self) -> None:
+        self.flow.append("paused")
+
+    def _writing_resumed(self) -> None:
+        self.flow.append("resumed")
+
+
 class Echo(malla.Service):
     """Served to incoming CALLs: a plain def (run by the core, or by the
     Python dispatcher when the call has a deadline) and an async def."""

@@ -58,7 +58,13 @@ with _instrumented:
     from malla._ext import core
     from malla.service import RunningService
 
-from _target import Echo, FakeTransport, drain, get_loop  # after malla's instrumented import
+from _target import (  # after malla's instrumented import
+    Echo,
+    FakeTransport,
+    RecordingOwner,
+    drain,
+    get_loop,
+)
 from msgpack import ExtType
 from msgpack import packb as msgpack_packb
 
@@ -204,13 +210,8 @@ def check_reassembly(payload: bytes, cut: int, expected: tuple[str, object]) -> 
 
 # -- the core's decode paths ------------------------------------------------------------
 
-class Owner:
-    def __init__(self) -> None:
-        self.protocol_errors: list[BaseException] = []
-        self.connection_errors: list[BaseException] = []
-
-    def _connection_made(self, proto) -> None:
-        pass
+class Owner(RecordingOwner):
+    """The core's owner: after set_ready, only calls' outcomes may reach it."""
 
     def _on_handshake_frame(self, *args) -> None:
         raise AssertionError("handshake frame after set_ready")
@@ -223,20 +224,11 @@ class Owner:
 
     def _on_connection_error(self, err) -> None:
         assert isinstance(err, malla.MallaError)
-        self.connection_errors.append(err)
+        super()._on_connection_error(err)
 
     def _on_protocol_error(self, err) -> None:
         assert isinstance(err, malla.ProtocolError)
-        self.protocol_errors.append(err)
-
-    def _connection_lost(self, exc) -> None:
-        pass
-
-    def _writing_paused(self) -> None:
-        pass
-
-    def _writing_resumed(self) -> None:
-        pass
+        super()._on_protocol_error(err)
 
 
 

@@ -38,7 +38,13 @@ with _instrumented:
     from malla._ext import core
     from malla.service import RunningService
 
-from _target import Echo, FakeTransport, drain, get_loop  # after malla's instrumented import
+from _target import (  # after malla's instrumented import
+    Echo,
+    FakeTransport,
+    RecordingOwner,
+    drain,
+    get_loop,
+)
 
 HEADER = 16
 # FrameReader limits tried: 0 (only empty frames), tiny, the pre-auth limit,
@@ -121,24 +127,19 @@ def check_reader(stream: bytes, limit: int, mode: int, seed: int, via_buffer: bo
 
 # -- the protocol's read path ------------------------------------------------------
 
-class Owner:
-    """What malla.connection.Connection is to the core, recording calls."""
+class Owner(RecordingOwner):
+    """The core's owner, checking what the core hands it."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.ready = False
-        self.handshake_frames: list[int] = []
-        self.protocol_errors: list[BaseException] = []
-        self.lost = 0
-
-    def _connection_made(self, proto) -> None:
-        pass
 
     def _on_handshake_frame(self, ftype, flags, sid, payload) -> None:
         assert not self.ready, "handshake frame handed to the owner after set_ready"
         assert ftype in (core.FT_HELLO, core.FT_AUTH, core.FT_ERROR), ftype
         assert not flags & core.FLAG_MORE
         assert type(payload) is bytes
-        self.handshake_frames.append(ftype)
+        super()._on_handshake_frame(ftype, flags, sid, payload)
 
     def _on_control(self, ftype, flags, sid, payload) -> None:
         assert self.ready, "control message before the handshake ended"
@@ -152,19 +153,7 @@ class Owner:
 
     def _on_protocol_error(self, err) -> None:
         assert isinstance(err, malla.ProtocolError), err
-        self.protocol_errors.append(err)
-
-    def _connection_lost(self, exc) -> None:
-        self.lost += 1
-
-    def _writing_paused(self) -> None:
-        pass
-
-    def _writing_resumed(self) -> None:
-        pass
-
-
-
+        super()._on_protocol_error(err)
 
 
 async def _feed_protocol(proto, chunks: list[bytes]) -> None:

@@ -149,6 +149,7 @@ cdef class Reassembly:
     cdef uint8_t ftype
     cdef uint8_t flags
     cdef bint dropped
+    cdef bint cancelled             # a CANCEL came while it arrived: never run
     cdef WriteBuffer skeleton
     cdef list detached
     cdef Py_ssize_t detach_min
@@ -209,7 +210,7 @@ cdef class CoreProtocol:
     cdef bint _large_congested      # large messages queued behind the streaming one
     cdef bint _congested            # what callers see: wait before sending
     cdef Py_ssize_t _large_queued   # bytes of large messages not yet written
-    cdef object _large
+    cdef list _large
     # per-call timeouts: a binary min-heap of (deadline, sid) in C memory
     cdef TimerEntry* _heap
     cdef Py_ssize_t _heap_len
@@ -239,6 +240,7 @@ cdef class CoreProtocol:
     cdef int _on_window(self, const char* p, Py_ssize_t n) except -1
     cdef int _acknowledge_large(self) except -1
     cdef int _on_cancel(self, uint64_t sid) except -1
+    cdef int _send_cancel(self, uint64_t sid) except -1
     cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
                             object payload) except -1
     cdef int _queue_encoded(self, Py_ssize_t start) except -1
@@ -252,6 +254,7 @@ cdef class CoreProtocol:
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
                                double timeout_ms, deadline_ms, meta, trace) except -1
     cdef void _update_congestion(self)
+    cdef void _check_drained(self)
     cdef bytes _take_small(self)
     cdef int _large_round(self, list bufs) except -1
     cdef int _heap_push(self, double deadline, uint64_t sid) except -1

@@ -313,8 +313,8 @@ cdef class WriteBuffer:
         return 0
 
     cdef void truncate(self, Py_ssize_t n):
-        self._len = n
         cdef Py_ssize_t last
+        self._len = n
         if self._segs:
             # (the module is compiled without wraparound: no [-1])
             last = PyList_GET_SIZE(self._segs) - 1
@@ -830,6 +830,7 @@ for _first, _head in {
         0xdc: 2, 0xdd: 4, 0xde: 2, 0xdf: 4,         # array, map 16/32: count
         }.items():
     _TOKEN_HEAD[_first] = _head
+del _first, _head
 
 
 cdef class Reassembly:
@@ -925,11 +926,12 @@ cdef class Reassembly:
             self.left = size
             self.state = SCAN_DETACH
             return 0
-        if ((0xc7 <= c <= 0xc9 or 0xd4 <= c <= 0xd8)
+        if ((0xc7 <= c <= 0xc9 or 0xd4 <= c <= 0xd8) and size < 0xFFFFFFFF
                 and <uint8_t>self.head[self.head_len - 1] == EXT_DETACHED):
             # The peer sent code 127 itself: it keeps its place, tagged 1, so
             # that decoding fails there as for any extension code we do not
-            # know, and no marker can be forged.
+            # know, and no marker can be forged.  (Untagged, the largest ext32
+            # cannot be a marker either: a marker's payload is 5 bytes.)
             marker[0] = <char>0xc9
             _put_u32(marker + 1, <uint32_t>(size + 1))
             marker[5] = <char>EXT_DETACHED
@@ -1108,6 +1110,11 @@ cdef class CoreProtocol:
         return len(self._large)
 
     @property
+    def receiving_large(self):
+        """Messages from the peer still arriving in frames."""
+        return len(self._partials)
+
+    @property
     def window(self):
         """Bytes of our large messages the peer may have unacknowledged (0:
         not paced)."""
@@ -1225,6 +1232,12 @@ cdef class CoreProtocol:
         messages beyond the one streaming wait to be sent."""
         return self._congested
 
+    cdef void _check_drained(self):
+        if self._large_congested and (self._large_queued <= WRITE_HIGH_WATER // 4
+                                      or PyList_GET_SIZE(self._large) <= 1):
+            self._large_congested = False
+            self._update_congestion()
+
     cdef void _update_congestion(self):
         cdef bint congested = self._paused_writing or self._large_congested
         if congested == self._congested:
@@ -1249,9 +1262,13 @@ cdef class CoreProtocol:
                 raise ProtocolError(f"frame type {f.ftype} before the handshake ended")
             return 0
         # (a single frame above max_message_size goes there too, to be dropped)
-        if ((f.flags & FLAG_MORE) or f.length > self.max_message_size
-                or (PyDict_Size(self._partials) and f.sid in self._partials)):
+        if (f.flags & FLAG_MORE) or f.length > self.max_message_size:
             return self._on_chunk(f)
+        if PyDict_Size(self._partials) and f.sid in self._partials:
+            # the last frame of a message arriving in several, or a CANCEL of
+            # a call still arriving (anything else is _on_chunk's violation)
+            if f.ftype != FT_CANCEL or (<Reassembly>self._partials[f.sid]).ftype != FT_CALL:
+                return self._on_chunk(f)
         return self._on_message(f.ftype, f.flags, f.sid, f.payload, f.length, None)
 
     cdef int _on_chunk(self, Frame* f) except -1:
@@ -1292,7 +1309,7 @@ cdef class CoreProtocol:
         del self._partials[key]
         self._shrink_after_read = not self._note_large()
         if part.dropped:
-            return self._on_dropped_message(part.ftype, f.sid)
+            return 0 if part.cancelled else self._on_dropped_message(part.ftype, f.sid)
         self._partial_bytes -= part.received
         part.finish()
         return self._on_message(part.ftype, part.flags, f.sid, part.skeleton._buf,
@@ -1400,9 +1417,23 @@ cdef class CoreProtocol:
         return 0
 
     cdef int _on_cancel(self, uint64_t sid) except -1:
+        cdef Reassembly part
         task = self._running.pop(sid, None)
         if task is not None:
             task.cancel()
+        elif PyDict_Size(self._partials):
+            # A call still arriving.  With windows no more of it comes
+            # (_send_cancel): forget it.  Without, the rest still comes: it
+            # is dropped as it arrives, and the call never runs.
+            part = self._partials.get(sid)
+            if part is not None and part.ftype == FT_CALL:
+                if not part.dropped:
+                    self._partial_bytes -= part.received
+                    part.skeleton = None
+                    part.detached = None
+                part.dropped = part.cancelled = True
+                if self._acknowledge:
+                    del self._partials[sid]
         return 0
 
     cdef int _on_call(self, uint8_t ftype, uint64_t sid, const char* p, Py_ssize_t n,
@@ -1711,10 +1742,7 @@ cdef class CoreProtocol:
             else:
                 self._note_large()
         self._large = still
-        if self._large_congested and (self._large_queued <= WRITE_HIGH_WATER // 4
-                                      or PyList_GET_SIZE(still) <= 1):
-            self._large_congested = False
-            self._update_congestion()
+        self._check_drained()
         if (still and not self._paused_writing and not self._flush_scheduled
                 and (not windowed or self._credit >= LARGE_FRAME)):
             self._flush_scheduled = True
@@ -1824,8 +1852,25 @@ cdef class CoreProtocol:
         """Forget call `sid` and tell the peer to cancel it."""
         if self._pending.pop(sid, None) is None:
             return False
-        self._queue_message(FT_CANCEL, 0, sid, None)
+        self._send_cancel(sid)
         return True
+
+    cdef int _send_cancel(self, uint64_t sid) except -1:
+        # With CAP_WINDOW, a CANCEL also ends the call's message if it is
+        # still being sent: the rest of a 100 MB argument nobody waits for
+        # does not cross the connection (the peer drops what it has).
+        cdef _LargeMessage m
+        cdef list still
+        if self._acknowledge and self._large:
+            still = []
+            for m in self._large:
+                if m.sid == sid and m.ftype == FT_CALL:
+                    self._large_queued -= m.length - m.sent
+                else:
+                    still.append(m)
+            self._large = still
+            self._check_drained()
+        return self._queue_message(FT_CANCEL, 0, sid, None)
 
     def close(self):
         """Flush and close the transport."""
@@ -1955,7 +2000,7 @@ cdef class CoreProtocol:
             if not fut.done():
                 fut.set_exception(CallTimeout(f"no reply from {self.peer_name} in time"))
             # The peer cancels what it still runs for us.
-            self._queue_message(FT_CANCEL, 0, sid, None)
+            self._send_cancel(sid)
         while self._heap_len and self._heap[0].sid not in self._pending:
             self._heap_pop()
         self._arm_timer()

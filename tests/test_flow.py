@@ -11,6 +11,7 @@ from malla._ext import core
 
 from conftest import node_factory, run_async, spawn_python, stop_all, wait_until, with_nodes
 from fuzz._target import FakeTransport
+from fuzz._target import RecordingOwner as Owner
 
 CONSUMER = """
 import sys, time, malla
@@ -84,28 +85,6 @@ def run_fast_producer(seconds: float) -> None:
             proc.wait()
 
     run_async(main(), timeout=seconds + 120)
-
-
-class Owner:
-    """What the core calls on its owner (malla.connection.Connection)."""
-
-    def __init__(self) -> None:
-        self.protocol_errors: list[malla.ProtocolError] = []
-
-    def _connection_made(self, proto):
-        pass
-
-    def _on_protocol_error(self, err):
-        self.protocol_errors.append(err)
-
-    def _connection_lost(self, exc):
-        pass
-
-    def _writing_paused(self):
-        pass
-
-    def _writing_resumed(self):
-        pass
 
 
 def frames_of(writes: list[bytes], max_frame: int) -> list[tuple[int, int, int]]:

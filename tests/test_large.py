@@ -19,9 +19,8 @@ from malla._ext import core
 from malla.codec import packb, unpackb
 
 from conftest import node_factory, run_async, spawn_python, stop_all, wait_until, with_nodes
-from fuzz._target import FakeTransport
+from fuzz._target import FakeTransport, RecordingOwner
 from test_codec import same, values
-from test_flow import Owner
 
 SMALL_DETACH = 8      # detach threshold for the sans-IO tests: small values suffice
 
@@ -103,7 +102,7 @@ def test_the_internal_marker_cannot_be_forged():
 # -- the sender ------------------------------------------------------------------
 
 def ready_protocol(window: bool, max_frame: int = 1 << 20, window_size: int = core.WINDOW):
-    owner = Owner()
+    owner = RecordingOwner()
     proto = core.Protocol(owner, asyncio.get_running_loop(), True, {}, max_frame, 1 << 30)
     transport = FakeTransport()
     proto.connection_made(transport)
@@ -195,6 +194,32 @@ def test_without_a_window_a_large_message_is_not_held_back(windows, size):
     run_async(main())
 
 
+def test_a_large_call_that_timed_out_is_not_run():
+    """The caller gives up while its 64 MB argument is still crossing: the
+    rest is not sent, and the callee, which never got all of it, never runs
+    the call (and its connection goes on)."""
+    ran = []
+
+    class Sink(malla.Service, global_=True):
+        def take(self, blob):
+            ran.append(len(blob))
+            return len(blob)
+
+    async def main(make):
+        a = await make("a", max_message_size=128 << 20).start()
+        await a.start_service(Sink)
+        b = await make("b", seeds=[f"127.0.0.1:{a.address[1]}"],
+                       max_message_size=128 << 20).start()
+        assert await b.wait_for_services(["Sink"], retries=5)
+        with pytest.raises(malla.CallTimeout):
+            await b.remote("Sink", "take", [os.urandom(64 << 20)], timeout=5)
+        await wait_until(lambda: a._conns["b"].proto.receiving_large == 0)
+        assert await b.remote("Sink", "take", [b"small"]) == 5
+        assert ran == [5]
+
+    with_nodes(main)
+
+
 def test_window_size_is_a_node_setting():
     with pytest.raises(ValueError, match="window_size"):
         malla.Node("w", window_size=1000)
@@ -263,27 +288,47 @@ def test_large_messages_queued_behind_the_streaming_one_congest_the_connection()
     """One large message streams while small calls go on; a backlog of more
     large messages makes callers wait (flow control), and frees them as it
     drains."""
-    class Recording(Owner):
-        events: list[str] = []
-
-        def _writing_paused(self):
-            self.events.append("paused")
-
-        def _writing_resumed(self):
-            self.events.append("resumed")
-
     async def main():
         owner, proto, _transport = ready_protocol(window=True)
-        owner.__class__ = Recording
         proto.cast("Svc", "f", [os.urandom(8 << 20)], None, None)
         assert not proto.writing_paused                  # alone: small calls go on
         for _ in range(4):
             proto.cast("Svc", "f", [os.urandom(core.SPLIT + 1)], None, None)
-        assert proto.writing_paused and Recording.events == ["paused"]
+        assert proto.writing_paused and owner.flow == ["paused"]
         while proto.queued_large:
             feed(proto, window_frame(core.WINDOW))
             await ticks(3)
-        assert not proto.writing_paused and Recording.events == ["paused", "resumed"]
+        assert not proto.writing_paused and owner.flow == ["paused", "resumed"]
+
+    run_async(main())
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_a_call_cancelled_while_its_large_message_crosses_never_runs(windows):
+    """With windows, the sender stops sending the message and the receiver
+    forgets its part; without, the rest still comes and is dropped.  Either
+    way the connection stays and the call neither runs nor is answered."""
+    async def main():
+        _owner, proto, transport = ready_protocol(windows)
+        proto.call("Svc", "f", [os.urandom(2 << 20)], None, 0, None, None)
+        sid = proto.last_sid
+        await ticks(8)
+        assert proto.queued_large == 1
+        proto.cancel(sid)
+        assert proto.queued_large == (0 if windows else 1)
+        await ticks(400)
+        frames = core.FrameReader(1 << 20).feed(b"".join(transport.writes))
+        calls = [f for f in frames if f[0] == core.FT_CALL]
+        assert (frames[-1][0] == core.FT_CANCEL) == windows
+        assert all(f[1] & core.FLAG_MORE for f in calls) == windows
+        # the receiver (it runs no service: a call that ran would be answered)
+        _owner, peer, answers = ready_protocol(windows)
+        for chunk in transport.writes:
+            feed(peer, chunk)
+        await ticks()
+        assert peer.receiving_large == 0 and not peer.closed
+        assert not [f for f in core.FrameReader(1 << 20).feed(b"".join(answers.writes))
+                    if f[0] != core.FT_WINDOW]
 
     run_async(main())
 

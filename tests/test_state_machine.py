@@ -37,6 +37,7 @@ from malla.codec import packb, unpackb
 from malla.service import RunningService
 
 from fuzz._target import FakeTransport as RecordingTransport
+from fuzz._target import RecordingOwner
 
 MAX_FRAME = 1024
 
@@ -115,41 +116,7 @@ class ManualTimers:
                 timer.callback(*timer.args)
 
 
-class Owner:
-    def __init__(self) -> None:
-        self.handshake_frames: list[tuple[int, bytes]] = []
-        self.protocol_errors: list[BaseException] = []
-        self.connection_errors: list[BaseException] = []
-        self.controls: list[int] = []
-        self.pongs: list[int] = []
-        self.lost = 0
-
-    def _connection_made(self, proto) -> None:
-        pass
-
-    def _on_handshake_frame(self, ftype, flags, sid, payload) -> None:
-        self.handshake_frames.append((ftype, payload))
-
-    def _on_control(self, ftype, flags, sid, payload) -> None:
-        self.controls.append(ftype)
-
-    def _on_pong(self, sid) -> None:
-        self.pongs.append(sid)
-
-    def _on_connection_error(self, err) -> None:
-        self.connection_errors.append(err)
-
-    def _on_protocol_error(self, err) -> None:
-        self.protocol_errors.append(err)
-
-    def _connection_lost(self, exc) -> None:
-        self.lost += 1
-
-    def _writing_paused(self) -> None:
-        pass
-
-    def _writing_resumed(self) -> None:
-        pass
+Owner = RecordingOwner
 
 
 values = st.recursive(
