@@ -6,6 +6,8 @@ import asyncio
 import os
 import time
 
+import pytest
+
 import malla
 from malla._ext import core
 
@@ -40,14 +42,16 @@ def rss_mib(pid: int | None = None) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def test_fast_producer_slow_consumer_stays_bounded():
-    """A producer casting 64 KiB as fast as it can (far faster than the
-    consumer's 1 ms per call) grows neither process by more than 64 MiB
-    (3 s here; 60 s in make soak)."""
-    run_fast_producer(3.0)
+@pytest.mark.parametrize("size", [64 << 10, 512 << 10])
+def test_fast_producer_slow_consumer_stays_bounded(size):
+    """A producer casting 64 KiB (one frame each) or 512 KiB (large
+    messages, sent in frames by reference) as fast as it can, far faster
+    than the consumer's 1 ms per call, grows neither process by more than
+    64 MiB (3 s here; 60 s in make soak)."""
+    run_fast_producer(3.0, size)
 
 
-def run_fast_producer(seconds: float) -> None:
+def run_fast_producer(seconds: float, size: int = 64 << 10) -> None:
     proc = spawn_python(CONSUMER)
 
     async def main():
@@ -56,7 +60,7 @@ def run_fast_producer(seconds: float) -> None:
         try:
             producer = await make("producer", seeds=[f"127.0.0.1:{port}"]).start()
             assert await producer.wait_for_services(["Sink"], retries=10)
-            blob = os.urandom(64 * 1024)
+            blob = os.urandom(size)
             for _ in range(20):   # warm up
                 await producer.remote("Sink", "put", [blob])
             base_p, base_c = rss_mib(), rss_mib(proc.pid)
@@ -71,7 +75,7 @@ def run_fast_producer(seconds: float) -> None:
                     peak_c = max(peak_c, rss_mib(proc.pid) - base_c)
             peak_p = max(peak_p, rss_mib() - base_p)
             peak_c = max(peak_c, rss_mib(proc.pid) - base_c)
-            print(f"\nsent {sent} casts of 64 KiB in {seconds:.0f} s; growth: producer "
+            print(f"\nsent {sent} casts of {size >> 10} KiB in {seconds:.0f} s; growth: producer "
                   f"{peak_p:.1f} MiB, "
                   f"consumer {peak_c:.1f} MiB")
             assert sent > 100
