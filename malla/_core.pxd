@@ -33,6 +33,9 @@ cdef enum:
     # unacknowledged by the receiver (in kernel buffers on either side): the
     # bound on what a small frame can find ahead of it.
     LARGE_WINDOW = 131072
+    # Messages in progress from one peer (received, or announced by a large
+    # `bytes` value) may hold this many times max_message_size in all.
+    PARTIAL_BUDGET = 4
 
 
 cpdef enum FrameType:
@@ -150,11 +153,13 @@ cdef class Reassembly:
     cdef uint8_t flags
     cdef bint dropped
     cdef bint cancelled             # a CANCEL came while it arrived: never run
+    cdef bint over_budget           # dropped: too much in progress from the peer
     cdef WriteBuffer skeleton
     cdef list detached
     cdef Py_ssize_t detach_min
     cdef Py_ssize_t limit
     cdef Py_ssize_t received
+    cdef Py_ssize_t unfilled        # reserved in detached values, not yet written
     # the token scanner
     cdef ScanState state
     cdef unsigned char head[9]
@@ -164,6 +169,8 @@ cdef class Reassembly:
     cdef char* dst
 
     cdef int feed(self, const char* p, Py_ssize_t n) except -1
+    cdef inline Py_ssize_t footprint(self)
+    cdef void drop(self)
     cdef int _token(self) except -1
     cdef int finish(self) except -1
 
@@ -230,7 +237,9 @@ cdef class CoreProtocol:
     cdef int _on_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
                          const char* p, Py_ssize_t n, list detached) except -1
     cdef int _on_chunk(self, Frame* f) except -1
-    cdef int _on_dropped_message(self, uint8_t ftype, uint64_t sid) except -1
+    cdef int _drop_partial(self, Reassembly part) except -1
+    cdef int _on_dropped_message(self, uint8_t ftype, uint64_t sid,
+                                 bint over_budget) except -1
     cdef int _on_reply(self, uint64_t sid, const char* p, Py_ssize_t n,
                        list detached) except -1
     cdef int _on_error(self, uint64_t sid, const char* p, Py_ssize_t n,

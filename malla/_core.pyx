@@ -870,6 +870,7 @@ cdef class Reassembly:
                 else:
                     memcpy(self.dst, p, m)
                     self.dst += m
+                    self.unfilled -= m
                 self.left -= m
                 if self.left == 0:
                     self.state = SCAN_TOKEN
@@ -923,6 +924,7 @@ cdef class Reassembly:
             self.skeleton.write_raw(marker, 8)
             self.detached.append(value)
             self.dst = PyBytes_AS_STRING(value)
+            self.unfilled += size
             self.left = size
             self.state = SCAN_DETACH
             return 0
@@ -944,6 +946,16 @@ cdef class Reassembly:
         self.left = size
         self.state = SCAN_COPY if size else SCAN_TOKEN
         return 0
+
+    cdef inline Py_ssize_t footprint(self):
+        # what it holds or has reserved: what it will hold once complete
+        return self.received + self.unfilled
+
+    cdef void drop(self):
+        self.dropped = True
+        self.skeleton = None
+        self.detached = None
+        self.unfilled = 0
 
     cdef int finish(self) except -1:
         # The message ended.  Inside a token, the skeleton must fail to decode
@@ -997,6 +1009,7 @@ cdef class _LargeMessage:
     cdef Py_ssize_t part_index, part_offset
     cdef Py_ssize_t length, sent
     cdef Py_ssize_t chunk
+    cdef bint cancel_after          # send a CANCEL after its last frame
 
     cdef int take_into(self, list bufs, Py_ssize_t n) except -1:
         # Append the next n payload bytes to bufs as views (no copy).
@@ -1115,6 +1128,11 @@ cdef class CoreProtocol:
         return len(self._partials)
 
     @property
+    def receiving_bytes(self):
+        """What those hold or have reserved (bounded per connection)."""
+        return self._partial_bytes
+
+    @property
     def window(self):
         """Bytes of our large messages the peer may have unacknowledged (0:
         not paced)."""
@@ -1175,6 +1193,7 @@ cdef class CoreProtocol:
         self._large = []
         self._large_queued = 0
         self._partials.clear()
+        self._partial_bytes = 0
         self._transport = None
         if owner is not None:
             owner._connection_lost(exc)
@@ -1275,6 +1294,7 @@ cdef class CoreProtocol:
         cdef Reassembly part
         cdef object key = f.sid
         cdef bint scan, counted
+        cdef Py_ssize_t before
         if f.sid == 0:
             raise ProtocolError("a message on stream 0 cannot be split")
         part = self._partials.get(key)
@@ -1297,26 +1317,41 @@ cdef class CoreProtocol:
             if <uint64_t>(part.received + f.length) > self.max_message_size:
                 # Too large: drop what we have, keep the connection, and
                 # answer once the message's last frame has passed.
-                part.dropped = True
-                self._partial_bytes -= part.received
-                part.skeleton = None
-                part.detached = None
+                self._drop_partial(part)
             else:
+                before = part.footprint()
                 part.feed(f.payload, f.length)
-                self._partial_bytes += f.length
+                self._partial_bytes += part.footprint() - before
+                if <uint64_t>self._partial_bytes > PARTIAL_BUDGET * self.max_message_size:
+                    # what one peer may have in progress, values announced
+                    # but not yet arrived included, is bounded too
+                    self._drop_partial(part)
+                    part.over_budget = True
         if f.flags & FLAG_MORE:
             return 0
         del self._partials[key]
         self._shrink_after_read = not self._note_large()
         if part.dropped:
-            return 0 if part.cancelled else self._on_dropped_message(part.ftype, f.sid)
-        self._partial_bytes -= part.received
+            if part.cancelled:
+                return 0
+            return self._on_dropped_message(part.ftype, f.sid, part.over_budget)
+        self._partial_bytes -= part.footprint()
         part.finish()
         return self._on_message(part.ftype, part.flags, f.sid, part.skeleton._buf,
                                 part.skeleton._len, part.detached)
 
-    cdef int _on_dropped_message(self, uint8_t ftype, uint64_t sid) except -1:
-        msg = f"message larger than max_message_size {self.max_message_size}"
+    cdef int _drop_partial(self, Reassembly part) except -1:
+        self._partial_bytes -= part.footprint()
+        part.drop()
+        return 0
+
+    cdef int _on_dropped_message(self, uint8_t ftype, uint64_t sid,
+                                 bint over_budget) except -1:
+        if over_budget:
+            msg = (f"messages in progress from {self.peer_name} past "
+                   f"{PARTIAL_BUDGET} x max_message_size {self.max_message_size}")
+        else:
+            msg = f"message larger than max_message_size {self.max_message_size}"
         if ftype == FT_CALL:
             self._queue_error(sid, ERR_MESSAGE_TOO_LARGE, "malla.exceptions.MessageTooLarge",
                               msg, None)
@@ -1428,10 +1463,8 @@ cdef class CoreProtocol:
             part = self._partials.get(sid)
             if part is not None and part.ftype == FT_CALL:
                 if not part.dropped:
-                    self._partial_bytes -= part.received
-                    part.skeleton = None
-                    part.detached = None
-                part.dropped = part.cancelled = True
+                    self._drop_partial(part)
+                part.cancelled = True
                 if self._acknowledge:
                     del self._partials[sid]
         return 0
@@ -1717,18 +1750,23 @@ cdef class CoreProtocol:
         # ahead of it in the kernel's buffers is bounded too.  The next round
         # starts on the next loop tick, when the transport has drained
         # (resume_writing) or when the peer acknowledges (_on_window).
+        # Round robin: the messages served go to the back, and a round stops
+        # at the first message the window has no room for (it goes first
+        # next time), so that no message starves behind another's frames.
         cdef _LargeMessage m
         cdef Py_ssize_t chunk
-        cdef list still = []
+        cdef Py_ssize_t i = 0, n = PyList_GET_SIZE(self._large)
+        cdef list served = []
         cdef bint last
         cdef bint windowed = self._window > 0
-        for m in self._large:
+        while i < n:
+            m = <_LargeMessage>self._large[i]
             chunk = m.length - m.sent
             if chunk > m.chunk:
                 chunk = m.chunk
             if windowed and self._credit < chunk:
-                still.append(m)
-                continue
+                break
+            i += 1
             last = m.sent + chunk >= m.length
             bufs.append(_frame_header(m.ftype, m.flags | (0 if last else FLAG_MORE), m.sid,
                                       <uint32_t>chunk))
@@ -1738,13 +1776,16 @@ cdef class CoreProtocol:
             if windowed:
                 self._credit -= chunk
             if not last:
-                still.append(m)
-            else:
-                self._note_large()
-        self._large = still
+                served.append(m)
+                continue
+            self._note_large()
+            if m.cancel_after:
+                # a CANCEL for a peer that cannot take one inside a message
+                bufs.append(_frame_header(FT_CANCEL, 0, m.sid, 0))
+        self._large = self._large[i:] + served
         self._check_drained()
-        if (still and not self._paused_writing and not self._flush_scheduled
-                and (not windowed or self._credit >= LARGE_FRAME)):
+        if (self._large and not self._paused_writing and not self._flush_scheduled
+                and (not windowed or self._credit >= (<_LargeMessage>self._large[0]).chunk)):
             self._flush_scheduled = True
             self._loop.call_soon(self._end_tick)
         return 0
@@ -1856,20 +1897,24 @@ cdef class CoreProtocol:
         return True
 
     cdef int _send_cancel(self, uint64_t sid) except -1:
-        # With CAP_WINDOW, a CANCEL also ends the call's message if it is
-        # still being sent: the rest of a 100 MB argument nobody waits for
-        # does not cross the connection (the peer drops what it has).
+        # The call's message, if still queued, is not sent: not at all when
+        # none of it has gone; with CAP_WINDOW not the rest of it either (the
+        # peer drops what it has: the rest of a 100 MB argument nobody waits
+        # for does not cross).  A peer without CAP_WINDOW cannot take a
+        # CANCEL inside a message: it gets the rest, then the CANCEL.
         cdef _LargeMessage m
-        cdef list still
-        if self._acknowledge and self._large:
-            still = []
-            for m in self._large:
-                if m.sid == sid and m.ftype == FT_CALL:
-                    self._large_queued -= m.length - m.sent
-                else:
-                    still.append(m)
-            self._large = still
+        cdef Py_ssize_t i
+        for i in range(PyList_GET_SIZE(self._large)):
+            m = <_LargeMessage>self._large[i]
+            if m.sid != sid or m.ftype != FT_CALL:
+                continue
+            if m.sent and not self._acknowledge:
+                m.cancel_after = True
+                return 0
+            del self._large[i]
+            self._large_queued -= m.length - m.sent
             self._check_drained()
+            break
         return self._queue_message(FT_CANCEL, 0, sid, None)
 
     def close(self):

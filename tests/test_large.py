@@ -101,9 +101,10 @@ def test_the_internal_marker_cannot_be_forged():
 
 # -- the sender ------------------------------------------------------------------
 
-def ready_protocol(window: bool, max_frame: int = 1 << 20, window_size: int = core.WINDOW):
+def ready_protocol(window: bool, max_frame: int = 1 << 20, window_size: int = core.WINDOW,
+                   max_message: int = 1 << 30):
     owner = RecordingOwner()
-    proto = core.Protocol(owner, asyncio.get_running_loop(), True, {}, max_frame, 1 << 30)
+    proto = core.Protocol(owner, asyncio.get_running_loop(), True, {}, max_frame, max_message)
     transport = FakeTransport()
     proto.connection_made(transport)
     proto.set_ready("peer", max_frame, window, window_size)
@@ -304,10 +305,12 @@ def test_large_messages_queued_behind_the_streaming_one_congest_the_connection()
 
 
 @pytest.mark.parametrize("windows", [True, False])
-def test_a_call_cancelled_while_its_large_message_crosses_never_runs(windows):
+def test_a_call_cancelled_while_its_large_message_crosses(windows):
     """With windows, the sender stops sending the message and the receiver
-    forgets its part; without, the rest still comes and is dropped.  Either
-    way the connection stays and the call neither runs nor is answered."""
+    forgets its part: the call never runs.  Without (an older peer, which
+    takes a CANCEL inside a message for a protocol violation), the rest of
+    the message goes first, then the CANCEL: the call is cancelled like one
+    that has arrived.  Either way the connection stays."""
     async def main():
         _owner, proto, transport = ready_protocol(windows)
         proto.call("Svc", "f", [os.urandom(2 << 20)], None, 0, None, None)
@@ -319,7 +322,7 @@ def test_a_call_cancelled_while_its_large_message_crosses_never_runs(windows):
         await ticks(400)
         frames = core.FrameReader(1 << 20).feed(b"".join(transport.writes))
         calls = [f for f in frames if f[0] == core.FT_CALL]
-        assert (frames[-1][0] == core.FT_CANCEL) == windows
+        assert frames[-1][:3] == (core.FT_CANCEL, 0, sid)
         assert all(f[1] & core.FLAG_MORE for f in calls) == windows
         # the receiver (it runs no service: a call that ran would be answered)
         _owner, peer, answers = ready_protocol(windows)
@@ -327,8 +330,87 @@ def test_a_call_cancelled_while_its_large_message_crosses_never_runs(windows):
             feed(peer, chunk)
         await ticks()
         assert peer.receiving_large == 0 and not peer.closed
-        assert not [f for f in core.FrameReader(1 << 20).feed(b"".join(answers.writes))
+        answered = [f for f in core.FrameReader(1 << 20).feed(b"".join(answers.writes))
                     if f[0] != core.FT_WINDOW]
+        assert (answered == []) == windows     # (no service here: it answers an error)
+
+    run_async(main())
+
+
+def test_a_cancel_inside_a_message_from_a_peer_without_windows_drops_it():
+    """Robustness: such a CANCEL (no sender of ours writes one) is not a
+    protocol violation; the call, when its last frame comes, never runs."""
+    async def main():
+        payload = core.packb(["Svc", "f", [b"z" * 100_000], None, 0, None, None])
+        frames = core.split_message(core.FT_CALL, 1, payload, core.FRAME_OF_LARGE)
+        cancel = core.build_frame(core.FT_CANCEL, 0, 1)
+        _owner, peer, answers = ready_protocol(False)
+        feed(peer, frames[0] + cancel + b"".join(frames[1:]))
+        await ticks()
+        assert peer.receiving_large == 0 and not peer.closed
+        assert answers.writes == []
+
+    run_async(main())
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_a_large_call_cancelled_before_any_frame_left_is_not_sent(windows):
+    async def main():
+        _owner, proto, transport = ready_protocol(windows)
+        proto.pause_writing()                  # nothing leaves for now
+        proto.call("Svc", "f", [os.urandom(1 << 20)], None, 0, None, None)
+        proto.cancel(proto.last_sid)
+        proto.resume_writing()
+        await ticks()
+        frames = core.FrameReader(1 << 20).feed(b"".join(transport.writes))
+        assert [f[0] for f in frames] == [core.FT_CANCEL]
+        assert proto.queued_large == 0 and not proto.writing_paused
+
+    run_async(main())
+
+
+def test_large_messages_share_the_window_round_robin():
+    """A window that frees one frame at a time goes to the messages in turn:
+    a 300 KB message queued behind an 8 MB one is done long before it."""
+    async def main():
+        _owner, proto, transport = ready_protocol(True, window_size=core.FRAME_OF_LARGE)
+        proto.cast("Svc", "f", [os.urandom(8 << 20)], None, None)
+        proto.cast("Svc", "g", [os.urandom(300_000)], None, None)
+        big_sid, small_sid = proto.last_sid - 2, proto.last_sid
+        done = {}
+        for _ in range(40):
+            feed(proto, window_frame(core.FRAME_OF_LARGE))
+            await ticks(2)
+            for _t, flags, sid, _p in core.FrameReader(1 << 20).feed(
+                    b"".join(transport.writes)):
+                if not flags & core.FLAG_MORE:
+                    done.setdefault(sid, True)
+        assert small_sid in done and big_sid not in done
+        assert not proto.writing_paused        # one large message left: no backlog
+
+    run_async(main())
+
+
+def test_what_a_peer_may_have_in_progress_is_bounded():
+    """Large `bytes` values are allocated when announced: a peer opening many
+    messages that each announce one (and never finish them) gets the ones
+    past 4 x max_message_size dropped, and answered MessageTooLarge."""
+    async def main():
+        limit = 1 << 20
+        _owner, proto, transport = ready_protocol(False, max_message=limit)
+        size = 900_000
+        head = b"\x97\xa3Svc\xa1f\x91\xc6" + size.to_bytes(4, "big") + b"x" * 10
+        for sid in range(1, 41, 2):
+            feed(proto, core.build_frame(core.FT_CALL, core.FLAG_MORE, sid, head))
+        assert proto.receiving_large == 20 and not proto.closed
+        assert proto.receiving_bytes <= 4 * limit
+        # the last stream was dropped: its end gets MessageTooLarge
+        feed(proto, core.build_frame(core.FT_CALL, 0, 39, b"y"))
+        errors = [unpackb(p) for t, _f, sid, p in core.FrameReader(1 << 20).feed(
+            b"".join(transport.writes)) if t == core.FT_ERROR and sid == 39]
+        assert errors and errors[0][1] == "malla.exceptions.MessageTooLarge"
+        assert "in progress" in errors[0][2]
+        assert proto.receiving_large == 19
 
     run_async(main())
 
