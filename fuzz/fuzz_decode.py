@@ -161,6 +161,7 @@ def _seq(items: list[bytes]) -> bytes:
 
 
 def _nested_too_deep(exc: BaseException) -> bool:
+    # (more than 512 levels, or more than core.MAX_EXT_NESTING tuples or sets)
     return isinstance(exc, malla.EncodeError) and "nested more than" in str(exc)
 
 
@@ -407,13 +408,18 @@ def seeds() -> dict[str, bytes]:
     out["extra-data"] = bytes([0]) + p(1) + p(2)
     out["bad-utf8"] = bytes([0]) + b"\xa2\xff\xfe"
     out["deep-list"] = bytes([0]) + b"\x91" * 600 + b"\xc0"
-    out["deep-tuple"] = bytes([0]) + p(_deep_tuple(100))
+    out["deep-tuple"] = bytes([0]) + p(_deep_tuple(core.MAX_EXT_NESTING - 1))  # (+ the ())
     out["ext-tuple-of-int"] = bytes([0]) + msgpack_packb(ExtType(1, p(5)))
     out["ext-decimal-bad"] = bytes([0]) + msgpack_packb(ExtType(10, b"abc"))
     out["ext-datetime-bad-offset"] = bytes([0]) + msgpack_packb(
         ExtType(6, p([2020, 1, 1, 0, 0, 0, 0, 10**15, 0])))
     out["ext-user-not-bytes"] = bytes([0]) + msgpack_packb(ExtType(64, p(["fuzz.FuzzPoint", 5])))
     out["map-unhashable-key"] = bytes([0]) + b"\x81\x91\x01\x02"
+    # nested tuples past what a thread's stack holds (a crash once)
+    deep = msgpack_packb(None)
+    for _ in range(300):
+        deep = msgpack_packb(ExtType(1, b"\x91" + deep))
+    out["tuples-300-deep"] = bytes([0]) + deep
     return out
 
 

@@ -9,6 +9,9 @@ cdef enum:
     HEADER_SIZE = 16
     # Nesting deeper than this is refused by the encoder (cycles end here too).
     MAX_DEPTH = 512
+    # Tuples and sets nested deeper than this are refused too: each is
+    # decoded by a nested msgpack call (~40 KiB of C stack; codec.py).
+    MAX_EXT_NESTING_DEPTH = 64
     # Read buffer: starting size, and the size it shrinks back to when idle.
     READ_BUF_INITIAL = 32768
     # Write buffer: starting size; a larger one is dropped after a flush.
@@ -107,6 +110,7 @@ cdef class WriteBuffer:
     cdef list _segs
     cdef Py_ssize_t _detached
     cdef Py_ssize_t detach_min      # 0: every value is copied into _buf
+    cdef int _ext_depth             # tuples and sets being packed, nested
 
     cdef int _grow(self, Py_ssize_t extra) except -1
     cdef inline int _reserve(self, Py_ssize_t extra) except -1

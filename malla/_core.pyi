@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 HEADER: int
+MAX_EXT_NESTING: int
 SPLIT: int
 FRAME_OF_LARGE: int
 DETACH: int

@@ -90,6 +90,7 @@ cdef object _default = None
 cdef object _ext_hook = None
 
 HEADER = HEADER_SIZE
+MAX_EXT_NESTING = MAX_EXT_NESTING_DEPTH
 # How large messages travel (see _core.pxd), for tests and docs.
 SPLIT = SPLIT_MIN
 FRAME_OF_LARGE = LARGE_FRAME
@@ -564,11 +565,15 @@ cdef class WriteBuffer:
         cdef Py_ssize_t n = len(items)
         cdef Py_ssize_t detach_min = self.detach_min
         cdef char* p
+        if self._ext_depth >= MAX_EXT_NESTING_DEPTH:
+            raise EncodeError(f"value nested more than {MAX_EXT_NESTING_DEPTH} tuples or sets "
+                              "deep (each is decoded by a nested msgpack call)")
         self._reserve(6)
         self._len += 6
         self._put_array_header(n)
         # the ext's length is counted in our buffer: nothing inside detaches
         self.detach_min = 0
+        self._ext_depth += 1
         try:
             if type(items) is tuple:
                 for i in range(n):
@@ -578,6 +583,7 @@ cdef class WriteBuffer:
                     self.pack(item, depth + 1)
         finally:
             self.detach_min = detach_min
+            self._ext_depth -= 1
         p = self._buf + start
         p[0] = <char>0xc9
         _put_u32(p + 1, <uint32_t>(self._len - start - 6))

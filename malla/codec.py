@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import decimal
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -158,6 +159,15 @@ _DECODERS: dict[int, Callable[[bytes], Any]] = {
 }
 
 
+# Each extension value whose data is itself msgpack is decoded by a nested
+# msgpack call, and each such call takes ~40 KiB of C stack: 200 nested
+# tuples would overflow the thread's stack and kill the process.  The
+# encoder refuses values with more than core.MAX_EXT_NESTING nested tuples
+# or sets; the decoder refuses more than that (and a leaf extension inside).
+_MAX_EXT_DEPTH = core.MAX_EXT_NESTING + 2
+_nesting = threading.local()
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
     decode = _DECODERS.get(code)
     if decode is None:
@@ -165,7 +175,15 @@ def _ext_hook(code: int, data: bytes) -> Any:
         # one message fails, the connection stays
         raise EncodeError(f"received a value of unknown extension type {code} "
                           "(sent by a newer malla?)")
-    return decode(data)
+    depth = getattr(_nesting, "depth", 0)
+    if depth >= _MAX_EXT_DEPTH:
+        raise EncodeError(f"received a value with more than {_MAX_EXT_DEPTH} nested "
+                          "extension values (tuples, sets...)")
+    _nesting.depth = depth + 1
+    try:
+        return decode(data)
+    finally:
+        _nesting.depth = depth
 
 
 def bad_value_path(value: Any, root: str = "value") -> str | None:

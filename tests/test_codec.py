@@ -20,7 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import malla
+from malla._ext import core
 from malla.codec import bad_value_path, packb, unpackb
+
+MAX_EXT_NESTING = core.MAX_EXT_NESTING
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,9 +267,28 @@ def test_tuple_stays_tuple_and_list_stays_list_when_nested():
 
 def test_deep_but_acyclic_nesting_roundtrips():
     v: object = "leaf"
-    for i in range(200):
+    for i in range(190):             # 63 of them tuples
         v = [v] if i % 3 == 0 else (v,) if i % 3 == 1 else {"k": v}
     assert same(v, roundtrip(v))
+
+
+def test_tuples_and_sets_nest_as_deep_as_a_decoder_can_take():
+    """Each is decoded by a nested msgpack call (~40 KiB of C stack): the
+    encoder stops at MAX_EXT_NESTING, the decoder a little past it (with a
+    leaf extension value inside), far below a thread stack's limit."""
+    datetime_value = dt.datetime(2026, 1, 1)
+    v: object = datetime_value
+    for i in range(MAX_EXT_NESTING):
+        v = (v,) if i % 2 else frozenset([v])
+    assert same(v, roundtrip(v))
+    with pytest.raises(malla.EncodeError, match="tuples or sets deep"):
+        packb([(v,)])
+    deep = msgpack.packb(None)
+    for _ in range(1000):            # ~40 MiB of stack, were it decoded
+        deep = msgpack.packb(msgpack.ExtType(1, b"\x91" + deep))
+    with pytest.raises(malla.EncodeError, match="nested extension values"):
+        unpackb(deep)
+    assert datetime_value == unpackb(packb(datetime_value))
 
 
 # -- subclasses travel as their base type ---------------------------------------

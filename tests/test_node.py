@@ -265,6 +265,42 @@ def test_oversized_header_after_auth_closes_without_buffering():
     with_nodes(main)
 
 
+def test_deeply_nested_extension_values_fail_one_call_not_the_node():
+    """Each tuple is decoded by a nested msgpack call (~40 KiB of C stack):
+    300 nested tuples from a peer once overflowed the stack and killed the
+    process.  Now that call fails as undecodable; the node goes on."""
+    import msgpack
+
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Calc())
+        b = await make("b", seeds=[seed_of(a)]).start()
+        await wait_until(lambda: b.get_nodes(Calc))
+        deep = msgpack.packb(None)
+        for _ in range(300):
+            deep = msgpack.packb(msgpack.ExtType(core.EXT_TUPLE, b"\x91" + deep))
+        payload = (b"\x97" + msgpack.packb("Calc") + msgpack.packb("add") + b"\x91" + deep
+                   + msgpack.packb(None) + msgpack.packb(1000) + b"\xc0\xc0")
+        raw = await RawPeer.connect(a, "raw")
+        raw.writer.write(core.build_frame(core.FT_CALL, 0, 1, payload))
+        while True:
+            ftype, _flags, sid, body = await raw.next_frame()
+            if sid == 1:
+                break
+        assert ftype == core.FT_ERROR
+        assert core.unpackb(body)[:2] == [8, "malla.exceptions.EncodeError"]
+        assert await b.remote(Calc, "add", [2, 2], timeout=2000) == 4
+        # and the encoder refuses what no decoder would take
+        nested = None
+        for _ in range(core.MAX_EXT_NESTING + 1):
+            nested = (nested,)
+        with pytest.raises(malla.EncodeError, match="tuples or sets deep"):
+            await b.remote(Calc, "add", [nested, 1])
+        raw.close()
+
+    with_nodes(main)
+
+
 # -- seeds, duplicates, incarnations -----------------------------------------------------
 
 
