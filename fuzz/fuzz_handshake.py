@@ -330,6 +330,12 @@ def seeds() -> dict[str, bytes]:
     for i, key in enumerate(HELLO_KEYS):
         out[f"structured-del-{key}"] = bytes([1, i % 2, i, 0])
         out[f"structured-set-{key}"] = bytes([1, (i + 1) % 2, i, 1, 3]) + b"abc"
+    # a HELLO of 300 nested tuples once overflowed the stack (before any auth)
+    deep = core.packb(None)
+    for _ in range(300):
+        deep = bytes([0xC9]) + (len(deep) + 1).to_bytes(4, "big") + bytes([core.EXT_TUPLE,
+                                                                          0x91]) + deep
+    out["raw-hello-nested-deep"] = bytes([0, 0]) + frame(0, b"\x81\xa5magic" + deep)
     out["structured-listen-list"] = bytes([1, 0, 9, 4, 6]) + core.packb(["h", 70000])
     out["structured-mfs-huge"] = bytes([1, 0, 8, 4, 10]) + core.packb(2**70)
     out["structured-udp-zero"] = bytes([1, 0, 10, 4, 1]) + core.packb(0)

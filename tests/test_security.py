@@ -25,6 +25,32 @@ class Echo(malla.Service, global_=True):
         return x
 
 
+def test_a_hostile_hello_nested_deep_is_refused_and_the_node_lives():
+    """Before authentication, a HELLO holding 300 nested tuples (3 KB) once
+    overflowed the C stack of the node decoding it: a crash any host that
+    could reach the port could cause.  Now it is a refused handshake."""
+    import msgpack
+
+    from malla._ext import core
+
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Echo)
+        deep = msgpack.packb(None)
+        for _ in range(300):
+            deep = msgpack.packb(msgpack.ExtType(core.EXT_TUPLE, b"\x91" + deep))
+        reader, writer = await asyncio.open_connection(*a.address)
+        writer.write(core.build_frame(core.FT_HELLO, 0, 0, b"\x81\xa5magic" + deep))
+        while await asyncio.wait_for(reader.read(65536), 5):
+            pass                                 # refused: the node closes
+        writer.close()
+        b = await make("b", seeds=[seed_of(a)]).start()
+        assert await b.wait_for_services(["Echo"], retries=5)
+        assert await b.remote("Echo", "echo", [1]) == 1
+
+    with_nodes(main)
+
+
 def test_weak_cookies_are_named(caplog):
     assert cookie_weakness(b"short") is not None
     assert cookie_weakness(b"aaaaaaaaaaaaaaaaaaaa") is not None
