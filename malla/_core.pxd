@@ -10,8 +10,9 @@ cdef enum:
     # Nesting deeper than this is refused by the encoder (cycles end here too).
     MAX_DEPTH = 512
     # Tuples and sets nested deeper than this are refused too: each is
-    # decoded by a nested msgpack call (~40 KiB of C stack; codec.py).
-    MAX_EXT_NESTING_DEPTH = 64
+    # decoded by a nested msgpack call (30-40 KiB of C stack; codec.py), and
+    # a decoder must fit in a thread's stack (1.5 MiB suffices for this).
+    MAX_EXT_NESTING_DEPTH = 32
     # Read buffer: starting size, and the size it shrinks back to when idle.
     READ_BUF_INITIAL = 32768
     # Write buffer: starting size; a larger one is dropped after a flush.
