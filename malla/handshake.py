@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from malla import exceptions as mexc
 from malla._ext import core
 
@@ -72,7 +74,7 @@ class Hello:
     @classmethod
     def decode(cls, payload: bytes) -> Hello:
         try:
-            d = core.unpackb(payload)
+            d = unauthenticated_unpackb(payload)
         except Exception as exc:
             raise mexc.ProtocolError(f"not a malla peer (undecodable HELLO: {exc})") from None
         if not isinstance(d, dict) or d.get("magic") != MAGIC:
@@ -92,6 +94,16 @@ class Hello:
         if not hello.name or len(hello.nonce) != NONCE_SIZE or hello.max_frame_size < 1024:
             raise mexc.ProtocolError("malformed HELLO: empty name, bad nonce or frame size")
         return hello
+
+
+def _no_extensions(code: int, data: bytes) -> Any:
+    raise ValueError(f"extension type {code} before authentication")
+
+
+def unauthenticated_unpackb(payload: bytes) -> Any:
+    """Decode what a peer sends before it has authenticated: plain msgpack,
+    no extension types, so no codec or registered decoder ever runs on it."""
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=_no_extensions)
 
 
 def _port(value: Any) -> int:
@@ -202,7 +214,7 @@ def error_payload(exc: BaseException) -> bytes:
 
 def _peer_error(payload: bytes) -> mexc.MallaError:
     try:
-        code, _kind, message = core.unpackb(payload)[:3]
+        code, _kind, message = unauthenticated_unpackb(payload)[:3]
     except Exception:
         return mexc.ProtocolError("the peer refused the handshake (undecodable ERROR)")
     if code == mexc.ERR_AUTH:

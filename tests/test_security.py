@@ -25,6 +25,46 @@ class Echo(malla.Service, global_=True):
         return x
 
 
+class Token:
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+
+DECODED: list[bytes] = []
+
+
+def _decode_token(raw: bytes) -> Token:
+    DECODED.append(raw)
+    return Token(raw)
+
+
+def test_no_decoder_runs_on_what_a_peer_sends_before_it_authenticated():
+    """Before authentication a HELLO is plain msgpack: an extension value in
+    it (here a registered user type) refuses the handshake and reaches no
+    decoder, malla's or the user's."""
+    import msgpack
+
+    from malla._ext import core
+
+    malla.register_type(Token, lambda t: t.raw, _decode_token, name="test.Token")
+    token = msgpack.ExtType(core.EXT_USER, core.packb(["test.Token", b"secret"]))
+    assert malla.codec.unpackb(msgpack.packb(token)).raw == b"secret"   # registered
+    DECODED.clear()
+
+    async def main(make):
+        a = await make("a").start()
+        hello = msgpack.packb({"magic": b"MALLA\x00", "name": token})
+        reader, writer = await asyncio.open_connection(*a.address)
+        writer.write(core.build_frame(core.FT_HELLO, 0, 0, hello))
+        while await asyncio.wait_for(reader.read(65536), 5):
+            pass                                 # refused: the node closes
+        writer.close()
+        assert DECODED == []
+        assert a.peers() == []
+
+    with_nodes(main)
+
+
 def test_a_hostile_hello_nested_deep_is_refused_and_the_node_lives():
     """Before authentication, a HELLO holding 300 nested tuples (3 KB) once
     overflowed the C stack of the node decoding it: a crash any host that
