@@ -53,6 +53,22 @@ class FakeTransport:
         self.aborted = True
 
 
+def deliver(proto: Any, data: bytes) -> None:
+    """Hand `data` to a core Protocol as its transport would: through the
+    protocol's own buffer (BufferedProtocol), until all is taken or the
+    protocol closes.  Call it inside the loop; buffer_updated must never
+    raise (an exception would reach the event loop)."""
+    pos = 0
+    while pos < len(data) and not proto.closed:
+        view = proto.get_buffer(-1)
+        n = min(len(view), len(data) - pos)
+        assert n > 0
+        view[:n] = data[pos:pos + n]
+        view.release()
+        proto.buffer_updated(n)
+        pos += n
+
+
 class RecordingOwner:
     """What malla.connection.Connection is to the core, recording each call.
     The fuzz targets' owners add their checks; the core's tests use it as is."""

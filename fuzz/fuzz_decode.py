@@ -37,7 +37,6 @@ Replayed without atheris by tests/test_fuzz_replay.py (``TestOneInput``).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import decimal
 import math
@@ -45,14 +44,9 @@ import struct
 import sys
 import uuid
 
-if __name__ == "__main__" and "--write-seeds" not in sys.argv:
-    import atheris
+from _instrument import instrumenting
 
-    _instrumented = atheris.instrument_imports(include=["malla"])
-else:
-    _instrumented = contextlib.nullcontext()
-
-with _instrumented:
+with instrumenting(__name__):
     import malla
     from malla import codec
     from malla._ext import core
@@ -62,6 +56,7 @@ from _target import (  # after malla's instrumented import
     Echo,
     FakeTransport,
     RecordingOwner,
+    deliver,
     drain,
     get_loop,
 )
@@ -236,15 +231,7 @@ class Owner(RecordingOwner):
 
 
 async def _feed(proto, stream: bytes) -> None:
-    # inside the loop, as a transport would call it
-    pos = 0
-    while pos < len(stream) and not proto.closed:
-        view = proto.get_buffer(-1)
-        n = min(len(view), len(stream) - pos)
-        view[:n] = stream[pos:pos + n]
-        view.release()
-        proto.buffer_updated(n)              # must never raise
-        pos += n
+    deliver(proto, stream)       # inside the loop, as a transport would call it
 
 
 def _written_frames(transport: FakeTransport) -> list[tuple[int, int, int, bytes]]:

@@ -21,19 +21,12 @@ tests/test_fuzz_replay.py through ``TestOneInput``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import struct
-import sys
 
-if __name__ == "__main__" and "--write-seeds" not in sys.argv:
-    import atheris
+from _instrument import instrumenting
 
-    _instrumented = atheris.instrument_imports(include=["malla"])
-else:
-    _instrumented = contextlib.nullcontext()
-
-with _instrumented:
+with instrumenting(__name__):
     import malla
     from malla._ext import core
     from malla.service import RunningService
@@ -42,6 +35,7 @@ from _target import (  # after malla's instrumented import
     Echo,
     FakeTransport,
     RecordingOwner,
+    deliver,
     drain,
     get_loop,
 )
@@ -159,16 +153,7 @@ class Owner(RecordingOwner):
 async def _feed_protocol(proto, chunks: list[bytes]) -> None:
     # inside the loop, as a transport would call it
     for chunk in chunks:
-        pos = 0
-        while pos < len(chunk) and not proto.closed:
-            view = proto.get_buffer(-1)
-            n = min(len(view), len(chunk) - pos)
-            assert n > 0
-            view[:n] = chunk[pos:pos + n]
-            view.release()
-            # must never raise: an exception here would reach the event loop
-            proto.buffer_updated(n)
-            pos += n
+        deliver(proto, chunk)
         if proto.closed:
             break
         await asyncio.sleep(0)

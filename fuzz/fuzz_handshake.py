@@ -31,17 +31,9 @@ Replayed without atheris by tests/test_fuzz_replay.py (``TestOneInput``).
 
 from __future__ import annotations
 
-import contextlib
-import sys
+from _instrument import instrumenting
 
-if __name__ == "__main__" and "--write-seeds" not in sys.argv:
-    import atheris
-
-    _instrumented = atheris.instrument_imports(include=["malla"])
-else:
-    _instrumented = contextlib.nullcontext()
-
-with _instrumented:
+with instrumenting(__name__):
     import malla
     from malla import handshake as hs
     from malla._ext import core

@@ -148,6 +148,17 @@ cdef inline uint64_t _get_u64(const char* p) noexcept:
     return ((<uint64_t>_get_u32(p)) << 32) | _get_u32(p + 4)
 
 
+cdef inline void _put_frame_header(char* p, uint8_t ftype, uint8_t flags, uint64_t sid,
+                                   uint32_t length) noexcept:
+    # docs/protocol.md "Frame": type, flags, reserved, length, stream id
+    p[0] = <char>ftype
+    p[1] = <char>flags
+    p[2] = 0
+    p[3] = 0
+    _put_u32(p + 4, length)
+    _put_u64(p + 8, sid)
+
+
 cdef object _NOT_SCALAR = object()
 
 
@@ -220,8 +231,12 @@ cdef inline object _unpack(const char* p, Py_ssize_t n):
     # msgpack copies what it keeps, so a view into our buffer is safe here.
     # Its own timestamp (ext -1) never reaches ext_hook: timestamp=3 reads it
     # as an aware UTC datetime, a wire type (a msgpack Timestamp is not).
+    return _msgpack_decode(p, n, _ext_hook)
+
+
+cdef inline object _msgpack_decode(const char* p, Py_ssize_t n, object ext_hook):
     return _msgpack_unpackb(PyMemoryView_FromMemory(<char*>p, n, PyBUF_READ),
-                            ext_hook=_ext_hook, raw=False, strict_map_key=False,
+                            ext_hook=ext_hook, raw=False, strict_map_key=False,
                             use_list=True, timestamp=3)
 
 
@@ -248,9 +263,7 @@ cdef object _unpack_detached(const char* p, Py_ssize_t n, list detached):
         return detached[0]          # the whole message is one bytes value (a REPLY)
     hook = _DetachedHook.__new__(_DetachedHook)
     hook.values = detached
-    return _msgpack_unpackb(PyMemoryView_FromMemory(<char*>p, n, PyBUF_READ),
-                            ext_hook=hook, raw=False, strict_map_key=False,
-                            use_list=True, timestamp=3)
+    return _msgpack_decode(p, n, hook)
 
 
 cdef double BLOCKED_LOOP_WARNING = 0.1
@@ -364,15 +377,10 @@ cdef class WriteBuffer:
                 self._size = WRITE_BUF_INITIAL
 
     cdef Py_ssize_t begin_frame(self, uint8_t ftype, uint8_t flags, uint64_t sid) except -1:
+        # (the length is filled in by end_frame)
         cdef Py_ssize_t start = self._len
-        cdef char* p
         self._reserve(HEADER_SIZE)
-        p = self._buf + start
-        p[0] = <char>ftype
-        p[1] = <char>flags
-        p[2] = 0
-        p[3] = 0
-        _put_u64(p + 8, sid)
+        _put_frame_header(self._buf + start, ftype, flags, sid, 0)
         self._len += HEADER_SIZE
         return start
 
@@ -995,13 +1003,7 @@ cdef class Reassembly:
 
 cdef bytes _frame_header(uint8_t ftype, uint8_t flags, uint64_t sid, uint32_t length):
     cdef bytes h = PyBytes_FromStringAndSize(NULL, HEADER_SIZE)
-    cdef char* p = PyBytes_AS_STRING(h)
-    p[0] = <char>ftype
-    p[1] = <char>flags
-    p[2] = 0
-    p[3] = 0
-    _put_u32(p + 4, length)
-    _put_u64(p + 8, sid)
+    _put_frame_header(PyBytes_AS_STRING(h), ftype, flags, sid, length)
     return h
 
 

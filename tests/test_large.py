@@ -20,6 +20,7 @@ from malla.codec import packb, unpackb
 
 from conftest import node_factory, run_async, spawn_python, stop_all, wait_until, with_nodes
 from fuzz._target import FakeTransport, RecordingOwner
+from fuzz._target import deliver as feed
 from test_codec import same, values
 
 SMALL_DETACH = 8      # detach threshold for the sans-IO tests: small values suffice
@@ -143,16 +144,6 @@ def test_large_bytes_go_to_the_transport_uncopied_and_arrive_whole():
 def window_frame(consumed: int) -> bytes:
     return core.build_frame(core.FT_WINDOW, core.FLAG_OPTIONAL, 0, packb(consumed))
 
-
-def feed(proto, data: bytes) -> None:
-    """What the transport does with bytes from the peer."""
-    while data and not proto.closed:
-        view = proto.get_buffer(-1)
-        n = min(len(view), len(data))
-        view[:n] = data[:n]
-        view.release()
-        proto.buffer_updated(n)
-        data = data[n:]
 
 
 def sent_of_large(transport: FakeTransport) -> int:

@@ -37,7 +37,7 @@ from malla.codec import packb, unpackb
 from malla.service import RunningService
 
 from fuzz._target import FakeTransport as RecordingTransport
-from fuzz._target import RecordingOwner
+from fuzz._target import RecordingOwner, deliver
 
 MAX_FRAME = 1024
 
@@ -174,14 +174,7 @@ class ConnectionMachine(RuleBasedStateMachine):
 
     def feed(self, data: bytes) -> None:
         async def go() -> None:
-            pos = 0
-            while pos < len(data) and not self.proto.closed:
-                view = self.proto.get_buffer(-1)
-                n = min(len(view), len(data) - pos)
-                view[:n] = data[pos:pos + n]
-                view.release()
-                self.proto.buffer_updated(n)      # never raises
-                pos += n
+            deliver(self.proto, data)
         self.loop.run_until_complete(go())
         self.run_soon()
 
