@@ -79,6 +79,7 @@ class RecordingOwner:
         self.connection_errors: list[BaseException] = []
         self.controls: list[int] = []
         self.pongs: list[int] = []
+        self.cast_failures: list[tuple[str, str, str]] = []
         self.flow: list[str] = []        # "paused" / "resumed", in order
         self.lost = 0
 
@@ -93,6 +94,9 @@ class RecordingOwner:
 
     def _on_pong(self, sid: int) -> None:
         self.pongs.append(sid)
+
+    def _on_cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
+        self.cast_failures.append((service, fun, kind))
 
     def _on_connection_error(self, err: BaseException) -> None:
         self.connection_errors.append(err)
@@ -122,22 +126,36 @@ class Echo(malla.Service):
 
 
 _loop: asyncio.AbstractEventLoop | None = None
+_loop_errors: list[dict[str, Any]] = []
+
+
+class LoopError(AssertionError):
+    """A callback the core scheduled raised: the input found a bug."""
+
+
+def _record(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    _loop_errors.append(context)
 
 
 def get_loop() -> asyncio.AbstractEventLoop:
     # One loop for the process (a loop per input costs a socketpair); its
-    # callbacks are drained after each input.
+    # callbacks are drained after each input.  The exception handler is not
+    # silenced: whatever reaches it fails that input (drain raises).
     global _loop
     if _loop is None:
         _loop = asyncio.new_event_loop()
-        _loop.set_exception_handler(lambda loop, ctx: None)
+        _loop.set_exception_handler(_record)
     return _loop
 
 
 def drain(loop: asyncio.AbstractEventLoop) -> None:
-    """Run the callbacks the last input scheduled."""
+    """Run the callbacks the last input scheduled; LoopError if one raised."""
     loop.call_soon(loop.stop)
     loop.run_forever()
+    if _loop_errors:
+        errors = [str(c.get("exception") or c.get("message")) for c in _loop_errors]
+        _loop_errors.clear()
+        raise LoopError(f"exceptions in the loop's callbacks: {errors}")
 
 
 def write_seeds(seeds: Callable[[], dict[str, bytes]], directory: str) -> None:

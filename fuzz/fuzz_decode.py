@@ -275,8 +275,10 @@ def check_core(kind: int, payload: bytes, split: int, expected: tuple[str, objec
             assert not proto.closed
             assert canon(fut.result()) == canon(value), "reply value differs from the codec's"
         elif outcome == "fails":
+            # the function ran; its result cannot be rebuilt here: RemoteError
             assert not proto.closed, "an undecodable value closed the connection"
-            assert isinstance(fut.exception(), malla.EncodeError)
+            assert isinstance(fut.exception(), malla.RemoteError)
+            assert fut.exception().exc_type == "malla.exceptions.EncodeError"
         else:
             assert proto.closed and transport.aborted, "malformed reply kept the connection"
             assert isinstance(fut.exception(), malla.ProtocolError)
@@ -303,7 +305,7 @@ def check_core(kind: int, payload: bytes, split: int, expected: tuple[str, objec
             else:
                 assert ftype == core.FT_ERROR
                 code = codec.unpackb(body)[0]
-                assert code in (1, 2, 3, 4, 6, 7), code
+                assert code in (1, 2, 3, 4, 6, 7, 10), code
                 if code == 4:
                     # the function ran and raised (bad kwargs) or its result,
                     # the call's own arguments, would not encode: only when
@@ -311,13 +313,18 @@ def check_core(kind: int, payload: bytes, split: int, expected: tuple[str, objec
                     err = codec.unpackb(body)
                     assert "EncodeError" not in err[1] or "nested more than" in err[2], err
     else:  # ERROR
-        if proto.closed:
+        if outcome == "fails":
+            # a value this node cannot rebuild: that call only
+            assert not proto.closed, "an undecodable error reply closed the connection"
+            assert isinstance(fut.exception(), malla.RemoteError)
+        elif proto.closed:
             assert outcome != "value" or not _is_error_message(value)
         else:
             assert outcome == "value" and _is_error_message(value)
             assert fut.done() and isinstance(fut.exception(), malla.MallaError)
     proto.connection_lost(None)
     assert fut.done() and proto.in_flight == 0
+    fut.exception()      # retrieved: the loop must not report it as lost
     drain(loop)
 
 

@@ -184,6 +184,8 @@ cdef class ServiceEntry:
     cdef public str name
     cdef public dict funcs
     cdef public dict kinds
+    cdef public dict arity          # fun -> (least, most) positional arguments
+    cdef public dict checks         # fun -> malla.arguments.Checker
     cdef public bint paused
     cdef public bint fast
     cdef public int running
@@ -258,6 +260,8 @@ cdef class CoreProtocol:
     cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
                             object payload) except -1
     cdef int _queue_encoded(self, Py_ssize_t start) except -1
+    cdef int _refuse(self, bint cast, uint64_t sid, str service, str fun, int code,
+                     str exc_type, str message) except -1
     cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message,
                           object tb) except -1
     cdef int _request_flush(self) except -1

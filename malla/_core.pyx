@@ -83,6 +83,9 @@ cdef int ERR_DEADLINE = mexc.ERR_DEADLINE
 cdef int ERR_BAD_REQUEST = mexc.ERR_BAD_REQUEST
 cdef int ERR_OVERLOADED = mexc.ERR_OVERLOADED
 cdef int ERR_UNDECODABLE = mexc.ERR_UNDECODABLE
+cdef int ERR_BAD_ARGUMENTS = mexc.ERR_BAD_ARGUMENTS
+cdef object BadArguments = mexc.BadArguments
+cdef object remote_error = mexc.remote_error
 
 # The codec's hooks (malla/codec.py installs them at import): `default(obj)`
 # returns an ExtType or a replacement value; `ext_hook(code, data)` rebuilds.
@@ -816,10 +819,16 @@ cdef class ServiceEntry:
     subclass implements.
     """
 
-    def __init__(self, str name, dict funcs, dict kinds, bint fast, int max_concurrency):
+    def __init__(self, str name, dict funcs, dict kinds, bint fast, int max_concurrency,
+                 dict checks=None):
         self.name = name
         self.funcs = funcs
         self.kinds = kinds
+        # `checks` (malla.arguments.Checker per function) bounds the
+        # positional arguments of the common call, checked here in C; the
+        # rest (keywords, mismatches) goes to the checker itself
+        self.checks = checks if checks is not None else {}
+        self.arity = {fun: (c.lo, c.hi) for fun, c in self.checks.items()}
         self.fast = fast
         self.paused = False
         self.running = 0
@@ -1411,9 +1420,11 @@ cdef class CoreProtocol:
             value = _unpack_detached(p, n, detached)
         except EncodeError as exc:
             # well-formed, but holds a value this node cannot rebuild (an
-            # unregistered user type): that call fails, the connection stays
+            # unregistered user type, a decoder that raised): that call
+            # fails (the function did run), the connection stays
             if not fut.done():
-                fut.set_exception(exc)
+                fut.set_exception(remote_error("malla.exceptions.EncodeError",
+                                               f"the reply cannot be decoded: {exc}"))
             return 0
         except Exception as exc:
             if not fut.done():
@@ -1429,6 +1440,10 @@ cdef class CoreProtocol:
             code, exc_type, message, tb = _unpack_detached(p, n, detached)[:4]
             err = error_from_wire(int(code), str(exc_type), str(message),
                                   tb if isinstance(tb, str) else None)
+        except EncodeError as exc:
+            # well-formed, holding a value we cannot rebuild: that call only
+            err = remote_error("malla.exceptions.EncodeError",
+                               f"the error reply cannot be decoded: {exc}")
         except Exception as exc:
             raise ProtocolError(f"undecodable ERROR frame: {exc}") from None
         if sid == 0:
@@ -1483,22 +1498,20 @@ cdef class CoreProtocol:
         cdef ServiceEntry entry
         cdef PyObject* ep
         cdef PyObject* fp
+        cdef PyObject* ap
         cdef list msg
+        cdef Py_ssize_t nargs
         self.calls_in += 1
         try:
             obj = _unpack_detached(p, n, detached)
         except EncodeError as exc:
-            if not cast:
-                self._queue_error(sid, ERR_UNDECODABLE, "malla.exceptions.EncodeError",
-                                  str(exc), None)
-            return 0
+            return self._refuse(cast, sid, "?", "?", ERR_UNDECODABLE,
+                                "malla.exceptions.EncodeError", str(exc))
         except Exception as exc:
             raise ProtocolError(f"undecodable call on stream {sid}: {exc}") from None
         if type(obj) is not list or PyList_GET_SIZE(obj) < 7:
-            if not cast:
-                self._queue_error(sid, ERR_BAD_REQUEST, "malla.exceptions.ProtocolError",
-                                  "malformed call message", None)
-            return 0
+            return self._refuse(cast, sid, "?", "?", ERR_BAD_REQUEST,
+                                "malla.exceptions.ProtocolError", "malformed call message")
         msg = <list>obj
         service = msg[0]
         fun = msg[1]
@@ -1506,38 +1519,40 @@ cdef class CoreProtocol:
         kwargs = msg[3]
         if (type(service) is not str or type(fun) is not str or type(args) is not list
                 or (kwargs is not None and type(kwargs) is not dict)):
-            if not cast:
-                self._queue_error(sid, ERR_BAD_REQUEST, "malla.exceptions.ProtocolError",
-                                  "malformed call message", None)
-            return 0
+            return self._refuse(cast, sid, "?", "?", ERR_BAD_REQUEST,
+                                "malla.exceptions.ProtocolError", "malformed call message")
         ep = PyDict_GetItem(self.services, service)
         if ep is NULL or (<ServiceEntry>ep).paused:
-            if not cast:
-                self._queue_error(sid, ERR_SERVICE_NOT_AVAILABLE,
-                                  "malla.exceptions.ServiceNotAvailable",
-                                  f"service {service} is not available on this node", None)
-            return 0
+            return self._refuse(cast, sid, service, fun, ERR_SERVICE_NOT_AVAILABLE,
+                                "malla.exceptions.ServiceNotAvailable",
+                                f"service {service} is not available on this node")
         entry = <ServiceEntry>ep
         fp = PyDict_GetItem(entry.funcs, fun)
         if fp is NULL:
-            if not cast:
-                self._queue_error(sid, ERR_UNKNOWN_FUNCTION, "malla.exceptions.UnknownFunction",
-                                  f"service {service} exports no function {fun!r}", None)
-            return 0
+            return self._refuse(cast, sid, service, fun, ERR_UNKNOWN_FUNCTION,
+                                "malla.exceptions.UnknownFunction",
+                                f"service {service} exports no function {fun!r}")
+        # the arguments against the signature (positional ones in C)
+        ap = PyDict_GetItem(entry.arity, fun)
+        nargs = PyList_GET_SIZE(args)
+        if ap is not NULL and (kwargs or not (<Py_ssize_t>(<tuple>ap)[0] <= nargs
+                                              <= <Py_ssize_t>(<tuple>ap)[1])):
+            try:
+                entry.checks[fun].check(args, kwargs)
+            except BadArguments as exc:
+                return self._refuse(cast, sid, service, fun, ERR_BAD_ARGUMENTS,
+                                    "malla.exceptions.BadArguments", str(exc))
         deadline = msg[5]
         # a budget in ms (docs/protocol.md): a number, finite, within 64 bits
         if deadline is not None and ((type(deadline) is not int and type(deadline) is not float)
                                      or not -1e19 < deadline < 1e19):
-            if not cast:
-                self._queue_error(sid, ERR_BAD_REQUEST, "malla.exceptions.ProtocolError",
-                                  "malformed call message", None)
-            return 0
+            return self._refuse(cast, sid, service, fun, ERR_BAD_REQUEST,
+                                "malla.exceptions.ProtocolError", "malformed call message")
         if deadline is not None and deadline <= 0:
             # The caller's budget was spent before the call could start.
-            if not cast:
-                self._queue_error(sid, ERR_DEADLINE, "malla.exceptions.CallTimeout",
-                                  "deadline passed before the call started", None)
-            return 0
+            return self._refuse(cast, sid, service, fun, ERR_DEADLINE,
+                                "malla.exceptions.CallTimeout",
+                                "deadline passed before the call started")
         # (with a deadline, the call goes through dispatch: the handler's context
         # gets the remaining budget)
         if (entry.fast and entry.kinds[fun] == 0 and deadline is None
@@ -1549,7 +1564,10 @@ cdef class CoreProtocol:
                 else:
                     result = (<object>fp)(*args)
             except Exception as exc:
-                if not cast:
+                if cast:
+                    self.cast_failed(service, fun, "RemoteError",
+                                     f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+                else:
                     self.reply_exception(sid, exc)
                 return 0
             finally:
@@ -1562,6 +1580,22 @@ cdef class CoreProtocol:
         if task is not None and not cast:
             self._running[sid] = task
         return 0
+
+    cdef int _refuse(self, bint cast, uint64_t sid, str service, str fun, int code,
+                     str exc_type, str message) except -1:
+        # An incoming call that does not run: its caller gets the ERROR; a
+        # cast has no caller to tell, so the node logs and counts it.
+        if cast:
+            self.cast_failed(service, fun, exc_type.rpartition(".")[2], message)
+        else:
+            self._queue_error(sid, code, exc_type, message, None)
+        return 0
+
+    def cast_failed(self, str service, str fun, str kind, str message):
+        """A cast from the peer failed here (`kind`: the malla error class
+        a caller would have got): the owner logs and counts it."""
+        if self.owner is not None:
+            self.owner._on_cast_failed(service, fun, kind, message)
 
     # -- replies (also used by the Python dispatcher) ---------------------------
 
@@ -2066,6 +2100,7 @@ cdef class LatencyHistogram:
 
     cdef uint64_t _counts[256]
     cdef public uint64_t count
+    cdef public uint64_t sum_ns         # the real sum, for Prometheus's _sum
 
     def record_ns(self, int64_t ns):
         cdef uint64_t us = <uint64_t>(ns // 1000) if ns >= 1000 else 1
@@ -2076,6 +2111,7 @@ cdef class LatencyHistogram:
             index = 255
         self._counts[index] += 1
         self.count += 1
+        self.sum_ns += <uint64_t>ns if ns > 0 else 0
 
     @staticmethod
     def _upper_us(int index):
@@ -2085,6 +2121,19 @@ cdef class LatencyHistogram:
         if sub < 3:
             return float(2 ** octave + (sub + 1) * 2 ** (octave - 2))
         return float(2 ** (octave + 1))
+
+    def count_below_us(self, uint64_t bound_us):
+        """How many durations were below `bound_us`, a power of two of
+        microseconds (a bucket boundary, so the count is exact)."""
+        cdef int octave, i
+        cdef uint64_t n = 0
+        if bound_us < 1 or bound_us & (bound_us - 1):
+            raise ValueError("a bound is a power of two of microseconds")
+        octave = 63 - __builtin_clzll(bound_us)
+        # every bucket of the octaves below `octave` holds durations < 2**octave
+        for i in range(min(octave * 4, 256)):
+            n += self._counts[i]
+        return n
 
     def percentile_us(self, double q):
         """The q-quantile (0..1), as its bucket's upper bound in microseconds."""

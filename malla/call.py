@@ -28,7 +28,7 @@ from malla.tracing import Tracing
 if TYPE_CHECKING:
     from malla.registry import Registry
 
-__all__ = ["CallAPI", "service_name"]
+__all__ = ["CALL_OPTIONS", "CallAPI", "invalid_options", "service_name"]
 
 ServiceNotAvailable = mexc.ServiceNotAvailable
 _RETRYABLE = (mexc.RemoteError, mexc.CallTimeout, mexc.ConnectionLost)
@@ -45,7 +45,7 @@ def service_name(service: Any) -> str:
         return service
     name = getattr(service, "_malla_name", None)
     if not isinstance(name, str):
-        raise TypeError(f"not a service name or malla.Service class: {service!r}")
+        raise mexc.InvalidOption(f"not a service name or malla.Service class: {service!r}")
     return name
 
 
@@ -53,17 +53,25 @@ class _Stats:
     """Counters kept off the happy path: only failures, retries and
     failovers touch them; calls are counted by the cores."""
 
-    __slots__ = ("errors", "failovers", "local_calls", "retries")
+    __slots__ = ("closed_in", "closed_out", "errors", "failovers", "local_calls", "retries")
 
     def __init__(self) -> None:
         self.errors: dict[str, int] = {}
         self.retries = 0
         self.failovers = 0
         self.local_calls = 0
+        # calls counted by the cores of connections that have closed: the
+        # totals never go down when a peer leaves
+        self.closed_in = 0
+        self.closed_out = 0
 
     def error(self, exc: BaseException) -> None:
-        key = type(exc).__name__
-        self.errors[key] = self.errors.get(key, 0) + 1
+        # (a remote builtin's RemoteError subclass counts as RemoteError)
+        self.count(mexc.RemoteError.__name__ if isinstance(exc, mexc.RemoteError)
+                   else type(exc).__name__)
+
+    def count(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 class CallAPI:
@@ -76,15 +84,19 @@ class CallAPI:
     _stats: _Stats
     _tracing: Tracing | None
     _metrics: Metrics | None
+    _live: bool
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        raise NotImplementedError
+
+    def _cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
         raise NotImplementedError
 
     async def remote(self, service: Any, fun: str, args: Any = (),
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                      sna_retries: int = 5, excp_retries: int = 0,
                      retries_sleep_msec: int = 1000, meta: Any = None,
-                     deadline: int | None = None) -> Any:
+                     deadline: int | None = None, **unknown: Any) -> Any:
         """Call `fun` of `service` on the first node that runs it (DESIGN.md "Calls").
 
         Fails over to the next node on "service not available"; when the list
@@ -92,11 +104,17 @@ class CallAPI:
         `sna_retries` more rounds.  Exceptions (RemoteError, CallTimeout,
         ConnectionLost) are retried `excp_retries` times.  `timeout` (ms)
         bounds each attempt, `deadline` (ms) the whole call; `timeout=0`
-        sends a cast and returns None.
+        sends a cast and returns None, whatever the deadline.
         """
+        if unknown:
+            raise invalid_options(unknown, "remote()")
+        if not self._live:
+            raise mexc.NodeStopped(f"node {self.name} is not running")
         name = service if type(service) is str else service_name(service)
-        if fun[:1] == "_":
+        if type(fun) is not str or fun[:1] == "_":
             raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
+        if type(args) is not list and type(args) is not tuple:
+            args = _as_args(args)
         at = inherited_deadline()
         if deadline is not None:
             mine = time.monotonic() + deadline / 1000.0
@@ -107,6 +125,7 @@ class CallAPI:
         started = time.perf_counter_ns() if metrics is not None else 0
         try:
             sna_round = exc_round = 0
+            maybe_ran = False      # an earlier attempt was sent and may have run
             registry = self._registry
             while True:
                 tried = overloaded = 0
@@ -122,9 +141,13 @@ class CallAPI:
                         overloaded += isinstance(exc, mexc.Overloaded)
                         continue
                     except _RETRYABLE as exc:
+                        if maybe_ran and isinstance(exc, mexc.CallTimeout):
+                            exc.sent = True
                         if exc_round >= excp_retries:
                             self._stats.error(exc)
                             raise
+                        maybe_ran = maybe_ran or not (isinstance(exc, mexc.CallTimeout)
+                                                      and not exc.sent)
                         exc_round += 1
                         break
                 else:
@@ -141,28 +164,23 @@ class CallAPI:
                         raise err
                     sna_round += 1
                 self._stats.retries += 1
-                await self._retry_sleep(retries_sleep_msec, at, name)
+                try:
+                    await _retry_sleep(retries_sleep_msec, at, name, maybe_ran)
+                except mexc.CallTimeout as exc:
+                    self._stats.error(exc)
+                    raise
         finally:
             if started:
                 metrics.record(name, fun, time.perf_counter_ns() - started)  # type: ignore[union-attr]
 
-    async def _retry_sleep(self, msec: int, at: float | None, name: str) -> None:
-        delay = msec / 1000.0
-        if at is not None:
-            left = at - time.monotonic()
-            if left <= delay:
-                await asyncio.sleep(max(left, 0.0))
-                raise mexc.CallTimeout(f"deadline passed while retrying {name}")
-        await asyncio.sleep(delay)
-
     async def _call_node(self, node: str, name: str, fun: str, args: Any,
                          kwargs: dict[str, Any] | None, timeout: int, at: float | None,
-                         meta: Any) -> Any:
+                         meta: Any, failover: bool = True) -> Any:
         conn = self._conns.get(node)
         if conn is None:
             raise ServiceNotAvailable(f"no connection to {node}")
         if conn.proto.writing_paused:
-            await self._wait_congested(conn, name, timeout, at)
+            await self._wait_congested(conn, name, timeout, at, failover)
         proto, fut = self._send(conn, name, fun, args, kwargs, timeout, at, meta)
         if fut is None:
             return None
@@ -177,18 +195,24 @@ class CallAPI:
               timeout: int, at: float | None, meta: Any) -> tuple[Any, Any]:
         """Send one attempt on a connection: (its protocol, the future of the
         reply), or (protocol, None) for a cast.  Raises what prevents sending."""
-        info = self._registry.remote_info(name, conn.name)
-        if info is not None and fun not in info["functions"]:
-            raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
+        checks = self._registry.checks(name, conn.name)
+        if checks is not None:
+            check = checks.get(fun)
+            if check is None:
+                raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
+            if kwargs or not check.lo <= len(args) <= check.hi:
+                check.check(args, kwargs)
         proto = conn.proto
         budget = None
         if at is not None:
             budget = (at - time.monotonic()) * 1000.0
             if budget <= 0:
-                raise mexc.CallTimeout(f"deadline passed before calling {name}.{fun}")
-            if timeout == 0 or budget < timeout:
+                raise mexc.CallTimeout(f"deadline passed before calling {name}.{fun}",
+                                       sent=False)
+            # (a cast stays a cast: the deadline only bounded the wait to send it)
+            if timeout and budget < timeout:
                 timeout = int(budget) or 1
-            budget = int(budget)
+            budget = int(budget) or 1
         trace = None
         if self._tracing is not None and conn.peer.caps & CAP_TRACE:
             trace = self._tracing.carrier()
@@ -201,58 +225,87 @@ class CallAPI:
             raise _encode_error(exc, args, kwargs) from None
 
     async def _wait_congested(self, conn: Any, name: str, timeout: int,
-                              at: float | None) -> None:
+                              at: float | None, failover: bool) -> None:
         # Flow control: the connection's write buffer is past its high-water
         # mark.  Fail over when another node can take the call; otherwise
-        # wait for it to drain, within the call's time.
-        if len(self._registry.nodes(name)) > 1:
+        # (or in call_cb_all, where a slot is one node) wait for it to
+        # drain, within the call's time.
+        if failover and len(self._registry.nodes(name)) > 1:
             raise ServiceNotAvailable(f"connection to {conn.name} is congested")
         limit = (timeout or 15000) / 1000.0
         if at is not None:
             limit = min(limit, max(at - time.monotonic(), 0.0))
         await conn.wait_writable(limit)
 
-    async def _call_here(self, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
-                         timeout: int, at: float | None, meta: Any) -> Any:
+    def _admit_here(self, name: str, fun: str, args: Any,
+                    kwargs: dict[str, Any] | None) -> RunningService:
+        """The running entry that takes an in-process call, or the error of
+        a call the serving side refuses (the rules of the core's _on_call)."""
         entry = self._entries.get(name)
         if entry is None or entry.paused:
             raise ServiceNotAvailable(f"service {name} is not running here")
-        fn = entry.funcs.get(fun)
-        if fn is None:
+        check = entry.checks.get(fun)
+        if check is None:
             raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
+        if kwargs or not check.lo <= len(args) <= check.hi:
+            check.check(args, kwargs)
         if entry.running >= entry.max_concurrency:
             raise mexc.Overloaded(f"service {name} is at max_concurrency {entry.max_concurrency}")
-        self._stats.local_calls += 1
+        return entry
+
+    async def _call_here(self, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
+                         timeout: int, at: float | None, meta: Any) -> Any:
+        entry = self._admit_here(name, fun, args, kwargs)
         if at is not None:
             left = (at - time.monotonic()) * 1000.0
             if left <= 0:
-                raise mexc.CallTimeout(f"deadline passed before calling {name}.{fun}")
-            if timeout == 0 or left < timeout:
+                raise mexc.CallTimeout(f"deadline passed before calling {name}.{fun}",
+                                       sent=False)
+            if timeout and left < timeout:
                 timeout = int(left) or 1
+        self._stats.local_calls += 1
+        if timeout == 0:
+            # a cast: scheduled, never run before remote() returns, and its
+            # deadline only bounded the sending (as over the network)
+            self._spawn(self._cast_here(entry, fun, args, kwargs, meta))
+            return None
         entry.running += 1
         # the handler (and what it calls) sees this call's deadline, as remotely
         token = set_deadline_at(at) if at is not None else None
         try:
             if entry.fast and entry.kinds[fun] == KIND_SYNC:
                 # the default hook on a plain def: call it, as the core does
-                result = fn(*args, **kwargs) if kwargs else fn(*args)
-                return None if timeout == 0 else result
+                return entry.funcs[fun](*args, **kwargs) if kwargs else entry.funcs[fun](*args)
             opts = {"caller": self.name, "timeout": timeout, "meta": meta}
             result = entry.invoke(fun, list(args), kwargs or {}, opts)
             if inspect.isawaitable(result):
-                if timeout == 0:
-                    self._spawn(settle(result))
-                    return None
-                result = await _run_with_timeout(result, timeout, name, fun)
-        except (mexc.MallaError, asyncio.CancelledError):
+                result = await _run_with_timeout(result, timeout)
+            return result
+        except _Expired:
+            raise mexc.CallTimeout(f"{name}.{fun} did not finish within {timeout} ms") from None
+        except asyncio.CancelledError:
             raise
         except Exception as exc:
+            # whatever the handler raised, a malla error of its own nested
+            # calls included: RemoteError, exactly as over the network (never
+            # mistaken for "this node could not take the call")
             raise _as_remote_error(exc) from exc
         finally:
             entry.running -= 1
             if token is not None:
                 reset_deadline(token)
-        return None if timeout == 0 else result
+
+    async def _cast_here(self, entry: RunningService, fun: str, args: Any,
+                         kwargs: dict[str, Any] | None, meta: Any) -> None:
+        entry.running += 1
+        try:
+            opts = {"caller": self.name, "timeout": 0, "meta": meta}
+            await settle(entry.invoke(fun, list(args), kwargs or {}, opts))
+        except Exception as exc:
+            err = _as_remote_error(exc)
+            self._cast_failed(entry.name, fun, "RemoteError", str(err))
+        finally:
+            entry.running -= 1
 
     async def local(self, service: Any, fun: str, args: Any = (),
                     kwargs: dict[str, Any] | None = None) -> Any:
@@ -260,23 +313,22 @@ class CallAPI:
 
         Uses the running instance; when none runs, a class argument gets a
         fresh instance, a name raises ServiceNotAvailable.  Exceptions of the
-        function are raised as they are.
+        function are raised as they are (it is a local call).
         """
         name = service_name(service)
+        if type(args) is not list and type(args) is not tuple:
+            args = _as_args(args)
         entry = self._entries.get(name)
-        if entry is not None:
-            if fun not in entry.funcs:
-                raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
-            result = entry.invoke(fun, list(args), kwargs or {},
-                                  {"caller": self.name, "timeout": None, "meta": None})
-        elif isinstance(service, type):
-            fresh = RunningService(service())
-            if fun not in fresh.funcs:
-                raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
-            result = fresh.invoke(fun, list(args), kwargs or {},
-                                  {"caller": self.name, "timeout": None, "meta": None})
-        else:
-            raise ServiceNotAvailable(f"service {name} is not running on this node")
+        if entry is None:
+            if not isinstance(service, type):
+                raise ServiceNotAvailable(f"service {name} is not running on this node")
+            entry = RunningService(service())
+        check = entry.checks.get(fun) if type(fun) is str else None
+        if check is None:
+            raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
+        check.check(args, kwargs)
+        result = entry.invoke(fun, list(args), kwargs or {},
+                              {"caller": self.name, "timeout": None, "meta": None})
         if inspect.isawaitable(result):
             result = await settle(result)
         return result
@@ -284,13 +336,21 @@ class CallAPI:
     async def call_cb_all(self, service: Any, fun: str, args: Any = (),
                           kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                           meta: Any = None, deadline: int | None = None,
-                          **_ignored: Any) -> list[Any]:
+                          **unknown: Any) -> list[Any]:
         """Call every node of get_nodes(service) once, concurrently.
 
         One result per node, in that order; a failure sits in its slot as
-        the exception instance.  No failover: each slot is that node.
+        the exception instance.  No failover: each slot is that node, so the
+        retry options of remote() do not apply (InvalidOption).
         """
+        if unknown:
+            raise invalid_options(unknown, "call_cb_all() (timeout, meta and deadline apply; "
+                                           "no failover or retries: each slot is one node)")
+        if not self._live:
+            raise mexc.NodeStopped(f"node {self.name} is not running")
         name = service_name(service)
+        if type(args) is not list and type(args) is not tuple:
+            args = _as_args(args)
         at = inherited_deadline()
         if deadline is not None:
             mine = time.monotonic() + deadline / 1000.0
@@ -313,7 +373,8 @@ class CallAPI:
             if conn is None or conn.proto.writing_paused:
                 call = (self._call_here(name, fun, args, kwargs, timeout, at, meta)
                         if node == self.name else
-                        self._call_node(node, name, fun, args, kwargs, timeout, at, meta))
+                        self._call_node(node, name, fun, args, kwargs, timeout, at, meta,
+                                        failover=False))
                 waits.append(loop.create_task(call))
                 continue
             try:
@@ -336,7 +397,39 @@ class CallAPI:
             raise
 
 
-async def _run_with_timeout(awaitable: Any, timeout: int, name: str, fun: str) -> Any:
+# remote()'s options, by name: what malla.call and proxies may pass on
+CALL_OPTIONS = frozenset(inspect.signature(CallAPI.remote).parameters) - {
+    "self", "service", "fun", "args", "kwargs", "unknown"}
+
+
+def invalid_options(unknown: dict[str, Any], where: str) -> mexc.InvalidOption:
+    names = ", ".join(sorted(map(str, unknown)))
+    return mexc.InvalidOption(f"{where} takes no option {names}")
+
+
+def _as_args(args: Any) -> tuple[Any, ...]:
+    """Positional arguments given as another iterable (a generator, say)."""
+    if isinstance(args, (str, bytes, bytearray, dict)) or not hasattr(args, "__iter__"):
+        raise mexc.BadArguments(f"args must be a list or a tuple, not {type(args).__name__}")
+    return tuple(args)
+
+
+async def _retry_sleep(msec: int, at: float | None, name: str, maybe_ran: bool) -> None:
+    delay = msec / 1000.0
+    if at is not None:
+        left = at - time.monotonic()
+        if left <= delay:
+            await asyncio.sleep(max(left, 0.0))
+            raise mexc.CallTimeout(f"deadline passed while retrying {name}", sent=maybe_ran)
+    await asyncio.sleep(delay)
+
+
+class _Expired(Exception):
+    """An in-process call's own timeout passed (told apart from a
+    TimeoutError the handler raised itself)."""
+
+
+async def _run_with_timeout(awaitable: Any, timeout: int) -> Any:
     """Await an in-process call's result within `timeout` ms.
 
     A coroutine that finishes without suspending (a cache hit, a pure
@@ -348,10 +441,10 @@ async def _run_with_timeout(awaitable: Any, timeout: int, name: str, fun: str) -
             pending = awaitable.send(None)
         except StopIteration as stop:
             if inspect.isawaitable(stop.value):
-                return await _with_timeout(settle(stop.value), timeout, name, fun)
+                return await _with_timeout(settle(stop.value), timeout)
             return stop.value
         awaitable = _resume(awaitable, pending)
-    return await _with_timeout(settle(awaitable), timeout, name, fun)
+    return await _with_timeout(settle(awaitable), timeout)
 
 
 @types.coroutine
@@ -373,20 +466,26 @@ def _resume(coro: Any, pending: Any) -> Any:
                 return stop.value
 
 
-async def _with_timeout(awaitable: Any, timeout: int, name: str, fun: str) -> Any:
-    try:
-        if _timeout_ctx is not None:
-            async with _timeout_ctx(timeout / 1000.0):
+async def _with_timeout(awaitable: Any, timeout: int) -> Any:
+    if _timeout_ctx is not None:
+        scope = _timeout_ctx(timeout / 1000.0)
+        try:
+            async with scope:
                 return await awaitable
+        except TimeoutError:
+            if scope.expired():
+                raise _Expired() from None
+            raise       # the handler's own TimeoutError
+    try:
         return await asyncio.wait_for(awaitable, timeout / 1000.0)
-    except (asyncio.TimeoutError, TimeoutError):
-        raise mexc.CallTimeout(f"{name}.{fun} did not finish within {timeout} ms") from None
+    except asyncio.TimeoutError:   # (Python 3.10: not the builtin TimeoutError)
+        raise _Expired() from None
 
 
 def _as_remote_error(exc: BaseException) -> mexc.RemoteError:
     cls = type(exc)
     tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    return mexc.RemoteError(f"{cls.__module__}.{cls.__qualname__}", str(exc), tb)
+    return mexc.remote_error(f"{cls.__module__}.{cls.__qualname__}", str(exc), tb)
 
 
 def _encode_error(exc: mexc.EncodeError, args: Any,

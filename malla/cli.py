@@ -28,12 +28,15 @@ import uuid
 from typing import Any
 
 import malla
+from malla.arguments import signature_from_wire
 from malla.dns import DEFAULT_PORT
-from malla.proxy import signature_from_wire
+from malla.exceptions import DID_NOT_RUN, EXIT_CODES, UNREACHABLE
 
 __all__ = ["main"]
 
-EXIT_USAGE, EXIT_ERROR, EXIT_UNREACHABLE = 2, 1, 3
+# DESIGN.md's table of error families (malla.exceptions.EXIT_CODES)
+EXIT_USAGE, EXIT_ERROR = 2, 1
+EXIT_UNREACHABLE = EXIT_CODES[UNREACHABLE]
 
 
 class UserError(Exception):
@@ -275,12 +278,15 @@ async def _cmd_call(args: argparse.Namespace) -> int:
     node = await _join(args, progress)
     try:
         if not await _wait_for(node, service, args.wait, progress):
-            raise UserError(f"service {service} is not available in the cluster")
+            raise UserError(f"service {service} is not available in the cluster",
+                            EXIT_CODES[DID_NOT_RUN])
         progress.done()
         result = await node.remote(service, fun, call_args, kwargs, timeout=args.timeout,
                                    sna_retries=0)
     except malla.MallaError as exc:
-        raise UserError(f"{type(exc).__name__}: {exc}") from None
+        # the exit status tells the error's family (DESIGN.md "Calls")
+        raise UserError(f"{type(exc).__name__}: {exc}",
+                        EXIT_CODES.get(malla.family(exc) or "", 1)) from None
     finally:
         progress.done()
         await node.stop()

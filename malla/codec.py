@@ -139,7 +139,11 @@ def _user(v: list[Any]) -> Any:
     if decode is None:
         raise EncodeError(f"received a value of unregistered type {wire_name!r}: "
                           "register it with malla.register_type on every node")
-    return decode(data)
+    try:
+        return decode(data)
+    except Exception as exc:
+        raise EncodeError(f"the decoder registered for {wire_name!r} raised "
+                          f"{type(exc).__name__}: {exc}") from None
 
 
 _DECODERS: dict[int, Callable[[bytes], Any]] = {
@@ -182,6 +186,13 @@ def _ext_hook(code: int, data: bytes) -> Any:
     _nesting.depth = depth + 1
     try:
         return decode(data)
+    except EncodeError:
+        raise
+    except Exception as exc:
+        # a registered decoder that raised, or a built-in extension with bad
+        # contents: that one message fails, never the connection
+        raise EncodeError(f"cannot rebuild a value of extension type {code}: "
+                          f"{type(exc).__name__}: {exc}") from None
     finally:
         _nesting.depth = depth
 

@@ -13,6 +13,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.handshake import CAP_WINDOW, Handshake, Hello, error_payload
@@ -23,6 +25,11 @@ if TYPE_CHECKING:
 __all__ = ["Connection"]
 
 log = logging.getLogger("malla.connection")
+
+
+def plain_unpackb(payload: bytes) -> Any:
+    """A control message as plain msgpack: extension values stay ExtType."""
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False)
 
 
 class Connection:
@@ -104,6 +111,9 @@ class Connection:
             self._early.append((ftype, payload))
             return
         self._apply_control(ftype, payload)
+
+    def _on_cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
+        self.node._cast_failed(service, fun, kind, f"{message} (cast from {self.name})")
 
     def _on_pong(self, sid: int) -> None:
         fut = self._pings.pop(sid, None)
@@ -243,13 +253,16 @@ class Connection:
         if ftype == core.FT_TABLE and not self.ready.done():
             self.ready.set_result(self)
         try:
-            body = core.unpackb(payload) if payload else None
-            self.node._on_control(self, ftype, body)
-        except mexc.MallaError as exc:
-            log.warning("malla: bad control message from %s: %s", self, exc)
-        except Exception as exc:  # malformed content: that connection only
-            log.warning("malla: closing %s after a malformed control message: %r", self, exc)
+            # plain msgpack: a service table holds only msgpack's own types,
+            # so no decoder (malla's or a user's) runs on it; what does not
+            # fit is refused entry by entry (node._on_control)
+            body = plain_unpackb(payload) if payload else None
+        except Exception as exc:  # malformed msgpack: that connection only
             self.proto.abort()
+            log.warning("malla: closing %s after an undecodable control message: %r",
+                        self, exc)
+            return
+        self.node._on_control(self, ftype, body)
 
     async def ping(self, timeout: float) -> bool:
         """True if the peer answers a HEARTBEAT within `timeout` seconds."""

@@ -1,31 +1,43 @@
 """malla's exception hierarchy and the error codes that carry it across the wire.
 
 Every error malla raises is a MallaError mixed with the builtin a Python user
-would catch.  The three families tell a caller what happened to its call:
+would catch.  An error's *family* tells a caller what happened to its call
+(DESIGN.md "Calls", one table; `family()` below is that table):
 
 * did not run: ServiceNotAvailable (and Overloaded), UnknownFunction,
-  EncodeError, MessageTooLarge;
-* may have run: CallTimeout, ConnectionLost;
-* failed: RemoteError (the remote function raised).
+  BadArguments, InvalidOption, EncodeError, MessageTooLarge, Forbidden,
+  NodeStopped, NameInUse, CallTimeout with ``sent=False``;
+* may have run: CallTimeout (``sent=True``), ConnectionLost;
+* failed: RemoteError (the remote function raised);
+* cluster unreachable: Unreachable, AuthenticationError, ProtocolError.
 """
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 __all__ = [
     "AuthenticationError",
+    "BadArguments",
     "CallTimeout",
     "ConnectionLost",
     "EncodeError",
+    "Forbidden",
     "InternalError",
+    "InvalidOption",
     "MallaError",
     "MessageTooLarge",
+    "NameInUse",
+    "NodeStopped",
     "Overloaded",
     "ProtocolError",
     "RemoteError",
     "ServiceNotAvailable",
     "UnknownFunction",
+    "Unreachable",
+    "family",
+    "remote_error",
 ]
 
 
@@ -38,7 +50,18 @@ class ServiceNotAvailable(MallaError):
 
 
 class Overloaded(ServiceNotAvailable):
-    """The service's max_concurrency was reached on that node: it did not run."""
+    """The service's max_concurrency was reached on that node: it did not run.
+
+    ``retry_after_ms`` is the serving node's estimate of when it has room
+    (0: no estimate).
+    """
+
+    def __init__(self, message: str = "", retry_after_ms: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.retry_after_ms))
 
 
 class RemoteError(MallaError):
@@ -46,25 +69,49 @@ class RemoteError(MallaError):
 
     ``exc_type`` is the qualified class name (``"builtins.RuntimeError"``),
     ``message`` is ``str(exc)`` and ``traceback`` the remote
-    ``traceback.format_exception`` text.
+    ``traceback.format_exception`` text.  When the remote class is a builtin
+    exception, the instance is also one of that builtin (see remote_error),
+    so ``except KeyError:`` catches a remote KeyError.
     """
 
     def __init__(self, exc_type: str, message: str, traceback: str = "") -> None:
-        super().__init__(f"{exc_type}: {message}")
+        # (Exception's own __init__: a builtin mixed in may want other
+        # arguments, and gets only the text)
+        Exception.__init__(self, f"{exc_type}: {message}")
         self.exc_type = exc_type
         self.message = message
         self.traceback = traceback
 
+    def __str__(self) -> str:
+        # builtins such as KeyError format their args their own way
+        return f"{self.exc_type}: {self.message}"
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.exc_type, self.message, self.traceback))
+        return (remote_error, (self.exc_type, self.message, self.traceback))
 
 
 class CallTimeout(MallaError, TimeoutError):
-    """The attempt's timeout (or the call's deadline) passed: it may have run."""
+    """The attempt's timeout (or the call's deadline) passed.
+
+    ``sent`` is True when an attempt was sent, so the call may have run;
+    False when the time ran out before any attempt was sent (or the serving
+    node refused it unstarted because its budget was spent): it did not run.
+    """
+
+    def __init__(self, message: str = "", sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.sent))
 
 
 class ConnectionLost(MallaError, ConnectionError):
     """The connection closed after the request was sent: it may have run."""
+
+
+class Unreachable(MallaError, ConnectionError):
+    """connect() could not resolve or reach a target."""
 
 
 class UnknownFunction(MallaError, AttributeError):
@@ -78,9 +125,32 @@ class EncodeError(MallaError, TypeError):
         super().__init__(f"{message} at {path}" if path else message)
         self.path = path
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self),))
+
+
+class BadArguments(MallaError, TypeError):
+    """The arguments do not fit the function's announced signature: nothing ran."""
+
+
+class InvalidOption(MallaError, ValueError):
+    """A call option that does not exist or does not apply: nothing ran."""
+
 
 class MessageTooLarge(MallaError, ValueError):
     """A message is larger than max_message_size: it did not run."""
+
+
+class Forbidden(MallaError, PermissionError):
+    """The caller may not call that function: nothing ran."""
+
+
+class NodeStopped(MallaError, RuntimeError):
+    """The node is not running."""
+
+
+class NameInUse(MallaError, RuntimeError):
+    """Another live node holds this name in the discovery source."""
 
 
 class AuthenticationError(MallaError):
@@ -95,6 +165,66 @@ class InternalError(MallaError):
     """A bug in malla."""
 
 
+# -- families -------------------------------------------------------------------
+
+DID_NOT_RUN = "did not run"
+MAY_HAVE_RUN = "may have run"
+FAILED = "failed"
+UNREACHABLE = "cluster unreachable"
+
+# `malla call`'s exit status per family (DESIGN.md's table); 2 is usage
+EXIT_CODES = {FAILED: 1, DID_NOT_RUN: 3, MAY_HAVE_RUN: 4, UNREACHABLE: 5}
+
+
+def family(exc: BaseException) -> str | None:
+    """The family of a malla error (the constants above); None for others."""
+    if isinstance(exc, CallTimeout):
+        return MAY_HAVE_RUN if exc.sent else DID_NOT_RUN
+    if isinstance(exc, ConnectionLost):
+        return MAY_HAVE_RUN
+    if isinstance(exc, RemoteError):
+        return FAILED
+    if isinstance(exc, (Unreachable, AuthenticationError, ProtocolError)):
+        return UNREACHABLE
+    if isinstance(exc, MallaError):
+        return DID_NOT_RUN
+    return None
+
+
+# -- remote exceptions caught by their builtin type -------------------------------
+
+_remote_classes: dict[str, type[RemoteError]] = {}
+
+
+def _remote_class(exc_type: str) -> type[RemoteError]:
+    """RemoteError, or a cached subclass of RemoteError and the builtin
+    exception `exc_type` names.  Only names found in `builtins` qualify:
+    nothing named by wire data is ever imported."""
+    cls = _remote_classes.get(exc_type)
+    if cls is not None:
+        return cls
+    cls = RemoteError
+    module, _, name = exc_type.rpartition(".")
+    base = getattr(builtins, name, None) if module == "builtins" else None
+    # Exception subclasses only (a remote KeyboardInterrupt or SystemExit
+    # must not stop this process), and none that steers control flow
+    if (isinstance(base, type) and issubclass(base, Exception)
+            and not issubclass(base, (StopIteration, StopAsyncIteration))):
+        try:
+            cls = type(f"Remote{name}", (RemoteError, base), {"__module__": __name__})
+            cls("builtins." + name, "probe")
+        except Exception:   # a builtin whose layout or constructor will not mix
+            cls = RemoteError
+    if len(_remote_classes) < 1024:
+        _remote_classes[exc_type] = cls
+    return cls
+
+
+def remote_error(exc_type: str, message: str, traceback: str = "") -> RemoteError:
+    """The RemoteError for a remote exception of class `exc_type`."""
+    return _remote_class(exc_type)(exc_type, message, traceback)
+
+
 # Error codes of ERROR frames.  Frozen with the wire protocol (docs/protocol.md):
 # new codes may be added; a receiver maps an unknown code to RemoteError.
 ERR_SERVICE_NOT_AVAILABLE = 1
@@ -106,22 +236,26 @@ ERR_DEADLINE = 6
 ERR_BAD_REQUEST = 7
 ERR_UNDECODABLE = 8
 ERR_AUTH = 9
+ERR_BAD_ARGUMENTS = 10
 
 _CODE_CLASSES: dict[int, type[MallaError]] = {
     ERR_SERVICE_NOT_AVAILABLE: ServiceNotAvailable,
     ERR_OVERLOADED: Overloaded,
     ERR_UNKNOWN_FUNCTION: UnknownFunction,
     ERR_MESSAGE_TOO_LARGE: MessageTooLarge,
-    ERR_DEADLINE: CallTimeout,
     ERR_BAD_REQUEST: ProtocolError,
     ERR_UNDECODABLE: EncodeError,
     ERR_AUTH: AuthenticationError,
+    ERR_BAD_ARGUMENTS: BadArguments,
 }
 
 
 def error_from_wire(code: int, exc_type: str, message: str, tb: str | None) -> MallaError:
     """Build the caller-side exception for an ERROR frame's fields."""
+    if code == ERR_DEADLINE:
+        # the serving node refused it unstarted: its budget was spent
+        return CallTimeout(message, sent=False)
     cls = _CODE_CLASSES.get(code)
     if cls is None:
-        return RemoteError(exc_type, message, tb or "")
+        return remote_error(exc_type, message, tb or "")
     return cls(message)

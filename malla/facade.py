@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
+from malla import exceptions as mexc
 from malla.node import Node
 from malla.proxy import Proxy
 
@@ -53,7 +54,7 @@ class BlockingNode:
                                "use the async Node API there")
         if self._closed:
             coro.close()
-            raise RuntimeError("this BlockingNode is closed")
+            raise mexc.NodeStopped("this BlockingNode is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _in_loop(self, fn: Callable[..., T], *args: Any) -> T:
@@ -117,7 +118,7 @@ class BlockingNode:
         return self._in_loop(self.node.stats)
 
     def service(self, name: Any) -> BlockingProxy:
-        return BlockingProxy(self, self.node.service(name))
+        return BlockingProxy(self, self._in_loop(self.node.service, name))
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -157,18 +158,27 @@ class BlockingProxy:
     def __repr__(self) -> str:
         return f"<malla blocking proxy of service {self._proxy._name}>"
 
+    # The proxy reads the node's discovery table, which only the node's loop
+    # thread may touch: every look at it runs there.
+
     def __getattr__(self, fun: str) -> Any:
-        remote_fn = getattr(self._proxy, fun)
+        if fun.startswith("_"):
+            raise mexc.UnknownFunction(f"{fun!r} is not an exported function of "
+                                       f"{self._proxy._name}")
+        signature = self._bnode._in_loop(lambda: getattr(self._proxy, fun).__signature__)
 
         def blocking_call(*args: Any, **kwargs: Any) -> Any:
-            return self._bnode._run(remote_fn(*args, **kwargs).run())
+            return self._bnode._run(self._call(fun, args, kwargs))
 
         blocking_call.__name__ = fun
-        blocking_call.__signature__ = remote_fn.__signature__  # type: ignore[attr-defined]
+        blocking_call.__signature__ = signature  # type: ignore[attr-defined]
         return blocking_call
 
+    async def _call(self, fun: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return await getattr(self._proxy, fun)(*args, **kwargs).run()
+
     def __dir__(self) -> list[str]:
-        return dir(self._proxy)
+        return self._bnode._in_loop(dir, self._proxy)
 
 
 class _BlockingServices:
@@ -178,5 +188,6 @@ class _BlockingServices:
     def __getattr__(self, name: str) -> BlockingProxy:
         if name.startswith("_"):
             raise AttributeError(name)
-        getattr(self._bnode.node.services, name)  # AttributeError when unknown
+        # AttributeError when unknown (looked up on the node's loop thread)
+        self._bnode._in_loop(getattr, self._bnode.node.services, name)
         return self._bnode.service(name)

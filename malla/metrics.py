@@ -41,10 +41,23 @@ class Metrics:
         hist = self.latency.get(service, _NONE).get(fun) or self.histogram(service, fun)
         hist.record_ns(ns)
 
+    def histograms(self) -> dict[str, Any]:
+        """"Service.fun" -> its LatencyHistogram (not copies: for reading)."""
+        return {f"{s}.{f}": h for s, funs in sorted(self.latency.items())
+                for f, h in sorted(funs.items())}
+
     def snapshot(self) -> dict[str, dict[str, float]]:
         return {f"{s}.{f}": {"count": h.count, "p50_us": h.percentile_us(0.5),
                              "p99_us": h.percentile_us(0.99)}
                 for s, funs in sorted(self.latency.items()) for f, h in sorted(funs.items())}
+
+
+# Histogram bounds: powers of two of microseconds, 16 µs to about 67 s.
+_BOUNDS_US = [1 << k for k in range(4, 27)]
+
+
+def _le(bound_us: int) -> str:
+    return repr(bound_us / 1e6)
 
 
 def prometheus_collector(node: Node) -> Any:
@@ -53,7 +66,7 @@ def prometheus_collector(node: Node) -> Any:
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
-        SummaryMetricFamily,
+        HistogramMetricFamily,
     )
 
     class NodeCollector:
@@ -81,11 +94,16 @@ def prometheus_collector(node: Node) -> Any:
             peers = GaugeMetricFamily("malla_peers", "connected peers", labels=labels)
             peers.add_metric([node.name], len(node.peers()))
             yield peers
-            lat = SummaryMetricFamily("malla_call_latency_seconds", "latency of calls made",
-                                      labels=["node", "call"])
-            for call, h in sorted(stats["latency"].items()):
-                lat.add_metric([node.name, call], count_value=h["count"],
-                               sum_value=h["p50_us"] * h["count"] / 1e6)
+            # a histogram with real bucket counts (its bounds are the core
+            # histogram's own octave boundaries, so each count is exact) and
+            # the real sum of the durations
+            lat = HistogramMetricFamily("malla_call_latency_seconds", "latency of calls made",
+                                        labels=["node", "call"])
+            metrics = node._metrics
+            for call, h in (metrics.histograms() if metrics is not None else {}).items():
+                buckets = [(_le(bound), h.count_below_us(bound)) for bound in _BOUNDS_US]
+                buckets.append(("+Inf", h.count))
+                lat.add_metric([node.name, call], buckets=buckets, sum_value=h.sum_ns / 1e9)
             yield lat
 
     return NodeCollector()

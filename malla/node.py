@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 import time
 from typing import Any
 
@@ -25,7 +26,8 @@ from malla.liveness import HeartbeatThread, Liveness
 from malla.metrics import Metrics, serve_prometheus
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
-from malla.registry import Registry
+from malla.ratelimit import RateLimitedLog
+from malla.registry import Registry, invalid_info
 from malla.service import RunningService, Service, describe
 from malla.tracing import Tracing, traced_remote
 
@@ -99,7 +101,10 @@ class Node(CallAPI):
         self.window_size = window_size
         self.ssl_server = ssl_server
         self.ssl_client = ssl_client
+        # drawn again by every start(): a restarted node is a new incarnation
         self.incarnation = random.getrandbits(64)
+        self._live = False
+        self._cast_log = RateLimitedLog(log)
         self._cookie = _cookie_bytes(cookie)
         self._registry = Registry(name)
         self._throttle = HandshakeThrottle()
@@ -148,6 +153,8 @@ class Node(CallAPI):
             return self
         self._loop = asyncio.get_running_loop()
         self._stopping = False
+        if self._address is not None:      # started before: a new incarnation
+            self.incarnation = random.getrandbits(64)
         self._server = await self._loop.create_server(
             lambda: self._make_protocol(False, None), self.host, self.port,
             ssl=self.ssl_server, reuse_address=True)
@@ -165,6 +172,7 @@ class Node(CallAPI):
             self._spawn(self._resolve_loop())
         if self.metrics_port is not None and self._metrics_server is None:
             self._metrics_server = serve_prometheus(self, self.metrics_port, self.host)
+        self._live = True
         log.info("malla: node %s listening on %s:%d", self.name, *self._address)
         return self
 
@@ -173,6 +181,7 @@ class Node(CallAPI):
         if self._server is None or self._stopping:
             return
         self._stopping = True
+        self._live = False
         for task in list(self._tasks) + list(self._dialing.values()):
             task.cancel()
         self._server.close()
@@ -244,7 +253,7 @@ class Node(CallAPI):
     def address(self) -> tuple[str, int]:
         """The (host, port) actually bound."""
         if self._address is None:
-            raise RuntimeError(f"node {self.name} is not started")
+            raise mexc.NodeStopped(f"node {self.name} is not started")
         return self._address
 
     def peers(self) -> list[str]:
@@ -297,19 +306,40 @@ class Node(CallAPI):
         `target` is "host:port", "name@domain" (every A record of the domain,
         default port 4370) or a bare domain (its SRV records).  Raises
         AuthenticationError or ProtocolError when the peer refuses us (or we
-        it), ConnectionError when it cannot be reached or resolved.
+        it), Unreachable when it cannot be reached or resolved, InvalidOption
+        for a target that is not an address or a name.
         """
+        if type(target) is not str:
+            raise mexc.InvalidOption(f"a connect target is a str, not {type(target).__name__}")
+        if not self._live:
+            raise mexc.NodeStopped(f"node {self.name} is not running")
         if kind_of(target) == "address":
-            await self._connect(target)
+            await self._connect_checked(target)
             return
-        addresses = await self._dns().resolve(target)
-        results = await asyncio.gather(*(self._connect(f"{h}:{p}") for h, p in addresses),
-                                       return_exceptions=True)
+        try:
+            addresses = await self._dns().resolve(target)
+        except (OSError, ValueError) as exc:
+            raise mexc.Unreachable(str(exc)) from exc
+        results = await asyncio.gather(*(self._connect_checked(f"{h}:{p}")
+                                         for h, p in addresses), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if len(errors) == len(results):
-            if errors and isinstance(errors[0], (mexc.MallaError, ConnectionError)):
+            if errors:
                 raise errors[0]
-            raise ConnectionError(f"{target!r} resolved to no reachable node")
+            raise mexc.Unreachable(f"{target!r} resolved to no reachable node")
+
+    async def _connect_checked(self, target: str) -> None:
+        """_connect, its failures as malla errors (for connect())."""
+        try:
+            await self._connect(target)
+        except mexc.MallaError:
+            raise
+        except ssl.SSLError as exc:
+            raise mexc.AuthenticationError(f"TLS handshake with {target} failed: {exc}") from exc
+        except ValueError as exc:
+            raise mexc.InvalidOption(str(exc)) from exc
+        except OSError as exc:   # refused, unreachable, timed out
+            raise mexc.Unreachable(f"could not reach {target}: {exc}") from exc
 
     def _dns(self) -> Resolver:
         if self._resolver is None:
@@ -329,7 +359,7 @@ class Node(CallAPI):
 
     async def _connect(self, target: str) -> Connection:
         if self._loop is None or self._stopping:
-            raise RuntimeError(f"node {self.name} is not running")
+            raise mexc.NodeStopped(f"node {self.name} is not running")
         host, port = parse_address(target)
         made: list[Any] = []   # uvloop builds the protocol before the TCP connect
 
@@ -342,8 +372,8 @@ class Node(CallAPI):
                 self._loop.create_connection(factory, host, port, ssl=self.ssl_client),
                 self.handshake_timeout)
         except asyncio.TimeoutError:
-            raise ConnectionError(f"could not reach {target} within "
-                                  f"{self.handshake_timeout} s") from None
+            raise mexc.Unreachable(f"could not reach {target} within "
+                                   f"{self.handshake_timeout} s") from None
         finally:
             for p in made:   # a failed connect must not leave a Connection behind
                 if p.owner.proto is None:
@@ -457,15 +487,17 @@ class Node(CallAPI):
 
     def _connection_closed(self, conn: Connection) -> None:
         self._all.discard(conn)
+        if conn.proto is not None:
+            # its calls stay counted: stats() totals never go down
+            self._stats.closed_in += conn.proto.calls_in
+            self._stats.closed_out += conn.proto.calls_out
         if conn.peer is not None and self._conns.get(conn.peer.name) is conn:
             self._drop(conn)
             log.info("malla: %s lost its connection to %s", self.name, conn.peer.name)
-            self._lost_at[conn.peer.name] = time.monotonic()
-            if conn.peer.name in self._known and not self._stopping and not self.hidden:
-                host, port = self._known[conn.peer.name]
-                self._dial_in_background(f"{host}:{port}", conn.peer.name)
 
     def _drop(self, conn: Connection) -> None:
+        """Forget `conn` as the connection serving its peer (it broke, went
+        silent or was replaced); the peer is redialled until forget_after."""
         name = conn.peer.name if conn.peer else None
         if name is not None and self._conns.get(name) is conn:
             del self._conns[name]
@@ -473,6 +505,10 @@ class Node(CallAPI):
             self._liveness.forget(name)
             if self._hb_thread is not None:
                 self._hb_thread.remove(name)
+            self._lost_at[name] = time.monotonic()
+            if name in self._known and not self._stopping and not self.hidden:
+                host, port = self._known[name]
+                self._dial_in_background(f"{host}:{port}", name)
 
     def _peer_list(self) -> list[list[Any]]:
         return [[n, c.peer.listen[0], c.peer.listen[1]] for n, c in self._conns.items()
@@ -482,19 +518,47 @@ class Node(CallAPI):
         name = conn.name
         assert name is not None
         if ftype == core.FT_TABLE:
-            self._registry.set_table(name, {str(k): v for k, v in body.items()})
+            if type(body) is not dict:
+                log.warning("malla: refused the service table of %s: not a map", name)
+                return
+            self._registry.set_table(name, {service: info for service, info in body.items()
+                                            if self._valid_entry(name, service, info)})
         elif ftype == core.FT_ANNOUNCE:
+            if type(body) is not list or len(body) != 2:
+                log.warning("malla: refused an announcement of %s: not [service, info]", name)
+                return
             service, info = body
-            self._registry.set_remote(name, str(service), info)
+            if info is None and type(service) is str:
+                self._registry.set_remote(name, service, None)
+            elif self._valid_entry(name, service, info):
+                self._registry.set_remote(name, service, info)
         elif ftype == core.FT_PEERS:
-            for peer, host, port in body:
-                self._members[str(peer)] = (str(host), int(port))
+            for entry in body if type(body) is list else [body]:
+                if (type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str
+                        or type(entry[1]) is not str or type(entry[2]) is not int
+                        or not 0 < entry[2] < 65536):
+                    log.warning("malla: ignored a malformed member %r from %s", entry, name)
+                    continue
+                peer, host, port = entry
+                if peer not in self._members and peer not in self._conns:
+                    self._lost_at.setdefault(peer, time.monotonic())   # never reached yet
+                self._members[peer] = (host, port)
                 if not self.hidden:
-                    self._learn(str(peer), str(host), int(port))
+                    self._learn(peer, host, port)
         elif ftype == core.FT_GOODBYE:
             # The peer is leaving for good: forget it now, do not redial.
             self._known.pop(name, None)
             self._registry.drop_node(name)
+
+    def _valid_entry(self, peer: str, service: Any, info: Any) -> bool:
+        """Whether a peer's entry for `service` may be stored; a malformed one
+        is refused and logged (its other services are kept)."""
+        why = ("the service name is not a string" if type(service) is not str
+               else invalid_info(info))
+        if why is not None:
+            log.warning("malla: refused %s's entry for service %r: %s", peer, service, why)
+            self._stats.count("MalformedTable")
+        return why is None
 
     def _learn(self, peer: str, host: str, port: int) -> None:
         if peer == self.name or peer in self._conns:
@@ -546,6 +610,8 @@ class Node(CallAPI):
             elif now - since > self.forget_after:
                 del self._lost_at[peer]
                 self._known.pop(peer, None)
+                self._members.pop(peer, None)
+                log.info("malla: %s forgets %s (gone for %.0f s)", self.name, peer, now - since)
                 task = self._dialing.pop(peer, None)
                 if task is not None:
                     task.cancel()
@@ -651,14 +717,23 @@ class Node(CallAPI):
 
     # -- observability ----------------------------------------------------------------
 
+    def _cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
+        """A cast failed on this node (it has no caller to tell): counted
+        under the error a caller would have got, logged rate-limited."""
+        self._stats.count(kind)
+        self._cast_log.warning("malla: %s: cast %s.%s failed: %s: %s",
+                               self.name, service, fun, kind, message)
+
     def stats(self) -> dict[str, Any]:
-        protos = [c.proto for c in self._conns.values()]
+        """Totals over the node's life (DESIGN.md "Tools around it")."""
+        protos = [c.proto for c in self._all if c.proto is not None]
         return {
-            "calls_in": sum(p.calls_in for p in protos),
-            "calls_out": sum(p.calls_out for p in protos) + self._stats.local_calls,
+            "calls_in": self._stats.closed_in + sum(p.calls_in for p in protos),
+            "calls_out": (self._stats.closed_out + sum(p.calls_out for p in protos)
+                          + self._stats.local_calls),
             "errors": dict(self._stats.errors),
             "retries": self._stats.retries,
             "failovers": self._stats.failovers,
-            "in_flight": sum(p.in_flight for p in protos),
+            "in_flight": sum(p.in_flight for p in protos if not p.closed),
             "latency": self._metrics.snapshot() if self._metrics is not None else {},
         }

@@ -16,32 +16,20 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
+from malla.arguments import signature_from_wire
+from malla.call import CALL_OPTIONS, invalid_options
 from malla.precompile import load_precompile
 
 if TYPE_CHECKING:
     from malla.node import Node
 
-__all__ = ["Call", "Proxy", "RemoteFunction", "call", "signature_from_wire"]
+__all__ = ["Call", "Proxy", "RemoteFunction", "call"]
 
-_NO_DEFAULT = inspect.Parameter.empty
-
-
-class _Default:
-    """Stands for a remote parameter's default, which is not sent."""
-
-    def __repr__(self) -> str:
-        return "..."
-
-
-REMOTE_DEFAULT = _Default()
-
-
-def signature_from_wire(params: list[list[Any]]) -> inspect.Signature:
-    """An inspect.Signature from announced [name, kind, has_default] triples."""
-    return inspect.Signature([
-        inspect.Parameter(str(name), inspect._ParameterKind(int(kind)),
-                          default=REMOTE_DEFAULT if has_default else _NO_DEFAULT)
-        for name, kind, has_default in params])
+# The signature of a function of a service never seen and not precompiled:
+# its calls are not checked here, and wait through remote()'s retry rounds.
+_UNCHECKED = inspect.Signature([
+    inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+    inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
 
 
 def _arity_signature(arity: int) -> inspect.Signature:
@@ -71,6 +59,9 @@ class Call:
     async def run(self, **opts: Any) -> Any:
         """Make the call through remote(), with remote()'s options."""
         self._used = True
+        if opts and not CALL_OPTIONS.issuperset(opts):
+            raise invalid_options({k: v for k, v in opts.items() if k not in CALL_OPTIONS},
+                                  "malla.call()")
         return await self.proxy._call(self.fun, self.args, self.kwargs, opts)
 
     def __del__(self) -> None:
@@ -83,7 +74,8 @@ async def call(obj: Call, **opts: Any) -> Any:
     """Run a lazy call object with remote()'s options (timeout, sna_retries,
     excp_retries, retries_sleep_msec, meta, deadline)."""
     if not isinstance(obj, Call):
-        raise TypeError(f"malla.call needs a proxy call object, got {type(obj).__name__}")
+        raise mexc.InvalidOption(f"malla.call needs a proxy call object "
+                                 f"(proxy.fun(...)), got {type(obj).__name__}")
     return await obj.run(**opts)
 
 
@@ -109,7 +101,12 @@ class RemoteFunction:
         return f"<malla remote function {self.__qualname__}{self.__signature__}>"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Call:
-        self._proxy._signature(self.__name__).bind(*args, **kwargs)
+        sig = self._proxy._signature(self.__name__)
+        if sig is not _UNCHECKED:
+            try:
+                sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise mexc.BadArguments(f"{self.__qualname__}{sig}: {exc}") from None
         return Call(self._proxy, self.__name__, args, kwargs)
 
 
@@ -141,14 +138,15 @@ class Proxy:
     def __repr__(self) -> str:
         return f"<malla proxy of service {self._name}>"
 
-    def _functions(self) -> dict[str, inspect.Signature]:
+    def _functions(self) -> dict[str, inspect.Signature] | None:
         """The announced functions (the last ones known when none runs now),
-        or the precompiled arities before discovery."""
+        or the precompiled arities before discovery; None when nothing is
+        known of the service (calls are then unchecked)."""
         try:
             node: Node | None = self._node
         except mexc.ServiceNotAvailable:
             node = None
-        info = node._registry.info(self._name) if node is not None else None
+        info = node._registry.known_info(self._name) if node is not None else None
         if info is not None:
             functions = info.get("functions", {})
             if functions is self._last_source:
@@ -160,23 +158,31 @@ class Proxy:
         if self._last:
             return self._last
         stubs = node._precompiled if node is not None else load_precompile(None)
-        return {fun: _arity_signature(n) for fun, n in stubs.get(self._name, {}).items()}
+        if self._name not in stubs:
+            return None
+        return {fun: _arity_signature(n) for fun, n in stubs[self._name].items()}
 
     def _signature(self, fun: str) -> inspect.Signature:
-        sig = self._functions().get(fun)
+        functions = self._functions()
+        if functions is None:
+            return _UNCHECKED
+        sig = functions.get(fun)
         if sig is None:
-            raise AttributeError(self._unknown(fun))
+            raise mexc.UnknownFunction(self._unknown(fun))
         return sig
 
     def _unknown(self, fun: str) -> str:
-        known = ", ".join(sorted(self._functions())) or "none known yet"
+        known = ", ".join(sorted(self._functions() or ())) or "none"
         return f"service {self._name} has no function {fun!r} (its functions: {known})"
 
     def __getattr__(self, fun: str) -> RemoteFunction:
         if fun.startswith("_"):
-            raise AttributeError(fun)
-        if fun not in self._functions():
-            raise AttributeError(self._unknown(fun))
+            # (UnknownFunction is an AttributeError: Python's own lookups
+            # of dunders see the error they expect)
+            raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {self._name}")
+        functions = self._functions()
+        if functions is not None and fun not in functions:
+            raise mexc.UnknownFunction(self._unknown(fun))
         rf = self._funcs.get(fun)
         if rf is None:
             rf = self._funcs[fun] = RemoteFunction(self, fun)
@@ -186,21 +192,19 @@ class Proxy:
         raise AttributeError("a malla proxy is read-only")
 
     def __dir__(self) -> list[str]:
-        return sorted(self._functions())
+        return sorted(self._functions() or ())
 
     @property
     def __doc__(self) -> str:  # type: ignore[override]
         lines = [f"Proxy of the malla service {self._name}. Functions:"]
-        lines += [f"    {fun}{sig}" for fun, sig in sorted(self._functions().items())]
+        lines += [f"    {fun}{sig}" for fun, sig in sorted((self._functions() or {}).items())]
         return "\n".join(lines)
 
     async def _call(self, fun: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                     opts: dict[str, Any]) -> Any:
-        node = self._node
-        if not node._registry.nodes(self._name):
-            raise mexc.ServiceNotAvailable(f"service {self._name} is not available "
-                                           "(no node runs it now)")
-        return await node.remote(self._name, fun, args, kwargs or None, **opts)
+        # a proxy call *is* remote(): with no node serving the service yet it
+        # waits through the retry rounds, as any call
+        return await self._node.remote(self._name, fun, args, kwargs or None, **opts)
 
 
 class Services:

@@ -5,6 +5,10 @@ ANNOUNCEs after, emptied of a node when its connection is lost.  The order
 of remote nodes is shuffled each check cycle to spread load; the local node
 comes first when it runs the service.  `nodes()` is on every call's path,
 so orders are cached and rebuilt only on change.
+
+What a peer announces is checked before it is stored (`invalid_info`): a
+malformed entry is refused by the caller of set_remote, never handed to
+callers.  Each entry keeps the argument checkers of its functions.
 """
 
 from __future__ import annotations
@@ -12,7 +16,40 @@ from __future__ import annotations
 import random
 from typing import Any
 
-__all__ = ["Registry"]
+from malla.arguments import Checker, checkers_of
+
+__all__ = ["Registry", "invalid_info"]
+
+_PARAM_KINDS = range(5)   # inspect._ParameterKind's values
+
+
+def invalid_info(info: Any) -> str | None:
+    """Why a service entry from a peer is malformed, or None when it is fine."""
+    if type(info) is not dict:
+        return f"a service entry is a map, not {type(info).__name__}"
+    if type(info.get("vsn")) is not str:
+        return "its vsn is not a string"
+    for flag in ("paused", "global"):
+        if flag in info and type(info[flag]) is not bool:
+            return f"its {flag} flag is not a bool"
+    functions = info.get("functions")
+    if type(functions) is not dict:
+        return "its functions are not a map"
+    for fun, params in functions.items():
+        if type(fun) is not str or not fun or fun[0] == "_":
+            return f"function name {fun!r} is not an exported name"
+        if type(params) is not list:
+            return f"the signature of {fun} is not a list"
+        for param in params:
+            if (type(param) is not list or len(param) != 3 or type(param[0]) is not str
+                    or type(param[1]) is not int or param[1] not in _PARAM_KINDS
+                    or type(param[2]) is not bool):
+                return f"the signature of {fun} has a malformed parameter {param!r}"
+        try:
+            checkers_of("", {fun: params})
+        except (ValueError, TypeError) as exc:   # e.g. parameters out of order
+            return f"the signature of {fun} is not valid: {exc}"
+    return None
 
 
 class Registry:
@@ -23,6 +60,8 @@ class Registry:
         self._shuffle: dict[str, float] = {}                 # node -> sort key
         self._seen: set[str] = set()
         self._order: dict[str, list[str]] = {}
+        # service -> node -> function -> its argument checker
+        self._checks: dict[str, dict[str, dict[str, Checker]]] = {}
         self.version = 0   # bumped on every change (proxies follow it)
 
     # -- changes --------------------------------------------------------------
@@ -33,9 +72,11 @@ class Registry:
         else:
             self._local[service] = info
             self._seen.add(service)
+        self._set_checks(service, self.local_name, info)
         self._changed(service)
 
     def set_remote(self, node: str, service: str, info: dict[str, Any] | None) -> None:
+        """Store a peer's entry (validated by the caller: invalid_info)."""
         nodes = self._remote.setdefault(service, {})
         if info is None:
             nodes.pop(node, None)
@@ -43,13 +84,21 @@ class Registry:
             nodes[node] = info
             self._seen.add(service)
             self._shuffle.setdefault(node, random.random())
+        self._set_checks(service, node, info)
         self._changed(service)
+
+    def _set_checks(self, service: str, node: str, info: dict[str, Any] | None) -> None:
+        if info is None:
+            self._checks.get(service, {}).pop(node, None)
+        else:
+            self._checks.setdefault(service, {})[node] = checkers_of(service, info["functions"])
 
     def set_table(self, node: str, table: dict[str, dict[str, Any]]) -> None:
         """Replace everything known of `node` by its full table."""
         for service, nodes in self._remote.items():
             if node in nodes and service not in table:
                 del nodes[node]
+                self._checks.get(service, {}).pop(node, None)
                 self._order.pop(service, None)
         for service, info in table.items():
             self.set_remote(node, service, info)
@@ -58,6 +107,7 @@ class Registry:
     def drop_node(self, node: str) -> None:
         for service, nodes in self._remote.items():
             if nodes.pop(node, None) is not None:
+                self._checks.get(service, {}).pop(node, None)
                 self._order.pop(service, None)
         self._shuffle.pop(node, None)
         self.version += 1
@@ -99,11 +149,26 @@ class Registry:
         nodes = self._remote.get(service)
         return None if nodes is None else nodes.get(node)
 
+    def checks(self, service: str, node: str) -> dict[str, Checker] | None:
+        """The argument checkers of `service` on `node` (None: not known)."""
+        nodes = self._checks.get(service)
+        return None if nodes is None else nodes.get(node)
+
     def info(self, service: str) -> dict[str, Any] | None:
         """Metadata of the first instance in call order (local preferred), or
         None.  Not a copy: for reading (proxies read it on every call)."""
         nodes = self.nodes(service)
         return self._info_of(service, nodes[0]) if nodes else None
+
+    def known_info(self, service: str) -> dict[str, Any] | None:
+        """Metadata of an instance of `service` that takes calls, else of any
+        known one (paused included), else None.  Not a copy."""
+        info = self.info(service)
+        if info is None:
+            info = self._local.get(service)
+        if info is None:
+            info = next(iter(self._remote.get(service, {}).values()), None)
+        return info
 
     def services(self) -> dict[str, list[str]]:
         return {s: list(self.nodes(s)) for s in sorted(self._seen)}

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 from malla import exceptions as mexc
 from malla._ext import core
+from malla.arguments import checkers_of
 from malla.context import enter_call_context
 from malla.tracing import Tracing
 
@@ -161,8 +162,11 @@ class RunningService(core.ServiceEntry):
         # the core runs plain functions itself only when nothing else must
         # happen around them (no hook, no server span)
         fast = not _hook_overridden(cls) and tracing is None
+        # the argument check of each function, for every path (the core's
+        # inline one, dispatch, in-process and local calls)
+        checks = checkers_of(cls._malla_name, {n: signature_of(f) for n, f in funcs.items()})
         super().__init__(cls._malla_name, funcs, dict(cls._malla_exports), fast,
-                         cls._malla_max_concurrency)
+                         cls._malla_max_concurrency, checks)
         self.instance = instance
         self.hooked = _hook_overridden(cls)
         self.tracing = tracing
@@ -178,10 +182,12 @@ class RunningService(core.ServiceEntry):
                  kwargs: dict[str, Any] | None, timeout: int, deadline: int | None,
                  meta: Any, cast: bool, trace: Any = None) -> asyncio.Task[Any] | None:
         if self.running >= self.max_concurrency:
-            if not cast:
+            message = f"service {self.name} is at max_concurrency {self.max_concurrency}"
+            if cast:
+                proto.cast_failed(self.name, fun, "Overloaded", message)
+            else:
                 proto.reply_error(sid, mexc.ERR_OVERLOADED, "malla.exceptions.Overloaded",
-                                  f"service {self.name} is at max_concurrency "
-                                  f"{self.max_concurrency}")
+                                  message)
             return None
         opts = {"caller": proto.peer_name, "timeout": timeout, "meta": meta}
         run = self._run(proto, sid, fun, args, kwargs or {}, opts, deadline, cast)
@@ -210,7 +216,10 @@ class RunningService(core.ServiceEntry):
             proto.task_done(sid)
             raise
         except Exception as exc:
-            if proto.task_done(sid) and not cast:
+            if cast:
+                proto.cast_failed(self.name, fun, "RemoteError",
+                                  f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+            elif proto.task_done(sid):
                 proto.reply_exception(sid, exc)
         else:
             if proto.task_done(sid) and not cast:

