@@ -237,10 +237,10 @@ class CallAPI:
             limit = min(limit, max(at - time.monotonic(), 0.0))
         await conn.wait_writable(limit)
 
-    def _admit_here(self, name: str, fun: str, args: Any,
-                    kwargs: dict[str, Any] | None) -> RunningService:
-        """The running entry that takes an in-process call, or the error of
-        a call the serving side refuses (the rules of the core's _on_call)."""
+    async def _call_here(self, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
+                         timeout: int, at: float | None, meta: Any) -> Any:
+        # The serving side's rules, as the core's _on_call applies them to a
+        # call from the network (in line: this is every in-process call's path)
         entry = self._entries.get(name)
         if entry is None or entry.paused:
             raise ServiceNotAvailable(f"service {name} is not running here")
@@ -251,11 +251,6 @@ class CallAPI:
             check.check(args, kwargs)
         if entry.running >= entry.max_concurrency:
             raise mexc.Overloaded(f"service {name} is at max_concurrency {entry.max_concurrency}")
-        return entry
-
-    async def _call_here(self, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
-                         timeout: int, at: float | None, meta: Any) -> Any:
-        entry = self._admit_here(name, fun, args, kwargs)
         if at is not None:
             left = (at - time.monotonic()) * 1000.0
             if left <= 0:
