@@ -197,22 +197,11 @@ class CallAPI:
         reply), or (protocol, None) for a cast.  Raises what prevents sending."""
         checks = self._registry.checks(name, conn.name)
         if checks is not None:
-            check = checks.get(fun)
-            if check is None:
-                raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
-            if kwargs or not check.lo <= len(args) <= check.hi:
-                check.check(args, kwargs)
+            check_arguments(checks, name, fun, args, kwargs)
         proto = conn.proto
         budget = None
         if at is not None:
-            budget = (at - time.monotonic()) * 1000.0
-            if budget <= 0:
-                raise mexc.CallTimeout(f"deadline passed before calling {name}.{fun}",
-                                       sent=False)
-            # (a cast stays a cast: the deadline only bounded the wait to send it)
-            if timeout and budget < timeout:
-                timeout = int(budget) or 1
-            budget = int(budget) or 1
+            timeout, budget = _within_deadline(at, timeout, name, fun)
         trace = None
         if self._tracing is not None and conn.peer.caps & CAP_TRACE:
             trace = self._tracing.carrier()
@@ -244,20 +233,11 @@ class CallAPI:
         entry = self._entries.get(name)
         if entry is None or entry.paused:
             raise ServiceNotAvailable(f"service {name} is not running here")
-        check = entry.checks.get(fun)
-        if check is None:
-            raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
-        if kwargs or not check.lo <= len(args) <= check.hi:
-            check.check(args, kwargs)
+        check_arguments(entry.checks, name, fun, args, kwargs)
         if entry.running >= entry.max_concurrency:
             raise mexc.Overloaded(f"service {name} is at max_concurrency {entry.max_concurrency}")
         if at is not None:
-            left = (at - time.monotonic()) * 1000.0
-            if left <= 0:
-                raise mexc.CallTimeout(f"deadline passed before calling {name}.{fun}",
-                                       sent=False)
-            if timeout and left < timeout:
-                timeout = int(left) or 1
+            timeout = _within_deadline(at, timeout, name, fun)[0]
         self._stats.local_calls += 1
         if timeout == 0:
             # a cast: scheduled, never run before remote() returns, and its
@@ -311,6 +291,8 @@ class CallAPI:
         function are raised as they are (it is a local call).
         """
         name = service_name(service)
+        if type(fun) is not str:
+            raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
         if type(args) is not list and type(args) is not tuple:
             args = _as_args(args)
         entry = self._entries.get(name)
@@ -318,10 +300,7 @@ class CallAPI:
             if not isinstance(service, type):
                 raise ServiceNotAvailable(f"service {name} is not running on this node")
             entry = RunningService(service())
-        check = entry.checks.get(fun) if type(fun) is str else None
-        if check is None:
-            raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
-        check.check(args, kwargs)
+        check_arguments(entry.checks, name, fun, args, kwargs)
         result = entry.invoke(fun, list(args), kwargs or {},
                               {"caller": self.name, "timeout": None, "meta": None})
         if inspect.isawaitable(result):
@@ -400,6 +379,29 @@ CALL_OPTIONS = frozenset(inspect.signature(CallAPI.remote).parameters) - {
 def invalid_options(unknown: dict[str, Any], where: str) -> mexc.InvalidOption:
     names = ", ".join(sorted(map(str, unknown)))
     return mexc.InvalidOption(f"{where} takes no option {names}")
+
+
+def check_arguments(checks: dict[str, Any], name: str, fun: str, args: Any,
+                    kwargs: dict[str, Any] | None) -> None:
+    """UnknownFunction or BadArguments for a call the serving side would
+    refuse, by the functions and signatures it announced (`checks`)."""
+    check = checks.get(fun)
+    if check is None:
+        raise mexc.UnknownFunction(f"service {name} exports no function {fun!r}")
+    if kwargs or not check.lo <= len(args) <= check.hi:
+        check.check(args, kwargs)
+
+
+def _within_deadline(at: float, timeout: int, name: str, fun: str) -> tuple[int, int]:
+    """An attempt's (timeout, budget) in ms under the deadline `at`; a cast
+    (timeout 0) stays a cast: the deadline only bounded the wait to send it.
+    CallTimeout (nothing sent) when the deadline has passed."""
+    left = (at - time.monotonic()) * 1000.0
+    if left <= 0:
+        raise mexc.CallTimeout(f"deadline passed before calling {name}.{fun}", sent=False)
+    if timeout and left < timeout:
+        timeout = int(left) or 1
+    return timeout, int(left) or 1
 
 
 def _as_args(args: Any) -> tuple[Any, ...]:

@@ -144,7 +144,7 @@ class Connection:
             await asyncio.wait_for(self._writable.wait(), timeout)
         except asyncio.TimeoutError:
             raise mexc.CallTimeout(f"connection to {self.name} stayed congested "
-                                   f"for {timeout:.3f} s") from None
+                                   f"for {timeout:.3f} s", sent=False) from None
         if self.proto is None or self.proto.closed:
             raise mexc.ServiceNotAvailable(f"connection to {self.name} closed")
 

@@ -540,8 +540,10 @@ class Node(CallAPI):
                     log.warning("malla: ignored a malformed member %r from %s", entry, name)
                     continue
                 peer, host, port = entry
-                if peer not in self._members and peer not in self._conns:
-                    self._lost_at.setdefault(peer, time.monotonic())   # never reached yet
+                if (not self.hidden and peer != self.name and peer not in self._members
+                        and peer not in self._conns):
+                    # not reached yet: forgotten after forget_after unless it is
+                    self._lost_at.setdefault(peer, time.monotonic())
                 self._members[peer] = (host, port)
                 if not self.hidden:
                     self._learn(peer, host, port)

@@ -448,6 +448,7 @@ def test_call_cb_all_waits_for_a_congested_slot_instead_of_failing_it():
             assert by_node["a"] == "here"
             # the congested slot waited within its timeout (no failover applies)
             assert isinstance(by_node["sink"], malla.CallTimeout), by_node["sink"]
+            assert not by_node["sink"].sent            # nothing was sent on it
             assert waited >= 0.3
         finally:
             kill_process(proc)
