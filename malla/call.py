@@ -108,8 +108,6 @@ class CallAPI:
         """
         if unknown:
             raise invalid_options(unknown, "remote()")
-        if not self._live:
-            raise mexc.NodeStopped(f"node {self.name} is not running")
         name = service if type(service) is str else service_name(service)
         if type(fun) is not str or fun[:1] == "_":
             raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
@@ -151,6 +149,9 @@ class CallAPI:
                         exc_round += 1
                         break
                 else:
+                    if not self._live:
+                        # (checked here, off the common path: no node took it)
+                        raise mexc.NodeStopped(f"node {self.name} is not running")
                     if sna_round >= sna_retries:
                         # every node refused as overloaded: say so (still a
                         # ServiceNotAvailable)
@@ -197,7 +198,9 @@ class CallAPI:
         reply), or (protocol, None) for a cast.  Raises what prevents sending."""
         checks = self._registry.checks(name, conn.name)
         if checks is not None:
-            check_arguments(checks, name, fun, args, kwargs)
+            check = checks.get(fun)      # (the common case in line: one lookup)
+            if check is None or kwargs or not check.lo <= len(args) <= check.hi:
+                check_arguments(checks, name, fun, args, kwargs)
         proto = conn.proto
         budget = None
         if at is not None:
@@ -233,7 +236,9 @@ class CallAPI:
         entry = self._entries.get(name)
         if entry is None or entry.paused:
             raise ServiceNotAvailable(f"service {name} is not running here")
-        check_arguments(entry.checks, name, fun, args, kwargs)
+        check = entry.checks.get(fun)    # (the common case in line: one lookup)
+        if check is None or kwargs or not check.lo <= len(args) <= check.hi:
+            check_arguments(entry.checks, name, fun, args, kwargs)
         if entry.running >= entry.max_concurrency:
             raise mexc.Overloaded(f"service {name} is at max_concurrency {entry.max_concurrency}")
         if at is not None:
