@@ -9,9 +9,9 @@ import json
 import os
 
 import pytest
+from support import ROOT
 from test_soak import check
 
-from conftest import ROOT
 from soak import SoakConfig, run_soak
 
 RESULTS = os.path.join(ROOT, "bench", "results", "soak.json")

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from support import ROOT
 
 BIN = os.path.dirname(sys.executable)
 ENV = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}")

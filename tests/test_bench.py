@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from support import ROOT
 
 SYSTEMS = {"floor", "malla", "grpc", "pyro5", "rpyc"}
 

@@ -16,11 +16,7 @@ import signal
 import time
 
 import pytest
-
-import malla
-import malla.context
-
-from conftest import (
+from support import (
     kill_process,
     node_factory,
     read_line,
@@ -31,6 +27,9 @@ from conftest import (
     wait_until,
     with_nodes,
 )
+
+import malla
+import malla.context
 
 LOOPS = ["uvloop", "asyncio"]
 FAST = {"sna_retries": 0, "retries_sleep_msec": 50}

@@ -12,8 +12,7 @@ import sys
 import time
 
 import pytest
-
-from conftest import COOKIE, ROOT
+from support import COOKIE, ROOT
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, MALLA_COOKIE=COOKIE)
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from support import seed_of, wait_until, with_nodes
 
 import malla
-
-from conftest import seed_of, wait_until, with_nodes
 
 
 class Svc(malla.Service, global_=True):

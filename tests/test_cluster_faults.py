@@ -17,10 +17,10 @@ import sys
 import time
 
 import pytest
+from support import COOKIE, ROOT, run_async
 
 import malla
 
-from conftest import COOKIE, ROOT, run_async
 from netns import Topology
 
 HB_INTERVAL = 0.2

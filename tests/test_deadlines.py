@@ -11,11 +11,7 @@ import sys
 import time
 
 import pytest
-
-import malla
-from malla import context
-
-from conftest import (
+from support import (
     COOKIE,
     ROOT,
     node_factory,
@@ -25,6 +21,10 @@ from conftest import (
     wait_until,
     with_nodes,
 )
+
+import malla
+from malla import context
+
 from netns import Topology
 
 NODEPROC = os.path.join(ROOT, "tests", "nodeproc.py")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from dnslib import QTYPE, RR, SRV, A, DNSLabel
 from dnslib.server import BaseResolver, DNSServer
+from support import run_async, wait_until, with_nodes
 
 from malla.dns import Resolver, kind_of
-
-from conftest import run_async, wait_until, with_nodes
 
 
 class ZoneResolver(BaseResolver):

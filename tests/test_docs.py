@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import ROOT
+from support import ROOT
 
 DOCS = [os.path.join(ROOT, "README.md"),
         *sorted(os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))

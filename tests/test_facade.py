@@ -8,10 +8,9 @@ import sys
 import threading
 
 import pytest
+from support import COOKIE, ROOT
 
 import malla
-
-from conftest import COOKIE, ROOT
 
 
 class Calc(malla.Service, global_=True):

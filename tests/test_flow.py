@@ -7,13 +7,12 @@ import os
 import time
 
 import pytest
+from support import node_factory, run_async, spawn_python, stop_all, wait_until, with_nodes
 
 import malla
 from malla._ext import core
-
-from conftest import node_factory, run_async, spawn_python, stop_all, wait_until, with_nodes
-from fuzz._target import FakeTransport
-from fuzz._target import RecordingOwner as Owner
+from malla._testbase import FakeTransport
+from malla._testbase import RecordingOwner as Owner
 
 CONSUMER = """
 import sys, time, malla

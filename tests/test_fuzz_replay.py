@@ -15,8 +15,7 @@ import sys
 from types import ModuleType
 
 import pytest
-
-from conftest import ROOT
+from support import ROOT
 
 FUZZ = os.path.join(ROOT, "fuzz")
 sys.path.insert(0, FUZZ)   # the targets import their shared _target module

@@ -14,11 +14,10 @@ import subprocess
 import sys
 
 import pytest
+from support import COOKIE, ROOT, node_factory, run_async, stop_all
 
 import malla
 from malla.handshake import CAP_WINDOW, CAPABILITIES
-
-from conftest import COOKIE, ROOT, node_factory, run_async, stop_all
 
 NODEPROC = os.path.join(ROOT, "tests", "nodeproc.py")
 

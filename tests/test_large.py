@@ -13,14 +13,14 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import node_factory, run_async, spawn_python, stop_all, wait_until, with_nodes
 
 import malla
 from malla._ext import core
+from malla._testbase import FakeTransport, RecordingOwner
+from malla._testbase import deliver as feed
 from malla.codec import packb, unpackb
 
-from conftest import node_factory, run_async, spawn_python, stop_all, wait_until, with_nodes
-from fuzz._target import FakeTransport, RecordingOwner
-from fuzz._target import deliver as feed
 from test_codec import same, values
 
 SMALL_DETACH = 8      # detach threshold for the sans-IO tests: small values suffice

@@ -7,11 +7,10 @@ import socket
 import urllib.request
 
 import pytest
+from support import seed_of, with_nodes
 
 import malla
 from malla.metrics import LatencyHistogram
-
-from conftest import seed_of, with_nodes
 
 
 class Calc(malla.Service, global_=True):

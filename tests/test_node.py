@@ -16,11 +16,7 @@ import struct
 import time
 
 import pytest
-
-import malla
-from malla._ext import core
-
-from conftest import (
+from support import (
     COOKIE,
     RawPeer,
     kill_process,
@@ -32,6 +28,9 @@ from conftest import (
     wait_until,
     with_nodes,
 )
+
+import malla
+from malla._ext import core
 
 HEADER = struct.Struct(">BBHIQ")   # type, flags, reserved, length, stream id
 

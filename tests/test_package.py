@@ -9,9 +9,9 @@ import shutil
 import subprocess
 import sys
 
-import malla
+from support import ROOT
 
-from conftest import ROOT
+import malla
 
 
 def test_core_is_a_compiled_extension():

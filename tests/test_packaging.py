@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tarfile
 
-from conftest import ROOT
+from support import ROOT
 
 
 def run(*argv: str, **kw) -> subprocess.CompletedProcess[str]:

@@ -12,11 +12,7 @@ import time
 import warnings
 
 import pytest
-
-import malla
-from malla import api
-
-from conftest import (
+from support import (
     COOKIE,
     node_factory,
     run_async,
@@ -26,6 +22,9 @@ from conftest import (
     wait_until,
     with_nodes,
 )
+
+import malla
+from malla import api
 
 
 class UserService(malla.Service, global_=True, vsn="1.0"):

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import time
 
-import malla
+from support import COOKIE, ROOT, node_factory, run_async, stop_all
 
-from conftest import COOKIE, ROOT, node_factory, run_async, stop_all
+import malla
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, MALLA_COOKIE=COOKIE)
 N = 5

@@ -13,11 +13,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from support import COOKIE, node_factory, run_async, seed_of, stop_all, with_nodes
 
 import malla
 from malla.guard import HandshakeThrottle, cookie_weakness
-
-from conftest import COOKIE, node_factory, run_async, seed_of, stop_all, with_nodes
 
 
 class Echo(malla.Service, global_=True):

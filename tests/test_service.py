@@ -9,12 +9,11 @@ import inspect
 import threading
 
 import pytest
+from support import RawPeer, seed_of, wait_until, with_nodes
 
 import malla
 from malla._ext import core
 from malla.exceptions import ERR_UNKNOWN_FUNCTION
-
-from conftest import RawPeer, seed_of, wait_until, with_nodes
 
 FAST = {"sna_retries": 0, "retries_sleep_msec": 50, "timeout": 5000}
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-import malla
+from support import seed_of, with_nodes
 
-from conftest import seed_of, with_nodes
+import malla
 
 
 class Calc(malla.Service, global_=True, vsn="1.0"):

@@ -33,11 +33,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import malla
 from malla import exceptions as mexc
 from malla._ext import core
+from malla._testbase import FakeTransport as RecordingTransport
+from malla._testbase import RecordingOwner, deliver
 from malla.codec import packb, unpackb
 from malla.service import RunningService
-
-from fuzz._target import FakeTransport as RecordingTransport
-from fuzz._target import RecordingOwner, deliver
 
 MAX_FRAME = 1024
 

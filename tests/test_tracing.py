@@ -9,10 +9,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support import seed_of, wait_until, with_nodes
 
 import malla
-
-from conftest import seed_of, wait_until, with_nodes
 
 EXPORTER = InMemorySpanExporter()
 
