@@ -1,5 +1,6 @@
 # Declarations of malla's compiled core (see _core.pyx for the strategy).
 
+cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
 
@@ -103,6 +104,8 @@ cdef struct TimerEntry:
     uint64_t sid
 
 
+# sans-IO: final, never subclassed (direct C calls, no vtable lookups)
+@cython.final
 cdef class WriteBuffer:
     cdef char* _buf
     cdef Py_ssize_t _size
@@ -132,6 +135,8 @@ cdef class WriteBuffer:
     cdef void release_if_large(self)
 
 
+# sans-IO: final, never subclassed (direct C calls, no vtable lookups)
+@cython.final
 cdef class FrameReader:
     cdef char* _buf
     cdef Py_ssize_t _size
@@ -153,6 +158,8 @@ cdef enum ScanState:
     SCAN_DETACH = 3     # inside a bin payload going to its own bytes object
 
 
+# sans-IO: final, never subclassed (direct C calls, no vtable lookups)
+@cython.final
 cdef class Reassembly:
     cdef uint8_t ftype
     cdef uint8_t flags

@@ -24,6 +24,7 @@
 #   codec's ext_hook from malla/codec.py.
 # * Policy (retries, failover, discovery, handshake logic) stays in Python.
 
+cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_Size
@@ -243,6 +244,7 @@ cdef inline object _msgpack_decode(const char* p, Py_ssize_t n, object ext_hook)
                             use_list=True, timestamp=3)
 
 
+@cython.final
 cdef class _DetachedHook:
     # msgpack's ext_hook while a skeleton is decoded: markers (tag 0) become
     # their detached values; code 127 sent by the peer (tag 1) and every
@@ -1016,6 +1018,7 @@ cdef bytes _frame_header(uint8_t ftype, uint8_t flags, uint64_t sid, uint32_t le
     return h
 
 
+@cython.final
 cdef class _LargeMessage:
     # An encoded message bigger than one frame, sent a frame per round.  Its
     # payload is a list of buffers: our encoding around the detached values.
@@ -1625,10 +1628,6 @@ cdef class CoreProtocol:
         self._queue_error(sid, ERR_REMOTE, f"{cls.__module__}.{cls.__qualname__}",
                           str(exc), tb)
 
-    def reply_error(self, uint64_t sid, int code, str exc_type, str message):
-        """Send a malla error (not run, overloaded, ...) for call `sid`."""
-        self._queue_error(sid, code, exc_type, message, None)
-
     def task_done(self, uint64_t sid):
         """Forget the task of call `sid`; False when it was cancelled."""
         return self._running.pop(sid, None) is not None
@@ -2093,6 +2092,7 @@ cdef class CoreProtocol:
         self._arm_timer()
 
 
+@cython.final
 cdef class LatencyHistogram:
     """Durations in a log-scale histogram: four buckets per power of two of
     microseconds (about 19% relative error), constant memory, recorded in C

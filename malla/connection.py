@@ -244,8 +244,7 @@ class Connection:
 
     def refuse(self, message: str) -> None:
         """Refuse an authenticated peer (a duplicate node name, say)."""
-        self.proto.send_message(core.FT_ERROR, [mexc.ERR_BAD_REQUEST,
-                                                "malla.exceptions.ProtocolError", message, None])
+        self.proto.send_message(core.FT_ERROR, mexc.error_body(mexc.ProtocolError(message)))
         self._fail_ready(mexc.ProtocolError(message))
         self.proto.close()
 

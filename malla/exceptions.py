@@ -248,6 +248,21 @@ _CODE_CLASSES: dict[int, type[MallaError]] = {
     ERR_AUTH: AuthenticationError,
     ERR_BAD_ARGUMENTS: BadArguments,
 }
+_CLASS_CODES: dict[type[MallaError], int] = {cls: code for code, cls in _CODE_CLASSES.items()}
+
+
+def error_body(exc: MallaError, tb: str | None = None) -> list[Any]:
+    """The ERROR frame body ``[code, exc_type, message, traceback]`` that
+    makes the peer raise `exc`'s class (docs/protocol.md, "Error codes").
+    The one builder of ERROR bodies in Python (the core's own refusals are
+    built by its _queue_error, on the hot path)."""
+    cls = type(exc)
+    code = ERR_DEADLINE if isinstance(exc, CallTimeout) else ERR_REMOTE
+    for klass in cls.__mro__:
+        if klass in _CLASS_CODES:
+            code = _CLASS_CODES[klass]
+            break
+    return [code, f"{cls.__module__}.{cls.__qualname__}", str(exc), tb]
 
 
 def error_from_wire(code: int, exc_type: str, message: str, tb: str | None) -> MallaError:

@@ -201,15 +201,13 @@ class Handshake:
         return _proof(self._cookie, label, d, a)
 
 
-# Errors a handshake reports to the peer before closing.
 def error_payload(exc: BaseException) -> bytes:
-    if isinstance(exc, mexc.AuthenticationError):
-        code, kind = mexc.ERR_AUTH, "malla.exceptions.AuthenticationError"
-        message = "authentication failed: the cookies differ"
-    else:
-        code, kind = mexc.ERR_BAD_REQUEST, "malla.exceptions.ProtocolError"
-        message = str(exc)
-    return core.packb([code, kind, message, None])
+    """The ERROR a handshake reports to the peer before closing (an
+    authentication failure says no more than that the cookies differ)."""
+    refusal: mexc.MallaError = (
+        mexc.AuthenticationError("authentication failed: the cookies differ")
+        if isinstance(exc, mexc.AuthenticationError) else mexc.ProtocolError(str(exc)))
+    return core.packb(mexc.error_body(refusal))
 
 
 def _peer_error(payload: bytes) -> mexc.MallaError:

@@ -2,7 +2,7 @@
 announces them, keeps peers' liveness, and stops cleanly.
 
 Everything here is lifecycle and membership; the call path lives in
-malla.call (mixed in) and the per-call work in the core.
+malla.caller (mixed in) and the per-call work in the core.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from typing import Any
 
 from malla import exceptions as mexc
 from malla._ext import core
-from malla.call import CallAPI, _Stats, service_name
+from malla.caller import CallAPI, _Stats, service_name
+from malla.config import NodeConfig
 from malla.connection import Connection
 from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_all
 from malla.guard import HandshakeThrottle, cookie_weakness
 from malla.handshake import CAP_UDP_HEARTBEAT, Hello, protocol_limits
-from malla.liveness import HeartbeatThread, Liveness
+from malla.heartbeat import HeartbeatThread
+from malla.liveness import Liveness
 from malla.metrics import Metrics, serve_prometheus
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
@@ -64,31 +66,25 @@ class Node(CallAPI):
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
                  metrics_port: int | None = None, tracing: bool | float = False) -> None:
-        if not name or not isinstance(name, str):
-            raise ValueError("a node needs a non-empty name")
-        if max_frame_size < 1024 or max_frame_size > 0xFFFFFFFF:
-            raise ValueError("max_frame_size must be between 1 KiB and 4 GiB")
-        if window_size and window_size < core.FRAME_OF_LARGE:
-            raise ValueError(f"window_size must be 0 (no pacing) or at least "
-                             f"{core.FRAME_OF_LARGE} bytes (one frame of a large message)")
-        self.name = name
-        self.host = host
-        self.port = port
-        self.hidden = hidden
-        self.seeds = list(seeds)
-        self.connect_targets = list(connect)
-        self.dns_servers = list(dns_servers) if dns_servers else None
+        if isinstance(seeds, str) or isinstance(connect, str):
+            raise mexc.InvalidOption("seeds and connect are lists of targets, not one string")
+        config = self.config = NodeConfig(
+            name=name, host=host, port=port, seeds=tuple(seeds), connect=tuple(connect),
+            hidden=hidden, heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout, handshake_timeout=handshake_timeout,
+            check_interval=check_interval, redial_max=redial_max, forget_after=forget_after,
+            max_frame_size=max_frame_size, max_message_size=max_message_size,
+            window_size=window_size, ssl_server=ssl_server, ssl_client=ssl_client,
+            dns_servers=tuple(dns_servers) if dns_servers else None,
+            udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
+            tracing=tracing)
+        # (the settings as attributes, for the layers that read them)
+        self.name, self.host, self.port, self.hidden = name, host, port, hidden
+        self.seeds, self.connect_targets = list(config.seeds), list(config.connect)
+        self.dns_servers = list(config.dns_servers) if config.dns_servers else None
         self.forget_after = forget_after
         self.udp_heartbeat = udp_heartbeat
         self.metrics_port = metrics_port
-        self._metrics: Metrics | None = None
-        self._metrics_server: Any = None
-        # tracing=True: every call; a float: that share of calls starting a
-        # trace (0.0 included: only calls made inside a trace)
-        self._tracing: Tracing | None = (
-            None if tracing is False else Tracing(1.0 if tracing is True else float(tracing)))
-        self._wrap_remote(metrics or metrics_port is not None)
-        self._hb_thread: HeartbeatThread | None = None
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.handshake_timeout = handshake_timeout
@@ -96,11 +92,15 @@ class Node(CallAPI):
         self.redial_max = redial_max
         self.max_frame_size = max_frame_size
         self.max_message_size = max_message_size
-        # bytes of large messages in flight to a peer before it acknowledges
-        # them (CAP_WINDOW): the bound on what a small call waits behind
         self.window_size = window_size
         self.ssl_server = ssl_server
         self.ssl_client = ssl_client
+        self._metrics: Metrics | None = None
+        self._metrics_server: Any = None
+        self._tracing: Tracing | None = (
+            None if tracing is False else Tracing(1.0 if tracing is True else float(tracing)))
+        self._wrap_remote(metrics or metrics_port is not None)
+        self._hb_thread: HeartbeatThread | None = None
         # drawn again by every start(): a restarted node is a new incarnation
         self.incarnation = random.getrandbits(64)
         self._live = False

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla.arguments import signature_from_wire
-from malla.call import CALL_OPTIONS, invalid_options
+from malla.caller import CALL_OPTIONS, invalid_options
 from malla.precompile import load_precompile
 
 if TYPE_CHECKING:

@@ -186,8 +186,8 @@ class RunningService(core.ServiceEntry):
             if cast:
                 proto.cast_failed(self.name, fun, "Overloaded", message)
             else:
-                proto.reply_error(sid, mexc.ERR_OVERLOADED, "malla.exceptions.Overloaded",
-                                  message)
+                proto.send_message(core.FT_ERROR, mexc.error_body(mexc.Overloaded(message)),
+                                   0, sid)
             return None
         opts = {"caller": proto.peer_name, "timeout": timeout, "meta": meta}
         run = self._run(proto, sid, fun, args, kwargs or {}, opts, deadline, cast)

@@ -6,11 +6,11 @@ import asyncio
 import time
 
 import pytest
+from support import node_factory, run_async, spawn_python, stop_all, wait_until
 
 import malla
-from malla.liveness import HeartbeatThread, Liveness
-
-from conftest import node_factory, run_async, spawn_python, stop_all, wait_until
+from malla.heartbeat import HeartbeatThread
+from malla.liveness import Liveness
 
 BLOCKER = """
 import sys, time, asyncio, malla

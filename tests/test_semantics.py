@@ -14,13 +14,7 @@ import threading
 
 import msgpack
 import pytest
-
-import malla
-from malla import exceptions as mexc
-from malla._ext import core
-from malla.metrics import LatencyHistogram
-
-from conftest import (
+from support import (
     RawPeer,
     kill_process,
     read_line,
@@ -30,6 +24,11 @@ from conftest import (
     wait_until,
     with_nodes,
 )
+
+import malla
+from malla import exceptions as mexc
+from malla._ext import core
+from malla.metrics import LatencyHistogram
 
 
 class Svc(malla.Service, global_=True):
@@ -454,3 +453,15 @@ def test_call_cb_all_waits_for_a_congested_slot_instead_of_failing_it():
             kill_process(proc)
 
     with_nodes(main)
+
+
+def test_node_settings_are_validated_when_the_node_is_made():
+    for bad in ({"heartbeat_interval": 3.0, "heartbeat_timeout": 2.0}, {"port": 70000},
+                {"seeds": "127.0.0.1:4370"}, {"tracing": 2}, {"max_frame_size": 10},
+                {"handshake_timeout": 0}, {"window_size": 5}):
+        with pytest.raises(malla.InvalidOption):
+            malla.Node("x", **bad)
+    config = malla.Node("x", seeds=["127.0.0.1:4370"]).config
+    assert config.seeds == ("127.0.0.1:4370",) and config.heartbeat_timeout == 3.0
+    with pytest.raises(AttributeError):
+        config.port = 1                                         # frozen

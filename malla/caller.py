@@ -1,4 +1,4 @@
-"""The call API: remote() with failover, retries, timeouts and deadlines;
+"""The caller side: remote() with failover, retries, timeouts and deadlines;
 local(); call_cb_all().  Mixed into Node.
 
 A call's path: the discovery table gives the ordered node list; the local

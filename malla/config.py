@@ -1,0 +1,81 @@
+"""A node's settings: one frozen, validated record (DESIGN.md "Conventions":
+seconds as floats for node settings, bytes for sizes).
+
+`Node(...)` builds it from its keyword arguments; everything below the node
+reads its settings here.  A setting that cannot work raises InvalidOption
+(also a ValueError) when the node is made, not later when it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from malla import exceptions as mexc
+from malla._ext import core
+from malla.dns import DEFAULT_PORT
+
+__all__ = ["NodeConfig"]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    seeds: tuple[str, ...] = ()
+    connect: tuple[str, ...] = ()
+    hidden: bool = False
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
+    handshake_timeout: float = 5.0
+    check_interval: float = 10.0
+    redial_max: float = 5.0
+    forget_after: float = 60.0
+    max_frame_size: int = 1 << 20
+    max_message_size: int = 64 << 20
+    # bytes of large messages in flight to a peer before it acknowledges
+    # them (CAP_WINDOW): the bound on what a small call waits behind
+    window_size: int = core.WINDOW
+    ssl_server: Any = field(default=None, repr=False)
+    ssl_client: Any = field(default=None, repr=False)
+    dns_servers: tuple[str, ...] | None = None
+    udp_heartbeat: bool = True
+    metrics: bool = False
+    metrics_port: int | None = None
+    # tracing=True: every call; a float: that share of calls starting a
+    # trace (0.0 included: only calls made inside a trace)
+    tracing: bool | float = False
+
+    def __post_init__(self) -> None:
+        why = self._invalid()
+        if why is not None:
+            raise mexc.InvalidOption(why)
+
+    def _invalid(self) -> str | None:
+        if not self.name or not isinstance(self.name, str):
+            return "a node needs a non-empty name"
+        if not 0 <= self.port < 65536:
+            return f"port {self.port} is not a TCP port"
+        for setting in ("heartbeat_interval", "heartbeat_timeout", "handshake_timeout",
+                        "check_interval", "redial_max"):
+            if not getattr(self, setting) > 0:
+                return f"{setting} must be a positive number of seconds"
+        if self.forget_after < 0:
+            return "forget_after must not be negative"
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            return (f"heartbeat_timeout ({self.heartbeat_timeout} s) must be longer than "
+                    f"heartbeat_interval ({self.heartbeat_interval} s)")
+        if self.max_frame_size < 1024 or self.max_frame_size > 0xFFFFFFFF:
+            return "max_frame_size must be between 1 KiB and 4 GiB"
+        if self.max_message_size < 1:
+            return "max_message_size must be positive"
+        if self.window_size and self.window_size < core.FRAME_OF_LARGE:
+            return (f"window_size must be 0 (no pacing) or at least "
+                    f"{core.FRAME_OF_LARGE} bytes (one frame of a large message)")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            return f"metrics_port {self.metrics_port} is not a TCP port"
+        if (not isinstance(self.tracing, (bool, int, float))
+                or not 0 <= float(self.tracing) <= 1):
+            return "tracing is True, False, or a share of calls between 0 and 1"
+        return None
