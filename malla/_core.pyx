@@ -1379,6 +1379,9 @@ cdef class CoreProtocol:
             fut = self._pending.pop(sid, None)
             if fut is not None and not fut.done():
                 fut.set_exception(MessageTooLarge(f"reply {msg}"))
+        elif ftype == FT_CAST:
+            # (its service and function are in the part never read)
+            self.cast_failed("?", "?", "MessageTooLarge", msg)
         else:
             _log.warning("malla: dropped a %d frame from %s: %s", ftype, self.peer_name, msg)
         return 0

@@ -96,7 +96,7 @@ class CallAPI:
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                      sna_retries: int = 5, excp_retries: int = 0,
                      retries_sleep_msec: int = 1000, meta: Any = None,
-                     deadline: int | None = None, **unknown: Any) -> Any:
+                     deadline: float | None = None, **unknown: Any) -> Any:
         """Call `fun` of `service` on the first node that runs it (DESIGN.md "Calls").
 
         Fails over to the next node on "service not available"; when the list
@@ -108,6 +108,10 @@ class CallAPI:
         """
         if unknown:
             raise invalid_options(unknown, "remote()")
+        if type(timeout) is not int or timeout < 0:
+            timeout = valid_timeout(timeout)
+        if deadline is not None:
+            deadline = valid_deadline(deadline)
         name = service if type(service) is str else service_name(service)
         if type(fun) is not str or fun[:1] == "_":
             raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
@@ -124,6 +128,7 @@ class CallAPI:
         try:
             sna_round = exc_round = 0
             maybe_ran = False      # an earlier attempt was sent and may have run
+            last: BaseException | None = None   # the error of that attempt
             registry = self._registry
             while True:
                 tried = overloaded = 0
@@ -142,10 +147,9 @@ class CallAPI:
                         if maybe_ran and isinstance(exc, mexc.CallTimeout):
                             exc.sent = True
                         if exc_round >= excp_retries:
-                            self._stats.error(exc)
                             raise
-                        maybe_ran = maybe_ran or not (isinstance(exc, mexc.CallTimeout)
-                                                      and not exc.sent)
+                        if not (isinstance(exc, mexc.CallTimeout) and not exc.sent):
+                            maybe_ran, last = True, exc
                         exc_round += 1
                         break
                 else:
@@ -161,15 +165,19 @@ class CallAPI:
                             f"service {name} is not available"
                             f" ({'no node runs it' if not tried else f'{tried} node(s) refused'},"
                             f" {sna_round + 1} round(s))")
-                        self._stats.error(err)
+                        if last is not None:
+                            # an earlier attempt may have run: its error says so
+                            # (a refusal since must not read "did not run")
+                            raise last from err
                         raise err
                     sna_round += 1
                 self._stats.retries += 1
-                try:
-                    await _retry_sleep(retries_sleep_msec, at, name, maybe_ran)
-                except mexc.CallTimeout as exc:
-                    self._stats.error(exc)
-                    raise
+                await _retry_sleep(retries_sleep_msec, at, name, maybe_ran)
+        except mexc.MallaError as exc:
+            # every error raised to the caller, counted by its class (a
+            # handler's own errors arrive as RemoteError)
+            self._stats.error(exc)
+            raise
         finally:
             if started:
                 metrics.record(name, fun, time.perf_counter_ns() - started)  # type: ignore[union-attr]
@@ -247,7 +255,11 @@ class CallAPI:
         if timeout == 0:
             # a cast: scheduled, never run before remote() returns, and its
             # deadline only bounded the sending (as over the network)
-            self._spawn(self._cast_here(entry, fun, args, kwargs, meta))
+            # counted from now (a burst of casts respects the limit) until
+            # its task ends, even one cancelled before it started
+            entry.running += 1
+            task = self._spawn(self._cast_here(entry, fun, args, kwargs, meta))
+            task.add_done_callback(lambda _task: _one_less(entry))
             return None
         entry.running += 1
         # the handler (and what it calls) sees this call's deadline, as remotely
@@ -277,15 +289,13 @@ class CallAPI:
 
     async def _cast_here(self, entry: RunningService, fun: str, args: Any,
                          kwargs: dict[str, Any] | None, meta: Any) -> None:
-        entry.running += 1
+        # (entry.running was counted when the cast was scheduled)
         try:
             opts = {"caller": self.name, "timeout": 0, "meta": meta}
             await settle(entry.invoke(fun, list(args), kwargs or {}, opts))
         except Exception as exc:
             err = _as_remote_error(exc)
             self._cast_failed(entry.name, fun, "RemoteError", str(err))
-        finally:
-            entry.running -= 1
 
     async def local(self, service: Any, fun: str, args: Any = (),
                     kwargs: dict[str, Any] | None = None) -> Any:
@@ -314,7 +324,7 @@ class CallAPI:
 
     async def call_cb_all(self, service: Any, fun: str, args: Any = (),
                           kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
-                          meta: Any = None, deadline: int | None = None,
+                          meta: Any = None, deadline: float | None = None,
                           **unknown: Any) -> list[Any]:
         """Call every node of get_nodes(service) once, concurrently.
 
@@ -327,6 +337,9 @@ class CallAPI:
                                            "no failover or retries: each slot is one node)")
         if not self._live:
             raise mexc.NodeStopped(f"node {self.name} is not running")
+        timeout = valid_timeout(timeout)
+        if deadline is not None:
+            deadline = valid_deadline(deadline)
         name = service_name(service)
         if type(args) is not list and type(args) is not tuple:
             args = _as_args(args)
@@ -381,9 +394,36 @@ CALL_OPTIONS = frozenset(inspect.signature(CallAPI.remote).parameters) - {
     "self", "service", "fun", "args", "kwargs", "unknown"}
 
 
+# A budget in ms beyond this travels as no number a peer takes (docs/protocol.md:
+# within +-1e19); a day is far more than any call should need.
+_MAX_MS = 86_400_000 * 365
+
+
+def valid_timeout(timeout: Any) -> int:
+    """`timeout` (ms) as an int >= 0 (0: a cast), or InvalidOption."""
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not 0 <= timeout <= _MAX_MS):
+        raise mexc.InvalidOption(f"timeout is milliseconds, 0 (a cast) to {_MAX_MS}, "
+                                 f"not {timeout!r}")
+    return int(timeout) if timeout == 0 or timeout >= 1 else 1
+
+
+def valid_deadline(deadline: Any) -> float:
+    """`deadline` (ms) as a positive finite number, or InvalidOption."""
+    if (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+            or not 0 < deadline <= _MAX_MS):
+        raise mexc.InvalidOption(f"deadline is milliseconds, above 0 and at most {_MAX_MS}, "
+                                 f"not {deadline!r}")
+    return deadline
+
+
 def invalid_options(unknown: dict[str, Any], where: str) -> mexc.InvalidOption:
     names = ", ".join(sorted(map(str, unknown)))
     return mexc.InvalidOption(f"{where} takes no option {names}")
+
+
+def _one_less(entry: RunningService) -> None:
+    entry.running -= 1
 
 
 def check_arguments(checks: dict[str, Any], name: str, fun: str, args: Any,

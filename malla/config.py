@@ -8,6 +8,7 @@ reads its settings here.  A setting that cannot work raises InvalidOption
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +49,27 @@ class NodeConfig:
     tracing: bool | float = False
 
     def __post_init__(self) -> None:
-        why = self._invalid()
+        why = self._wrong_type() or self._invalid()
         if why is not None:
             raise mexc.InvalidOption(why)
+
+    def _wrong_type(self) -> str | None:
+        for setting in ("port", "max_frame_size", "max_message_size", "window_size"):
+            value = getattr(self, setting)
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"{setting} is a whole number, not {value!r}"
+        for setting in ("heartbeat_interval", "heartbeat_timeout", "handshake_timeout",
+                        "check_interval", "redial_max", "forget_after"):
+            value = getattr(self, setting)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
+                return f"{setting} is a finite number of seconds, not {value!r}"
+        if not isinstance(self.host, str):
+            return f"host is a str, not {self.host!r}"
+        if self.metrics_port is not None and (isinstance(self.metrics_port, bool)
+                                              or not isinstance(self.metrics_port, int)):
+            return f"metrics_port is a port number, not {self.metrics_port!r}"
+        return None
 
     def _invalid(self) -> str | None:
         if not self.name or not isinstance(self.name, str):

@@ -7,7 +7,9 @@ Off by default, and then free: remote() tests one attribute.  With
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from malla._ext import core
 
@@ -19,6 +21,7 @@ __all__ = ["LatencyHistogram", "Metrics", "prometheus_collector", "serve_prometh
 # The histogram lives in the core: recording is on every call's path.
 LatencyHistogram = core.LatencyHistogram
 _NONE: dict[str, Any] = {}
+T = TypeVar("T")
 
 
 class Metrics:
@@ -60,6 +63,34 @@ def _le(bound_us: int) -> str:
     return repr(bound_us / 1e6)
 
 
+def _snapshot(node: Node) -> tuple[dict[str, Any], int, list[tuple[str, list[Any], float]]]:
+    """What the exposition shows, read at one moment (on the node's loop)."""
+    latency = []
+    metrics = node._metrics
+    for call, h in (metrics.histograms() if metrics is not None else {}).items():
+        buckets: list[Any] = [(_le(bound), h.count_below_us(bound)) for bound in _BOUNDS_US]
+        buckets.append(("+Inf", h.count))
+        latency.append((call, buckets, h.sum_ns / 1e9))
+    return node.stats(), len(node.peers()), latency
+
+
+def _on_loop(node: Node, fn: Callable[[], T]) -> T:
+    """`fn()` on the node's loop thread (directly when already there)."""
+    loop = node._loop
+    if loop is None or not loop.is_running():
+        return fn()
+    try:
+        if asyncio.get_running_loop() is loop:
+            return fn()
+    except RuntimeError:    # no loop in this thread
+        pass
+
+    async def run() -> T:
+        return fn()
+
+    return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
+
+
 def prometheus_collector(node: Node) -> Any:
     """A prometheus_client collector exposing node.stats() (needs the
     `metrics` extra: pip install malla[metrics])."""
@@ -74,7 +105,9 @@ def prometheus_collector(node: Node) -> Any:
             return []
 
         def collect(self) -> Any:
-            stats = node.stats()
+            # prometheus_client calls this from its HTTP thread: the node's
+            # state is read on the node's own loop, in one consistent snapshot
+            stats, peer_count, latency = _on_loop(node, lambda: _snapshot(node))
             labels = ["node"]
             for key, help_text in (("calls_in", "calls received"),
                                    ("calls_out", "calls made"),
@@ -92,18 +125,15 @@ def prometheus_collector(node: Node) -> Any:
             g.add_metric([node.name], stats["in_flight"])
             yield g
             peers = GaugeMetricFamily("malla_peers", "connected peers", labels=labels)
-            peers.add_metric([node.name], len(node.peers()))
+            peers.add_metric([node.name], peer_count)
             yield peers
             # a histogram with real bucket counts (its bounds are the core
             # histogram's own octave boundaries, so each count is exact) and
             # the real sum of the durations
             lat = HistogramMetricFamily("malla_call_latency_seconds", "latency of calls made",
                                         labels=["node", "call"])
-            metrics = node._metrics
-            for call, h in (metrics.histograms() if metrics is not None else {}).items():
-                buckets = [(_le(bound), h.count_below_us(bound)) for bound in _BOUNDS_US]
-                buckets.append(("+Inf", h.count))
-                lat.add_metric([node.name, call], buckets=buckets, sum_value=h.sum_ns / 1e9)
+            for call, buckets, total_s in latency:
+                lat.add_metric([node.name, call], buckets=buckets, sum_value=total_s)
             yield lat
 
     return NodeCollector()

@@ -37,6 +37,14 @@ __all__ = ["Node", "parse_address"]
 
 log = logging.getLogger("malla.node")
 
+def _plain_host(host: object) -> bool:
+    """A host a peer may tell us to dial: a DNS name or an IP address of
+    plain ASCII (nothing an encoder or resolver would choke on)."""
+    return (type(host) is str and 0 < len(host) <= 253 and host.isascii()
+            and all(c.isalnum() or c in ".-:_[]%" for c in host)
+            and all(len(label) <= 63 for label in host.split(".")))
+
+
 def _cookie_bytes(cookie: str | bytes | None) -> bytes:
     if cookie is None:
         cookie = os.environ.get("MALLA_COOKIE") or os.urandom(32).hex()
@@ -152,7 +160,7 @@ class Node(CallAPI):
         if self._server is not None:
             return self
         self._loop = asyncio.get_running_loop()
-        self._stopping = False
+        self._stopping = self._draining = self._goodbye_sent = False
         if self._address is not None:      # started before: a new incarnation
             self.incarnation = random.getrandbits(64)
         self._server = await self._loop.create_server(
@@ -332,8 +340,14 @@ class Node(CallAPI):
         """_connect, its failures as malla errors (for connect())."""
         try:
             await self._connect(target)
-        except mexc.MallaError:
+        except (mexc.AuthenticationError, mexc.ProtocolError, mexc.Unreachable,
+                mexc.NodeStopped, mexc.InvalidOption):
             raise
+        except mexc.ConnectionLost as exc:   # closed during the handshake: never reached
+            raise mexc.Unreachable(f"{target} closed the connection during the handshake"
+                                   ) from exc
+        except mexc.MallaError as exc:       # a peer's ERROR on stream 0 of another kind
+            raise mexc.ProtocolError(f"{target} refused us: {exc}") from exc
         except ssl.SSLError as exc:
             raise mexc.AuthenticationError(f"TLS handshake with {target} failed: {exc}") from exc
         except ValueError as exc:
@@ -402,22 +416,24 @@ class Node(CallAPI):
                 conn = await self._connect(target)
                 delay = 0.05
                 await conn.closed
+            except (OSError, ConnectionError, ValueError) as exc:
+                # not reached (Unreachable and ConnectionLost are ConnectionErrors),
+                # or a bad address: tried again, quietly
+                log.debug("malla: %s could not reach %s: %s", self.name, target, exc)
             except mexc.MallaError as exc:
                 if isinstance(exc, mexc.ProtocolError) and "itself" in str(exc):
                     return
                 log.warning("malla: %s could not join %s: %s", self.name, target, exc)
-            except (OSError, ConnectionError) as exc:
-                log.debug("malla: %s could not reach %s: %s", self.name, target, exc)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.redial_max)
 
     async def _dial_once(self, target: str) -> None:
         try:
             await self._connect(target)
+        except (OSError, ConnectionError, ValueError) as exc:   # (as in _dial_forever)
+            log.debug("malla: %s could not reach %s: %s", self.name, target, exc)
         except mexc.MallaError as exc:
             log.warning("malla: %s could not join %s: %s", self.name, target, exc)
-        except (OSError, ConnectionError) as exc:
-            log.debug("malla: %s could not reach %s: %s", self.name, target, exc)
 
     def _admit(self, conn: Connection) -> None:
         self._spawn(self._admit_task(conn))
@@ -535,8 +551,8 @@ class Node(CallAPI):
         elif ftype == core.FT_PEERS:
             for entry in body if type(body) is list else [body]:
                 if (type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str
-                        or type(entry[1]) is not str or type(entry[2]) is not int
-                        or not 0 < entry[2] < 65536):
+                        or not entry[0] or not _plain_host(entry[1])
+                        or type(entry[2]) is not int or not 0 < entry[2] < 65536):
                     log.warning("malla: ignored a malformed member %r from %s", entry, name)
                     continue
                 peer, host, port = entry
@@ -559,7 +575,7 @@ class Node(CallAPI):
                else invalid_info(info))
         if why is not None:
             log.warning("malla: refused %s's entry for service %r: %s", peer, service, why)
-            self._stats.count("MalformedTable")
+            self._stats.count("ProtocolError")
         return why is None
 
     def _learn(self, peer: str, host: str, port: int) -> None:

@@ -316,6 +316,14 @@ def test_connect_failures_are_malla_errors():
             await a.connect("127.0.0.1:notaport")
         with pytest.raises(malla.Unreachable):
             await a.connect("x@name.invalid")
+
+        async def hang_up(reader, writer):      # accepts, then closes at once
+            writer.close()
+
+        closer = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        with pytest.raises(malla.Unreachable):
+            await a.connect(f"127.0.0.1:{closer.sockets[0].getsockname()[1]}")
+        closer.close()
         stopped = make("s")
         with pytest.raises(malla.NodeStopped):
             await stopped.connect(seed_of(a))
@@ -458,10 +466,77 @@ def test_call_cb_all_waits_for_a_congested_slot_instead_of_failing_it():
 def test_node_settings_are_validated_when_the_node_is_made():
     for bad in ({"heartbeat_interval": 3.0, "heartbeat_timeout": 2.0}, {"port": 70000},
                 {"seeds": "127.0.0.1:4370"}, {"tracing": 2}, {"max_frame_size": 10},
-                {"handshake_timeout": 0}, {"window_size": 5}):
+                {"handshake_timeout": 0}, {"window_size": 5}, {"port": "4370"},
+                {"forget_after": float("nan")}, {"heartbeat_timeout": None}):
         with pytest.raises(malla.InvalidOption):
             malla.Node("x", **bad)
     config = malla.Node("x", seeds=["127.0.0.1:4370"]).config
     assert config.seeds == ("127.0.0.1:4370",) and config.heartbeat_timeout == 3.0
     with pytest.raises(AttributeError):
         config.port = 1                                         # frozen
+
+
+def test_a_call_that_may_have_run_never_ends_as_did_not_run():
+    """excp_retries after ConnectionLost, then no node left: the error says the
+    call may have run (not ServiceNotAvailable, "did not run")."""
+    async def main(make):
+        a = await make("a", heartbeat_timeout=30).start()
+        proc = await spawn_node("dies", seed_of(a), hb_timeout=30)
+        try:
+            await wait_until(lambda: a.get_nodes("Echo") == ["dies"])
+            call = asyncio.ensure_future(a.remote("Echo", "hang", excp_retries=1, sna_retries=1,
+                                                  retries_sleep_msec=50))
+            assert (await read_line(proc)).startswith("ENTERED")
+            kill_process(proc)
+            with pytest.raises(malla.ConnectionLost) as info:
+                await call
+            assert malla.family(info.value) == "may have run"
+        finally:
+            kill_process(proc)
+
+    with_nodes(main)
+
+
+def test_call_options_are_checked():
+    async def main(make):
+        _a, b = await pair(make, Svc())
+        for bad in ({"timeout": None}, {"timeout": -1}, {"timeout": "5"},
+                    {"deadline": float("inf")}, {"deadline": float("nan")}, {"deadline": 0},
+                    {"deadline": 10 ** 20}):
+            with pytest.raises(malla.InvalidOption):
+                await b.remote("Svc", "add", [1, 2], **bad)
+            with pytest.raises(malla.InvalidOption):
+                await b.call_cb_all("Svc", "add", [1, 2], **bad)
+        assert await b.remote("Svc", "add", [1, 2], timeout=2.5, deadline=1000.5) == 3
+
+    with_nodes(main)
+
+
+def test_a_cast_too_large_for_the_server_is_counted_there():
+    async def main(make):
+        a = await make("a", max_message_size=64 << 10).start()
+        await a.start_service(Svc())
+        raw = await RawPeer.connect(a)
+        big = core.packb(["Svc", "add", [b"x" * (100 << 10), 1], None, 0, None, None])
+        for frame in core.split_message(core.FT_CAST, 1, big, 16 << 10):
+            raw.writer.write(frame)
+        await raw.writer.drain()
+        await wait_until(lambda: a.stats()["errors"].get("MessageTooLarge") == 1)
+        assert "raw" in a.peers()
+        raw.close()
+
+    with_nodes(main)
+
+
+def test_a_restarted_node_says_goodbye_again():
+    async def main(make):
+        a = await make("a", redial_max=0.1).start()
+        b = make("b")
+        for _ in range(2):                     # the second life must leave as cleanly
+            await b.start()
+            await b.connect(seed_of(a))
+            await wait_until(lambda: "b" in a._known and "b" in a.peers())
+            await b.stop()
+            await wait_until(lambda: "b" not in a._known, timeout=5)   # GOODBYE: forgotten
+
+    with_nodes(main)
