@@ -22,6 +22,7 @@ from malla.codec import bad_value_path
 from malla.context import inherited_deadline, reset_deadline, set_deadline_at
 from malla.handshake import CAP_TRACE
 from malla.metrics import Metrics
+from malla.registry import service_name
 from malla.service import KIND_SYNC, RunningService, settle
 from malla.tracing import Tracing
 
@@ -37,16 +38,6 @@ if sys.version_info >= (3, 11):
     _timeout_ctx = asyncio.timeout
 else:  # pragma: no cover - Python 3.10
     _timeout_ctx = None
-
-
-def service_name(service: Any) -> str:
-    """The service id of a name or a Service subclass (or instance)."""
-    if type(service) is str:
-        return service
-    name = getattr(service, "_malla_name", None)
-    if not isinstance(name, str):
-        raise mexc.InvalidOption(f"not a service name or malla.Service class: {service!r}")
-    return name
 
 
 class _Stats:

@@ -20,7 +20,7 @@ from malla._ext import core
 from malla.handshake import CAP_WINDOW, Handshake, Hello, error_payload
 
 if TYPE_CHECKING:
-    from malla.node import Node
+    from malla.interfaces import ConnectionHost
 
 __all__ = ["Connection"]
 
@@ -52,7 +52,7 @@ class Connection:
         "target",
     )
 
-    def __init__(self, node: Node, dialer: bool, target: str | None = None) -> None:
+    def __init__(self, node: ConnectionHost, dialer: bool, target: str | None = None) -> None:
         self.node = node
         self.dialer = dialer
         self.target = target

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from malla._ext import core
 
 if TYPE_CHECKING:
-    from malla.node import Node
+    from malla.interfaces import StatsSource
 
 __all__ = ["LatencyHistogram", "Metrics", "prometheus_collector", "serve_prometheus"]
 
@@ -63,7 +63,7 @@ def _le(bound_us: int) -> str:
     return repr(bound_us / 1e6)
 
 
-def _snapshot(node: Node) -> tuple[dict[str, Any], int, list[tuple[str, list[Any], float]]]:
+def _snapshot(node: StatsSource) -> tuple[dict[str, Any], int, list[tuple[str, list[Any], float]]]:
     """What the exposition shows, read at one moment (on the node's loop)."""
     latency = []
     metrics = node._metrics
@@ -74,7 +74,7 @@ def _snapshot(node: Node) -> tuple[dict[str, Any], int, list[tuple[str, list[Any
     return node.stats(), len(node.peers()), latency
 
 
-def _on_loop(node: Node, fn: Callable[[], T]) -> T:
+def _on_loop(node: StatsSource, fn: Callable[[], T]) -> T:
     """`fn()` on the node's loop thread (directly when already there)."""
     loop = node._loop
     if loop is None or not loop.is_running():
@@ -91,7 +91,7 @@ def _on_loop(node: Node, fn: Callable[[], T]) -> T:
     return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
 
 
-def prometheus_collector(node: Node) -> Any:
+def prometheus_collector(node: StatsSource) -> Any:
     """A prometheus_client collector exposing node.stats() (needs the
     `metrics` extra: pip install malla[metrics])."""
     from prometheus_client.core import (
@@ -139,7 +139,7 @@ def prometheus_collector(node: Node) -> Any:
     return NodeCollector()
 
 
-def serve_prometheus(node: Node, port: int, host: str = "127.0.0.1") -> Any:
+def serve_prometheus(node: StatsSource, port: int, host: str = "127.0.0.1") -> Any:
     """Serve /metrics for `node` on host:port (a prometheus_client thread)."""
     from prometheus_client import CollectorRegistry, start_http_server
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from malla import exceptions as mexc
 from malla._ext import core
-from malla.caller import CallAPI, _Stats, service_name
+from malla.caller import CallAPI, _Stats
 from malla.config import NodeConfig
 from malla.connection import Connection
 from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_all
@@ -29,7 +29,7 @@ from malla.metrics import Metrics, serve_prometheus
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
 from malla.ratelimit import RateLimitedLog
-from malla.registry import Registry, invalid_info
+from malla.registry import Registry, invalid_info, service_name
 from malla.service import RunningService, Service, describe
 from malla.tracing import Tracing, traced_remote
 

@@ -21,7 +21,7 @@ from malla.caller import CALL_OPTIONS, invalid_options
 from malla.precompile import load_precompile
 
 if TYPE_CHECKING:
-    from malla.node import Node
+    from malla.interfaces import ProxyHost
 
 __all__ = ["Call", "Proxy", "RemoteFunction", "call"]
 
@@ -117,13 +117,13 @@ class Proxy:
     (the default node, looked up at each call).
     """
 
-    _node_or_getter: Node | Callable[[], Node]
+    _node_or_getter: ProxyHost | Callable[[], ProxyHost]
     _name: str
     _last: dict[str, inspect.Signature]
     _last_source: Any
     _funcs: dict[str, RemoteFunction]
 
-    def __init__(self, node: Node | Callable[[], Node], name: str) -> None:
+    def __init__(self, node: ProxyHost | Callable[[], ProxyHost], name: str) -> None:
         object.__setattr__(self, "_node_or_getter", node)
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_last", {})
@@ -131,7 +131,7 @@ class Proxy:
         object.__setattr__(self, "_funcs", {})
 
     @property
-    def _node(self) -> Node:
+    def _node(self) -> ProxyHost:
         target = self._node_or_getter
         return target() if callable(target) else target
 
@@ -143,7 +143,7 @@ class Proxy:
         or the precompiled arities before discovery; None when nothing is
         known of the service (calls are then unchecked)."""
         try:
-            node: Node | None = self._node
+            node: ProxyHost | None = self._node
         except mexc.ServiceNotAvailable:
             node = None
         info = node._registry.known_info(self._name) if node is not None else None
@@ -210,7 +210,7 @@ class Proxy:
 class Services:
     """`node.services`: attribute access gives proxies of known services."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ProxyHost) -> None:
         self._node = node
 
     def __getattr__(self, name: str) -> Proxy:

@@ -16,11 +16,22 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from malla import exceptions as mexc
 from malla.arguments import Checker, checkers_of
 
-__all__ = ["Registry", "invalid_info"]
+__all__ = ["Registry", "invalid_info", "service_name"]
 
 _PARAM_KINDS = range(5)   # inspect._ParameterKind's values
+
+
+def service_name(service: Any) -> str:
+    """The service id of a name or a Service subclass (or instance)."""
+    if type(service) is str:
+        return service
+    name = getattr(service, "_malla_name", None)
+    if not isinstance(name, str):
+        raise mexc.InvalidOption(f"not a service name or malla.Service class: {service!r}")
+    return name
 
 
 def invalid_info(info: Any) -> str | None:

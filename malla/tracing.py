@@ -75,7 +75,7 @@ class Tracing:
 def traced_remote(inner: Callable[..., Coroutine[Any, Any, Any]],
                   tracing: Tracing) -> Callable[..., Coroutine[Any, Any, Any]]:
     """`inner` (a node's remote) inside a CLIENT span."""
-    from malla.caller import service_name
+    from malla.registry import service_name
 
     async def remote(service: Any, fun: str, *args: Any, **kwargs: Any) -> Any:
         if not tracing.wanted():

@@ -36,3 +36,51 @@ def test_cython_lint():
 def test_typed_proxy_example_passes_mypy():
     out = run(sys.executable, "-m", "mypy", "--strict", "examples/typed_client.py")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# The top layer composes the node; nothing below it may import malla.node.
+_TOP = {"__init__", "__main__", "api", "cli", "demo", "facade", "node", "services"}
+
+
+def _malla_imports() -> dict[str, set[str]]:
+    """module -> the malla modules it imports, anywhere in the file
+    (TYPE_CHECKING blocks and function bodies included)."""
+    import ast
+    import pathlib
+
+    graph: dict[str, set[str]] = {}
+    for path in sorted(pathlib.Path(ROOT, "malla").glob("*.py")):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "malla" and len(parts) > 1 and (
+                        pathlib.Path(ROOT, "malla", parts[1] + ".py").exists()):
+                    deps.add(parts[1])
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def test_the_import_graph_of_malla_has_no_cycle():
+    graph = _malla_imports()
+    state: dict[str, int] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join(trail + [module, dep])}"
+            if dep not in state:
+                visit(dep, trail + [module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    below = sorted(m for m, deps in graph.items() if "node" in deps and m not in _TOP)
+    assert below == [], f"modules below the node facade import it: {below}"
