@@ -101,8 +101,6 @@ class CallAPI:
             raise invalid_options(unknown, "remote()")
         if type(timeout) is not int or timeout < 0:
             timeout = valid_timeout(timeout)
-        if deadline is not None:
-            deadline = valid_deadline(deadline)
         name = service if type(service) is str else service_name(service)
         if type(fun) is not str or fun[:1] == "_":
             raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
@@ -110,9 +108,7 @@ class CallAPI:
             args = _as_args(args)
         at = inherited_deadline()
         if deadline is not None:
-            mine = time.monotonic() + deadline / 1000.0
-            if at is None or mine < at:
-                at = mine
+            at = _sooner(at, deadline)
         # with metrics on, the call is timed here; off, it costs a test
         metrics = self._metrics
         started = time.perf_counter_ns() if metrics is not None else 0
@@ -329,16 +325,12 @@ class CallAPI:
         if not self._live:
             raise mexc.NodeStopped(f"node {self.name} is not running")
         timeout = valid_timeout(timeout)
-        if deadline is not None:
-            deadline = valid_deadline(deadline)
         name = service_name(service)
         if type(args) is not list and type(args) is not tuple:
             args = _as_args(args)
         at = inherited_deadline()
         if deadline is not None:
-            mine = time.monotonic() + deadline / 1000.0
-            if at is None or mine < at:
-                at = mine
+            at = _sooner(at, deadline)
         if self._tracing is not None and self._tracing.wanted():
             with self._tracing.client_span(name, fun):
                 return await self._fan_out(name, fun, args, kwargs, timeout, at, meta)
@@ -397,6 +389,13 @@ def valid_timeout(timeout: Any) -> int:
         raise mexc.InvalidOption(f"timeout is milliseconds, 0 (a cast) to {_MAX_MS}, "
                                  f"not {timeout!r}")
     return int(timeout) if timeout == 0 or timeout >= 1 else 1
+
+
+def _sooner(inherited: float | None, deadline: Any) -> float:
+    """The absolute deadline of a call given `deadline` (ms) within the one it
+    inherited, if that is sooner."""
+    mine = time.monotonic() + valid_deadline(deadline) / 1000.0
+    return mine if inherited is None or mine < inherited else inherited
 
 
 def valid_deadline(deadline: Any) -> float:

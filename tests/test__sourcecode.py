@@ -74,9 +74,9 @@ def test_the_import_graph_of_malla_has_no_cycle():
     def visit(module: str, trail: list[str]) -> None:
         state[module] = 1
         for dep in sorted(graph.get(module, ())):
-            assert state.get(dep) != 1, f"import cycle: {' -> '.join(trail + [module, dep])}"
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*trail, module, dep])}"
             if dep not in state:
-                visit(dep, trail + [module])
+                visit(dep, [*trail, module])
         state[module] = 2
 
     for module in sorted(graph):
