@@ -41,7 +41,6 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import asyncio
 import logging
-import traceback as _traceback_mod
 
 from msgpack import unpackb as _msgpack_unpackb, ExtType
 
@@ -87,6 +86,8 @@ cdef int ERR_UNDECODABLE = mexc.ERR_UNDECODABLE
 cdef int ERR_BAD_ARGUMENTS = mexc.ERR_BAD_ARGUMENTS
 cdef object BadArguments = mexc.BadArguments
 cdef object remote_error = mexc.remote_error
+cdef object remote_fields = mexc.remote_fields
+cdef object type_name = mexc.type_name
 
 # The codec's hooks (malla/codec.py installs them at import): `default(obj)`
 # returns an ExtType or a replacement value; `ext_hook(code, data)` rebuilds.
@@ -1571,8 +1572,7 @@ cdef class CoreProtocol:
                     result = (<object>fp)(*args)
             except Exception as exc:
                 if cast:
-                    self.cast_failed(service, fun, "RemoteError",
-                                     f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+                    self.cast_failed(service, fun, "RemoteError", f"{type_name(exc)}: {exc}")
                 else:
                     self.reply_exception(sid, exc)
                 return 0
@@ -1626,10 +1626,8 @@ cdef class CoreProtocol:
 
     def reply_exception(self, uint64_t sid, exc):
         """Send the error of call `sid` whose function raised `exc`."""
-        cls = type(exc)
-        tb = "".join(_traceback_mod.format_exception(cls, exc, exc.__traceback__))
-        self._queue_error(sid, ERR_REMOTE, f"{cls.__module__}.{cls.__qualname__}",
-                          str(exc), tb)
+        exc_type, message, tb = remote_fields(exc)
+        self._queue_error(sid, ERR_REMOTE, exc_type, message, tb)
 
     def task_done(self, uint64_t sid):
         """Forget the task of call `sid`; False when it was cancelled."""

@@ -64,10 +64,16 @@ class Checker:
         """BadArguments when `args`, `kwargs` do not fit the signature."""
         if not kwargs and self.lo <= len(args) <= self.hi:
             return
-        try:
-            self.signature.bind(*args, **(kwargs or {}))
-        except TypeError as exc:
-            raise mexc.BadArguments(f"{self.name}{self.signature}: {exc}") from None
+        bind(self.name, self.signature, args, kwargs or {})
+
+
+def bind(name: str, signature: inspect.Signature, args: Any, kwargs: dict[str, Any]) -> None:
+    """BadArguments, naming `name` and its signature, when the arguments do
+    not fit (the check of Checker and of proxies)."""
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise mexc.BadArguments(f"{name}{signature}: {exc}") from None
 
 
 def checkers_of(service: str, functions: dict[str, list[list[Any]]]) -> dict[str, Checker]:

@@ -13,7 +13,6 @@ import asyncio
 import inspect
 import sys
 import time
-import traceback
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -99,8 +98,8 @@ class CallAPI:
         """
         if unknown:
             raise invalid_options(unknown, "remote()")
-        if type(timeout) is not int or timeout < 0:
-            timeout = valid_timeout(timeout)
+        if type(timeout) is not int or not 0 <= timeout <= _MAX_MS:
+            timeout = valid_timeout(timeout)      # (the common int in line)
         name = service if type(service) is str else service_name(service)
         if type(fun) is not str or fun[:1] == "_":
             raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
@@ -114,8 +113,8 @@ class CallAPI:
         started = time.perf_counter_ns() if metrics is not None else 0
         try:
             sna_round = exc_round = 0
-            maybe_ran = False      # an earlier attempt was sent and may have run
-            last: BaseException | None = None   # the error of that attempt
+            # the error of an earlier attempt that was sent and may have run
+            last: BaseException | None = None
             registry = self._registry
             while True:
                 tried = overloaded = 0
@@ -131,12 +130,12 @@ class CallAPI:
                         overloaded += isinstance(exc, mexc.Overloaded)
                         continue
                     except _RETRYABLE as exc:
-                        if maybe_ran and isinstance(exc, mexc.CallTimeout):
+                        if last is not None and isinstance(exc, mexc.CallTimeout):
                             exc.sent = True
                         if exc_round >= excp_retries:
                             raise
                         if not (isinstance(exc, mexc.CallTimeout) and not exc.sent):
-                            maybe_ran, last = True, exc
+                            last = exc
                         exc_round += 1
                         break
                 else:
@@ -159,7 +158,7 @@ class CallAPI:
                         raise err
                     sna_round += 1
                 self._stats.retries += 1
-                await _retry_sleep(retries_sleep_msec, at, name, maybe_ran)
+                await _retry_sleep(retries_sleep_msec, at, name, last is not None)
         except mexc.MallaError as exc:
             # every error raised to the caller, counted by its class (a
             # handler's own errors arrive as RemoteError)
@@ -241,9 +240,9 @@ class CallAPI:
         self._stats.local_calls += 1
         if timeout == 0:
             # a cast: scheduled, never run before remote() returns, and its
-            # deadline only bounded the sending (as over the network)
-            # counted from now (a burst of casts respects the limit) until
-            # its task ends, even one cancelled before it started
+            # deadline only bounded the sending (as over the network); it
+            # counts toward max_concurrency from now until its task ends,
+            # even one cancelled before it started
             entry.running += 1
             task = self._spawn(self._cast_here(entry, fun, args, kwargs, meta))
             task.add_done_callback(lambda _task: _one_less(entry))
@@ -280,9 +279,8 @@ class CallAPI:
         try:
             opts = {"caller": self.name, "timeout": 0, "meta": meta}
             await settle(entry.invoke(fun, list(args), kwargs or {}, opts))
-        except Exception as exc:
-            err = _as_remote_error(exc)
-            self._cast_failed(entry.name, fun, "RemoteError", str(err))
+        except Exception as exc:   # (a message, as a TCP cast's: no traceback built)
+            self._cast_failed(entry.name, fun, "RemoteError", f"{mexc.type_name(exc)}: {exc}")
 
     async def local(self, service: Any, fun: str, args: Any = (),
                     kwargs: dict[str, Any] | None = None) -> Any:
@@ -515,9 +513,7 @@ async def _with_timeout(awaitable: Any, timeout: int) -> Any:
 
 
 def _as_remote_error(exc: BaseException) -> mexc.RemoteError:
-    cls = type(exc)
-    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    return mexc.remote_error(f"{cls.__module__}.{cls.__qualname__}", str(exc), tb)
+    return mexc.remote_error(*mexc.remote_fields(exc))
 
 
 def _encode_error(exc: mexc.EncodeError, args: Any,

@@ -15,6 +15,7 @@ would catch.  An error's *family* tells a caller what happened to its call
 from __future__ import annotations
 
 import builtins
+import traceback as _traceback
 from typing import Any
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "Unreachable",
     "family",
     "remote_error",
+    "remote_fields",
+    "type_name",
 ]
 
 
@@ -223,6 +226,19 @@ def _remote_class(exc_type: str) -> type[RemoteError]:
 def remote_error(exc_type: str, message: str, traceback: str = "") -> RemoteError:
     """The RemoteError for a remote exception of class `exc_type`."""
     return _remote_class(exc_type)(exc_type, message, traceback)
+
+
+def type_name(exc: BaseException) -> str:
+    """The qualified class name an ERROR frame carries (``"builtins.KeyError"``)."""
+    cls = type(exc)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def remote_fields(exc: BaseException) -> tuple[str, str, str]:
+    """(exc_type, message, traceback) of an exception a handler raised: what
+    its caller's RemoteError carries, over the network or in-process."""
+    tb = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return type_name(exc), str(exc), tb
 
 
 # Error codes of ERROR frames.  Frozen with the wire protocol (docs/protocol.md):

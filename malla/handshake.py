@@ -112,10 +112,29 @@ def _port(value: Any) -> int:
     return value
 
 
+def plain_host(host: Any) -> bool:
+    """A host a peer may tell us to dial: a DNS name or an IP address of
+    plain ASCII (nothing an encoder or resolver would choke on)."""
+    return (type(host) is str and 0 < len(host) <= 253 and host.isascii()
+            and all(c.isalnum() or c in ".-:_[]%" for c in host)
+            and all(len(label) <= 63 for label in host.split(".")))
+
+
 def _address(value: Any) -> tuple[str, int]:
-    if not isinstance(value, list) or len(value) != 2 or type(value[0]) is not str:
+    # a listen address a peer announces, which the mesh will dial
+    if not isinstance(value, list) or len(value) != 2 or not plain_host(value[0]):
         raise ValueError(f"bad address {value!r}")
     return value[0], _port(value[1])
+
+
+def member(value: Any) -> tuple[str, str, int]:
+    """A PEERS entry ``[name, host, port]``, checked as a HELLO's listen
+    address is; ValueError when malformed."""
+    if (not isinstance(value, list) or len(value) != 3 or type(value[0]) is not str
+            or not value[0]):
+        raise ValueError(f"bad member {value!r}")
+    host, port = _address(value[1:])
+    return value[0], host, port
 
 
 def _typed(value: Any, kind: type) -> Any:

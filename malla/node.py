@@ -22,7 +22,7 @@ from malla.config import NodeConfig
 from malla.connection import Connection
 from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_all
 from malla.guard import HandshakeThrottle, cookie_weakness
-from malla.handshake import CAP_UDP_HEARTBEAT, Hello, protocol_limits
+from malla.handshake import CAP_UDP_HEARTBEAT, Hello, member, protocol_limits
 from malla.heartbeat import HeartbeatThread
 from malla.liveness import Liveness
 from malla.metrics import Metrics, serve_prometheus
@@ -36,14 +36,6 @@ from malla.tracing import Tracing, traced_remote
 __all__ = ["Node", "parse_address"]
 
 log = logging.getLogger("malla.node")
-
-def _plain_host(host: object) -> bool:
-    """A host a peer may tell us to dial: a DNS name or an IP address of
-    plain ASCII (nothing an encoder or resolver would choke on)."""
-    return (type(host) is str and 0 < len(host) <= 253 and host.isascii()
-            and all(c.isalnum() or c in ".-:_[]%" for c in host)
-            and all(len(label) <= 63 for label in host.split(".")))
-
 
 def _cookie_bytes(cookie: str | bytes | None) -> bytes:
     if cookie is None:
@@ -550,12 +542,11 @@ class Node(CallAPI):
                 self._registry.set_remote(name, service, info)
         elif ftype == core.FT_PEERS:
             for entry in body if type(body) is list else [body]:
-                if (type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str
-                        or not entry[0] or not _plain_host(entry[1])
-                        or type(entry[2]) is not int or not 0 < entry[2] < 65536):
+                try:
+                    peer, host, port = member(entry)
+                except ValueError:
                     log.warning("malla: ignored a malformed member %r from %s", entry, name)
                     continue
-                peer, host, port = entry
                 if (not self.hidden and peer != self.name and peer not in self._members
                         and peer not in self._conns):
                     # not reached yet: forgotten after forget_after unless it is

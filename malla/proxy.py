@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
-from malla.arguments import signature_from_wire
+from malla.arguments import bind, signature_from_wire
 from malla.caller import CALL_OPTIONS, invalid_options
 from malla.precompile import load_precompile
 
@@ -103,10 +103,7 @@ class RemoteFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Call:
         sig = self._proxy._signature(self.__name__)
         if sig is not _UNCHECKED:
-            try:
-                sig.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise mexc.BadArguments(f"{self.__qualname__}{sig}: {exc}") from None
+            bind(self.__qualname__, sig, args, kwargs)
         return Call(self._proxy, self.__name__, args, kwargs)
 
 

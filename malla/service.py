@@ -217,8 +217,7 @@ class RunningService(core.ServiceEntry):
             raise
         except Exception as exc:
             if cast:
-                proto.cast_failed(self.name, fun, "RemoteError",
-                                  f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+                proto.cast_failed(self.name, fun, "RemoteError", f"{mexc.type_name(exc)}: {exc}")
             elif proto.task_done(sid):
                 proto.reply_exception(sid, exc)
         else:
