@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.malla-installed
-CORE   := malla/_core.pyx malla/_core.pxd
+CORE   := malla/_core.pyx malla/_core.pxd $(wildcard malla/core/*.pyx malla/core/*.pxd)
 PYTEST_ARGS ?=
 
 .PHONY: all build demo test test-long bench soak fuzz debug lint clean distclean

@@ -26,6 +26,8 @@ def test_sdist_and_wheel(tmp_path):
     with tarfile.open(sdist) as tar:
         names = tar.getnames()
     assert any(n.endswith("malla/_core.pyx") for n in names)
+    assert any(n.endswith("malla/core/protocol.pyx") for n in names)
+    assert any(n.endswith("malla/core/protocol.pxd") for n in names)
     assert not any(n.endswith((".so", "malla/_core.c")) for n in names)
     wheel = glob.glob(str(dist / "malla-*.whl"))[0]
     venv = tmp_path / "venv"
