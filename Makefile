@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.malla-installed
 CORE   := malla/_core.pyx malla/_core.pxd $(wildcard malla/core/*.pyx malla/core/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: all build demo test test-long bench soak fuzz debug lint clean distclean
+.PHONY: all build demo test test-long bench soak fuzz debug test-debug lint clean distclean
 
 all: build
 
@@ -96,8 +96,26 @@ fuzz: build
 	  echo "fuzz: $$found new crash(es) in fuzz/crashes/: fix them, keep the files (make test replays them)"; \
 	  exit 1; fi
 
+# The debug build (MALLA_DEBUG: invariant checks and leak counters compiled
+# in, bounds checks on, -O0 -g) of a copy of the package in build/debug/pkg,
+# never over the tree's own extension (other commands may be importing it).
+DEBUG_PKG := build/debug/pkg
+# The short tier run on it; its teardown asserts the leak counters (conftest.py).
+DEBUG_TESTS ?= tests/test_debug_build.py tests/test_framing.py tests/test_state_machine.py \
+	tests/test_flow.py tests/test_large.py tests/test_deadlines.py tests/test_call.py \
+	tests/test_proxy.py tests/test_semantics.py tests/conformance
+
 debug: $(STAMP)
-	MALLA_DEBUG=1 MALLA_BUILD_CYTHON_ALWAYS=1 $(VPY) setup.py -q build_ext --inplace
+	rm -rf $(DEBUG_PKG) && mkdir -p $(DEBUG_PKG)/malla/core
+	cp setup.py pyproject.toml MANIFEST.in README.md $(DEBUG_PKG)/
+	cp malla/*.py malla/*.pyx malla/*.pxd malla/*.pyi malla/py.typed $(DEBUG_PKG)/malla/
+	cp malla/core/*.pyx malla/core/*.pxd $(DEBUG_PKG)/malla/core/
+	cd $(DEBUG_PKG) && MALLA_DEBUG=1 $(CURDIR)/$(VPY) setup.py -q build_ext --inplace
+	PYTHONPATH=$(CURDIR)/$(DEBUG_PKG) $(VPY) -c \
+	  'import malla._core as c; assert c.DEBUG and "build/debug/" in c.__file__, c.__file__'
+
+test-debug: debug
+	PYTHONPATH=$(CURDIR)/$(DEBUG_PKG) $(VPY) -m pytest -q -x -p no:cacheprovider $(DEBUG_TESTS)
 
 lint: build
 	$(VPY) -m ruff check malla tests examples bench fuzz

@@ -1,4 +1,5 @@
-"""Builds malla's one compiled module, malla._core, from malla/_core.pyx.
+"""Builds malla's one compiled module, malla._core, from malla/_core.pyx
+(which includes the fragments in malla/core/).
 
 There is no pure-Python fallback: without Cython (>=3, <4) and a C compiler
 the build refuses, as asyncpg's and uvloop's do.
@@ -34,8 +35,8 @@ directives = {
 }
 macros = []
 if DEBUG:
-    directives["linetrace"] = True
-    macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1"), ("MALLA_DEBUG", "1")]
+    # the core's invariant checks and leak counters (malla/core/debug.pyx)
+    macros += [("MALLA_DEBUG", "1")]
 
 extra_compile_args = ["-O2"] if not DEBUG else ["-O0", "-g"]
 if os.environ.get("MALLA_FUZZ") == "1":

@@ -215,9 +215,6 @@ class Owner(RecordingOwner):
     def _on_control(self, *args) -> None:
         raise AssertionError("unexpected control message")
 
-    def _on_pong(self, sid) -> None:
-        raise AssertionError("unexpected pong")
-
     def _on_connection_error(self, err) -> None:
         assert isinstance(err, malla.MallaError)
         super()._on_connection_error(err)

@@ -139,9 +139,6 @@ class Owner(RecordingOwner):
         assert self.ready, "control message before the handshake ended"
         assert ftype in (core.FT_ANNOUNCE, core.FT_TABLE, core.FT_GOODBYE, core.FT_PEERS)
 
-    def _on_pong(self, sid) -> None:
-        assert self.ready
-
     def _on_connection_error(self, err) -> None:
         assert isinstance(err, malla.MallaError), err
 

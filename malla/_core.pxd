@@ -3,9 +3,14 @@
 cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
+include "core/debug.pxd"
 include "core/frame.pxd"
 include "core/encoder.pxd"
 include "core/reader.pxd"
 include "core/reassembly.pxd"
 include "core/dispatch.pxd"
+include "core/outqueue.pxd"
+include "core/pending.pxd"
+include "core/wire.pxd"
 include "core/protocol.pxd"
+include "core/histogram.pxd"

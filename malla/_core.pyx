@@ -54,17 +54,6 @@ cdef extern from "Python.h":
 cdef extern from *:
     int __builtin_clzll(unsigned long long x) nogil
 
-cdef extern from *:
-    """
-    #if defined(__GLIBC__)
-    #include <malloc.h>
-    static void malla_trim_heap(void) { malloc_trim(0); }
-    #else
-    static void malla_trim_heap(void) { }
-    #endif
-    """
-    void malla_trim_heap() nogil
-
 cdef object _log = logging.getLogger("malla.core")
 cdef object EncodeError = mexc.EncodeError
 cdef object ProtocolError = mexc.ProtocolError
@@ -128,13 +117,17 @@ def monotonic():
 
 
 # The fragments, in dependency order (each with its .pxd, included by _core.pxd).
+include "core/debug.pyx"
 include "core/frame.pyx"
 include "core/decoder.pyx"
 include "core/encoder.pyx"
 include "core/reader.pyx"
-include "core/dispatch.pyx"
 include "core/reassembly.pyx"
+include "core/dispatch.pyx"
 include "core/outqueue.pyx"
+include "core/pending.pyx"
+include "core/memory.pyx"
+include "core/wire.pyx"
 include "core/protocol.pyx"
 include "core/histogram.pyx"
 

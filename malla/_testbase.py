@@ -72,7 +72,6 @@ class RecordingOwner:
         self.protocol_errors: list[BaseException] = []
         self.connection_errors: list[BaseException] = []
         self.controls: list[int] = []
-        self.pongs: list[int] = []
         self.cast_failures: list[tuple[str, str, str]] = []
         self.flow: list[str] = []        # "paused" / "resumed", in order
         self.lost = 0
@@ -85,9 +84,6 @@ class RecordingOwner:
 
     def _on_control(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         self.controls.append(ftype)
-
-    def _on_pong(self, sid: int) -> None:
-        self.pongs.append(sid)
 
     def _on_cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
         self.cast_failures.append((service, fun, kind))

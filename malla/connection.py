@@ -39,7 +39,6 @@ class Connection:
         "__weakref__",
         "_early",
         "_hs_timer",
-        "_pings",
         "_writable",
         "admitted",
         "closed",
@@ -66,7 +65,6 @@ class Connection:
         self.admitted = False
         self.closed: asyncio.Future[None] = loop.create_future()
         self._early: list[tuple[int, bytes]] = []
-        self._pings: dict[int, asyncio.Future[None]] = {}
         self._hs_timer: asyncio.TimerHandle | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -115,11 +113,6 @@ class Connection:
     def _on_cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
         self.node._cast_failed(service, fun, kind, f"{message} (cast from {self.name})")
 
-    def _on_pong(self, sid: int) -> None:
-        fut = self._pings.pop(sid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
     def _on_connection_error(self, err: mexc.MallaError) -> None:
         if isinstance(err, mexc.ProtocolError) and "duplicate" in str(err):
             log.warning("malla: %s refused us: %s", self, err)
@@ -151,10 +144,6 @@ class Connection:
     def _connection_lost(self, exc: BaseException | None) -> None:
         if self._hs_timer is not None:
             self._hs_timer.cancel()
-        for fut in self._pings.values():
-            if not fut.done():
-                fut.set_exception(mexc.ConnectionLost("connection lost"))
-        self._pings.clear()
         self._writable.set()
         self._fail_ready(mexc.ConnectionLost(f"connection to {self.target or self.name} lost "
                                               "during the handshake"))
@@ -267,16 +256,14 @@ class Connection:
         """True if the peer answers a HEARTBEAT within `timeout` seconds."""
         if self.proto is None or self.proto.closed:
             return False
-        fut = asyncio.get_running_loop().create_future()
-        sid = self.proto.ping()
-        self._pings[sid] = fut
+        fut = self.proto.ping()     # (waits in the core's pending table)
         try:
             await asyncio.wait_for(fut, timeout)
             return True
         except (asyncio.TimeoutError, mexc.ConnectionLost):
             return False
         finally:
-            self._pings.pop(sid, None)
+            self.proto.forget_ping(fut)
 
     def close(self) -> None:
         if self.proto is not None:

@@ -178,22 +178,14 @@ class RunningService(core.ServiceEntry):
             return self.instance.service_cb_in(fun, args, kwargs, opts)
         return invoke_function(self.instance, fun, args, kwargs)
 
-    def dispatch(self, proto: Any, sid: int, fun: str, fn: Any, args: list[Any],
-                 kwargs: dict[str, Any] | None, timeout: int, deadline: int | None,
-                 meta: Any, cast: bool, trace: Any = None) -> asyncio.Task[Any] | None:
-        if self.running >= self.max_concurrency:
-            message = f"service {self.name} is at max_concurrency {self.max_concurrency}"
-            if cast:
-                proto.cast_failed(self.name, fun, "Overloaded", message)
-            else:
-                proto.send_message(core.FT_ERROR, mexc.error_body(mexc.Overloaded(message)),
-                                   0, sid)
-            return None
-        opts = {"caller": proto.peer_name, "timeout": timeout, "meta": meta}
-        run = self._run(proto, sid, fun, args, kwargs or {}, opts, deadline, cast)
-        if self.tracing is not None and trace is not None:
+    def dispatch(self, proto: Any, call: core.IncomingCall) -> asyncio.Task[Any] | None:
+        """Run `call` as a task (the core has admitted it: its rule set ran)."""
+        opts = {"caller": proto.peer_name, "timeout": call.timeout, "meta": call.meta}
+        run = self._run(proto, call.sid, call.fun, call.args, call.kwargs or {}, opts,
+                        call.deadline, call.cast)
+        if self.tracing is not None and call.trace is not None:
             # a SERVER span for calls that come with a trace context
-            run = self._run_traced(run, fun, trace)
+            run = self._run_traced(run, call.fun, call.trace)
         return asyncio.get_running_loop().create_task(run)
 
     async def _run_traced(self, run: Any, fun: str, trace: Any) -> None:
@@ -202,7 +194,7 @@ class RunningService(core.ServiceEntry):
             await run
 
     async def _run(self, proto: Any, sid: int, fun: str, args: list[Any],
-                   kwargs: dict[str, Any], opts: dict[str, Any], deadline: int | None,
+                   kwargs: dict[str, Any], opts: dict[str, Any], deadline: float | None,
                    cast: bool) -> None:
         self.running += 1
         enter_call_context(deadline)

@@ -408,15 +408,31 @@ class ConnectionMachine(RuleBasedStateMachine):
     @rule(ack=st.booleans(), sid=st.sampled_from([0, 7, 2**64 - 1]))
     def heartbeat(self, ack, sid):
         writes = len(self.written())
-        pongs = len(self.owner.pongs)
         self.feed(core.build_frame(core.FT_HEARTBEAT, core.FLAG_ACK if ack else 0, sid))
         assert not self.proto.closed
         new = self.written()[writes:]
         if ack:
             assert [(f[0], f[1], f[2]) for f in new] == [(core.FT_HEARTBEAT, 0, sid)]
         else:
-            assert new == []
-            assert len(self.owner.pongs) == pongs + (sid != 0)
+            assert new == []     # an answer to no ping of ours: nothing happens
+
+    @precondition(lambda self: self.ready and self.open)
+    @rule(answered=st.booleans())
+    def ping(self, answered):
+        # a ping waits in the pending table until the peer's HEARTBEAT of
+        # the same stream id answers it; held meanwhile, forgotten after
+        writes = len(self.written())
+        fut = self.proto.ping()
+        self.run_soon()
+        sent = [f for f in self.written()[writes:] if f[0] == core.FT_HEARTBEAT]
+        assert [f[1] for f in sent] == [core.FLAG_ACK] and not fut.done()
+        assert self.proto.debug_held()[0] == self.proto.in_flight + 1
+        if answered:
+            self.feed(core.build_frame(core.FT_HEARTBEAT, 0, sent[0][2]))
+            assert fut.done() and fut.result() is None
+        self.proto.forget_ping(fut)
+        assert self.proto.debug_held()[0] == self.proto.in_flight
+        fut.cancel()
 
     @precondition(lambda self: self.ready and self.open)
     @rule(ftype=st.integers(core.FT_WINDOW + 1, 255), payload=st.binary(max_size=3 * MAX_FRAME),
@@ -544,3 +560,37 @@ ConnectionMachine.TestCase.settings = settings(
     max_examples=400, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TestConnectionStateMachine = ConnectionMachine.TestCase
+
+
+def test_the_connection_states_follow_one_table():
+    # the one table of the core (malla/core/wire.pyx), and a connection's
+    # life through it; a change outside it is refused, never made
+    assert core.TRANSITIONS == {("handshake", "ready"), ("handshake", "closing"),
+                                ("handshake", "closed"), ("ready", "closing"),
+                                ("ready", "closed"), ("closing", "closed")}
+
+    async def life() -> list[str]:
+        from malla._testbase import FakeTransport, RecordingOwner
+
+        proto = core.Protocol(RecordingOwner(), asyncio.get_running_loop(), True, {})
+        proto.connection_made(FakeTransport())
+        seen = [proto.state]
+        proto.set_ready("peer", 1 << 20)
+        seen.append(proto.state)
+        try:
+            proto.set_ready("peer", 1 << 20)
+        except mexc.InternalError:
+            seen.append("refused")
+        proto.close()
+        proto.abort()               # (already closing: stays so)
+        seen.append(proto.state)
+        proto.connection_lost(None)
+        seen.append(proto.state)
+        try:
+            proto.connection_lost(None)     # closed -> closed is no transition
+        except mexc.InternalError:
+            seen.append("refused")
+        return seen
+
+    assert asyncio.run(life()) == ["handshake", "ready", "refused", "closing", "closed",
+                                   "refused"]

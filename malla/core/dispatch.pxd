@@ -1,4 +1,19 @@
-# What the core knows of a running service.
+# Dispatch: an incoming call, the one rule set it must pass, and what the
+# core knows of a running service.
+
+@cython.final
+cdef class IncomingCall:
+    cdef readonly uint64_t sid
+    cdef readonly bint cast
+    cdef readonly str service
+    cdef readonly str fun
+    cdef readonly list args
+    cdef readonly dict kwargs       # None when there are none
+    cdef readonly object timeout    # the caller's timeout in ms (0: a cast)
+    cdef readonly object deadline   # the caller's remaining budget in ms, or None
+    cdef readonly object meta
+    cdef readonly object trace      # the trace context, or None
+
 
 cdef class ServiceEntry:
     cdef public str name
@@ -10,3 +25,5 @@ cdef class ServiceEntry:
     cdef public bint fast
     cdef public int running
     cdef public int max_concurrency
+
+    cdef tuple _refusal(self, str fun, object args, dict kwargs, object deadline)

@@ -1,4 +1,5 @@
-# Dispatch: what the core knows of a running service, and its loop guard.
+# Dispatch: an incoming call, the one rule set it must pass before it runs
+# (on every path: the network's and in-process calls), the service it runs in.
 
 cdef double BLOCKED_LOOP_WARNING = 0.1
 
@@ -17,6 +18,43 @@ def warn_if_blocked(str service, str fun, double started):
     _warn_if_blocked(service, fun, started)
 
 
+# ---------------------------------------------------------------------------
+# IncomingCall: one decoded CALL or CAST
+# ---------------------------------------------------------------------------
+
+@cython.freelist(32)
+cdef class IncomingCall:
+    """A call from the peer, decoded and well-formed (what `dispatch` and the
+    serving side's hook see of it)."""
+
+    def __repr__(self):
+        return f"<IncomingCall {self.sid} {self.service}.{self.fun}>"
+
+
+cdef IncomingCall _incoming_call(object obj, uint64_t sid, bint cast):
+    # A CALL message: [service, fun, args, kwargs, timeout, deadline, meta,
+    # trace?] (docs/protocol.md).  None when it is malformed.
+    cdef list msg
+    cdef IncomingCall call
+    if type(obj) is not list or PyList_GET_SIZE(obj) < 7:
+        return None
+    msg = <list>obj
+    service, fun, args, kwargs = msg[0], msg[1], msg[2], msg[3]
+    if (type(service) is not str or type(fun) is not str or type(args) is not list
+            or (kwargs is not None and type(kwargs) is not dict)):
+        return None
+    call = IncomingCall.__new__(IncomingCall)
+    call.sid = sid
+    call.cast = cast
+    call.service = <str>service
+    call.fun = <str>fun
+    call.args = <list>args
+    call.kwargs = <dict>kwargs if kwargs else None
+    call.timeout = msg[4]
+    call.deadline = msg[5]
+    call.meta = msg[6]
+    call.trace = msg[7] if PyList_GET_SIZE(msg) > 7 else None
+    return call
 # ---------------------------------------------------------------------------
 # ServiceEntry: what dispatch needs to know of one running service
 # ---------------------------------------------------------------------------
@@ -46,6 +84,49 @@ cdef class ServiceEntry:
         self.running = 0
         self.max_concurrency = max_concurrency
 
-    def dispatch(self, proto, sid, fun, fn, args, kwargs, timeout, deadline, meta, cast,
-                 trace):
+    cdef tuple _refusal(self, str fun, object args, dict kwargs, object deadline):
+        # The one rule set of a call to this service, in order: running (not
+        # paused), the function exported, the arguments fit its signature
+        # (positional ones in C, the rest by its checker), the caller's
+        # budget well-formed and not spent, a place under max_concurrency.
+        # (An authorization check of the caller's identity belongs after the
+        # function is known: the identity issue's seam.)  None: it runs;
+        # otherwise (wire error code, error class, message).
+        cdef PyObject* ap
+        cdef Py_ssize_t nargs
+        if self.paused:
+            return (ERR_SERVICE_NOT_AVAILABLE, "malla.exceptions.ServiceNotAvailable",
+                    f"service {self.name} is not available on this node")
+        if PyDict_GetItem(self.funcs, fun) is NULL:
+            return (ERR_UNKNOWN_FUNCTION, "malla.exceptions.UnknownFunction",
+                    f"service {self.name} exports no function {fun!r}")
+        ap = PyDict_GetItem(self.arity, fun)
+        nargs = len(args)
+        if ap is not NULL and (kwargs or not (<Py_ssize_t>(<tuple>ap)[0] <= nargs
+                                              <= <Py_ssize_t>(<tuple>ap)[1])):
+            try:
+                self.checks[fun].check(args, kwargs)
+            except BadArguments as exc:
+                return (ERR_BAD_ARGUMENTS, "malla.exceptions.BadArguments", str(exc))
+        # a budget in ms (docs/protocol.md): a number, finite, within 64 bits
+        if deadline is not None and ((type(deadline) is not int and type(deadline) is not float)
+                                     or not -1e19 < deadline < 1e19):
+            return (ERR_BAD_REQUEST, "malla.exceptions.ProtocolError", "malformed call message")
+        if deadline is not None and deadline <= 0:
+            return (ERR_DEADLINE, "malla.exceptions.CallTimeout",
+                    "deadline passed before the call started")
+        if self.running >= self.max_concurrency:
+            return (ERR_OVERLOADED, "malla.exceptions.Overloaded",
+                    f"service {self.name} is at max_concurrency {self.max_concurrency}")
+        return None
+
+    def refusal(self, str fun, args, dict kwargs=None, deadline=None):
+        """Why this service does not take a call of `fun` now, as (wire
+        error code, error class, message); None when it may run.  The
+        in-process path asks this, as the core does for every call that
+        arrives (one rule set)."""
+        return self._refusal(fun, args, kwargs, deadline)
+
+    def dispatch(self, proto, IncomingCall call):
+        """Run `call` (admitted) as a task; the Python subclass does."""
         raise NotImplementedError

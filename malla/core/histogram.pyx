@@ -1,14 +1,9 @@
 # LatencyHistogram: call durations, recorded in C.
 
-@cython.final
 cdef class LatencyHistogram:
     """Durations in a log-scale histogram: four buckets per power of two of
     microseconds (about 19% relative error), constant memory, recorded in C
     (metrics must stay cheap on the call path)."""
-
-    cdef uint64_t _counts[256]
-    cdef public uint64_t count
-    cdef public uint64_t sum_ns         # the real sum, for Prometheus's _sum
 
     def record_ns(self, int64_t ns):
         cdef uint64_t us = <uint64_t>(ns // 1000) if ns >= 1000 else 1

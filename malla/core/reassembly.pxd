@@ -34,3 +34,18 @@ cdef class Reassembly:
     cdef void drop(self)
     cdef int _token(self) except -1
     cdef int finish(self) except -1
+
+
+# sans-IO: final, never subclassed (direct C calls, no vtable lookups)
+@cython.final
+cdef class Partials:
+    cdef dict parts                 # stream id -> Reassembly
+    cdef Py_ssize_t bytes           # what they hold or have reserved, in all
+    cdef Py_ssize_t consumed        # bytes of counted frames read, not yet acknowledged
+    cdef uint64_t max_message_size
+
+    cdef bint continues(self, Frame* f)
+    cdef object feed(self, Frame* f, bint acknowledge)
+    cdef int _drop(self, Reassembly part) except -1
+    cdef int cancel(self, uint64_t sid, bint forget) except -1
+    cdef void clear(self)

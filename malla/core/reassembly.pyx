@@ -169,3 +169,97 @@ cdef class Reassembly:
     @property
     def detached_values(self):
         return list(self.detached or ())
+
+
+cdef class Partials:
+    """The messages from the peer arriving in several frames, by stream id,
+    and the bound on what they may hold in all (PARTIAL_BUDGET times
+    max_message_size, values announced but not yet arrived included)."""
+
+    def __cinit__(self, uint64_t max_message_size):
+        self.parts = {}
+        self.max_message_size = max_message_size
+
+    def __len__(self):
+        return PyDict_Size(self.parts)
+
+    cdef bint continues(self, Frame* f):
+        # An unflagged frame on a stream with a message in progress: its
+        # last frame -- unless it is a CANCEL of a call still arriving.
+        cdef object part
+        if not PyDict_Size(self.parts):
+            return False
+        part = self.parts.get(f.sid)
+        return part is not None and (f.ftype != FT_CANCEL
+                                     or (<Reassembly>part).ftype != FT_CALL)
+
+    cdef object feed(self, Frame* f, bint acknowledge):
+        """Take one frame of a message sent in several (or a lone frame above
+        max_message_size, to be dropped): the finished Reassembly after its
+        last frame, None before.  A message that grows too large, or past
+        the budget, is dropped as it arrives (the connection stays)."""
+        cdef Reassembly part
+        cdef object key = f.sid
+        cdef bint scan
+        cdef Py_ssize_t before
+        if f.sid == 0:
+            raise ProtocolError("a message on stream 0 cannot be split")
+        part = self.parts.get(key)
+        # the frames the sender counts against its window: every frame of a
+        # message sent in several (not a lone frame above max_message_size)
+        if acknowledge and (part is not None or f.flags & FLAG_MORE):
+            self.consumed += f.length
+        if part is None:
+            # values of calls and replies are worth detaching; control
+            # messages go to Python whole
+            scan = (f.ftype == FT_CALL or f.ftype == FT_CAST or f.ftype == FT_REPLY
+                    or f.ftype == FT_ERROR)
+            part = Reassembly(f.ftype, f.flags & ~FLAG_MORE, DETACH_MIN if scan else 0,
+                              self.max_message_size)
+            self.parts[key] = part
+        elif part.ftype != f.ftype:
+            raise ProtocolError(f"stream {f.sid}: frame type changed inside a message")
+        if not part.dropped:
+            if <uint64_t>(part.received + f.length) > self.max_message_size:
+                # Too large: drop what we have, keep the connection, and
+                # answer once the message's last frame has passed.
+                self._drop(part)
+            else:
+                before = part.footprint()
+                part.feed(f.payload, f.length)
+                self.bytes += part.footprint() - before
+                if <uint64_t>self.bytes > PARTIAL_BUDGET * self.max_message_size:
+                    self._drop(part)
+                    part.over_budget = True
+        if f.flags & FLAG_MORE:
+            return None
+        del self.parts[key]
+        if not part.dropped:
+            self.bytes -= part.footprint()
+            part.finish()
+        return part
+
+    cdef int _drop(self, Reassembly part) except -1:
+        self.bytes -= part.footprint()
+        part.drop()
+        return 0
+
+    cdef int cancel(self, uint64_t sid, bint forget) except -1:
+        # A CANCEL of a call still arriving: it never runs.  With `forget`
+        # (windows: the sender sends no more of it) it is forgotten now;
+        # otherwise the rest still comes and is dropped as it arrives.
+        cdef Reassembly part
+        if not PyDict_Size(self.parts):
+            return 0
+        part = self.parts.get(sid)
+        if part is not None and part.ftype == FT_CALL:
+            if not part.dropped:
+                self._drop(part)
+            part.cancelled = True
+            if forget:
+                del self.parts[sid]
+        return 0
+
+    cdef void clear(self):
+        self.parts.clear()
+        self.bytes = 0
