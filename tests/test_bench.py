@@ -10,7 +10,7 @@ import sys
 
 from support import ROOT
 
-SYSTEMS = {"floor", "malla", "grpc", "pyro5", "rpyc"}
+SYSTEMS = {"floor", "cfloor", "malla", "grpc", "pyro5", "rpyc"}
 
 
 def test_bench_short_mode_end_to_end(tmp_path):
