@@ -34,6 +34,8 @@ def test_bench_short_mode_end_to_end(tmp_path):
     seq = {r["system"]: r for r in rows if r["scenario"] == "seq"}
     assert seq["malla"]["calls_per_s"] > 0 and seq["malla"]["p50_us"] > 0
     assert "ratio_to_floor" in seq["malla"]
+    assert seq["cfloor"]["calls_per_s"] > 0 and seq["malla"]["ratio_to_cfloor"]["calls_per_s"] > 0
+    assert "vs the C floor" in proc.stdout
     # the table is printed too, every system named in it
     for system in SYSTEMS:
         assert system in proc.stdout
