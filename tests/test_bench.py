@@ -81,8 +81,14 @@ def test_cfloor_is_built_once_and_again_when_the_source_is_newer(tmp_path, monke
     os.utime(built, ns=(source_ns - 10**10, source_ns - 10**10))  # older than the source
     rebuilt = cfloor_sys.binary().stat()
     assert rebuilt.st_mtime_ns >= source_ns and rebuilt.st_ino != first.st_ino
-    # the build directory is not the repository's: nothing to commit there either
-    assert not (tmp_path / "b").is_relative_to(ROOT)
+
+
+def test_cfloor_default_build_is_never_committed(monkeypatch):
+    monkeypatch.delenv("BENCH_CFLOOR_BUILD_DIR", raising=False)
+    built = cfloor_sys.build_dir() / "cfloor"
+    assert built == Path(ROOT, "build", "cfloor", "cfloor")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(built)], cwd=ROOT, timeout=30)
+    assert ignored.returncode == 0, f"{built} is not ignored by git"
 
 
 def test_cfloor_is_missing_without_a_c_compiler(tmp_path):
