@@ -75,7 +75,7 @@ def collect(repo: Path) -> dict[str, Any]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "versions": {
             **{name: package_version(name) for name in _PACKAGES},
-            "cc": compiler_version(),
+            "compiler": compiler_version(),
         },
         "git_commit": git_commit(repo),
     }
