@@ -49,8 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     scenarios = list(SCENARIOS)
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark malla against a plain-Python floor, gRPC, Pyro5 and rpyc: "
-        "one run, one table (see bench/README.md).",
+        description="Benchmark malla against a plain-Python floor, a C floor, gRPC, Pyro5 "
+        "and rpyc: one run, one table (see bench/README.md).",
     )
     parser.add_argument(
         "--short",

@@ -5,6 +5,8 @@ malla) by ``async_load``, the thread-based ones (Pyro5, rpyc) by
 ``threaded_load``.  Both time each call with ``time.perf_counter_ns``, run a
 warm-up first, and stop after ``max_calls`` calls or ``max_seconds`` seconds,
 whichever comes first, so that every measurement is bounded in time.
+The C floor's client is the same loop written in C (bench/cfloor/cfloor.c),
+down to the call budgets and the sketch.
 
 Latencies leave the process as a *sketch*: the 0th..1000th permille order
 statistics of the sorted samples plus the sample count.  That keeps result

@@ -158,6 +158,10 @@ class Child:
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def _read_stdout(self) -> None:
         assert self._proc.stdout is not None
         for line in self._proc.stdout:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.systems import FLOOR
+from bench.systems import CFLOOR, FLOOR
 
 # The figures every result row carries (None where they do not apply).
 FIGURES = ("calls_per_s", "p50_us", "p99_us", "mb_per_s", "rss_client_kib", "rss_server_kib")
@@ -47,7 +47,8 @@ def aggregate(
         for scenario in scenarios
         for system in systems
     ]
-    _add_ratios(rows)
+    _add_ratios(rows, FLOOR, "ratio_to_floor")
+    _add_ratios(rows, CFLOOR, "ratio_to_cfloor")
     for row in rows:
         _round_floats(row)
     return rows
@@ -75,6 +76,7 @@ def _row(
         **{name: None for name in FIGURES},
         "extra": {},
         "ratio_to_floor": {},
+        "ratio_to_cfloor": {},
         "reps": 0,
         "spread": {},
         "warnings": [],
@@ -119,15 +121,16 @@ def _median_and_spread(values: list[float | None]) -> tuple[float | None, float 
     return median, max(present) / min(present) - 1
 
 
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    floors = {r["scenario"]: r for r in rows if r["system"] == FLOOR}
+def _add_ratios(rows: list[dict[str, Any]], divisor: str, field: str) -> None:
+    """``row[field]``: every figure divided by the ``divisor`` system's figure."""
+    floors = {r["scenario"]: r for r in rows if r["system"] == divisor}
     for row in rows:
         floor = floors.get(row["scenario"])
         if floor is None:
             continue
         ours = {**{n: row[n] for n in FIGURES}, **row["extra"]}
         theirs = {**{n: floor[n] for n in FIGURES}, **floor["extra"]}
-        row["ratio_to_floor"] = {
+        row[field] = {
             key: value / theirs[key]
             for key, value in ours.items()
             if value is not None and theirs.get(key)
@@ -191,6 +194,49 @@ def _notes(row: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _grid(titles: list[str], body: list[list[str]]) -> list[str]:
+    """Left-aligned scenario and system, right-aligned figures, notes last."""
+    widths = [max(len(r[i]) for r in [titles, *body]) for i in range(len(titles) - 1)]
+
+    def line(cells: list[str]) -> str:
+        left = [cells[0].ljust(widths[0]), cells[1].ljust(widths[1])]
+        nums = [c.rjust(w) for c, w in zip(cells[2:-1], widths[2:], strict=True)]
+        return "  ".join([*left, *nums, cells[-1]]).rstrip()
+
+    rule = "-" * (sum(widths) + 2 * len(widths) + len(titles[-1]))
+    table = [line(titles), rule]
+    for cells in body:
+        if cells[0] and len(table) > 2:
+            table.append("")
+        table.append(line(cells))
+    return table
+
+
+def _cfloor_table(results: list[dict[str, Any]]) -> list[str]:
+    """Every system's figures as ratios to the C floor's (none without it)."""
+    body: list[list[str]] = []
+    for scenario in dict.fromkeys(r["scenario"] for r in results):
+        rows = [
+            r
+            for r in results
+            if r["scenario"] == scenario and r["system"] != CFLOOR and r["ratio_to_cfloor"]
+        ]
+        for i, row in enumerate(rows):
+            ratios = row["ratio_to_cfloor"]
+            cells = [f"×{ratios[key]:.2f}" if key in ratios else "-" for _, key, _ in _COLUMNS]
+            body.append([scenario if i == 0 else "", row["system"], *cells, ""])
+    if not body:
+        return []
+    titles = ["scenario", "system", *(c[0] for c in _COLUMNS), ""]
+    return [
+        "",
+        f"vs the C floor ({CFLOOR}, bench/cfloor/cfloor.c): ×c = figure / the C floor's, "
+        "same scenario, same run",
+        "",
+        *_grid(titles, body),
+    ]
+
+
 def format_table(doc: dict[str, Any]) -> str:
     meta = doc["meta"]
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
@@ -233,19 +279,7 @@ def format_table(doc: dict[str, Any]) -> str:
                     f"n/a for {', '.join(not_applicable)}",
                 ]
             )
-    widths = [max(len(r[i]) for r in [titles, *body]) for i in range(len(titles) - 1)]
-
-    def line(cells: list[str]) -> str:
-        left = [cells[0].ljust(widths[0]), cells[1].ljust(widths[1])]
-        nums = [c.rjust(w) for c, w in zip(cells[2:-1], widths[2:], strict=True)]
-        return "  ".join([*left, *nums, cells[-1]]).rstrip()
-
-    rule = "-" * (sum(widths) + 2 * len(widths) + len(titles[-1]))
-    table = [line(titles), rule]
-    for cells in body:
-        if cells[0] and len(table) > 2:
-            table.append("")
-        table.append(line(cells))
+    table = _grid(titles, body) + _cfloor_table(doc["results"])
     warned = [r for r in doc["results"] if r["warnings"]]
     footer = [""]
     if warned:

@@ -14,6 +14,10 @@ Each system module is used through the same small interface: ``KIND``
 ("async" or "sync"), ``serve(ready, params)``, ``connect(port, params)``
 returning a connection with ``call(payload)`` and ``close()``, and for async
 systems ``UVLOOP``.  Whatever the mode, the process reports its own peak RSS.
+A ``"native"`` system (the C floor) gives ``command(spec)`` instead: the
+worker pins itself as for any system, then execs that program, which speaks
+this protocol itself.  Any module may add ``probe()``, returning why the
+system cannot run here (or None).
 """
 
 from __future__ import annotations
@@ -70,8 +74,13 @@ def probe(ctl: Control, system: str) -> None:
         missing = [name for name in SYSTEMS[system].required_attrs if not _has_path(module, name)]
         if missing:
             raise ImportError(f"{', '.join(missing)} not found")
+        # A module may check more than its import (the C floor: its build).
+        reason = module.probe() if hasattr(module, "probe") else None
     except Exception as exc:
         ctl.emit("probe", ok=False, reason=f"{type(exc).__name__}: {exc}")
+        return
+    if reason is not None:
+        ctl.emit("probe", ok=False, reason=reason)
         return
     ctl.emit("probe", ok=True)
 
@@ -225,11 +234,34 @@ def _client(ctl: Control, spec: dict[str, Any]) -> None:
         )
 
 
+def _exec_native(spec: dict[str, Any]) -> None:
+    """Become a native system's program (the C floor), if that is the system.
+
+    The program speaks this protocol itself; the CPUs it may run on are
+    already set, and exec keeps them.  Returns only for Python systems.
+    """
+    if spec["role"] not in ("server", "client") or spec.get("system") is None:
+        return
+    module = importlib.import_module(SYSTEMS[spec["system"]].module)
+    if module.KIND != "native":
+        return
+    try:
+        argv: list[str] = module.command(spec)
+        sys.stderr.flush()
+        os.execv(argv[0], argv)
+    except BaseException as exc:
+        traceback.print_exc()
+        Control().emit("error", message=f"{type(exc).__name__}: {exc}")
+        os._exit(1)
+
+
 def main(argv: list[str]) -> None:
     spec = json.loads(argv[1])
     if spec.get("cpus"):
         # Before anything starts threads, so that they all inherit it.
         os.sched_setaffinity(0, spec["cpus"])
+    # Before Control starts reading stdin: it is the native program's.
+    _exec_native(spec)
     ctl = Control()
     role = spec["role"]
     try:

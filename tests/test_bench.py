@@ -1,16 +1,26 @@
 """The benchmark harness runs end to end in its short mode (figures are
-never asserted: they live in bench/RESULTS.md)."""
+never asserted: they live in bench/RESULTS.md), and the C floor builds,
+echoes byte for byte, checks what it gets back and is reported."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
+import pytest
 from support import ROOT
 
-SYSTEMS = {"floor", "malla", "grpc", "pyro5", "rpyc"}
+from bench import cfloor_sys
+from bench.procs import HOST, Child, ChildError, ChildSet
+from bench.scenarios import SCENARIOS
+
+SYSTEMS = {"floor", "cfloor", "malla", "grpc", "pyro5", "rpyc"}
 
 
 def test_bench_short_mode_end_to_end(tmp_path):
@@ -34,6 +44,201 @@ def test_bench_short_mode_end_to_end(tmp_path):
     seq = {r["system"]: r for r in rows if r["scenario"] == "seq"}
     assert seq["malla"]["calls_per_s"] > 0 and seq["malla"]["p50_us"] > 0
     assert "ratio_to_floor" in seq["malla"]
+    assert seq["cfloor"]["calls_per_s"] > 0 and seq["malla"]["ratio_to_cfloor"]["calls_per_s"] > 0
+    assert "vs the C floor" in proc.stdout
     # the table is printed too, every system named in it
     for system in SYSTEMS:
         assert system in proc.stdout
+
+
+# ---------------------------------------------------------------- the C floor
+# Real processes on real loopback TCP: the C program built by the harness,
+# started through bench.worker (which execs it), driven by the harness's
+# own parent side (bench.procs) or by plain sockets.
+
+
+def _bench_env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=ROOT, **extra)
+
+
+def test_cfloor_compiles_without_warnings(tmp_path):
+    compiler = cfloor_sys.find_compiler()
+    assert compiler is not None, "the tests need a C compiler (the core needs one too)"
+    assert {"-Wall", "-Wextra", "-O2"} <= set(cfloor_sys.CFLAGS)
+    proc = subprocess.run(cfloor_sys.compile_command(compiler, tmp_path / "cfloor"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert os.access(tmp_path / "cfloor", os.X_OK)
+
+
+def test_cfloor_is_built_once_and_again_when_the_source_is_newer(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CFLOOR_BUILD_DIR", str(tmp_path / "b"))
+    built = cfloor_sys.binary()
+    assert built == tmp_path / "b" / "cfloor" and os.access(built, os.X_OK)
+    first = built.stat()
+    assert cfloor_sys.binary().stat().st_mtime_ns == first.st_mtime_ns  # up to date: kept
+    source_ns = cfloor_sys.SOURCE.stat().st_mtime_ns
+    os.utime(built, ns=(source_ns - 10**10, source_ns - 10**10))  # older than the source
+    rebuilt = cfloor_sys.binary().stat()
+    assert rebuilt.st_mtime_ns >= source_ns and rebuilt.st_ino != first.st_ino
+
+
+def test_cfloor_default_build_is_never_committed(monkeypatch):
+    monkeypatch.delenv("BENCH_CFLOOR_BUILD_DIR", raising=False)
+    built = cfloor_sys.build_dir() / "cfloor"
+    assert built == Path(ROOT, "build", "cfloor", "cfloor")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(built)], cwd=ROOT, timeout=30)
+    assert ignored.returncode == 0, f"{built} is not ignored by git"
+
+
+def test_cfloor_is_missing_without_a_c_compiler(tmp_path):
+    out = tmp_path / "bench.json"
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = _bench_env(PATH=str(empty), BENCH_CFLOOR_BUILD_DIR=str(tmp_path / "build"))
+    env.pop("CC", None)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--systems", "cfloor",
+                           "--scenarios", "seq,memory_idle", "--short", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["scenario"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["seq"]["status"] == "missing: no C compiler"
+    assert rows["memory_idle"]["status"] == "n/a"
+    assert "missing: no C compiler" in proc.stdout
+    assert not (tmp_path / "build" / "cfloor").exists()
+
+
+def _server(children: ChildSet, cpus: list[int] | None = None) -> tuple[Child, int]:
+    server = children.start({"role": "server", "system": "cfloor", "params": {}, "cpus": cpus},
+                            "cfloor server")
+    return server, server.expect("ready", 60)["port"]
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        assert chunk, "the C floor server closed the connection"
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def test_cfloor_server_echoes_byte_exact():
+    payloads = [b"", b"x", os.urandom(255), os.urandom(65536), os.urandom(1 << 20)]
+    with ChildSet() as children:
+        server, port = _server(children)
+        with socket.create_connection((HOST, port), timeout=30) as sock:
+            # all pipelined in one go, the last frame's header split across two sends
+            frames = b"".join(struct.pack(">I", len(p)) + p for p in payloads)
+            sock.sendall(frames[:-(len(payloads[-1]) + 2)])
+            sock.sendall(frames[-(len(payloads[-1]) + 2):])
+            for payload in payloads:
+                (size,) = struct.unpack(">I", _recv_exactly(sock, 4))
+                assert size == len(payload)
+                assert _recv_exactly(sock, size) == payload
+        rss = server.ask_rss()
+        assert rss["peak_kib"] > 0 and rss["current_kib"] > 0
+
+
+def _load_params(port: int, payload_size: int = 1024, concurrency: int = 1) -> dict:
+    return {"port": port, "payload_size": payload_size, "concurrency": concurrency,
+            "max_calls": 50, "max_seconds": 5.0, "warmup_calls": 5}
+
+
+def _bad_echo_server(mangle) -> tuple[socket.socket, int]:
+    """A server that answers each frame with ``mangle(payload)`` (plain sockets)."""
+    listener = socket.create_server((HOST, 0))
+
+    def run() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                while True:
+                    (size,) = struct.unpack(">I", _recv_exactly(conn, 4))
+                    reply = mangle(_recv_exactly(conn, size))
+                    conn.sendall(struct.pack(">I", len(reply)) + reply)
+            except (AssertionError, OSError):
+                return
+
+    threading.Thread(target=run, daemon=True).start()
+    return listener, listener.getsockname()[1]
+
+
+def _flip_byte_100(payload: bytes) -> bytes:
+    return payload[:100] + bytes([payload[100] ^ 0xFF]) + payload[101:]
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (_flip_byte_100, r"echo mismatch: reply 1 differs from the payload at byte 100 of 1024"),
+    (lambda p: p[:-1], r"echo mismatch: reply 1 is 1023 bytes long, the payload 1024"),
+])
+def test_cfloor_client_fails_loudly_on_a_wrong_echo(mangle, message):
+    listener, port = _bad_echo_server(mangle)
+    with listener, ChildSet() as children:
+        client = children.start({"role": "client", "system": "cfloor", "mode": "load",
+                                 "params": _load_params(port), "cpus": None}, "cfloor client")
+        with pytest.raises(ChildError, match=message):
+            client.expect("ready", 60)
+
+
+def test_cfloor_processes_are_the_c_program_pinned_like_every_system():
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    with ChildSet() as children:
+        server, port = _server(children, cpus=[cpu])
+        client = children.start({"role": "client", "system": "cfloor", "mode": "load",
+                                 "params": _load_params(port, concurrency=4), "cpus": [cpu]},
+                                "cfloor client")
+        client.expect("ready", 60)  # connected, checked, warmed up; waits for "go"
+        for child in (server, client):
+            assert os.sched_getaffinity(child.pid) == {cpu}
+            # exec'd: the harness's child is the C program itself, not a Python wrapper
+            assert Path(f"/proc/{child.pid}/exe").resolve() == cfloor_sys.binary().resolve()
+        client.send("go")
+        result = client.expect("result", 60)
+        assert result["calls"] == 52  # 50 rounded up to whole rounds of 4 in flight
+        sketch = result["sketch_ns"]
+        assert len(sketch) == 1001 and sketch == sorted(sketch) and sketch[0] > 0
+
+
+@pytest.fixture(scope="module")
+def cfloor_run(tmp_path_factory):
+    """One short harness run of floor and cfloor over seq and inflight128."""
+    out = tmp_path_factory.mktemp("cfloor") / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--systems", "floor,cfloor",
+                           "--scenarios", "seq,inflight128", "--short", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_bench_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {(r["system"], r["scenario"]): r for r in json.loads(out.read_text())["results"]}
+    return rows, proc.stdout
+
+
+@pytest.mark.parametrize("scenario", ["seq", "inflight128"])
+def test_cfloor_short_run_gives_calls_and_sane_latencies(cfloor_run, scenario):
+    rows, _ = cfloor_run
+    row = rows["cfloor", scenario]
+    assert row["status"] == "ok" and row["reps"] == 1, row
+    assert row["calls_per_s"] > 0
+    # a loopback round trip is more than a microsecond and less than the run
+    assert 1 <= row["p50_us"] <= row["p99_us"] < 10e6
+    assert row["rss_client_kib"] > 0 and row["rss_server_kib"] > 0
+    # Little's law, with wide slack: calls/s x latency = calls in flight
+    in_flight = row["calls_per_s"] * row["p50_us"] / 1e6
+    concurrency = SCENARIOS[scenario].concurrency
+    assert concurrency / 8 <= in_flight <= concurrency * 4, (in_flight, row)
+
+
+def test_the_report_gives_ratios_to_the_c_floor(cfloor_run):
+    rows, stdout = cfloor_run
+    for scenario in ("seq", "inflight128"):
+        floor, cfloor = rows["floor", scenario], rows["cfloor", scenario]
+        assert floor["ratio_to_cfloor"]["calls_per_s"] == pytest.approx(
+            floor["calls_per_s"] / cfloor["calls_per_s"], rel=1e-3)
+        assert cfloor["ratio_to_cfloor"]["p50_us"] == pytest.approx(1.0)
+        # the main table's divisor is still the Python floor
+        assert cfloor["ratio_to_floor"]["calls_per_s"] == pytest.approx(
+            cfloor["calls_per_s"] / floor["calls_per_s"], rel=1e-3)
+    table = stdout[stdout.index("vs the C floor"):]
+    floor_line = next(line for line in table.splitlines() if line.split()[1:2] == ["floor"])
+    ratio = rows["floor", "seq"]["ratio_to_cfloor"]["calls_per_s"]
+    assert floor_line.split()[2] == f"×{ratio:.2f}"
