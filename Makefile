@@ -111,11 +111,14 @@ debug: $(STAMP)
 	cp malla/*.py malla/*.pyx malla/*.pxd malla/*.pyi malla/py.typed $(DEBUG_PKG)/malla/
 	cp malla/core/*.pyx malla/core/*.pxd $(DEBUG_PKG)/malla/core/
 	cd $(DEBUG_PKG) && MALLA_DEBUG=1 $(CURDIR)/$(VPY) setup.py -q build_ext --inplace
-	PYTHONPATH=$(CURDIR)/$(DEBUG_PKG) $(VPY) -c \
+	cd $(DEBUG_PKG) && $(CURDIR)/$(VPY) -c \
 	  'import malla._core as c; assert c.DEBUG and "build/debug/" in c.__file__, c.__file__'
 
+# (run from the copy: the directory a Python starts in comes first on its path)
 test-debug: debug
-	PYTHONPATH=$(CURDIR)/$(DEBUG_PKG) $(VPY) -m pytest -q -x -p no:cacheprovider $(DEBUG_TESTS)
+	cd $(DEBUG_PKG) && PYTHONPATH=$(CURDIR)/$(DEBUG_PKG) $(CURDIR)/$(VPY) -m pytest -q -x \
+	  -p no:cacheprovider --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml \
+	  $(addprefix $(CURDIR)/,$(DEBUG_TESTS))
 
 lint: build
 	$(VPY) -m ruff check malla tests examples bench fuzz
