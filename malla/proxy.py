@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
-from malla.arguments import bind, signature_from_wire
+from malla.arguments import Checker, checkers_of
 from malla.caller import CALL_OPTIONS, invalid_options
 from malla.precompile import load_precompile
 
@@ -54,7 +54,11 @@ class Call:
         return f"<malla.Call {self.proxy._name}.{self.fun}{self.args!r}>"
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self.run().__await__()
+        # straight into remote()'s coroutine: no frame of ours in between
+        self._used = True
+        proxy = self.proxy
+        return proxy._node.remote(proxy._name, self.fun, self.args,
+                                  self.kwargs or None).__await__()
 
     async def run(self, **opts: Any) -> Any:
         """Make the call through remote(), with remote()'s options."""
@@ -91,7 +95,8 @@ class RemoteFunction:
 
     @property
     def __signature__(self) -> inspect.Signature:
-        return self._proxy._signature(self.__name__)
+        checker = self._proxy._checker(self.__name__)
+        return _UNCHECKED if checker is None else checker.signature
 
     @property
     def __doc__(self) -> str:  # type: ignore[override]
@@ -101,9 +106,10 @@ class RemoteFunction:
         return f"<malla remote function {self.__qualname__}{self.__signature__}>"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Call:
-        sig = self._proxy._signature(self.__name__)
-        if sig is not _UNCHECKED:
-            bind(self.__qualname__, sig, args, kwargs)
+        checker = self._proxy._checker(self.__name__)
+        # (the common case in line: positional arguments within the range)
+        if checker is not None and (kwargs or not checker.lo <= len(args) <= checker.hi):
+            checker.check(args, kwargs)
         return Call(self._proxy, self.__name__, args, kwargs)
 
 
@@ -116,7 +122,7 @@ class Proxy:
 
     _node_or_getter: ProxyHost | Callable[[], ProxyHost]
     _name: str
-    _last: dict[str, inspect.Signature]
+    _last: dict[str, Checker]
     _last_source: Any
     _funcs: dict[str, RemoteFunction]
 
@@ -135,7 +141,7 @@ class Proxy:
     def __repr__(self) -> str:
         return f"<malla proxy of service {self._name}>"
 
-    def _functions(self) -> dict[str, inspect.Signature] | None:
+    def _functions(self) -> dict[str, Checker] | None:
         """The announced functions (the last ones known when none runs now),
         or the precompiled arities before discovery; None when nothing is
         known of the service (calls are then unchecked)."""
@@ -148,25 +154,34 @@ class Proxy:
             functions = info.get("functions", {})
             if functions is self._last_source:
                 return self._last   # built once per announcement, not per call
-            sigs = {name: signature_from_wire(params) for name, params in functions.items()}
-            object.__setattr__(self, "_last", sigs)
-            object.__setattr__(self, "_last_source", functions)
-            return sigs
-        if self._last:
+            return self._keep(functions, checkers_of(self._name, functions))
+        if self._last and self._last_source is not None:
             return self._last
         stubs = node._precompiled if node is not None else load_precompile(None)
-        if self._name not in stubs:
+        arities = stubs.get(self._name)
+        if arities is None:
             return None
-        return {fun: _arity_signature(n) for fun, n in stubs[self._name].items()}
+        if arities is self._last_source:
+            return self._last
+        return self._keep(arities, {fun: Checker(f"{self._name}.{fun}", _arity_signature(n))
+                                    for fun, n in arities.items()})
 
-    def _signature(self, fun: str) -> inspect.Signature:
+    def _keep(self, source: Any, checkers: dict[str, Checker]) -> dict[str, Checker]:
+        # the checkers of the last announcement (or stubs) seen
+        object.__setattr__(self, "_last", checkers)
+        object.__setattr__(self, "_last_source", source)
+        return checkers
+
+    def _checker(self, fun: str) -> Checker | None:
+        """The check of `fun`'s arguments; None when nothing is known of
+        the service (unchecked calls); UnknownFunction when it has no `fun`."""
         functions = self._functions()
         if functions is None:
-            return _UNCHECKED
-        sig = functions.get(fun)
-        if sig is None:
+            return None
+        checker = functions.get(fun)
+        if checker is None:
             raise mexc.UnknownFunction(self._unknown(fun))
-        return sig
+        return checker
 
     def _unknown(self, fun: str) -> str:
         known = ", ".join(sorted(self._functions() or ())) or "none"
@@ -194,7 +209,8 @@ class Proxy:
     @property
     def __doc__(self) -> str:  # type: ignore[override]
         lines = [f"Proxy of the malla service {self._name}. Functions:"]
-        lines += [f"    {fun}{sig}" for fun, sig in sorted((self._functions() or {}).items())]
+        lines += [f"    {fun}{c.signature}"
+                  for fun, c in sorted((self._functions() or {}).items())]
         return "\n".join(lines)
 
     async def _call(self, fun: str, args: tuple[Any, ...], kwargs: dict[str, Any],
