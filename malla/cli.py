@@ -4,7 +4,7 @@
     malla services [--seed host:port] [--json]
     malla call Service.fun ARG... [--seed host:port] [--timeout ms]
     malla demo
-    malla bench [bench options]
+    malla bench [--seconds S] [--json]
 
 The CLI is a thin shell over the library: argument parsing, a hidden node
 for the client commands, output.  A user mistake prints one line and exits
@@ -100,9 +100,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="start a small cluster on loopback, call it, kill a node, "
                                 "and watch the calls fail over")
-    bench = sub.add_parser("bench", help="run the benchmark harness (from a source checkout)",
-                           add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench = sub.add_parser("bench", help="measure malla on this machine: sequential and "
+                                         "128-in-flight calls between two local processes")
+    bench.add_argument("--seconds", type=float, default=3.0,
+                       help="per measurement (default 3)")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     return parser
 
 
@@ -332,13 +334,25 @@ async def _cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(rest: list[str]) -> int:
+def _cmd_bench(args: argparse.Namespace) -> int:
+    # malla's own self-benchmark (malla/selfbench.py): it works from a wheel;
+    # the comparison with other systems is the repository's `make bench`
+    from malla import selfbench
+
+    def progress(line: str) -> None:
+        print(f"malla bench: {line}", file=sys.stderr, flush=True)
+
     try:
-        from bench.__main__ import main as bench_main  # type: ignore[import-not-found]
-    except ImportError:
-        raise UserError("the benchmark harness lives in the source checkout: run "
-                        "`make bench` (or `python -m bench`) there", EXIT_USAGE) from None
-    return int(bench_main(rest) or 0)
+        results = selfbench.run(args.seconds, progress)
+    except malla.InvalidOption as exc:
+        raise UserError(str(exc), EXIT_USAGE) from None
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{'scenario':<12} {'calls/s':>10} {'p50 us':>9}")
+    for name, figures in results.items():
+        print(f"{name:<12} {figures['calls_per_s']:>10,.0f} {figures['p50_us']:>9.1f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             from malla.demo import main as demo_main
             return demo_main()
         if args.command == "bench":
-            return _cmd_bench(args.rest)
+            return _cmd_bench(args)
         commands = {"node": _cmd_node, "services": _cmd_services, "call": _cmd_call}
         if args.command not in commands:
             parser.print_help()

@@ -148,3 +148,22 @@ def test_readme_tour_runs_as_written():
     lines = stdout.splitlines()
     assert "3" in lines and "49" in lines
     assert any(line.startswith("Calculator") for line in lines)
+
+
+def test_bench_measures_malla_without_the_repositorys_harness(tmp_path):
+    # run where the repository's bench/ package cannot be imported: the
+    # self-benchmark ships in the package
+    out = subprocess.run([sys.executable, "-m", "malla", "bench", "--seconds", "0.3", "--json"],
+                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout)
+    assert set(figures) == {"seq", "inflight128"}
+    for scenario in figures.values():
+        assert scenario["calls"] > 0 and scenario["calls_per_s"] > 0
+        assert 0 < scenario["p50_us"] < 10_000_000
+    # more calls in flight overlap their round trips
+    assert figures["inflight128"]["p50_us"] > figures["seq"]["p50_us"]
+    assert "measuring" in out.stderr                        # progress as it goes
+    bad = malla("bench", "--seconds", "0")
+    assert bad.returncode == 2 and "seconds" in bad.stderr
