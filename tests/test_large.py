@@ -117,6 +117,24 @@ async def ticks(n: int = 50) -> None:
         await asyncio.sleep(0)
 
 
+def test_a_call_too_large_to_send_leaves_nothing_behind():
+    # refused before sending: no pending future, no deadline in the heap,
+    # nothing half-written in the buffer (the next call goes out whole)
+    async def main():
+        _owner, proto, transport = ready_protocol(window=False, max_message=1 << 20)
+        with pytest.raises(malla.MessageTooLarge):
+            proto.call("Svc", "f", [b"x" * (2 << 20)], None, 5000, None, None)
+        assert proto.in_flight == 0 and proto.timer_heap_len == 0
+        fut = proto.call("Svc", "g", [1], None, 5000, None, None)
+        await ticks()
+        frames = core.FrameReader(1 << 20).feed(b"".join(transport.writes))
+        assert [(t, msgpack.unpackb(p)[1]) for t, _f, _s, p in frames] == [(core.FT_CALL, "g")]
+        assert proto.in_flight == 1 and proto.timer_heap_len == 1
+        fut.cancel()
+
+    run_async(main())
+
+
 def test_large_bytes_go_to_the_transport_uncopied_and_arrive_whole():
     async def main():
         _owner, proto, transport = ready_protocol(window=False)

@@ -101,7 +101,7 @@ cdef class ServiceEntry:
             return (ERR_UNKNOWN_FUNCTION, "malla.exceptions.UnknownFunction",
                     f"service {self.name} exports no function {fun!r}")
         ap = PyDict_GetItem(self.arity, fun)
-        nargs = len(args)
+        nargs = PyList_GET_SIZE(args) if type(args) is list else len(args)
         if ap is not NULL and (kwargs or not (<Py_ssize_t>(<tuple>ap)[0] <= nargs
                                               <= <Py_ssize_t>(<tuple>ap)[1])):
             try:

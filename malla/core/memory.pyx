@@ -1,7 +1,7 @@
 # Memory given back to the system.  Each connection gives back its own
 # grown buffers once idle (Wire._idle_check); the process's heap is one for
-# all connections, so it is trimmed here, once for any number of them
-# going idle together, and never more often than every LARGE_IDLE.
+# all connections, so it is trimmed here, at most once every LARGE_IDLE
+# however many connections go idle together (and whatever loop they run on).
 
 cdef extern from *:
     """
@@ -14,19 +14,13 @@ cdef extern from *:
     """
     void malla_trim_heap() nogil
 
-cdef bint _trim_scheduled = False
+cdef double _trimmed_at = 0
 
 
-cdef void _trim_process_heap_soon(object loop):
-    # glibc keeps freed memory for reuse: hand it back to the system, at the
-    # end of this loop tick (every connection idle now has freed its share)
-    global _trim_scheduled
-    if not _trim_scheduled:
-        _trim_scheduled = True
-        loop.call_later(LARGE_IDLE, _trim_process_heap)
-
-
-def _trim_process_heap():
-    global _trim_scheduled
-    _trim_scheduled = False
-    malla_trim_heap()
+cdef void _trim_process_heap():
+    # glibc keeps freed memory for reuse: hand it back to the system
+    global _trimmed_at
+    cdef double now = _now()
+    if now - _trimmed_at >= LARGE_IDLE:
+        _trimmed_at = now
+        malla_trim_heap()

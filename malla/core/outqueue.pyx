@@ -117,7 +117,7 @@ cdef class OutQueue:
     cdef bint can_send(self):
         """A round would send something now (the window permitting)."""
         return PyList_GET_SIZE(self.large) > 0 and (
-            self.window == 0 or self.credit >= (<_LargeMessage>self.large[0]).chunk)
+            self.window <= 0 or self.credit >= (<_LargeMessage>self.large[0]).chunk)
 
     cdef bint drained(self):
         """The backlog has just drained (to a quarter of the high-water

@@ -15,10 +15,10 @@ cdef class Pending:
     cdef Py_ssize_t _len
     cdef Py_ssize_t _size
 
-    cdef int add(self, uint64_t sid, object fut, double deadline) except -1
+    cdef int add_deadline(self, uint64_t sid, double deadline) except -1
     cdef object pop(self, uint64_t sid)
     cdef double next_deadline(self)
-    cdef list expired(self, double now)
+    cdef uint64_t next_expired(self, double now)
     cdef int fail_all(self, object exc_factory) except -1
     cdef int _push(self, double deadline, uint64_t sid) except -1
     cdef void _sift_down(self, Py_ssize_t i)

@@ -29,13 +29,10 @@ cdef class Pending:
         """Deadlines in the heap, stale ones included (bounded: tests)."""
         return self._len
 
-    cdef int add(self, uint64_t sid, object fut, double deadline) except -1:
-        # deadline 0: the call waits as long as it takes (no timeout).
-        # 1 when its deadline is now the earliest: the timer must move.
-        self.calls[sid] = fut
-        if deadline > 0:
-            return self._push(deadline, sid)
-        return 0
+    cdef int add_deadline(self, uint64_t sid, double deadline) except -1:
+        # The deadline of call `sid` (in `calls`, and sent): 1 when it is now
+        # the earliest, so that the timer must move.
+        return self._push(deadline, sid)
 
     cdef object pop(self, uint64_t sid):
         """The future of call `sid`, forgotten; None when it is not pending."""
@@ -53,17 +50,16 @@ cdef class Pending:
             self._pop_top()
         return self._heap[0].deadline if self._len else 0
 
-    cdef list expired(self, double now):
-        """The calls whose deadline has passed, as (sid, future), forgotten."""
-        cdef list out = []
+    cdef uint64_t next_expired(self, double now):
+        """A call still pending whose deadline has passed (its future stays
+        in `calls` for the caller to pop), or 0 when there is none."""
         cdef uint64_t sid
         while self._len and self._heap[0].deadline <= now:
             sid = self._heap[0].sid
             self._pop_top()
-            fut = self.pop(sid)
-            if fut is not None:
-                out.append((sid, fut))
-        return out
+            if sid in self.calls:
+                return sid
+        return 0
 
     cdef int fail_all(self, object exc_factory) except -1:
         """Fail every call and ping with a fresh exc_factory() (the

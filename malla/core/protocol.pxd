@@ -19,7 +19,7 @@ cdef class CoreProtocol(Wire):
                        list detached) except -1
     cdef int _on_call(self, uint8_t ftype, uint64_t sid, const char* p, Py_ssize_t n,
                       list detached) except -1
-    cdef int _run_inline(self, ServiceEntry entry, IncomingCall call) except -1
+    cdef int _run_inline(self, ServiceEntry entry, IncomingCall call, object fn) except -1
     cdef int _on_window(self, const char* p, Py_ssize_t n) except -1
     cdef int _on_heartbeat(self, uint8_t flags, uint64_t sid) except -1
     cdef int _on_cancel(self, uint64_t sid) except -1

@@ -24,7 +24,7 @@ cdef class CoreProtocol(Wire):
         self._next_sid = 1 if dialer else 2
 
     cdef Py_ssize_t _in_flight(self):
-        return len(self._pending) + PyDict_Size(self._running)
+        return PyDict_Size(self._pending.calls) + PyDict_Size(self._running)
 
     def debug_held(self):
         return (len(self._pending) + len(self._pending.pings), len(self._running),
@@ -54,8 +54,9 @@ cdef class CoreProtocol(Wire):
         `window_size` bytes in flight at most (0: not paced)."""
         if self._state != CS_HANDSHAKE:
             raise mexc.InternalError("set_ready outside the handshake")
-        if 0 < window_size < LARGE_FRAME:
-            raise ValueError(f"a window below one frame ({LARGE_FRAME} bytes) never opens")
+        if window_size < 0 or 0 < window_size < LARGE_FRAME:
+            raise ValueError(f"a window is 0 (not paced) or at least one frame "
+                             f"({LARGE_FRAME} bytes), not {window_size}")
         self.peer_name = peer_name
         self.max_frame_size = max_frame_size
         self._reader.max_frame_size = max_frame_size
@@ -241,14 +242,13 @@ cdef class CoreProtocol(Wire):
         # a plain def with the default hook runs right here; with a deadline
         # it goes through dispatch (the handler's context gets the budget)
         if entry.fast and call.deadline is None and entry.kinds[call.fun] == 0:
-            return self._run_inline(entry, call)
+            return self._run_inline(entry, call, entry.funcs[call.fun])
         task = entry.dispatch(self, call)
         if task is not None and not cast:
             self._running[sid] = task
         return 0
 
-    cdef int _run_inline(self, ServiceEntry entry, IncomingCall call) except -1:
-        cdef object fn = entry.funcs[call.fun]
+    cdef int _run_inline(self, ServiceEntry entry, IncomingCall call, object fn) except -1:
         cdef double started = _now()
         try:
             if call.kwargs:
@@ -362,15 +362,23 @@ cdef class CoreProtocol(Wire):
         cdef Py_ssize_t start = self._encode_call(FT_CALL, service, fun, args, kwargs,
                                                   timeout_ms, deadline_ms, meta, trace)
         cdef uint64_t sid = self.last_sid
-        fut = self._loop.create_future()
-        if self._pending.add(sid, fut, _now() + timeout_ms * 0.001 if timeout_ms > 0 else 0):
-            self._arm_timer()
+        cdef object fut
+        try:
+            fut = self._loop.create_future()
+        except BaseException:
+            self._wbuf.truncate(start)
+            raise
+        # pending before it is queued (a quiet connection writes a call at
+        # once when it is the only one in flight), its deadline once sent
+        self._pending.calls[sid] = fut
         try:
             self._queue_encoded(start)
         except BaseException:
-            self._pending.pop(sid)      # (its deadline, if any, goes stale)
+            del self._pending.calls[sid]
             raise
         self.calls_out += 1
+        if timeout_ms > 0 and self._pending.add_deadline(sid, _now() + timeout_ms * 0.001):
+            self._arm_timer()
         return fut
 
     def cast(self, str service, str fun, args, kwargs, meta, trace=None):
@@ -457,15 +465,19 @@ cdef class CoreProtocol(Wire):
         return 0
 
     def _on_timer(self):
+        cdef double now = _now()
+        cdef uint64_t sid
         self._timer = None
-        for sid, fut in self._pending.expired(_now()):
+        while True:
+            sid = self._pending.next_expired(now)
+            if sid == 0:
+                break
+            fut = self._pending.pop(sid)
             if not fut.done():
                 fut.set_exception(CallTimeout(f"no reply from {self.peer_name} in time"))
             # The peer cancels what it still runs for us.
             self._send_cancel(sid)
         self._arm_timer()
-
-    # -- memory -------------------------------------------------------------------
 
 
 class Protocol(CoreProtocol, asyncio.BufferedProtocol):

@@ -45,7 +45,7 @@ cdef class Partials:
     cdef uint64_t max_message_size
 
     cdef bint continues(self, Frame* f)
-    cdef object feed(self, Frame* f, bint acknowledge)
+    cdef Reassembly feed(self, Frame* f, bint acknowledge)
     cdef int _drop(self, Reassembly part) except -1
     cdef int cancel(self, uint64_t sid, bint forget) except -1
     cdef void clear(self)

@@ -193,7 +193,7 @@ cdef class Partials:
         return part is not None and (f.ftype != FT_CANCEL
                                      or (<Reassembly>part).ftype != FT_CALL)
 
-    cdef object feed(self, Frame* f, bint acknowledge):
+    cdef Reassembly feed(self, Frame* f, bint acknowledge):
         """Take one frame of a message sent in several (or a lone frame above
         max_message_size, to be dropped): the finished Reassembly after its
         last frame, None before.  A message that grows too large, or past

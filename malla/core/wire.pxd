@@ -18,7 +18,8 @@ cdef class Wire:
     cdef WriteBuffer _wbuf
     cdef OutQueue _out
     cdef public uint32_t max_frame_size
-    cdef public uint64_t max_message_size
+    # (fixed at construction: the partial messages' limits are made of it)
+    cdef readonly uint64_t max_message_size
     cdef public double last_heard
     cdef public double last_sent
     cdef bint _acknowledge          # CAP_WINDOW negotiated: we send WINDOW frames
@@ -45,6 +46,7 @@ cdef class Wire:
     cdef int _queue_encoded(self, Py_ssize_t start) except -1
     cdef int _request_flush(self) except -1
     cdef int _schedule_round(self) except -1
+    cdef bytes _take_small(self)
     cdef bint _note_large(self)
     cdef void _schedule_idle_check(self)
     cdef int _protocol_violation(self, str message) except -1

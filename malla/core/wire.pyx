@@ -25,7 +25,8 @@ cdef class Wire:
 
     Whole messages go to `_on_message` (CoreProtocol's), so this class never
     decodes a call: it is the part of the asyncio protocol that only moves
-    bytes, and the part its fuzzers and unit tests drive with bytes.
+    bytes.  (It is never used alone: the tests drive it, with bytes, through
+    a CoreProtocol on a fake transport.)
     """
 
     def __cinit__(self):
@@ -165,7 +166,7 @@ cdef class Wire:
             self._in_read = False
         self._reader.compact_if_idle(self._shrink_after_read)
         self._shrink_after_read = False
-        if (self._wbuf._len or len(self._out)) and self._state <= CS_READY:
+        if (self._wbuf._len or PyList_GET_SIZE(self._out.large)) and self._state <= CS_READY:
             self.flush()
         if nbytes > READ_BUF_INITIAL or self._reader._end - self._reader._start > READ_BUF_INITIAL:
             self._schedule_idle_check()     # give the grown buffer back once idle
@@ -186,7 +187,7 @@ cdef class Wire:
         self._update_congestion()
         # The calls that waited run first (they were woken before this
         # call_soon); the next round of large frames goes after them.
-        if len(self._out) and not self._flush_scheduled:
+        if PyList_GET_SIZE(self._out.large) and not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._end_tick)
 
@@ -303,7 +304,7 @@ cdef class Wire:
             # closing: close() already handed the transport what was queued
             self._wbuf.truncate(0)
             return
-        if len(self._out) and not self._paused_writing:
+        if PyList_GET_SIZE(self._out.large) and not self._paused_writing:
             bufs = []
             if self._wbuf._len:
                 bufs.append(self._take_small())
@@ -330,7 +331,7 @@ cdef class Wire:
             self._loop.call_soon(self._end_tick)
         return 0
 
-    def _take_small(self):
+    cdef bytes _take_small(self):
         if self._wbuf._len > WRITE_BUF_KEEP:
             self._schedule_idle_check()     # give the grown buffer back once idle
         return self._wbuf.take()
@@ -370,7 +371,7 @@ cdef class Wire:
             return
         self._reader.compact_if_idle(True)
         self._wbuf.release_if_large()
-        _trim_process_heap_soon(self._loop)
+        _trim_process_heap()
 
     # -- closing ------------------------------------------------------------------
 
