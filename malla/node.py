@@ -1,8 +1,10 @@
 """A node: listens, dials, admits authenticated peers, hosts services,
 announces them, keeps peers' liveness, and stops cleanly.
 
-Everything here is lifecycle and membership; the call path lives in
-malla.caller (mixed in) and the per-call work in the core.
+Everything here is lifecycle and membership; the services hosted here live
+in malla.hosting, the call path in malla.caller (a composed Caller; metrics
+and tracing wrap its remote() as interceptors) and the per-call work in the
+core.
 """
 
 from __future__ import annotations
@@ -13,25 +15,28 @@ import os
 import random
 import ssl
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla._ext import core
-from malla.caller import CallAPI, _Stats
+from malla.caller import Caller
 from malla.config import NodeConfig
 from malla.connection import Connection
 from malla.dns import DEFAULT_PORT, Resolver, kind_of, parse_address, resolve_all
 from malla.guard import HandshakeThrottle, cookie_weakness
 from malla.handshake import CAP_UDP_HEARTBEAT, Hello, member, protocol_limits
 from malla.heartbeat import HeartbeatThread
+from malla.hosting import Hosting
 from malla.liveness import Liveness
-from malla.metrics import Metrics, serve_prometheus
+from malla.metrics import Metrics, Stats, serve_prometheus
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
-from malla.ratelimit import RateLimitedLog
 from malla.registry import Registry, invalid_info, service_name
-from malla.service import RunningService, Service, describe
-from malla.tracing import Tracing, traced_remote
+from malla.service import Service
+from malla.tracing import Tracing
+
+if TYPE_CHECKING:
+    from malla.interfaces import CallInterceptor
 
 __all__ = ["Node", "parse_address"]
 
@@ -47,7 +52,7 @@ def _cookie_bytes(cookie: str | bytes | None) -> bytes:
     return raw
 
 
-class Node(CallAPI):
+class Node:
     """A member of a malla cluster (DESIGN.md "Nodes and the cluster").
 
     Seconds as floats for node settings, bytes for sizes.
@@ -95,16 +100,11 @@ class Node(CallAPI):
         self.window_size = window_size
         self.ssl_server = ssl_server
         self.ssl_client = ssl_client
-        self._metrics: Metrics | None = None
         self._metrics_server: Any = None
-        self._tracing: Tracing | None = (
-            None if tracing is False else Tracing(1.0 if tracing is True else float(tracing)))
-        self._wrap_remote(metrics or metrics_port is not None)
         self._hb_thread: HeartbeatThread | None = None
         # drawn again by every start(): a restarted node is a new incarnation
         self.incarnation = random.getrandbits(64)
         self._live = False
-        self._cast_log = RateLimitedLog(log)
         self._cookie = _cookie_bytes(cookie)
         self._registry = Registry(name)
         self._throttle = HandshakeThrottle()
@@ -112,12 +112,10 @@ class Node(CallAPI):
         self._proxies: dict[str, Proxy] = {}
         self.services = Services(self)
         self._liveness = Liveness()
-        self._stats = _Stats()
-        self._entries: dict[str, RunningService] = {}
-        # What the network may call: the global services (a non-global one
-        # is callable only on its own node).
-        self._exposed: dict[str, RunningService] = {}
+        self._stats = Stats()
         self._conns: dict[str, Connection] = {}
+        # (the caller reads the admitted connections under this name)
+        self.connected = self._conns
         self._all: set[Connection] = set()
         self._known: dict[str, tuple[str, int]] = {}
         self._lost_at: dict[str, float] = {}
@@ -131,16 +129,29 @@ class Node(CallAPI):
         self._draining = False
         self._goodbye_sent = False
         self._members: dict[str, tuple[str, int]] = {}
+        self._metrics = Metrics() if metrics or metrics_port is not None else None
+        tracer = None if tracing is False else Tracing(1.0 if tracing is True else float(tracing))
+        self._hosting = Hosting(config, self._registry, self._stats, tracer, self._broadcast)
+        self._caller = Caller(name, self._registry, self._hosting, self, self._stats,
+                              self._spawn, carrier=tracer.carrier if tracer else None)
+        remote, call_cb_all = self._caller.remote, self._caller.call_cb_all
+        interceptors: list[CallInterceptor] = [i for i in (self._metrics, tracer) if i]
+        for interceptor in interceptors:     # (the last one outermost)
+            remote = interceptor.wrap_remote(remote)
+            call_cb_all = interceptor.wrap_call_cb_all(call_cb_all)
+        # Bound on the instance: a call enters the caller (or the first
+        # interceptor) directly, with no frame of this node.
+        self.remote = self._remote = remote  # type: ignore[method-assign]
+        self.call_cb_all = self._call_cb_all = call_cb_all  # type: ignore[method-assign]
+        self.local = self._caller.local  # type: ignore[method-assign]
 
-    def _wrap_remote(self, metrics: bool) -> None:
-        # Metrics and tracing replace this node's remote() by a wrapped one;
-        # without them it is the plain method and they cost nothing.
-        if metrics:
-            self._metrics = Metrics()
-        if self._tracing is not None:
-            # tracing replaces this node's remote() by a traced one
-            remote = traced_remote(CallAPI.remote.__get__(self), self._tracing)
-            self.remote = remote  # type: ignore[method-assign]
+    @property
+    def running(self) -> bool:
+        return self._live
+
+    def _broadcast(self, ftype: int, body: Any) -> None:
+        for conn in list(self._conns.values()):
+            conn.proto.send_message(ftype, body)
 
     def __repr__(self) -> str:
         return f"<malla.Node {self.name} {self._address or 'not started'}>"
@@ -226,8 +237,7 @@ class Node(CallAPI):
         if self._server is None or self._stopping or self._draining:
             return
         self._draining = True
-        for name, _entry in list(self._entries.items()):
-            await self._set_paused(name, True)
+        await self._hosting.pause_all()
         end = time.monotonic() + grace
         while self._busy() and time.monotonic() < end:
             await asyncio.sleep(0.01)
@@ -240,7 +250,7 @@ class Node(CallAPI):
 
     def _busy(self) -> bool:
         """Calls to this node's services still running."""
-        return (any(e.running for e in self._entries.values())
+        return (self._hosting.busy()
                 or any(c.proto.running for c in self._conns.values()))
 
     async def __aenter__(self) -> Node:
@@ -297,7 +307,7 @@ class Node(CallAPI):
         conn = Connection(self, dialer, target)
         self._all.add(conn)
         assert self._loop is not None
-        return core.Protocol(conn, self._loop, dialer, self._exposed,
+        return core.Protocol(conn, self._loop, dialer, self._hosting.exposed,
                              self.max_frame_size, self.max_message_size)
 
     async def connect(self, target: str) -> None:
@@ -471,7 +481,7 @@ class Node(CallAPI):
             self._known[peer.name] = peer.listen
         conn.admit(conn)
         log.info("malla: %s connected to %s", self.name, peer.name)
-        conn.proto.send_message(core.FT_TABLE, self._table())
+        conn.proto.send_message(core.FT_TABLE, self._hosting.table())
         if not self.hidden:
             conn.proto.send_message(core.FT_PEERS, self._peer_list())
         if not self.hidden and not peer.hidden:
@@ -600,7 +610,7 @@ class Node(CallAPI):
         while True:
             await asyncio.sleep(self.check_interval)
             self._registry.reshuffle()
-            table = self._table()
+            table = self._hosting.table()
             for conn in list(self._conns.values()):
                 conn.proto.send_message(core.FT_TABLE, table)
             self._forget_long_gone()
@@ -627,60 +637,45 @@ class Node(CallAPI):
 
     # -- services -----------------------------------------------------------------
 
-    def _table(self) -> dict[str, Any]:
-        return {name: describe(e.instance, e.paused) for name, e in self._entries.items()
-                if type(e.instance)._malla_global}
-
-    def _announce(self, name: str, info: dict[str, Any] | None) -> None:
-        for conn in list(self._conns.values()):
-            conn.proto.send_message(core.FT_ANNOUNCE, [name, info])
-
     async def start_service(self, service: Service | type[Service]) -> None:
         """Run a service on this node; a global one is announced to the cluster."""
-        instance = service() if isinstance(service, type) else service
-        if not isinstance(instance, Service):
-            raise TypeError(f"not a malla.Service: {service!r}")
-        cls = type(instance)
-        name = cls._malla_name
-        if name in self._entries:
-            raise ValueError(f"service {name} is already running on {self.name}")
-        if cls._malla_global and self.hidden:
-            raise ValueError(f"hidden node {self.name} cannot host the global service {name}")
-        self._entries[name] = RunningService(instance, self._tracing)
-        if cls._malla_global:
-            self._exposed[name] = self._entries[name]
-        info = describe(instance)
-        self._registry.set_local(name, info)
-        if cls._malla_global:
-            self._announce(name, info)
+        await self._hosting.start(service)
 
     async def stop_service(self, service: Any) -> None:
         """Stop a service here; calls to it fail over elsewhere."""
-        name = service_name(service)
-        entry = self._entries.pop(name, None)
-        self._exposed.pop(name, None)
-        if entry is None:
-            raise mexc.ServiceNotAvailable(f"service {name} is not running on {self.name}")
-        self._registry.set_local(name, None)
-        if type(entry.instance)._malla_global:
-            self._announce(name, None)
+        await self._hosting.stop(service)
 
     async def pause_service(self, service: Any) -> None:
         """Keep the service registered but announce it paused: callers fail over."""
-        await self._set_paused(service_name(service), True)
+        await self._hosting.set_paused(service, True)
 
     async def resume_service(self, service: Any) -> None:
-        await self._set_paused(service_name(service), False)
+        await self._hosting.set_paused(service, False)
 
-    async def _set_paused(self, name: str, paused: bool) -> None:
-        entry = self._entries.get(name)
-        if entry is None:
-            raise mexc.ServiceNotAvailable(f"service {name} is not running on {self.name}")
-        entry.paused = paused
-        info = describe(entry.instance, paused)
-        self._registry.set_local(name, info)
-        if type(entry.instance)._malla_global:
-            self._announce(name, info)
+    # -- calls (bound on the instance by __init__; these are for help() and docs) ---
+
+    async def remote(self, service: Any, fun: str, args: Any = (),
+                     kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
+                     sna_retries: int = 5, excp_retries: int = 0,
+                     retries_sleep_msec: int = 1000, meta: Any = None,
+                     deadline: float | None = None, **unknown: Any) -> Any:
+        return await self._remote(service, fun, args, kwargs, timeout=timeout,
+                                  sna_retries=sna_retries, excp_retries=excp_retries,
+                                  retries_sleep_msec=retries_sleep_msec, meta=meta,
+                                  deadline=deadline, **unknown)
+
+    async def call_cb_all(self, service: Any, fun: str, args: Any = (),
+                          kwargs: dict[str, Any] | None = None, **opts: Any) -> list[Any]:
+        results: list[Any] = await self._call_cb_all(service, fun, args, kwargs, **opts)
+        return results
+
+    async def local(self, service: Any, fun: str, args: Any = (),
+                    kwargs: dict[str, Any] | None = None) -> Any:
+        return await self._caller.local(service, fun, args, kwargs)
+
+    remote.__doc__ = Caller.remote.__doc__
+    call_cb_all.__doc__ = Caller.call_cb_all.__doc__
+    local.__doc__ = Caller.local.__doc__
 
     # -- proxies -------------------------------------------------------------------
 
@@ -727,11 +722,7 @@ class Node(CallAPI):
     # -- observability ----------------------------------------------------------------
 
     def _cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
-        """A cast failed on this node (it has no caller to tell): counted
-        under the error a caller would have got, logged rate-limited."""
-        self._stats.count(kind)
-        self._cast_log.warning("malla: %s: cast %s.%s failed: %s: %s",
-                               self.name, service, fun, kind, message)
+        self._hosting.cast_failed(service, fun, kind, message)
 
     def stats(self) -> dict[str, Any]:
         """Totals over the node's life (DESIGN.md "Tools around it")."""

@@ -226,7 +226,7 @@ def test_cancelling_the_outer_call_cancels_the_whole_tree():
         outer.cancel()
         await wait_until(lambda: Inner.cancelled == 1, timeout=3)
         await wait_until(lambda: b.stats()["in_flight"] == 0 and
-                         all(e.running == 0 for e in b._entries.values()))
+                         all(e.running == 0 for e in b._hosting.entries.values()))
 
     with_nodes(main)
 
@@ -247,7 +247,7 @@ def test_ten_thousand_cancelled_calls_leave_nothing_running():
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         proto_a, proto_b = a._conns["b"].proto, b._conns["a"].proto
-        await wait_until(lambda: proto_a.running == 0 and a._entries["Park"].running == 0,
+        await wait_until(lambda: proto_a.running == 0 and a._hosting.entries["Park"].running == 0,
                          timeout=30)
         assert proto_b.in_flight == 0
         handler_tasks = [t for t in asyncio.all_tasks() if "RunningService._run" in repr(t)]
