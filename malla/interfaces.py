@@ -1,7 +1,7 @@
 """The contracts between the layers, as typing.Protocols.
 
-What a connection asks of the node that owns it, what the caller asks of
-the hosting and of the node's connections, what a proxy asks of the node it is bound
+What a connection asks of the cluster that owns it, what the caller asks of
+the hosting and of the cluster, what a proxy asks of the node it is bound
 to, what the metrics exposition reads, what wraps the calls a node makes:
 each module below the node facade depends on one of these, never on
 `malla.node`, so the import graph has no cycle (TYPE_CHECKING imports
@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from malla.config import NodeConfig
     from malla.guard import HandshakeThrottle
     from malla.handshake import Hello
     from malla.registry import Registry
@@ -38,18 +39,17 @@ __all__ = ["CallFn", "CallHosting", "CallInterceptor", "CallPeers", "ConnectionH
 
 
 class ConnectionHost(Protocol):
-    """What a Connection needs from its node (malla.connection)."""
+    """What a Connection needs from the cluster that owns it (malla.connection)."""
 
-    handshake_timeout: float
-    window_size: int
-    _cookie: bytes
-    _throttle: HandshakeThrottle
+    config: NodeConfig
+    cookie: bytes
+    throttle: HandshakeThrottle
 
-    def _hello(self, sockname: Any = None) -> Hello: ...
-    def _admit(self, conn: Connection) -> None: ...
-    def _connection_closed(self, conn: Connection) -> None: ...
-    def _on_control(self, conn: Connection, ftype: int, body: Any) -> None: ...
-    def _cast_failed(self, service: str, fun: str, kind: str, message: str) -> None: ...
+    def hello(self, sockname: Any = None) -> Hello: ...
+    def admit(self, conn: Connection) -> None: ...
+    def connection_closed(self, conn: Connection) -> None: ...
+    def on_control(self, conn: Connection, ftype: int, body: Any) -> None: ...
+    def cast_failed(self, service: str, fun: str, kind: str, message: str) -> None: ...
 
 
 class CallHosting(Protocol):
@@ -63,7 +63,7 @@ class CallHosting(Protocol):
 
 
 class CallPeers(Protocol):
-    """What the caller needs from the node's connections."""
+    """What the caller needs from the cluster (malla.cluster)."""
 
     # peer name -> the admitted connection serving it (read on every call
     # to a peer: a dict, mutated in place, never rebound)

@@ -242,11 +242,11 @@ def test_ten_thousand_cancelled_calls_leave_nothing_running():
         b = await make("b", seeds=[seed_of(a)]).start()
         assert await b.wait_for_services(["Park"], retries=5)
         tasks = [asyncio.ensure_future(b.remote("Park", "park")) for _ in range(10_000)]
-        await wait_until(lambda: a._conns["b"].proto.running == 10_000, timeout=30)
+        await wait_until(lambda: a._cluster.connected["b"].proto.running == 10_000, timeout=30)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        proto_a, proto_b = a._conns["b"].proto, b._conns["a"].proto
+        proto_a, proto_b = a._cluster.connected["b"].proto, b._cluster.connected["a"].proto
         await wait_until(lambda: proto_a.running == 0 and a._hosting.entries["Park"].running == 0,
                          timeout=30)
         assert proto_b.in_flight == 0
