@@ -1,10 +1,12 @@
 """The caller side: remote() with failover, retries, timeouts and deadlines;
-local(); call_cb_all().  Mixed into Node.
+local(); call_cb_all().  A `Caller` is composed by the node.
 
-A call's path: the discovery table gives the ordered node list; the local
-node runs it in-process (same hook, timeout and error semantics), a remote
-node through its connection's core, which sends the CALL and resolves the
-future.  Failover and retries are decided here and nowhere else.
+A call's path: the balancer seam (`order`, today the discovery table's
+order) gives the ordered node list; the local node runs it in-process
+(same hook, timeout and error semantics), a remote node through its
+connection's core, which sends the CALL and resolves the future.  Failover
+and retries are decided here and nowhere else.  Metrics and tracing are not
+here: they wrap the node's remote() as interceptors (malla.interfaces).
 """
 
 from __future__ import annotations
@@ -14,21 +16,22 @@ import inspect
 import sys
 import time
 import types
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla.codec import bad_value_path
 from malla.context import inherited_deadline, reset_deadline, set_deadline_at
 from malla.handshake import CAP_TRACE
-from malla.metrics import Metrics
 from malla.registry import service_name
 from malla.service import KIND_SYNC, RunningService, settle
-from malla.tracing import Tracing
 
 if TYPE_CHECKING:
+    from malla.interfaces import CallHosting, CallPeers, NodeOrder
+    from malla.metrics import Stats
     from malla.registry import Registry
 
-__all__ = ["CALL_OPTIONS", "CallAPI", "invalid_options", "service_name"]
+__all__ = ["CALL_OPTIONS", "Caller", "invalid_options", "service_name"]
 
 ServiceNotAvailable = mexc.ServiceNotAvailable
 _RETRYABLE = (mexc.RemoteError, mexc.CallTimeout, mexc.ConnectionLost)
@@ -39,48 +42,32 @@ else:  # pragma: no cover - Python 3.10
     _timeout_ctx = None
 
 
-class _Stats:
-    """Counters kept off the happy path: only failures, retries and
-    failovers touch them; calls are counted by the cores."""
+class Caller:
+    """remote(), local() and call_cb_all() of one node.
 
-    __slots__ = ("closed_in", "closed_out", "errors", "failovers", "local_calls", "retries")
+    It reads the discovery table (`registry`), the services hosted here
+    (`hosting.entries`), the cluster's admitted connections
+    (`peers.connected`) and counts into `stats`; `order` is the balancer
+    seam (default: the registry's order), `carrier` the trace context to
+    send with a call (tracing on), `spawn` runs an in-process cast as one
+    of the node's tasks.
+    """
 
-    def __init__(self) -> None:
-        self.errors: dict[str, int] = {}
-        self.retries = 0
-        self.failovers = 0
-        self.local_calls = 0
-        # calls counted by the cores of connections that have closed: the
-        # totals never go down when a peer leaves
-        self.closed_in = 0
-        self.closed_out = 0
-
-    def error(self, exc: BaseException) -> None:
-        # (a remote builtin's RemoteError subclass counts as RemoteError)
-        self.count(mexc.RemoteError.__name__ if isinstance(exc, mexc.RemoteError)
-                   else type(exc).__name__)
-
-    def count(self, kind: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-
-
-class CallAPI:
-    """remote(), local() and call_cb_all(), for Node."""
-
-    name: str
-    _registry: Registry
-    _conns: dict[str, Any]
-    _entries: dict[str, RunningService]
-    _stats: _Stats
-    _tracing: Tracing | None
-    _metrics: Metrics | None
-    _live: bool
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        raise NotImplementedError
-
-    def _cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
-        raise NotImplementedError
+    def __init__(self, name: str, registry: Registry, hosting: CallHosting, peers: CallPeers,
+                 stats: Stats, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+                 *, order: NodeOrder | None = None,
+                 carrier: Callable[[], Any] | None = None) -> None:
+        self.name = name
+        self._registry = registry
+        self._order: NodeOrder = registry.nodes if order is None else order
+        self._hosting = hosting
+        self._peers = peers
+        # (the hot path's dicts, held directly: one lookup per call)
+        self._entries = hosting.entries
+        self._conns = peers.connected
+        self._stats = stats
+        self._spawn = spawn
+        self._carrier = carrier
 
     async def remote(self, service: Any, fun: str, args: Any = (),
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
@@ -108,17 +95,14 @@ class CallAPI:
         at = inherited_deadline()
         if deadline is not None:
             at = _sooner(at, deadline)
-        # with metrics on, the call is timed here; off, it costs a test
-        metrics = self._metrics
-        started = time.perf_counter_ns() if metrics is not None else 0
         try:
             sna_round = exc_round = 0
             # the error of an earlier attempt that was sent and may have run
             last: BaseException | None = None
-            registry = self._registry
+            order = self._order
             while True:
                 tried = overloaded = 0
-                for node in registry.nodes(name):
+                for node in order(name):
                     tried += 1
                     try:
                         if node == self.name:
@@ -139,7 +123,7 @@ class CallAPI:
                         exc_round += 1
                         break
                 else:
-                    if not self._live:
+                    if not self._peers.running:
                         # (checked here, off the common path: no node took it)
                         raise mexc.NodeStopped(f"node {self.name} is not running")
                     if sna_round >= sna_retries:
@@ -164,9 +148,6 @@ class CallAPI:
             # handler's own errors arrive as RemoteError)
             self._stats.error(exc)
             raise
-        finally:
-            if started:
-                metrics.record(name, fun, time.perf_counter_ns() - started)  # type: ignore[union-attr]
 
     async def _call_node(self, node: str, name: str, fun: str, args: Any,
                          kwargs: dict[str, Any] | None, timeout: int, at: float | None,
@@ -200,8 +181,8 @@ class CallAPI:
         if at is not None:
             timeout, budget = _within_deadline(at, timeout, name, fun)
         trace = None
-        if self._tracing is not None and conn.peer.caps & CAP_TRACE:
-            trace = self._tracing.carrier()
+        if self._carrier is not None and conn.peer.caps & CAP_TRACE:
+            trace = self._carrier()
         try:
             if timeout == 0:
                 proto.cast(name, fun, args, kwargs, meta, trace)
@@ -280,7 +261,8 @@ class CallAPI:
             opts = {"caller": self.name, "timeout": 0, "meta": meta}
             await settle(entry.invoke(fun, list(args), kwargs or {}, opts))
         except Exception as exc:   # (a message, as a TCP cast's: no traceback built)
-            self._cast_failed(entry.name, fun, "RemoteError", f"{mexc.type_name(exc)}: {exc}")
+            self._hosting.cast_failed(entry.name, fun, "RemoteError",
+                                      f"{mexc.type_name(exc)}: {exc}")
 
     async def local(self, service: Any, fun: str, args: Any = (),
                     kwargs: dict[str, Any] | None = None) -> Any:
@@ -320,7 +302,7 @@ class CallAPI:
         if unknown:
             raise invalid_options(unknown, "call_cb_all() (timeout, meta and deadline apply; "
                                            "no failover or retries: each slot is one node)")
-        if not self._live:
+        if not self._peers.running:
             raise mexc.NodeStopped(f"node {self.name} is not running")
         timeout = valid_timeout(timeout)
         name = service_name(service)
@@ -329,13 +311,6 @@ class CallAPI:
         at = inherited_deadline()
         if deadline is not None:
             at = _sooner(at, deadline)
-        if self._tracing is not None and self._tracing.wanted():
-            with self._tracing.client_span(name, fun):
-                return await self._fan_out(name, fun, args, kwargs, timeout, at, meta)
-        return await self._fan_out(name, fun, args, kwargs, timeout, at, meta)
-
-    async def _fan_out(self, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
-                       timeout: int, at: float | None, meta: Any) -> list[Any]:
         # Every CALL is sent before anything is awaited (one write per
         # connection, no task per node); the replies' futures are gathered.
         loop = asyncio.get_running_loop()
@@ -371,7 +346,7 @@ class CallAPI:
 
 
 # remote()'s options, by name: what malla.call and proxies may pass on
-CALL_OPTIONS = frozenset(inspect.signature(CallAPI.remote).parameters) - {
+CALL_OPTIONS = frozenset(inspect.signature(Caller.remote).parameters) - {
     "self", "service", "fun", "args", "kwargs", "unknown"}
 
 

@@ -1,9 +1,9 @@
 """One peer connection: the owner of a core Protocol.
 
 It runs the handshake (malla.handshake) over the core's frames, hands the
-authenticated connection to the node for admission, decodes control
-messages (TABLE, ANNOUNCE, PEERS, GOODBYE) for it, answers pings, and
-reports the connection's end.  Calls never pass through here: they go from
+authenticated connection to its host (the cluster, malla.cluster) for
+admission, decodes control messages (TABLE, ANNOUNCE, PEERS, GOODBYE) for
+it, answers pings, and reports the connection's end.  Calls never pass through here: they go from
 the call API straight to the core.
 """
 
@@ -44,15 +44,15 @@ class Connection:
         "closed",
         "dialer",
         "handshake",
-        "node",
+        "host",
         "peer",
         "proto",
         "ready",
         "target",
     )
 
-    def __init__(self, node: ConnectionHost, dialer: bool, target: str | None = None) -> None:
-        self.node = node
+    def __init__(self, host: ConnectionHost, dialer: bool, target: str | None = None) -> None:
+        self.host = host
         self.dialer = dialer
         self.target = target
         self.proto: Any = None
@@ -81,14 +81,14 @@ class Connection:
 
     def _connection_made(self, proto: Any) -> None:
         self.proto = proto
-        if not self.dialer and self.node._throttle.blocked(self._peer_host()):
+        if not self.dialer and self.host.throttle.blocked(self._peer_host()):
             # this address keeps failing the handshake: no work for it now
             proto.abort()
             return
         sockname = proto.transport.get_extra_info("sockname")
-        self.handshake = Handshake(self.dialer, self.node._hello(sockname), self.node._cookie)
-        loop = asyncio.get_running_loop()
-        self._hs_timer = loop.call_later(self.node.handshake_timeout, self._handshake_timed_out)
+        self.handshake = Handshake(self.dialer, self.host.hello(sockname), self.host.cookie)
+        self._hs_timer = asyncio.get_running_loop().call_later(
+            self.host.config.handshake_timeout, self._handshake_timed_out)
         self._send(self.handshake.start())
 
     def _on_handshake_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
@@ -111,7 +111,7 @@ class Connection:
         self._apply_control(ftype, payload)
 
     def _on_cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
-        self.node._cast_failed(service, fun, kind, f"{message} (cast from {self.name})")
+        self.host.cast_failed(service, fun, kind, f"{message} (cast from {self.name})")
 
     def _on_connection_error(self, err: mexc.MallaError) -> None:
         if isinstance(err, mexc.ProtocolError) and "duplicate" in str(err):
@@ -120,7 +120,7 @@ class Connection:
 
     def _on_protocol_error(self, err: mexc.ProtocolError) -> None:
         if not self.dialer and (self.handshake is None or not self.handshake.done):
-            self.node._throttle.failed(self._peer_host())
+            self.host.throttle.failed(self._peer_host())
         log.warning("malla: closing %s: %s", self, err)
         self._fail_ready(err)
 
@@ -149,7 +149,7 @@ class Connection:
                                               "during the handshake"))
         if not self.closed.done():
             self.closed.set_result(None)
-        self.node._connection_closed(self)
+        self.host.connection_closed(self)
 
     # -- handshake --------------------------------------------------------------
 
@@ -161,7 +161,7 @@ class Connection:
         self._hs_timer = None
         if self.handshake is not None and not self.handshake.done:
             self._refuse(mexc.ProtocolError(
-                f"handshake not completed within {self.node.handshake_timeout} s"))
+                f"handshake not completed within {self.host.config.handshake_timeout} s"))
 
     def _handshake_done(self) -> None:
         if self._hs_timer is not None:
@@ -171,10 +171,10 @@ class Connection:
         self.peer = self.handshake.peer
         assert self.peer is not None
         if not self.dialer:
-            self.node._throttle.succeeded(self._peer_host())
+            self.host.throttle.succeeded(self._peer_host())
         self.proto.set_ready(self.peer.name, self.handshake.max_frame_size,
-                             bool(self.handshake.caps & CAP_WINDOW), self.node.window_size)
-        self.node._admit(self)
+                             bool(self.handshake.caps & CAP_WINDOW), self.host.config.window_size)
+        self.host.admit(self)
 
     def _peer_host(self) -> str:
         transport = self.proto.transport if self.proto is not None else None
@@ -183,7 +183,7 @@ class Connection:
 
     def _refuse(self, exc: mexc.MallaError) -> None:
         if not self.dialer:
-            self.node._throttle.failed(self._peer_host())
+            self.host.throttle.failed(self._peer_host())
         log.warning("malla: refused connection %s %s: %s", "to" if self.dialer else "from",
                     self.target or self._peer_host(), exc)
         self._fail_ready(exc)
@@ -197,7 +197,7 @@ class Connection:
     # -- after admission --------------------------------------------------------
 
     def admit(self, serving: Connection) -> None:
-        """The node admitted the peer; `serving` is the connection it uses."""
+        """The cluster admitted the peer; `serving` is the connection it uses."""
         self.admitted = serving is self
         # A dialler is ready once the acceptor has admitted it too (its TABLE
         # comes first), so that connect() raises the acceptor's refusal.
@@ -243,14 +243,14 @@ class Connection:
         try:
             # plain msgpack: a service table holds only msgpack's own types,
             # so no decoder (malla's or a user's) runs on it; what does not
-            # fit is refused entry by entry (node._on_control)
+            # fit is refused entry by entry (Registry.apply_table)
             body = plain_unpackb(payload) if payload else None
         except Exception as exc:  # malformed msgpack: that connection only
             self.proto.abort()
             log.warning("malla: closing %s after an undecodable control message: %r",
                         self, exc)
             return
-        self.node._on_control(self, ftype, body)
+        self.host.on_control(self, ftype, body)
 
     async def ping(self, timeout: float) -> bool:
         """True if the peer answers a HEARTBEAT within `timeout` seconds."""

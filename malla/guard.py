@@ -4,14 +4,28 @@ and a warning for a weak cookie."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 
-__all__ = ["HandshakeThrottle", "cookie_weakness"]
+__all__ = ["HandshakeThrottle", "cookie_bytes", "cookie_weakness"]
 
 log = logging.getLogger("malla.guard")
 
 _COMMON = {"secret", "cookie", "password", "passwd", "changeme", "malla", "admin",
            "default", "test", "letmein", "qwerty", "cluster"}
+
+
+def cookie_bytes(cookie: str | bytes | None) -> bytes:
+    """The cluster's cookie as bytes: the one given, else MALLA_COOKIE, else a
+    random one (the node can then only talk to itself); a weak one is
+    logged, since it is the cluster's root secret."""
+    if cookie is None:
+        cookie = os.environ.get("MALLA_COOKIE") or os.urandom(32).hex()
+    raw = cookie.encode() if isinstance(cookie, str) else bytes(cookie)
+    weakness = cookie_weakness(raw)
+    if weakness:
+        log.warning("malla: weak cookie: %s; the cookie is the cluster's root secret", weakness)
+    return raw
 
 
 def cookie_weakness(cookie: bytes) -> str | None:

@@ -1,42 +1,88 @@
 """The contracts between the layers, as typing.Protocols.
 
-What a connection asks of the node that owns it, what a proxy asks of the
-node it is bound to, what the metrics exposition reads: each module below
-the node facade depends on one of these, never on `malla.node`, so the
-import graph has no cycle (TYPE_CHECKING imports included) and each layer
-can be tested against a fake of its interface.
+What a connection asks of the cluster that owns it, what the caller asks of
+the hosting and of the cluster, what a proxy asks of the node it is bound
+to, what the metrics exposition reads, what wraps the calls a node makes:
+each module below the node facade depends on one of these, never on
+`malla.node`, so the import graph has no cycle (TYPE_CHECKING imports
+included) and each layer can be tested against a fake of its interface.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from malla.config import NodeConfig
     from malla.guard import HandshakeThrottle
     from malla.handshake import Hello
     from malla.registry import Registry
 
-# (a connection is Any here, and the metrics object: their modules depend on
-# this one, and an import back would be a cycle)
+# (a connection, a running service and the metrics object are Any here:
+# their modules depend on this one, and an import back would be a cycle)
 Connection = Any
+RunningService = Any
 
-__all__ = ["ConnectionHost", "ProxyHost", "StatsSource"]
+# remote() or call_cb_all() of a node, as an interceptor sees it
+CallFn = Callable[..., Coroutine[Any, Any, Any]]
+
+# The balancer seam: the nodes a call tries, in order, for a service.  Today
+# the registry's own order (Registry.nodes: the local node first, then
+# shuffled each check cycle); a p2c or keyed balancer is a callable of this
+# shape handed to the Caller.
+NodeOrder = Callable[[str], Sequence[str]]
+
+__all__ = ["CallFn", "CallHosting", "CallInterceptor", "CallPeers", "ConnectionHost",
+           "NodeOrder", "ProxyHost", "StatsSource"]
 
 
 class ConnectionHost(Protocol):
-    """What a Connection needs from its node (malla.connection)."""
+    """What a Connection needs from the cluster that owns it (malla.connection)."""
 
-    handshake_timeout: float
-    window_size: int
-    _cookie: bytes
-    _throttle: HandshakeThrottle
+    config: NodeConfig
+    cookie: bytes
+    throttle: HandshakeThrottle
 
-    def _hello(self, sockname: Any = None) -> Hello: ...
-    def _admit(self, conn: Connection) -> None: ...
-    def _connection_closed(self, conn: Connection) -> None: ...
-    def _on_control(self, conn: Connection, ftype: int, body: Any) -> None: ...
-    def _cast_failed(self, service: str, fun: str, kind: str, message: str) -> None: ...
+    def hello(self, sockname: Any = None) -> Hello: ...
+    def admit(self, conn: Connection) -> None: ...
+    def connection_closed(self, conn: Connection) -> None: ...
+    def on_control(self, conn: Connection, ftype: int, body: Any) -> None: ...
+    def cast_failed(self, service: str, fun: str, kind: str, message: str) -> None: ...
+
+
+class CallHosting(Protocol):
+    """What the caller needs from the services this node hosts (malla.hosting)."""
+
+    # name -> the running service (read on every in-process call: a dict,
+    # mutated in place, never rebound)
+    entries: dict[str, RunningService]
+
+    def cast_failed(self, service: str, fun: str, kind: str, message: str) -> None: ...
+
+
+class CallPeers(Protocol):
+    """What the caller needs from the cluster (malla.cluster)."""
+
+    # peer name -> the admitted connection serving it (read on every call
+    # to a peer: a dict, mutated in place, never rebound)
+    connected: dict[str, Connection]
+
+    @property
+    def running(self) -> bool: ...
+
+
+class CallInterceptor(Protocol):
+    """Something around every call a node makes (metrics, tracing).
+
+    Built once, at node construction: the node's remote() and call_cb_all()
+    are the caller's wrapped by each interceptor in turn, so a node with
+    none calls the caller's methods directly, at no cost at all.
+    """
+
+    def wrap_remote(self, remote: CallFn) -> CallFn: ...
+    def wrap_call_cb_all(self, call_cb_all: CallFn) -> CallFn: ...
 
 
 class ProxyHost(Protocol):
@@ -58,7 +104,9 @@ class StatsSource(Protocol):
 
     name: str
     _metrics: Any       # malla.metrics.Metrics or None
-    _loop: asyncio.AbstractEventLoop | None
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop | None: ...
 
     def stats(self) -> dict[str, Any]: ...
     def peers(self) -> list[str]: ...

@@ -1,22 +1,28 @@
-"""Optional metrics: latency histograms per "Service.fun", and a Prometheus
-exposition of node.stats().
+"""A node's counters (`Stats`), optional metrics (latency histograms per
+"Service.fun", a call interceptor), and a Prometheus exposition of
+node.stats().
 
-Off by default, and then free: remote() tests one attribute.  With
-`Node(metrics=True)` (or `metrics_port=`) remote() times each call.
+Metrics are off by default, and then free: no interceptor is built and
+remote() is the caller's own.  With `Node(metrics=True)` (or
+`metrics_port=`) the node's remote() is wrapped once, at construction, by
+`Metrics.wrap_remote`, which times each call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from malla import exceptions as mexc
 from malla._ext import core
+from malla.registry import service_name
 
 if TYPE_CHECKING:
-    from malla.interfaces import StatsSource
+    from malla.interfaces import CallFn, StatsSource
 
-__all__ = ["LatencyHistogram", "Metrics", "prometheus_collector", "serve_prometheus"]
+__all__ = ["LatencyHistogram", "Metrics", "Stats", "prometheus_collector", "serve_prometheus"]
 
 # The histogram lives in the core: recording is on every call's path.
 LatencyHistogram = core.LatencyHistogram
@@ -24,8 +30,34 @@ _NONE: dict[str, Any] = {}
 T = TypeVar("T")
 
 
+class Stats:
+    """A node's counters, kept off the happy path: only failures, retries
+    and failovers touch them; calls are counted by the cores."""
+
+    __slots__ = ("closed_in", "closed_out", "errors", "failovers", "local_calls", "retries")
+
+    def __init__(self) -> None:
+        self.errors: dict[str, int] = {}
+        self.retries = 0
+        self.failovers = 0
+        self.local_calls = 0
+        # calls counted by the cores of connections that have closed: the
+        # totals never go down when a peer leaves
+        self.closed_in = 0
+        self.closed_out = 0
+
+    def error(self, exc: BaseException) -> None:
+        # (a remote builtin's RemoteError subclass counts as RemoteError)
+        self.count(mexc.RemoteError.__name__ if isinstance(exc, mexc.RemoteError)
+                   else type(exc).__name__)
+
+    def count(self, kind: str, n: int = 1) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + n
+
+
 class Metrics:
-    """Latency per (service, function) of the calls a node makes."""
+    """Latency per (service, function) of the calls a node makes; a call
+    interceptor (malla.interfaces.CallInterceptor)."""
 
     def __init__(self) -> None:
         # service -> function -> histogram: two lookups, no key to build
@@ -43,6 +75,30 @@ class Metrics:
     def record(self, service: str, fun: str, ns: int) -> None:
         hist = self.latency.get(service, _NONE).get(fun) or self.histogram(service, fun)
         hist.record_ns(ns)
+
+    def wrap_remote(self, remote: CallFn) -> CallFn:
+        """`remote`, timed: every call that names a service and a function
+        is recorded, whatever its outcome (a call refused for its options
+        included: it was made)."""
+        record = self.record
+        clock = time.perf_counter_ns
+
+        async def timed_remote(service: Any, fun: str, *args: Any, **kwargs: Any) -> Any:
+            name = service if type(service) is str else service_name(service)
+            if type(fun) is not str:    # (nothing to file it under: remote() refuses it)
+                return await remote(service, fun, *args, **kwargs)
+            started = clock()
+            try:
+                return await remote(name, fun, *args, **kwargs)
+            finally:
+                record(name, fun, clock() - started)
+
+        timed_remote.__doc__ = remote.__doc__
+        return timed_remote
+
+    def wrap_call_cb_all(self, call_cb_all: CallFn) -> CallFn:
+        # a fan-out is not one call's latency: not timed
+        return call_cb_all
 
     def histograms(self) -> dict[str, Any]:
         """"Service.fun" -> its LatencyHistogram (not copies: for reading)."""

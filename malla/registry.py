@@ -13,6 +13,7 @@ callers.  Each entry keeps the argument checkers of its functions.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -22,6 +23,8 @@ from malla.arguments import Checker, checkers_of
 __all__ = ["Registry", "invalid_info", "service_name"]
 
 _PARAM_KINDS = range(5)   # inspect._ParameterKind's values
+
+log = logging.getLogger("malla.registry")
 
 
 def service_name(service: Any) -> str:
@@ -63,6 +66,16 @@ def invalid_info(info: Any) -> str | None:
     return None
 
 
+def _valid_entry(node: str, service: Any, info: Any) -> bool:
+    """Whether a peer's entry for `service` may be stored; a malformed one
+    is refused and logged (its other services are kept)."""
+    why = ("the service name is not a string" if type(service) is not str
+           else invalid_info(info))
+    if why is not None:
+        log.warning("malla: refused %s's entry for service %r: %s", node, service, why)
+    return why is None
+
+
 class Registry:
     def __init__(self, local_name: str) -> None:
         self.local_name = local_name
@@ -97,6 +110,33 @@ class Registry:
             self._shuffle.setdefault(node, random.random())
         self._set_checks(service, node, info)
         self._changed(service)
+
+    def apply_table(self, node: str, body: Any) -> int:
+        """A peer's TABLE message, as decoded: its valid entries replace all
+        that is known of it.  Returns how many entries were refused (each
+        logged; a message that is no table at all is logged and ignored)."""
+        if type(body) is not dict:
+            log.warning("malla: refused the service table of %s: not a map", node)
+            return 0
+        valid = {service: info for service, info in body.items()
+                 if _valid_entry(node, service, info)}
+        self.set_table(node, valid)
+        return len(body) - len(valid)
+
+    def apply_announce(self, node: str, body: Any) -> int:
+        """A peer's ANNOUNCE message ([service, info], info None: stopped).
+        Returns 1 when its entry was refused, else 0 (as apply_table)."""
+        if type(body) is not list or len(body) != 2:
+            log.warning("malla: refused an announcement of %s: not [service, info]", node)
+            return 0
+        service, info = body
+        if info is None and type(service) is str:
+            self.set_remote(node, service, None)
+        elif _valid_entry(node, service, info):
+            self.set_remote(node, service, info)
+        else:
+            return 1
+        return 0
 
     def _set_checks(self, service: str, node: str, info: dict[str, Any] | None) -> None:
         if info is None:

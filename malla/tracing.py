@@ -13,9 +13,14 @@ TracerProvider's own sampler applies on top.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from malla.registry import service_name
+
+if TYPE_CHECKING:
+    from malla.interfaces import CallFn
 
 __all__ = ["Tracing"]
 
@@ -24,7 +29,12 @@ class Tracing:
     """`rate`: the share of calls that start a trace (1.0: all).  A call made
     inside a recorded span (a handler serving a traced call) is always
     traced, so a trace is never cut; an untraced call costs a lookup of the
-    current span and a random number, and sends no trace context."""
+    current span and a random number, and sends no trace context.
+
+    A call interceptor (malla.interfaces.CallInterceptor): remote() and
+    call_cb_all() of a tracing node run inside a CLIENT span; the caller
+    sends `carrier()` with each CALL; a served call runs in a SERVER span
+    (malla.service)."""
 
     def __init__(self, rate: float = 1.0) -> None:
         if not 0.0 <= rate <= 1.0:
@@ -71,17 +81,19 @@ class Tracing:
         self._propagate.inject(out)
         return out or None
 
+    def wrap_remote(self, remote: CallFn) -> CallFn:
+        """`remote` (or call_cb_all) inside a CLIENT span, for the calls
+        `wanted()`."""
+        wanted, client_span = self.wanted, self.client_span
 
-def traced_remote(inner: Callable[..., Coroutine[Any, Any, Any]],
-                  tracing: Tracing) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """`inner` (a node's remote) inside a CLIENT span."""
-    from malla.registry import service_name
+        async def traced(service: Any, fun: str, *args: Any, **kwargs: Any) -> Any:
+            if not wanted():
+                return await remote(service, fun, *args, **kwargs)
+            with client_span(service_name(service), fun):
+                return await remote(service, fun, *args, **kwargs)
 
-    async def remote(service: Any, fun: str, *args: Any, **kwargs: Any) -> Any:
-        if not tracing.wanted():
-            return await inner(service, fun, *args, **kwargs)
-        with tracing.client_span(service_name(service), fun):
-            return await inner(service, fun, *args, **kwargs)
+        traced.__doc__ = remote.__doc__
+        return traced
 
-    remote.__doc__ = inner.__doc__
-    return remote
+    # a fan-out is one span too, its calls' contexts sent under it
+    wrap_call_cb_all = wrap_remote

@@ -574,7 +574,7 @@ class Soak:
     def _incarnation(self, name: str) -> int | None:
         """The incarnation of `name` the client is connected to."""
         assert self.node is not None
-        conn = self.node._conns.get(name)
+        conn = self.node._cluster.connected.get(name)
         return None if conn is None or conn.peer is None else conn.peer.incarnation
 
     async def _rejoined(self, name: str, timeout: float,

@@ -61,6 +61,19 @@ async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -
         await asyncio.sleep(interval)
 
 
+def redials(node: malla.Node, name: str) -> bool:
+    """Whether `node` keeps peer `name` to redial: in its cluster's peer
+    table, with an address (not hidden, no goodbye, not forgotten)."""
+    peer = node._cluster.peer(name)
+    return peer is not None and peer.address is not None
+
+
+def dialling(node: malla.Node, name: str) -> bool:
+    """Whether a task of `node` (re)dials peer `name`."""
+    peer = node._cluster.peer(name)
+    return peer is not None and peer.dial is not None
+
+
 def spawn_python(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A Python subprocess running `code` (with the tests' malla on its path)."""
     full_env = dict(os.environ, PYTHONPATH=ROOT, MALLA_COOKIE=COOKIE)
@@ -208,3 +221,102 @@ def with_nodes(test: Callable[..., Any], *, loop: str = "uvloop", timeout: float
             await stop_all(made)
 
     return run_async(main(), loop=loop, timeout=timeout)
+
+
+# -- fakes of the cluster's interfaces (tests/test_cluster_state.py) ------------------------
+
+class FakeProto:
+    """What the cluster reads and calls on a connection's core."""
+
+    def __init__(self, peer_host: str = "127.0.0.9") -> None:
+        self.sent: list[tuple[int, object]] = []
+        self.closed = False
+        self.running = 0
+        self.in_flight = 0
+        self.calls_in = self.calls_out = 0
+        self.last_sent = self.last_heard = 0.0
+        self._peer_host = peer_host
+
+    def send_message(self, ftype: int, body: object) -> None:
+        self.sent.append((ftype, body))
+
+    def get_extra_info(self, key: str) -> object:
+        return (self._peer_host, 40000) if key == "peername" else ("127.0.0.1", 4370)
+
+    @property
+    def transport(self) -> FakeProto:
+        return self
+
+    def sent_of(self, ftype: int) -> list[object]:
+        return [body for t, body in self.sent if t == ftype]
+
+
+class FakeConnection:
+    """A malla.connection.Connection as the cluster sees it, authenticated
+    as `name`: no socket, no core; records what the cluster does to it."""
+
+    def __init__(self, name: str, *, incarnation: int = 1, dialer: bool = False,
+                 listen: tuple[str, int] | None = ("127.0.0.1", 5000), hidden: bool = False,
+                 alive: bool = True, port: int = 40000) -> None:
+        from malla.handshake import Hello
+
+        self.peer = Hello(name=name, incarnation=incarnation, hidden=hidden, listen=listen)
+        self.proto = FakeProto()
+        self.dialer = dialer
+        self.alive = alive              # what ping() answers
+        self.port = port
+        self.serving: object = None     # what admit() was told
+        self.refused: str | None = None
+        self.closed_by_cluster = False
+        self.closed = asyncio.get_running_loop().create_future()
+
+    @property
+    def name(self) -> str:
+        return self.peer.name
+
+    def admit(self, serving: object) -> None:
+        self.serving = serving
+
+    def refuse(self, message: str) -> None:
+        self.refused = message
+
+    async def retire(self) -> None:
+        self.close()
+
+    async def ping(self, timeout: float) -> bool:
+        return self.alive
+
+    def dialer_port(self) -> int:
+        return self.port
+
+    def close(self) -> None:
+        self.closed_by_cluster = True
+
+    abort = close
+
+
+def make_cluster(name: str = "b", **settings):
+    """A malla.cluster.Cluster over real small parts (config, registry,
+    hosting, stats, liveness) and no socket; dials are recorded, never made
+    (`cluster.dialled`).  Call inside a running loop."""
+    from malla.cluster import Cluster
+    from malla.config import NodeConfig
+    from malla.hosting import Hosting
+    from malla.liveness import Liveness
+    from malla.metrics import Stats
+    from malla.registry import Registry
+
+    config = NodeConfig(name=name, **settings)
+    registry, stats = Registry(name), Stats()
+    hosting = Hosting(config, registry, stats, None, lambda ftype, body: None)
+    cluster = Cluster(config, COOKIE.encode(), registry, hosting, stats, Liveness(),
+                      asyncio.get_running_loop().create_task)
+    cluster.running = True
+    cluster.dialled = []
+
+    async def connect(target: str):
+        cluster.dialled.append(target)
+        await asyncio.sleep(3600)       # a peer that never answers
+
+    cluster._connect = connect
+    return cluster

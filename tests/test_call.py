@@ -601,6 +601,6 @@ def test_in_process_coroutines_suspended_or_not():
         with pytest.raises(asyncio.CancelledError):
             await task
         assert Mixed.cancelled == 2
-        assert node._entries["Mixed"].running == 0
+        assert node._hosting.entries["Mixed"].running == 0
 
     with_nodes(main)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from support import seed_of, wait_until, with_nodes
+from support import dialling, redials, seed_of, wait_until, with_nodes
 
 import malla
 
@@ -43,9 +43,10 @@ def test_simultaneous_dials_end_with_one_connection():
         a = await make("a").start()
         b = await make("b").start()
         await asyncio.gather(a.connect(seed_of(b)), b.connect(seed_of(a)))
-        await wait_until(lambda: len(a._all) == 1 and len(b._all) == 1, timeout=5)
-        survivor_a = a._conns["b"]
-        survivor_b = b._conns["a"]
+        await wait_until(lambda: len(a._cluster.connections) == len(b._cluster.connections) == 1,
+                         timeout=5)
+        survivor_a = a._cluster.connected["b"]
+        survivor_b = b._cluster.connected["a"]
         # the connection dialled by the smaller name ("a") survived
         assert survivor_a.dialer and not survivor_b.dialer
         await a.start_service(Svc)
@@ -67,12 +68,12 @@ def test_hidden_nodes_are_not_meshed_and_leave_no_ghost():
         assert h.peers() == ["a"]                  # not meshed with b
         assert b.peers() == ["a"]
         assert a.peers() == ["b", "cli"]
-        assert "cli" not in a._known               # nobody will redial it
+        assert not redials(a, "cli")               # nobody will redial it
         with pytest.raises(ValueError):
             await h.start_service(Svc)             # no global services on hidden
         await h.stop()
         await wait_until(lambda: a.peers() == ["b"])
-        assert "cli" not in a._known and "cli" not in a._dialing
+        assert not redials(a, "cli") and not dialling(a, "cli")
 
     with_nodes(main)
 
@@ -129,18 +130,18 @@ def test_lost_peer_is_redialled_then_forgotten():
         a = await make("a", check_interval=0.1, forget_after=0.5, redial_max=0.1).start()
         b = await make("b", seeds=[seed_of(a)]).start()
         await wait_until(lambda: a.peers() == ["b"])
-        assert "b" in a._known
+        assert redials(a, "b")
         port = b.address[1]
         # b vanishes without a goodbye: a redials it while it is known
-        for conn in list(b._all):
+        for conn in list(b._cluster.connections):
             conn.abort()
-        b._stopping = True
-        b._server.close()
+        b._cluster.stopping = True
+        b._cluster._server.close()
         await wait_until(lambda: a.peers() == [])
-        assert "b" in a._known
-        await wait_until(lambda: "b" not in a._known, timeout=5)
+        assert redials(a, "b")
+        await wait_until(lambda: not redials(a, "b"), timeout=5)
         await asyncio.sleep(0.3)
-        assert "b" not in a._dialing
+        assert not dialling(a, "b")
         # b comes back on the same port: a dials no more, b dials a
         b2 = await make("b", port=port, seeds=[seed_of(a)]).start()
         await wait_until(lambda: a.peers() == ["b"])
@@ -183,7 +184,8 @@ def test_a_second_connection_from_the_same_side_fails_no_call():
         stop.set()
         await asyncio.gather(*tasks)
         assert errors == [] and ok > 100
-        await wait_until(lambda: len(a._all) == 1 and len(b._all) == 1, timeout=5)
+        await wait_until(lambda: len(a._cluster.connections) == len(b._cluster.connections) == 1,
+                         timeout=5)
         assert b.peers() == ["zed"]
 
     with_nodes(main)

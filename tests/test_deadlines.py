@@ -226,7 +226,7 @@ def test_cancelling_the_outer_call_cancels_the_whole_tree():
         outer.cancel()
         await wait_until(lambda: Inner.cancelled == 1, timeout=3)
         await wait_until(lambda: b.stats()["in_flight"] == 0 and
-                         all(e.running == 0 for e in b._entries.values()))
+                         all(e.running == 0 for e in b._hosting.entries.values()))
 
     with_nodes(main)
 
@@ -242,12 +242,12 @@ def test_ten_thousand_cancelled_calls_leave_nothing_running():
         b = await make("b", seeds=[seed_of(a)]).start()
         assert await b.wait_for_services(["Park"], retries=5)
         tasks = [asyncio.ensure_future(b.remote("Park", "park")) for _ in range(10_000)]
-        await wait_until(lambda: a._conns["b"].proto.running == 10_000, timeout=30)
+        await wait_until(lambda: a._cluster.connected["b"].proto.running == 10_000, timeout=30)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        proto_a, proto_b = a._conns["b"].proto, b._conns["a"].proto
-        await wait_until(lambda: proto_a.running == 0 and a._entries["Park"].running == 0,
+        proto_a, proto_b = a._cluster.connected["b"].proto, b._cluster.connected["a"].proto
+        await wait_until(lambda: proto_a.running == 0 and a._hosting.entries["Park"].running == 0,
                          timeout=30)
         assert proto_b.in_flight == 0
         handler_tasks = [t for t in asyncio.all_tasks() if "RunningService._run" in repr(t)]

@@ -66,7 +66,7 @@ def run_fast_producer(seconds: float, size: int = 64 << 10) -> None:
             sent = 0
             end = time.monotonic() + seconds
             peak_p = peak_c = 0.0
-            proto = producer._conns["consumer"].proto
+            proto = producer._cluster.connected["consumer"].proto
             held_back = False
             while time.monotonic() < end:
                 held_back = held_back or proto.writing_paused
@@ -173,7 +173,7 @@ def test_large_messages_flow_without_waiting_and_buffers_shrink_after():
             t0 = time.monotonic()
             assert await b.remote("Echo", "echo", [blob]) == blob
             assert time.monotonic() - t0 < 2.0, f"{size} bytes took too long"
-        protos = (a._conns["b"].proto, b._conns["a"].proto)
+        protos = (a._cluster.connected["b"].proto, b._cluster.connected["a"].proto)
         assert all(p.queued_large == 0 for p in protos)
         # kept while large messages come, given back once they stop
         await wait_until(lambda: all(p.read_buffer_capacity <= 64 * 1024 and

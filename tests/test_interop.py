@@ -42,7 +42,7 @@ def test_adjacent_versions_interoperate(limit, version, caps):
                               heartbeat_interval=0.2, heartbeat_timeout=1.0).start()
             await node.start_service(Here)
             assert await node.wait_for_services(["Echo", "Probe_other"], retries=10)
-            conn = node._conns["other"]
+            conn = node._cluster.connected["other"]
             assert conn.handshake.version == version
             assert conn.peer.caps == caps
             assert conn.handshake.local.caps == CAPABILITIES

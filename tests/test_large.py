@@ -223,7 +223,7 @@ def test_a_large_call_that_timed_out_is_not_run():
         assert await b.wait_for_services(["Sink"], retries=5)
         with pytest.raises(malla.CallTimeout):
             await b.remote("Sink", "take", [os.urandom(64 << 20)], timeout=5)
-        await wait_until(lambda: a._conns["b"].proto.receiving_large == 0)
+        await wait_until(lambda: a._cluster.connected["b"].proto.receiving_large == 0)
         assert await b.remote("Sink", "take", [b"small"]) == 5
         assert ran == [5]
 
@@ -243,9 +243,9 @@ def test_window_size_is_a_node_setting():
         await a.start_service(Echo)
         b = await make("b", seeds=[f"127.0.0.1:{a.address[1]}"], window_size=64 << 10).start()
         assert await b.wait_for_services(["Echo"], retries=5)
-        await wait_until(lambda: "b" in a._conns)
-        assert b._conns["a"].proto.window == 64 << 10
-        assert a._conns["b"].proto.window == 0
+        await wait_until(lambda: "b" in a._cluster.connected)
+        assert b._cluster.connected["a"].proto.window == 64 << 10
+        assert a._cluster.connected["b"].proto.window == 0
         big = os.urandom(3 << 20)
         assert await b.remote("Echo", "echo", [big]) == big    # paced one way only
 

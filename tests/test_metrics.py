@@ -65,7 +65,7 @@ def test_stats_count_calls_errors_retries_failovers_and_latency():
         await asyncio.sleep(0.3)
         first = b.get_nodes("Calc")[0]
         node = a if first == "a" else c
-        node._entries["Calc"].paused = True            # refuses without announcing
+        node._hosting.entries["Calc"].paused = True    # refuses without announcing
         assert await b.remote("Calc", "add", [1, 1]) == 2
         assert b.stats()["failovers"] == 1
 

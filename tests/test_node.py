@@ -148,7 +148,7 @@ def test_failed_dials_leave_no_connection_behind():
             await a.connect(f"127.0.0.1:{free_port()}")
         # (uvloop makes the protocol before connecting; a background redial
         # of the seed may be under way at any instant, hence the wait)
-        await wait_until(lambda: a._all == set(), timeout=5)
+        await wait_until(lambda: a._cluster.connections == set(), timeout=5)
         t0 = time.monotonic()
         await a.stop()
         assert time.monotonic() - t0 < 1.5, "stop() waited for connections that never were"
@@ -227,10 +227,10 @@ def test_oversized_header_before_auth_closes_without_buffering():
         await a.start_service(Calc())
         b = await make("b", seeds=[seed_of(a)]).start()
         await wait_until(lambda: b.get_nodes(Calc))
-        before = set(a._all)
+        before = set(a._cluster.connections)
         reader, writer = await raw_open(a)
-        await wait_until(lambda: len(set(a._all) - before) == 1)
-        (conn,) = set(a._all) - before
+        await wait_until(lambda: len(set(a._cluster.connections) - before) == 1)
+        (conn,) = set(a._cluster.connections) - before
         # A valid-looking header announcing 2 GiB; no payload follows.
         writer.write(HEADER.pack(core.FT_HELLO, 0, 0, 2**31, 0))
         await writer.drain()
@@ -251,7 +251,7 @@ def test_oversized_header_after_auth_closes_without_buffering():
         await wait_until(lambda: b.get_nodes(Calc))
         raw = await RawPeer.connect(a, "raw")
         reader, writer = raw.reader, raw.writer
-        conn = a._conns["raw"]
+        conn = a._cluster.connected["raw"]
         writer.write(HEADER.pack(core.FT_CALL, 0, 0, 2**31, 1))
         await writer.drain()
         await read_until_eof(reader, timeout=5)
@@ -330,7 +330,7 @@ def test_duplicate_live_name_is_refused_and_original_stays():
             await impostor.connect(seed_of(a))
         await asyncio.sleep(0.3)
         assert a.peers() == ["dup"]
-        assert a._conns["dup"].peer.incarnation == original.incarnation
+        assert a._cluster.connected["dup"].peer.incarnation == original.incarnation
         assert original.peers() == ["a"]
         assert await original.remote(Calc, "add", [1, 2]) == 3
         await impostor.stop()
@@ -374,14 +374,14 @@ def test_new_incarnation_replaces_a_silent_old_one():
             old = await spawn_node("phoenix", seed_of(a))
             procs.append(old)
             await wait_until(lambda: a.get_nodes("Echo") == ["phoenix"])
-            old_inc = a._conns["phoenix"].peer.incarnation
+            old_inc = a._cluster.connected["phoenix"].peer.incarnation
             pending = asyncio.ensure_future(a.remote("Echo", "hang", timeout=20000))
             await asyncio.sleep(0.2)
             os.kill(old.pid, signal.SIGSTOP)
             new = await spawn_node("phoenix", seed_of(a))
             procs.append(new)
             assert a.peers() == ["phoenix"]
-            assert a._conns["phoenix"].peer.incarnation != old_inc
+            assert a._cluster.connected["phoenix"].peer.incarnation != old_inc
             # the call in flight to the old incarnation fails: it may have run
             with pytest.raises(malla.ConnectionLost):
                 await asyncio.wait_for(pending, 5)

@@ -135,12 +135,12 @@ def test_failed_handshakes_from_one_address_are_rate_limited():
         loop = asyncio.get_running_loop()
         for _ in range(5):
             await loop.run_in_executor(None, _garbage_from, "127.0.0.2", port)
-        assert a._throttle.blocked("127.0.0.2")
+        assert a._cluster.throttle.blocked("127.0.0.2")
         # a peer from another address authenticates as fast as ever
         b = await make("b", seeds=[seed_of(a)]).start()
         assert await b.wait_for_services(["Echo"], retries=5)
         assert await b.remote("Echo", "echo", [1]) == 1
-        assert not a._throttle.blocked("127.0.0.1")
+        assert not a._cluster.throttle.blocked("127.0.0.1")
 
     with_nodes(main)
 
@@ -152,13 +152,13 @@ def test_incompatible_version_is_refused_naming_both_ranges(monkeypatch):
             a = await make("a").start()
             b = make("b")
             await b.start()
-            original = b._hello
+            original = b._cluster.hello
 
             def future_hello(sockname=None):
                 h = original(sockname)
                 return malla.handshake.Hello(**{**h.__dict__, "vmin": 7, "vmax": 9})
 
-            b._hello = future_hello
+            b._cluster.hello = future_hello
             with pytest.raises(malla.ProtocolError, match=r"1\.\.1.*7\.\.9|7\.\.9.*1\.\.1"):
                 await b.connect(seed_of(a))
             assert a.peers() == []
@@ -227,7 +227,7 @@ def test_mutual_tls_with_the_cookie_check_inside(pki):
         await b.connect(seed_of(a))
         assert await b.wait_for_services(["Echo"], retries=5)
         assert await b.remote("Echo", "echo", [b"over tls"]) == b"over tls"
-        conn = b._conns["a"]
+        conn = b._cluster.connected["a"]
         assert conn.proto.transport.get_extra_info("ssl_object") is not None
         # a client certificate from another CA is refused by TLS
         c = await make("c", ssl_client=client_ctx(bad_cert, bad_key)).start()

@@ -16,8 +16,10 @@ import msgpack
 import pytest
 from support import (
     RawPeer,
+    dialling,
     kill_process,
     read_line,
+    redials,
     seed_of,
     spawn_node,
     spawn_python,
@@ -256,11 +258,11 @@ def test_a_peer_dropped_by_the_heartbeat_timeout_is_forgotten():
             await wait_until(lambda: "frozen" in a.peers())
             os.kill(proc.pid, signal.SIGSTOP)         # alive to TCP, silent to malla
             await wait_until(lambda: "frozen" not in a.peers(), timeout=10)
-            assert "frozen" in a._known                # redialled for a while...
+            assert redials(a, "frozen")                # redialled for a while...
             # ...then forgotten: no ghost redialled forever
-            await wait_until(lambda: "frozen" not in a._known, timeout=10)
+            await wait_until(lambda: not redials(a, "frozen"), timeout=10)
             await asyncio.sleep(0.3)
-            assert "frozen" not in a._dialing and "frozen" not in a.members()
+            assert not dialling(a, "frozen") and "frozen" not in a.members()
         finally:
             kill_process(proc)
 
@@ -441,7 +443,7 @@ def test_call_cb_all_waits_for_a_congested_slot_instead_of_failing_it():
                              and b.get_nodes("Hole") == ["sink"])
             os.kill(proc.pid, signal.SIGSTOP)
             chunk = b"x" * (512 << 10)
-            congested = b._conns["sink"].proto
+            congested = b._cluster.connected["sink"].proto
             for _ in range(256):                      # fill the kernel's buffers, then ours
                 await b.remote("Hole", "take", [chunk], timeout=0)
                 if congested.writing_paused:
@@ -535,8 +537,8 @@ def test_a_restarted_node_says_goodbye_again():
         for _ in range(2):                     # the second life must leave as cleanly
             await b.start()
             await b.connect(seed_of(a))
-            await wait_until(lambda: "b" in a._known and "b" in a.peers())
+            await wait_until(lambda: redials(a, "b") and "b" in a.peers())
             await b.stop()
-            await wait_until(lambda: "b" not in a._known, timeout=5)   # GOODBYE: forgotten
+            await wait_until(lambda: not redials(a, "b"), timeout=5)   # GOODBYE: forgotten
 
     with_nodes(main)
