@@ -100,6 +100,7 @@ class Caller:
             # the error of an earlier attempt that was sent and may have run
             last: BaseException | None = None
             order = self._order
+            conns, checks, carrier = self._conns, self._registry.checks_table, self._carrier
             while True:
                 tried = overloaded = 0
                 for node in order(name):
@@ -107,6 +108,24 @@ class Caller:
                     try:
                         if node == self.name:
                             return await self._call_here(name, fun, args, kwargs, timeout, at, meta)
+                        if at is None and carrier is None:
+                            # the common call: to the frame in one C call
+                            # (None: not the common case, the full path below)
+                            conn = conns.get(node)
+                            if conn is not None:
+                                proto = conn.proto
+                                try:
+                                    fut = proto.try_call(checks, node, name, fun, args, kwargs,
+                                                         timeout, meta)
+                                except mexc.EncodeError as exc:
+                                    raise _encode_error(exc, args, kwargs) from None
+                                if fut is not None:
+                                    sid = proto.last_sid
+                                    try:
+                                        return await fut
+                                    except asyncio.CancelledError:
+                                        proto.cancel(sid)
+                                        raise
                         return await self._call_node(node, name, fun, args, kwargs, timeout, at,
                                                      meta)
                     except ServiceNotAvailable as exc:
@@ -206,16 +225,15 @@ class Caller:
 
     async def _call_here(self, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
                          timeout: int, at: float | None, meta: Any) -> Any:
-        # The serving side's rules, as the core's _on_call applies them to a
-        # call from the network (in line: this is every in-process call's path)
+        # The serving side's one rule set (the core's, malla/core/dispatch.pyx),
+        # exactly as for a call from the network: running, exported, the
+        # arguments, a place under max_concurrency
         entry = self._entries.get(name)
-        if entry is None or entry.paused:
+        if entry is None:
             raise ServiceNotAvailable(f"service {name} is not running here")
-        check = entry.checks.get(fun)    # (the common case in line: one lookup)
-        if check is None or kwargs or not check.lo <= len(args) <= check.hi:
-            check_arguments(entry.checks, name, fun, args, kwargs)
-        if entry.running >= entry.max_concurrency:
-            raise mexc.Overloaded(f"service {name} is at max_concurrency {entry.max_concurrency}")
+        why = entry.refusal(fun, args, kwargs)
+        if why is not None:
+            raise mexc.error_from_wire(why[0], why[1], why[2], None)
         if at is not None:
             timeout = _within_deadline(at, timeout, name, fun)[0]
         self._stats.local_calls += 1

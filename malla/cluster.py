@@ -26,7 +26,6 @@ import enum
 import functools
 import logging
 import random
-import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.connection import Connection
+from malla.dialing import connect_error, dial_forever, dial_once
 from malla.dns import Resolver, kind_of, parse_address, resolve_all
 from malla.guard import HandshakeThrottle
 from malla.handshake import CAP_UDP_HEARTBEAT, Hello, member, protocol_limits
@@ -322,20 +322,11 @@ class Cluster:
         """_connect, its failures as malla errors (for connect())."""
         try:
             await self._connect(target)
-        except (mexc.AuthenticationError, mexc.ProtocolError, mexc.Unreachable,
-                mexc.NodeStopped, mexc.InvalidOption):
-            raise
-        except mexc.ConnectionLost as exc:   # closed during the handshake: never reached
-            raise mexc.Unreachable(f"{target} closed the connection during the handshake"
-                                   ) from exc
-        except mexc.MallaError as exc:       # a peer's ERROR on stream 0 of another kind
-            raise mexc.ProtocolError(f"{target} refused us: {exc}") from exc
-        except ssl.SSLError as exc:
-            raise mexc.AuthenticationError(f"TLS handshake with {target} failed: {exc}") from exc
-        except ValueError as exc:
-            raise mexc.InvalidOption(str(exc)) from exc
-        except OSError as exc:   # refused, unreachable, timed out
-            raise mexc.Unreachable(f"could not reach {target}: {exc}") from exc
+        except Exception as exc:
+            error = connect_error(exc, target)
+            if error is exc:
+                raise
+            raise error from exc
 
     def _dns(self) -> Resolver:
         if self._resolver is None:
@@ -410,34 +401,16 @@ class Cluster:
 
     async def _dial_forever(self, target: str, peer: Peer | None) -> None:
         # Seeds are dialled while the node runs; mesh peers while they stay
-        # known.  Capped exponential backoff between attempts.
-        delay = 0.05
-        while not self.stopping:
-            if peer is not None and (peer.address is None or peer.state is CONNECTED
-                                     or peer.state is FORGOTTEN):
-                return
-            try:
-                conn = await self._connect(target)
-                delay = 0.05
-                await conn.closed
-            except (OSError, ConnectionError, ValueError) as exc:
-                # not reached (Unreachable and ConnectionLost are ConnectionErrors),
-                # or a bad address: tried again, quietly
-                log.debug("malla: %s could not reach %s: %s", self.name, target, exc)
-            except mexc.MallaError as exc:
-                if isinstance(exc, mexc.ProtocolError) and "itself" in str(exc):
-                    return
-                log.warning("malla: %s could not join %s: %s", self.name, target, exc)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self.config.redial_max)
+        # known and unconnected.
+        def keep_going() -> bool:
+            return not self.stopping and (peer is None or (
+                peer.address is not None and peer.state is not CONNECTED
+                and peer.state is not FORGOTTEN))
+
+        await dial_forever(self._connect, target, self.name, keep_going, self.config.redial_max)
 
     async def _dial_once(self, target: str) -> None:
-        try:
-            await self._connect(target)
-        except (OSError, ConnectionError, ValueError) as exc:   # (as in _dial_forever)
-            log.debug("malla: %s could not reach %s: %s", self.name, target, exc)
-        except mexc.MallaError as exc:
-            log.warning("malla: %s could not join %s: %s", self.name, target, exc)
+        await dial_once(self._connect, target, self.name)
 
     # -- admission ----------------------------------------------------------------
 

@@ -86,6 +86,8 @@ class Registry:
         self._order: dict[str, list[str]] = {}
         # service -> node -> function -> its argument checker
         self._checks: dict[str, dict[str, dict[str, Checker]]] = {}
+        # (read by the core's common call path: service -> node -> checkers)
+        self.checks_table = self._checks
         self.version = 0   # bumped on every change (proxies follow it)
 
     # -- changes --------------------------------------------------------------

@@ -87,3 +87,34 @@ def test_the_import_graph_of_malla_has_no_cycle():
             visit(module, [])
     below = sorted(m for m, deps in graph.items() if "node" in deps and m not in _TOP)
     assert below == [], f"modules below the node facade import it: {below}"
+
+
+def _class_lengths() -> dict[str, int]:
+    """'file:Class' -> lines, for every class of malla/ (the core's
+    fragments included): from its header to its last indented line."""
+    import pathlib
+    import re
+
+    sizes: dict[str, int] = {}
+    paths = [*pathlib.Path(ROOT, "malla").glob("*.py"),
+             *pathlib.Path(ROOT, "malla", "core").glob("*.pyx")]
+    for path in paths:
+        lines = path.read_text().split("\n")
+        for i, line in enumerate(lines):
+            m = re.match(r"(?:cdef )?class (\w+)", line)
+            if not m:
+                continue
+            end = i + 1
+            while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t#"):
+                end += 1
+            while not lines[end - 1].strip() or lines[end - 1].startswith("#"):
+                end -= 1
+            sizes[f"{path.name}:{m.group(1)}"] = end - i
+    return sizes
+
+
+def test_no_class_is_a_god_class():
+    sizes = _class_lengths()
+    assert "protocol.pyx:CoreProtocol" in sizes and "node.py:Node" in sizes
+    assert {k: n for k, n in sizes.items() if n > 500} == {}
+    assert sizes["node.py:Node"] <= 300, sizes["node.py:Node"]

@@ -266,3 +266,43 @@ def test_a_silent_peer_is_dropped_by_the_heartbeat_loop():
         assert conn.proto.sent_of(core.FT_HEARTBEAT)
 
     run_async(main())
+
+
+# -- dialling (malla.dialing) -------------------------------------------------------------
+
+@pytest.mark.parametrize(("raised", "expected"), [
+    (mexc.ConnectionLost("x"), mexc.Unreachable),
+    (mexc.MessageTooLarge("x"), mexc.ProtocolError),
+    (OSError("refused"), mexc.Unreachable),
+    (ValueError("bad port"), mexc.InvalidOption),
+])
+def test_a_failed_dial_reaches_connect_as_the_error_of_its_kind(raised, expected):
+    from malla.dialing import connect_error
+
+    assert type(connect_error(raised, "h:1")) is expected
+    kept = mexc.AuthenticationError("cookie")
+    assert connect_error(kept, "h:1") is kept
+
+
+def test_dialling_backs_off_while_unreached_and_stops_at_its_own_address():
+    from malla import dialing
+
+    async def main():
+        attempts: list[float] = []
+
+        async def unreachable(target):
+            attempts.append(time.monotonic())
+            if len(attempts) == 5:
+                raise mexc.ProtocolError("node x connected to itself")
+            raise mexc.Unreachable(f"{target}: refused")
+
+        await asyncio.wait_for(dialing.dial_forever(unreachable, "h:1", "me", lambda: True,
+                                                    redial_max=0.2), 10)
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
+        # (jitter: each pause is within [0.5, 1.5) of a doubling base, capped)
+        bases = [min(dialing.BACKOFF_START * 2 ** i, 0.2) for i in range(len(gaps))]
+        assert all(0.4 * base <= gap for gap, base in zip(gaps, bases, strict=True))
+        assert len(attempts) == 5            # its own address: no sixth attempt
+        assert await dialing.dial_once(unreachable, "h:1", "me") is None   # the 6th: unreached
+
+    run_async(main())

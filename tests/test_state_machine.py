@@ -594,3 +594,37 @@ def test_the_connection_states_follow_one_table():
 
     assert asyncio.run(life()) == ["handshake", "ready", "refused", "closing", "closed",
                                    "refused"]
+
+
+def test_the_common_call_takes_one_c_call_and_the_rest_the_full_path():
+    # CoreProtocol.try_call: the future of the common call, None for what the
+    # caller's full path must decide (it then checks, waits or fails over)
+    from malla._testbase import FakeTransport, RecordingOwner
+    from malla.arguments import Checker, signature_from_wire
+
+    async def main() -> None:
+        proto = core.Protocol(RecordingOwner(), asyncio.get_running_loop(), True, {})
+        transport = FakeTransport()
+        proto.connection_made(transport)
+        assert proto.try_call({}, "b", "S", "f", [1], None, 5000, None) is None  # not ready
+        proto.set_ready("b", 1 << 20)
+        one = Checker("S.f", signature_from_wire([["x", 1, False]]))
+        checks = {"S": {"b": {"f": one}}}
+        fut = proto.try_call(checks, "b", "S", "f", [1], None, 5000, None)
+        assert fut is not None and proto.in_flight == 1 and proto.timer_heap_len == 1
+        for args, kwargs, timeout, fun in [([1, 2], None, 5000, "f"),     # too many
+                                           ([1], {"x": 1}, 5000, "f"),    # keywords
+                                           ([1], None, 0, "f"),           # a cast
+                                           ([1], None, 5000, "g")]:       # unknown
+            assert proto.try_call(checks, "b", "S", fun, args, kwargs, timeout, None) is None
+        assert proto.in_flight == 1             # none of those was sent
+        # a service the table does not know: sent unchecked, as the full path does
+        assert proto.try_call(checks, "b", "T", "h", [1, 2, 3], None, 5000, None) is not None
+        await asyncio.sleep(0)
+        sent = core.FrameReader(1 << 20).feed(b"".join(transport.writes))
+        assert [(t, core.unpackb(p)[:3]) for t, _f, _s, p in sent] == [
+            (core.FT_CALL, ["S", "f", [1]]), (core.FT_CALL, ["T", "h", [1, 2, 3]])]
+        proto.connection_lost(None)
+        assert isinstance(fut.exception(), mexc.ConnectionLost)
+
+    asyncio.run(main())

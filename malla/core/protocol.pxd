@@ -20,7 +20,6 @@ cdef class CoreProtocol(Wire):
     cdef int _on_call(self, uint8_t ftype, uint64_t sid, const char* p, Py_ssize_t n,
                       list detached) except -1
     cdef int _run_inline(self, ServiceEntry entry, IncomingCall call, object fn) except -1
-    cdef int _on_window(self, const char* p, Py_ssize_t n) except -1
     cdef int _on_heartbeat(self, uint8_t flags, uint64_t sid) except -1
     cdef int _on_cancel(self, uint64_t sid) except -1
     cdef int _send_cancel(self, uint64_t sid) except -1
@@ -32,4 +31,6 @@ cdef class CoreProtocol(Wire):
                                  double timeout_ms, deadline_ms, meta, trace) except -1
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
                                double timeout_ms, deadline_ms, meta, trace) except -1
+    cdef object _call(self, str service, str fun, args, kwargs, double timeout_ms, deadline_ms,
+                      meta, trace)
     cdef int _arm_timer(self) except -1

@@ -178,19 +178,6 @@ cdef class CoreProtocol(Wire):
             fut.set_exception(err)
         return 0
 
-    cdef int _on_window(self, const char* p, Py_ssize_t n) except -1:
-        # The peer consumed this many bytes of our large frames: send more.
-        if not self._acknowledge:
-            return 0            # not negotiated: an optional frame we skip
-        try:
-            consumed = _unpack(p, n)
-        except Exception:
-            consumed = None
-        if type(consumed) is not int or not 0 <= consumed <= (1 << 40):
-            raise ProtocolError(f"malformed WINDOW frame: {consumed!r}")
-        self._out.credit += <Py_ssize_t>consumed
-        return 0
-
     cdef int _on_heartbeat(self, uint8_t flags, uint64_t sid) except -1:
         if flags & FLAG_ACK:
             return self._queue_message(FT_HEARTBEAT, 0, sid, None)     # a ping: answer it
@@ -309,11 +296,6 @@ cdef class CoreProtocol(Wire):
         exc_type, message, tb = remote_fields(exc)
         self._queue_error(sid, ERR_REMOTE, exc_type, message, tb)
 
-    def refuse(self, IncomingCall call, int code, str exc_type, str message):
-        """Answer `call` with an error without running it (a cast: logged
-        and counted by the owner)."""
-        self._refuse(call.cast, call.sid, call.service, call.fun, code, exc_type, message)
-
     def task_done(self, uint64_t sid):
         """Forget the task of call `sid`; False when it was cancelled."""
         return self._running.pop(sid, None) is not None
@@ -359,6 +341,10 @@ cdef class CoreProtocol(Wire):
         sent), EncodeError / MessageTooLarge when the request cannot be sent.
         The call's stream id is left in `last_sid` (for `cancel`).
         """
+        return self._call(service, fun, args, kwargs, timeout_ms, deadline_ms, meta, trace)
+
+    cdef object _call(self, str service, str fun, args, kwargs, double timeout_ms, deadline_ms,
+                      meta, trace):
         cdef Py_ssize_t start = self._encode_call(FT_CALL, service, fun, args, kwargs,
                                                   timeout_ms, deadline_ms, meta, trace)
         cdef uint64_t sid = self.last_sid
@@ -380,6 +366,31 @@ cdef class CoreProtocol(Wire):
         if timeout_ms > 0 and self._pending.add_deadline(sid, _now() + timeout_ms * 0.001):
             self._arm_timer()
         return fut
+
+    def try_call(self, dict checks, str node, str service, str fun, args, kwargs,
+                 int timeout_ms, meta):
+        """The common call in one C call: the future of its reply, or None
+        when it is not the common case and the caller's full path must take
+        it (the connection not ready or congested, a cast, arguments that
+        are not positional within the announced range).  `checks` is the
+        registry's table service -> node -> Checker (arguments.py)."""
+        cdef PyObject* nodes
+        cdef PyObject* funs
+        cdef PyObject* checker
+        cdef Py_ssize_t nargs
+        if self._state != CS_READY or self._congested or timeout_ms <= 0 or kwargs:
+            return None
+        nodes = PyDict_GetItem(checks, service)
+        if nodes is not NULL:
+            funs = PyDict_GetItem(<object>nodes, node)
+            if funs is not NULL:
+                checker = PyDict_GetItem(<object>funs, fun)
+                if checker is NULL:
+                    return None         # (an unknown function: the full path says so)
+                nargs = len(args)
+                if not (<object>checker).lo <= nargs <= (<object>checker).hi:
+                    return None
+        return self._call(service, fun, args, None, timeout_ms, None, meta, None)
 
     def cast(self, str service, str fun, args, kwargs, meta, trace=None):
         """Send a CAST (no reply)."""

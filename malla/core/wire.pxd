@@ -40,6 +40,7 @@ cdef class Wire:
     cdef void _debug_check(self)
     cdef void _update_congestion(self)
     cdef int _on_frame(self, Frame* f) except -1
+    cdef int _on_window(self, const char* p, Py_ssize_t n) except -1
     cdef int _on_chunk(self, Frame* f) except -1
     cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
                             object payload) except -1

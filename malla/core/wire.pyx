@@ -237,6 +237,19 @@ cdef class Wire:
         return self._on_message(part.ftype, part.flags, f.sid, part.skeleton._buf,
                                 part.skeleton._len, part.detached)
 
+    cdef int _on_window(self, const char* p, Py_ssize_t n) except -1:
+        # The peer consumed this many bytes of our large frames: send more.
+        if not self._acknowledge:
+            return 0            # not negotiated: an optional frame we skip
+        try:
+            consumed = _unpack(p, n)
+        except Exception:
+            consumed = None
+        if type(consumed) is not int or not 0 <= consumed <= (1 << 40):
+            raise ProtocolError(f"malformed WINDOW frame: {consumed!r}")
+        self._out.credit += <Py_ssize_t>consumed
+        return 0
+
     cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
                             object payload) except -1:
         cdef Py_ssize_t start
