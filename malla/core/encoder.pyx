@@ -21,16 +21,7 @@ cdef class WriteBuffer:
         return self._len
 
     cdef int _grow(self, Py_ssize_t extra) except -1:
-        cdef Py_ssize_t new_size = self._size * 2
-        cdef char* nb
-        if new_size < self._len + extra:
-            new_size = self._len + extra
-        nb = <char*>PyMem_Realloc(self._buf, new_size)
-        if nb is NULL:
-            raise MemoryError()
-        self._buf = nb
-        self._size = new_size
-        return 0
+        return _grow_buffer(&self._buf, &self._size, self._len + extra)
 
     cdef inline int _reserve(self, Py_ssize_t extra) except -1:
         if self._len + extra > self._size:

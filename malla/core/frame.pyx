@@ -41,3 +41,18 @@ cdef bytes _frame_header(uint8_t ftype, uint8_t flags, uint64_t sid, uint32_t le
     cdef bytes h = PyBytes_FromStringAndSize(NULL, HEADER_SIZE)
     _put_frame_header(PyBytes_AS_STRING(h), ftype, flags, sid, length)
     return h
+
+
+cdef int _grow_buffer(char** buf, Py_ssize_t* size, Py_ssize_t need) except -1:
+    # A buffer doubled (at least to `need` bytes), its contents kept: the
+    # write buffer's and the reader's one way to grow.
+    cdef Py_ssize_t new_size = size[0] * 2
+    cdef char* grown
+    if new_size < need:
+        new_size = need
+    grown = <char*>PyMem_Realloc(buf[0], new_size)
+    if grown is NULL:
+        raise MemoryError()
+    buf[0] = grown
+    size[0] = new_size
+    return 0

@@ -35,8 +35,6 @@ cdef class FrameReader:
 
     cdef int _make_room(self, Py_ssize_t want) except -1:
         cdef Py_ssize_t used = self._end - self._start
-        cdef Py_ssize_t new_size
-        cdef char* nb
         if self._size - self._end >= want:
             return 0
         if self._start > 0:
@@ -46,15 +44,7 @@ cdef class FrameReader:
             self._end = used
             if self._size - self._end >= want:
                 return 0
-        new_size = self._size * 2
-        if new_size < used + want:
-            new_size = used + want
-        nb = <char*>PyMem_Realloc(self._buf, new_size)
-        if nb is NULL:
-            raise MemoryError()
-        self._buf = nb
-        self._size = new_size
-        return 0
+        return _grow_buffer(&self._buf, &self._size, used + want)
 
     cdef object get_buffer_view(self):
         # Room for the rest of the frame in progress (so it arrives in one
