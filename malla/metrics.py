@@ -77,21 +77,28 @@ class Metrics:
         hist.record_ns(ns)
 
     def wrap_remote(self, remote: CallFn) -> CallFn:
-        """`remote`, timed: every call that names a service and a function
-        is recorded, whatever its outcome (a call refused for its options
-        included: it was made)."""
+        """`remote`, timed: every call that names a service and an exported
+        function is recorded, whatever its outcome -- but not one refused
+        for its options (as before the call was made: the caller's mistake
+        must not grow the label set)."""
         record = self.record
         clock = time.perf_counter_ns
 
         async def timed_remote(service: Any, fun: str, *args: Any, **kwargs: Any) -> Any:
             name = service if type(service) is str else service_name(service)
-            if type(fun) is not str:    # (nothing to file it under: remote() refuses it)
+            if type(fun) is not str or fun[:1] == "_":
+                # (nothing to file it under: remote() refuses it)
                 return await remote(service, fun, *args, **kwargs)
             started = clock()
             try:
-                return await remote(name, fun, *args, **kwargs)
-            finally:
+                result = await remote(name, fun, *args, **kwargs)
+            except mexc.InvalidOption:
+                raise                   # refused before it was made: not timed
+            except BaseException:
                 record(name, fun, clock() - started)
+                raise
+            record(name, fun, clock() - started)
+            return result
 
         timed_remote.__doc__ = remote.__doc__
         return timed_remote

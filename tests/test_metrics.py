@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import types
 import urllib.request
 
 import pytest
@@ -59,6 +60,17 @@ def test_stats_count_calls_errors_retries_failovers_and_latency():
         assert 0 < stats["latency"]["Calc.add"]["p50_us"] <= \
             stats["latency"]["Calc.add"]["p99_us"]
         assert a.stats()["latency"] == {}             # metrics off: nothing recorded
+        # refused for its options before it was made: not timed, no new label
+        for bad in ({"timeout": -1}, {"bogus": 1}):
+            with pytest.raises(malla.InvalidOption):
+                await b.remote("Made", "up", **bad)
+        with pytest.raises(malla.UnknownFunction):
+            await b.remote("Calc", "_private")
+        assert set(b.stats()["latency"]) == {"Calc.add", "Calc.fail", "Nobody.f"}
+        # a timeout beyond 32 bits of ms takes the common path too
+        assert await b.remote("Calc", "add", [2, 2], timeout=3_000_000_000) == 4
+        # in-process, keyword arguments in any mapping, as ** takes them
+        assert await a.remote("Calc", "add", [1], types.MappingProxyType({"b": 2})) == 3
         # failovers: the first node refuses (paused), the call moves on
         c = await make("c", seeds=[seed_of(a)]).start()
         await c.start_service(Calc)

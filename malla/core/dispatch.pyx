@@ -120,11 +120,13 @@ cdef class ServiceEntry:
                     f"service {self.name} is at max_concurrency {self.max_concurrency}")
         return None
 
-    def refusal(self, str fun, args, dict kwargs=None, deadline=None):
+    def refusal(self, str fun, args, kwargs=None, deadline=None):
         """Why this service does not take a call of `fun` now, as (wire
         error code, error class, message); None when it may run.  The
         in-process path asks this, as the core does for every call that
         arrives (one rule set)."""
+        if kwargs is not None and type(kwargs) is not dict:
+            kwargs = dict(kwargs)       # (any mapping, as ** takes it)
         return self._refusal(fun, args, kwargs, deadline)
 
     def dispatch(self, proto, IncomingCall call):

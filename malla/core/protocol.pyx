@@ -368,7 +368,7 @@ cdef class CoreProtocol(Wire):
         return fut
 
     def try_call(self, dict checks, str node, str service, str fun, args, kwargs,
-                 int timeout_ms, meta):
+                 double timeout_ms, meta):
         """The common call in one C call: the future of its reply, or None
         when it is not the common case and the caller's full path must take
         it (the connection not ready or congested, a cast, arguments that
