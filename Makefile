@@ -16,6 +16,7 @@ $(VPY):
 	$(VPY) -m pip install -q --upgrade pip
 
 $(STAMP): $(VPY) pyproject.toml setup.py
+	$(VPY) -m pip install -q 'setuptools>=77'   # (setup.py reads the SPDX license)
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

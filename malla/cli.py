@@ -31,6 +31,7 @@ import malla
 from malla.arguments import signature_from_wire
 from malla.dns import DEFAULT_PORT
 from malla.exceptions import DID_NOT_RUN, EXIT_CODES, UNREACHABLE
+from malla.handshake import PROTOCOL_VERSION
 
 __all__ = ["main"]
 
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                     "Python processes.",
         epilog="The cookie (the cluster's shared secret) comes from --cookie-file or the "
                "MALLA_COOKIE environment variable. Try `malla demo` first.")
+    parser.add_argument("--version", action="version",
+                        version=f"malla {malla.__version__} (protocol {PROTOCOL_VERSION})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     node = sub.add_parser(

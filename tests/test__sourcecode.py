@@ -26,6 +26,9 @@ def test_ruff():
 def test_mypy_strict():
     out = run(sys.executable, "-m", "mypy")
     assert out.returncode == 0, out.stdout + out.stderr
+    # and strict on the package alone, as a user's `mypy --strict` sees it
+    out = run(sys.executable, "-m", "mypy", "--strict", "malla")
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_cython_lint():

@@ -167,3 +167,12 @@ def test_bench_measures_malla_without_the_repositorys_harness(tmp_path):
     assert "measuring" in out.stderr                        # progress as it goes
     bad = malla("bench", "--seconds", "0")
     assert bad.returncode == 2 and "seconds" in bad.stderr
+
+
+def test_version_names_the_package_and_the_protocol():
+    import malla as pkg
+    from malla.handshake import PROTOCOL_VERSION
+
+    out = malla("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"malla {pkg.__version__} (protocol {PROTOCOL_VERSION})"

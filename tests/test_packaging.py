@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 
 from support import ROOT
 
@@ -29,7 +30,19 @@ def test_sdist_and_wheel(tmp_path):
     assert any(n.endswith("malla/core/protocol.pyx") for n in names)
     assert any(n.endswith("malla/core/protocol.pxd") for n in names)
     assert not any(n.endswith((".so", "malla/_core.c")) for n in names)
+    assert any(n.endswith("/LICENSE") for n in names)
+    assert any(n.endswith("tests/test_packaging.py") for n in names)   # the tests ship too
     wheel = glob.glob(str(dist / "malla-*.whl"))[0]
+    # what PyPI and packagers check: the metadata renders, the wheel holds
+    # what it should (no duplicates, no stray top-level files)
+    run(sys.executable, "-m", "twine", "check", "--strict", sdist, wheel)
+    run(sys.executable, "-m", "check_wheel_contents", wheel)
+    with zipfile.ZipFile(wheel) as whl:
+        metadata = next(whl.read(n).decode() for n in whl.namelist()
+                        if n.endswith(".dist-info/METADATA"))
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "License-File: LICENSE" in metadata
+    assert "Classifier: Typing :: Typed" in metadata
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", str(venv))
     py = str(venv / "bin" / "python")
