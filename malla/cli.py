@@ -29,7 +29,7 @@ from typing import Any
 
 import malla
 from malla.arguments import signature_from_wire
-from malla.dns import DEFAULT_PORT
+from malla.dns import DEFAULT_PORT, format_address
 from malla.exceptions import DID_NOT_RUN, EXIT_CODES, UNREACHABLE
 from malla.handshake import PROTOCOL_VERSION
 
@@ -184,7 +184,7 @@ async def _connect_members(node: malla.Node, progress: Progress) -> None:
         if name not in node.peers():
             progress.show(f"connecting to {name} at {host}:{port} ...")
             try:
-                await node.connect(f"{host}:{port}")
+                await node.connect(format_address(host, port))
             except (malla.MallaError, OSError):
                 pass
 

@@ -34,7 +34,7 @@ from malla import exceptions as mexc
 from malla._ext import core
 from malla.connection import Connection
 from malla.dialing import connect_error, dial_forever, dial_once
-from malla.dns import Resolver, kind_of, parse_address, resolve_all
+from malla.dns import Resolver, format_address, kind_of, parse_address, resolve_all
 from malla.guard import HandshakeThrottle
 from malla.handshake import CAP_UDP_HEARTBEAT, Hello, member, protocol_limits
 
@@ -310,7 +310,7 @@ class Cluster:
             addresses = await self._dns().resolve(target)
         except (OSError, ValueError) as exc:
             raise mexc.Unreachable(str(exc)) from exc
-        results = await asyncio.gather(*(self._connect_checked(f"{h}:{p}")
+        results = await asyncio.gather(*(self._connect_checked(format_address(h, p))
                                          for h, p in addresses), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if len(errors) == len(results):
@@ -343,7 +343,7 @@ class Cluster:
                          if c.peer and c.peer.listen}
             for host, port in addresses:
                 if (host, port) not in connected and (host, port) != self.address:
-                    self._dial_target(f"{host}:{port}", once=True)
+                    self._dial_target(format_address(host, port), once=True)
             await asyncio.sleep(self.config.check_interval)
 
     async def _connect(self, target: str) -> Connection:
@@ -387,7 +387,7 @@ class Cluster:
         if peer.dial is None or peer.dial.done():
             host, port = peer.address
             peer.dial = asyncio.get_running_loop().create_task(
-                self._dial_forever(f"{host}:{port}", peer))
+                self._dial_forever(format_address(host, port), peer))
             peer.dial.add_done_callback(functools.partial(self._dial_ended, peer))
         if peer.state is not DIALLING:
             self._set_state(peer, DIALLING)

@@ -27,15 +27,36 @@ DEFAULT_PORT = 4370
 
 
 def parse_address(target: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """'host:port' (or '[v6]:port', or a bare host) -> (host, port)."""
+    """'host:port', '[v6]:port', '[v6]', a bare host or a bare IPv6 literal
+    ('::1') -> (host, port)."""
     if target.startswith("["):
-        host, _, rest = target[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
+        host, closed, rest = target[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {target!r}: an IPv6 address with a port "
+                             "is written [v6]:port")
+        return host, _port(rest[1:], target) if rest else default_port
+    if target.count(":") > 1:
+        # more than one colon: an IPv6 literal, which has no port unless
+        # bracketed ('::1:4370' is itself an IPv6 address)
+        if _is_ip(target):
+            return target, default_port
+        raise ValueError(f"bad address {target!r}: an IPv6 address with a port "
+                         "is written [v6]:port")
     host, sep, port = target.rpartition(":")
     if not sep:
         return target, default_port
+    return host, _port(port, target)
+
+
+def format_address(host: str, port: int) -> str:
+    """The target `parse_address` reads back as (host, port): an IPv6
+    host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _port(text: str, target: str) -> int:
     try:
-        return host, int(port)
+        return int(text)
     except ValueError:
         raise ValueError(f"bad address {target!r}: the port must be a number") from None
 
