@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.malla-installed
 CORE   := malla/_core.pyx malla/_core.pxd $(wildcard malla/core/*.pyx malla/core/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: all build demo test test-long bench soak fuzz debug test-debug lint clean distclean
+.PHONY: all build demo test test-long bench soak fuzz debug test-debug docs lint clean distclean
 
 all: build
 
@@ -37,6 +37,12 @@ bench: build
 	$(VPY) -m pip install -q -e '.[test,bench]'
 	$(VPY) -m bench
 	$(VPY) -m bench.extras
+	$(VPY) -m bench.chart          # bench/results.png, shown in bench/RESULTS.md
+
+# The docs site (mkdocs-material, the API reference from the docstrings) in
+# site/; the suite builds it too (tests/test_docs_site.py).
+docs: build
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict
 
 soak: build
 	$(VPY) -m pytest -q -s -p no:cacheprovider tests/long_soak.py

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
@@ -38,9 +38,12 @@ def _arity_signature(arity: int) -> inspect.Signature:
 
 
 class Call:
-    """A remote call not made yet: await it, or pass it to malla.call()."""
+    """A remote call not made yet: await it, or pass it to malla.call().
 
-    __slots__ = ("_used", "args", "fun", "kwargs", "proxy")
+    It is also a coroutine (send/throw/close), so asyncio.create_task()
+    and TaskGroup.create_task() take it as they take remote()'s."""
+
+    __slots__ = ("_it", "_used", "args", "fun", "kwargs", "proxy")
 
     def __init__(self, proxy: Proxy, fun: str, args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> None:
@@ -49,6 +52,7 @@ class Call:
         self.args = args
         self.kwargs = kwargs
         self._used = False
+        self._it: Generator[Any, None, Any] | None = None
 
     def __repr__(self) -> str:
         return f"<malla.Call {self.proxy._name}.{self.fun}{self.args!r}>"
@@ -59,6 +63,23 @@ class Call:
         proxy = self.proxy
         return proxy._node.remote(proxy._name, self.fun, self.args,
                                   self.kwargs or None).__await__()
+
+    # The coroutine protocol, for a Task driving the call: the first send
+    # starts remote(); the rest is remote()'s own coroutine.
+    def send(self, value: Any) -> Any:
+        if self._it is None:
+            self._it = self.__await__()
+        return self._it.send(value)
+
+    def throw(self, *exc: Any) -> Any:
+        if self._it is None:
+            self._it = self.__await__()
+        return self._it.throw(*exc)
+
+    def close(self) -> None:
+        self._used = True
+        if self._it is not None:
+            self._it.close()
 
     async def run(self, **opts: Any) -> Any:
         """Make the call through remote(), with remote()'s options."""
@@ -72,6 +93,9 @@ class Call:
         if not self._used:
             warnings.warn(f"malla call {self.proxy._name}.{self.fun}(...) was never awaited",
                           RuntimeWarning, stacklevel=2)
+
+
+Coroutine.register(Call)
 
 
 async def call(obj: Call, **opts: Any) -> Any:

@@ -49,6 +49,17 @@ def test_bench_short_mode_end_to_end(tmp_path):
     # the table is printed too, every system named in it
     for system in SYSTEMS:
         assert system in proc.stdout
+    # and the chart of RESULTS.md draws from the same JSON
+    from bench import chart
+
+    scenarios, by_system = chart.series(data, "calls_per_s")
+    assert "seq" in scenarios and set(by_system) == SYSTEMS
+    assert all(v == 1.0 for v in by_system["floor"])
+    k = scenarios.index("seq")
+    assert by_system["malla"][k] == seq["malla"]["ratio_to_floor"]["calls_per_s"]
+    png = tmp_path / "chart.png"
+    assert chart.main([str(out), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 # ---------------------------------------------------------------- the C floor

@@ -8,21 +8,27 @@ import subprocess
 import sys
 
 import pytest
+from recipes import blocks, doc_pages
 from support import ROOT
-
-DOCS = [os.path.join(ROOT, "README.md"),
-        *sorted(os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
-                if f.endswith(".md"))]
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
 def examples():
-    for path in DOCS:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        for _i, match in enumerate(BLOCK.finditer(text)):
-            line = text[:match.start()].count("\n") + 1
-            yield pytest.param(match.group(1), id=f"{os.path.basename(path)}:{line}")
+    # (the recipes' files and notebook cells run in tests/test_recipes.py)
+    for path in doc_pages():
+        for line, name, cell, code in blocks(path):
+            if not name and not cell:
+                yield pytest.param(code, id=f"{os.path.relpath(path, ROOT)}:{line}")
+
+
+def test_every_page_has_its_examples_run():
+    """The recipes and reference pages are found (the walk goes into
+    docs/'s subdirectories) and every block is one of the three kinds."""
+    pages = {os.path.relpath(p, ROOT) for p in doc_pages()}
+    assert {"docs/recipes/taskgroup.md", "docs/recipes/fastapi.md",
+            "docs/reference/node.md", "README.md"} <= pages
+    with open(os.path.join(ROOT, "docs", "recipes", "fastapi.md"), encoding="utf-8") as fh:
+        assert fh.read().count("```python") == len(blocks(os.path.join(
+            ROOT, "docs", "recipes", "fastapi.md")))
 
 
 @pytest.mark.parametrize("code", list(examples()))

@@ -46,7 +46,10 @@ def test_sdist_and_wheel(tmp_path):
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", str(venv))
     py = str(venv / "bin" / "python")
-    run(py, "-m", "pip", "install", "-q", wheel)
+    # (without the caller's PYTHONPATH: a malla importable from there would
+    # count as installed and pip would skip the wheel)
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run(py, "-m", "pip", "install", "-q", wheel, env=clean)
     code = ("import importlib.util, malla\n"
             "assert importlib.util.find_spec('Cython') is None, 'Cython is installed'\n"
             "assert malla._core.__file__.endswith('.so')\n"

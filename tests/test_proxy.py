@@ -98,6 +98,48 @@ def test_lazy_call_does_nothing_until_awaited_and_warns_if_never():
     with_nodes(main)
 
 
+def test_a_call_object_is_a_coroutine_for_tasks():
+    """asyncio.create_task and TaskGroup take a proxy call as they take
+    remote()'s coroutine; cancelling the task cancels the call on the
+    serving node; a call closed unstarted sends nothing and never warns."""
+    cancelled = []
+
+    class Sleeper(malla.Service, global_=True):
+        async def sleep(self, seconds):
+            try:
+                await asyncio.sleep(seconds)
+            except asyncio.CancelledError:
+                cancelled.append(seconds)
+                raise
+
+    async def main(make):
+        a, b = await pair(make)
+        await a.start_service(UserService)
+        await a.start_service(Sleeper)
+        assert await b.wait_for_services(["UserService", "Sleeper"], retries=5)
+        proxy = b.services.UserService
+        call = proxy.get_user_by_id(7)
+        assert asyncio.iscoroutine(call)
+        assert await asyncio.create_task(call) == {"id": 7, "full": False}
+        task = asyncio.create_task(b.services.Sleeper.sleep(30))
+        await wait_until(lambda: a.stats()["calls_in"] >= 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(lambda: cancelled == [30])       # cancelled there too
+        before = a.stats()["calls_in"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            unstarted = proxy.get_user_by_id(8)
+            unstarted.close()
+            del unstarted
+            gc.collect()
+        assert not any("never awaited" in str(w.message) for w in caught)
+        assert a.stats()["calls_in"] == before
+
+    with_nodes(main)
+
+
 def test_proxy_follows_new_version_and_outlives_service():
     async def main(make):
         a, b = await pair(make)
