@@ -208,31 +208,50 @@ class Resolver:
         or whose servers fail it) moves on to the next, as getaddrinfo does,
         but a timeout ends the lookup: there is no time left to go on."""
         tried = self.names_to_try(name)
-        loop = asyncio.get_running_loop()
+        failed: BaseException | None = None    # the servers' last failure
+        answered = False                       # some name definitely has none
         for qname in tried:
-            answers = await asyncio.gather(
-                *(self._resolver.resolve(qname, rdtype, search=False,
-                                         lifetime=max(deadline - loop.time(), 0.001))
-                  for rdtype in rdtypes),
-                return_exceptions=True)
+            answers = await self._ask(qname, rdtypes, deadline)
             records = [r for a in answers if isinstance(a, dns.resolver.Answer) for r in a]
             if records:
                 return records
             for answer in answers:
-                if not isinstance(answer, _MOVE_ON):
-                    assert isinstance(answer, BaseException)
+                if isinstance(answer, _NO_SUCH):
+                    answered = True
+                elif isinstance(answer, dns.resolver.NoNameservers):
+                    failed = answer
+                elif isinstance(answer, BaseException):
                     raise answer
             log.debug("malla: no %s records for %s", "/".join(rdtypes), qname)
         names = ", ".join(q.to_text() for q in tried)
+        if failed is not None and not answered:
+            raise _NotFound(f"the DNS servers failed {name!r} (tried {names}): {failed}")
         raise _NotFound(f"no {' or '.join(rdtypes)} records for {name!r} (tried {names})")
+
+    async def _ask(self, qname: dns.name.Name, rdtypes: tuple[str, ...],
+                   deadline: float) -> list[Any]:
+        """The answers (or errors) for each of `rdtypes`, asked at once; one
+        still unanswered at `deadline` is a Timeout, the others count."""
+        loop = asyncio.get_running_loop()
+        remaining = max(deadline - loop.time(), 0.001)
+        tasks = [asyncio.ensure_future(self._resolver.resolve(
+            qname, rdtype, search=False, lifetime=remaining)) for rdtype in rdtypes]
+        # dnspython may overrun its lifetime by its retry back-off: the
+        # deadline is ours to keep
+        _, late = await asyncio.wait(tasks, timeout=remaining)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        return [TimeoutError() if t in late
+                else t.exception() or t.result() for t in tasks]
 
 
 class _NotFound(Exception):
     """No name tried has the records looked for."""
 
 
-# the answers that send a lookup on to its next name
-_MOVE_ON = (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers)
+# the answers saying a name has no records of a type
+_NO_SUCH = (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)
 
 
 def search_names(name: str, search: list[dns.name.Name], ndots: int) -> list[dns.name.Name]:
@@ -250,23 +269,26 @@ def search_names(name: str, search: list[dns.name.Name], ndots: int) -> list[dns
 
 
 def srv_order(records: list[tuple[int, int, T]], rng: random.Random | None = None) -> list[T]:
-    """RFC 2782's order: lowest priority first; within a priority, each
-    next one drawn at random in proportion to its weight (a weight of 0
-    has a small chance only: it is placed first, so it is drawn when the
-    random number is 0)."""
+    """RFC 2782's order of (priority, weight, item): lowest priority first;
+    within a priority, each next one drawn at random in proportion to its
+    weight; weight-0 ones (RFC 2782: "a very small chance") after the
+    weighted ones, in random order.  Go's net.LookupSRV orders them so."""
     draw = rng or random
     out: list[T] = []
     for priority in sorted({p for p, _, _ in records}):
-        group = sorted(((w, item) for p, w, item in records if p == priority),
-                       key=lambda wi: wi[0] != 0)
-        while group:
-            point = draw.randint(0, sum(w for w, _ in group))
+        group = [(w, item) for p, w, item in records if p == priority]
+        draw.shuffle(group)
+        total = sum(w for w, _ in group)
+        while total > 0:
+            point = draw.randrange(total)
             running = 0
             for i, (weight, _) in enumerate(group):
                 running += weight
-                if running >= point:
+                if running > point:
+                    total -= weight
                     out.append(group.pop(i)[1])
                     break
+        out.extend(item for _, item in group)    # the weight-0 ones
     return out
 
 

@@ -8,6 +8,12 @@
 
 The test process sits in the root namespace on the bridge (topo.gateway).
 Every namespace, link and bridge is deleted on exit, also after a failure.
+
+    with Namespace("dns", resolv_conf="nameserver 127.0.0.1\n...") as ns:
+        ns.run(argv)           # sees that text as its /etc/resolv.conf
+
+A lone namespace with only its loopback up, and its own resolv.conf (what
+`ip netns exec` mounts over /etc/resolv.conf): the system resolver of a pod.
 Needs root and iproute2: without them `require()` fails with how to run.
 """
 
@@ -18,7 +24,7 @@ import shutil
 import subprocess
 from typing import Any
 
-__all__ = ["Topology", "require"]
+__all__ = ["Namespace", "Topology", "require"]
 
 SUBNET_PREFIX = "10.213"
 
@@ -35,6 +41,24 @@ def require() -> None:
 
 def _ip(*args: str, check: bool = True) -> None:
     subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+def _exec(ns: str, argv: list[str], procs: list[subprocess.Popen[Any]],
+          **kw: Any) -> subprocess.Popen[Any]:
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kw)
+    procs.append(proc)
+    return proc
+
+
+def _kill_all(procs: list[subprocess.Popen[Any]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, 18)  # SIGCONT, so that a stopped one can die
+            except ProcessLookupError:
+                pass
+            proc.kill()
+            proc.wait()
 
 
 class Topology:
@@ -77,23 +101,14 @@ class Topology:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for proc in self._procs:
-            if proc.poll() is None:
-                try:
-                    os.kill(proc.pid, 18)  # SIGCONT, so that a stopped one can die
-                except ProcessLookupError:
-                    pass
-                proc.kill()
-                proc.wait()
+        _kill_all(self._procs)
         for host in self.hosts:
             _ip("link", "del", self.link(host), check=False)
             _ip("netns", "del", self.ns(host), check=False)
         _ip("link", "del", self.bridge, check=False)
 
     def run(self, host: str, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns(host), *argv], **kw)
-        self._procs.append(proc)
-        return proc
+        return _exec(self.ns(host), argv, self._procs, **kw)
 
     def cut(self, host: str) -> None:
         """Take the host's link down: its packets vanish, nothing is reset."""
@@ -101,3 +116,35 @@ class Topology:
 
     def heal(self, host: str) -> None:
         _ip("link", "set", self.link(host), "up")
+
+
+class Namespace:
+    """A network namespace with its loopback up and `resolv_conf` as the
+    /etc/resolv.conf its processes see; deleted (with that file) on exit."""
+
+    def __init__(self, name: str, resolv_conf: str) -> None:
+        require()
+        self.name = f"m{os.getpid() % 100000}-{name}"
+        self.resolv_conf = resolv_conf
+        self.etc = os.path.join("/etc/netns", self.name)
+        self._procs: list[subprocess.Popen[Any]] = []
+
+    def __enter__(self) -> Namespace:
+        try:
+            _ip("netns", "add", self.name)
+            _ip("-n", self.name, "link", "set", "lo", "up")
+            os.makedirs(self.etc, exist_ok=True)
+            with open(os.path.join(self.etc, "resolv.conf"), "w") as f:
+                f.write(self.resolv_conf)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _kill_all(self._procs)
+        _ip("netns", "del", self.name, check=False)
+        shutil.rmtree(self.etc, ignore_errors=True)
+
+    def run(self, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
+        return _exec(self.name, argv, self._procs, **kw)
