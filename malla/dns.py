@@ -132,7 +132,7 @@ class Resolver:
                 self._broken = str(exc)
         else:
             servers = ", ".join(str(s) for s in self._resolver.nameservers)
-            self.source = f"the system resolver (nameserver {servers or 'none'} in {RESOLV_CONF})"
+            self.source = f"the system resolver, nameserver {servers or 'none'} in {RESOLV_CONF}"
 
     def names_to_try(self, name: str) -> list[dns.name.Name]:
         """The absolute names a lookup of `name` asks for, in order."""
@@ -159,13 +159,13 @@ class Resolver:
                 return [(ip, port) for ip in await self._addresses(domain, deadline)]
             return await self._srv(target, deadline)
         except _NotFound as exc:
-            raise mexc.Unreachable(f"cannot resolve {target!r}: {exc} (asked {self.source})"
+            raise mexc.Unreachable(f"cannot resolve {target!r}: {exc}; asked {self.source}"
                                    ) from None
         except (dns.exception.Timeout, TimeoutError) as exc:
             raise mexc.Unreachable(f"cannot resolve {target!r}: no answer within "
-                                   f"{self.timeout:g} s (asked {self.source})") from exc
+                                   f"{self.timeout:g} s; asked {self.source}") from exc
         except (dns.exception.DNSException, OSError, ValueError) as exc:
-            raise mexc.Unreachable(f"cannot resolve {target!r}: {exc} (asked {self.source})"
+            raise mexc.Unreachable(f"cannot resolve {target!r}: {exc}; asked {self.source}"
                                    ) from exc
 
     async def _srv(self, name: str, deadline: float) -> list[tuple[str, int]]:

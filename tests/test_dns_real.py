@@ -81,13 +81,33 @@ def test_srv_order_is_by_priority_then_weighted_by_weight():
 
 # -- through Node(dns_servers=[...]) ------------------------------------------------
 
+def _port_free_on_both() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as v4:
+        v4.bind(("127.0.0.1", 0))
+        port = int(v4.getsockname()[1])
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6:
+            v6.bind(("::1", port))
+    return port
+
+
+async def dual_stack_pair(make):
+    """Nodes a on 127.0.0.1 and b on ::1, on one port (what a name with an
+    A and an AAAA record and a port points at)."""
+    for attempt in range(10):
+        try:
+            port = _port_free_on_both()
+            a = await make(f"a{attempt}" if attempt else "a", port=port).start()
+            b = await make(f"b{attempt}" if attempt else "b", host="::1", port=port).start()
+            return a, b, port
+        except OSError:     # taken by another process since: pick again
+            continue
+    raise RuntimeError("no port free on both 127.0.0.1 and ::1")
+
 def test_name_at_domain_joins_every_a_and_aaaa_address(dnsmasq):
     """name@domain asks A and AAAA: a node on 127.0.0.1 and one on ::1 behind
     one name both join; an AAAA-only name joins over IPv6 alone."""
     async def main(make):
-        a = await make("a", port=0).start()
-        port = a.address[1]
-        await make("b", host="::1", port=port).start()
+        a, b, port = await dual_stack_pair(make)
         server = dnsmasq(["--host-record=dual.test,127.0.0.1,::1",
                           "--host-record=six.test,::1"]).server
         r = Resolver([server])
@@ -95,10 +115,10 @@ def test_name_at_domain_joins_every_a_and_aaaa_address(dnsmasq):
         assert await r.resolve(f"x@six.test:{port}") == [("::1", port)]
         c = await make("c", dns_servers=[server]).start()
         await c.connect(f"x@dual.test:{port}")
-        assert c.peers() == ["a", "b"]
+        assert c.peers() == [a.name, b.name]
         d = await make("d", dns_servers=[server]).start()
         await d.connect(f"x@six.test:{port}")
-        assert d.peers() == ["b"]
+        assert d.peers() == [b.name]
 
     with_nodes(main)
 
@@ -128,15 +148,13 @@ def test_a_changed_record_is_picked_up_by_connect_targets(dnsmasq):
     """Node(connect=[name@domain]) re-resolves: a pod added behind the name
     (dnsmasq restarted with the new zone) joins by itself."""
     async def main(make):
-        a = await make("a", port=0).start()
-        port = a.address[1]
-        await make("b", host="::1", port=port).start()
+        a, b, port = await dual_stack_pair(make)
         server = dnsmasq(["--host-record=svc.test,127.0.0.1"])
         c = await make("c", connect=[f"x@svc.test:{port}"], dns_servers=[server.server],
                        check_interval=0.2).start()
-        await wait_until(lambda: c.peers() == ["a"], timeout=10)
+        await wait_until(lambda: c.peers() == [a.name], timeout=10)
         server.restart(["--host-record=svc.test,127.0.0.1,::1"])
-        await wait_until(lambda: c.peers() == ["a", "b"], timeout=10)
+        await wait_until(lambda: c.peers() == [a.name, b.name], timeout=10)
 
     with_nodes(main)
 
