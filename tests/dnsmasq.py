@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Any
 
-__all__ = ["Dnsmasq", "argv", "require", "wait_started"]
+__all__ = ["Dnsmasq", "argv", "free_port", "require", "wait_started"]
 
 PACKAGE = "dnsmasq-base"
 
@@ -69,13 +69,15 @@ def wait_started(proc: subprocess.Popen[Any], log: str, timeout: float = 10.0) -
     raise RuntimeError(f"dnsmasq did not start within {timeout} s")
 
 
-def _free_port() -> int:
-    # a port free for both UDP and TCP on loopback (dnsmasq binds both)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        port = int(udp.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", port))
+def free_port(*binds: tuple[socket.AddressFamily, socket.SocketKind, str]) -> int:
+    """A port each (family, type, address) of `binds` can bind just now."""
+    (family, kind, address), *others = binds
+    with socket.socket(family, kind) as first:
+        first.bind((address, 0))
+        port = int(first.getsockname()[1])
+        for family, kind, address in others:
+            with socket.socket(family, kind) as other:
+                other.bind((address, port))
     return port
 
 
@@ -95,7 +97,9 @@ class Dnsmasq:
 
     def __enter__(self) -> Dnsmasq:
         for _ in range(5):   # a port taken between picking and binding: pick again
-            self.port = _free_port()
+            # dnsmasq binds UDP and TCP
+            self.port = free_port((socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1"),
+                                  (socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1"))
             try:
                 self._start()
                 return self

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["Namespace", "Topology", "require"]
 
@@ -61,7 +61,35 @@ def _kill_all(procs: list[subprocess.Popen[Any]]) -> None:
             proc.wait()
 
 
-class Topology:
+M = TypeVar("M", bound="_Made")
+
+
+class _Made:
+    """Made on enter (`_make`), unmade on exit (`_unmake`, after its
+    processes are killed), and also when making fails half-way."""
+
+    _procs: list[subprocess.Popen[Any]]
+
+    def _make(self) -> None:
+        raise NotImplementedError
+
+    def _unmake(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: M) -> M:
+        try:
+            self._make()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _kill_all(self._procs)
+        self._unmake()
+
+
+class Topology(_Made):
     def __init__(self, hosts: list[str]) -> None:
         require()
         tag = os.getpid() % 200 + 20
@@ -81,27 +109,21 @@ class Topology:
     def addr(self, host: str) -> str:
         return f"{self.subnet}.{self.hosts[host]}"
 
-    def __enter__(self) -> Topology:
-        try:
-            _ip("link", "add", self.bridge, "type", "bridge")
-            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-            _ip("link", "set", self.bridge, "up")
-            for host in self.hosts:
-                ns, outside = self.ns(host), self.link(host)
-                _ip("netns", "add", ns)
-                _ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", ns)
-                _ip("link", "set", outside, "master", self.bridge)
-                _ip("link", "set", outside, "up")
-                _ip("-n", ns, "addr", "add", f"{self.addr(host)}/24", "dev", "eth0")
-                _ip("-n", ns, "link", "set", "eth0", "up")
-                _ip("-n", ns, "link", "set", "lo", "up")
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+    def _make(self) -> None:
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for host in self.hosts:
+            ns, outside = self.ns(host), self.link(host)
+            _ip("netns", "add", ns)
+            _ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("link", "set", outside, "master", self.bridge)
+            _ip("link", "set", outside, "up")
+            _ip("-n", ns, "addr", "add", f"{self.addr(host)}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
 
-    def __exit__(self, *exc: Any) -> None:
-        _kill_all(self._procs)
+    def _unmake(self) -> None:
         for host in self.hosts:
             _ip("link", "del", self.link(host), check=False)
             _ip("netns", "del", self.ns(host), check=False)
@@ -118,7 +140,7 @@ class Topology:
         _ip("link", "set", self.link(host), "up")
 
 
-class Namespace:
+class Namespace(_Made):
     """A network namespace with its loopback up and `resolv_conf` as the
     /etc/resolv.conf its processes see; deleted (with that file) on exit."""
 
@@ -129,20 +151,14 @@ class Namespace:
         self.etc = os.path.join("/etc/netns", self.name)
         self._procs: list[subprocess.Popen[Any]] = []
 
-    def __enter__(self) -> Namespace:
-        try:
-            _ip("netns", "add", self.name)
-            _ip("-n", self.name, "link", "set", "lo", "up")
-            os.makedirs(self.etc, exist_ok=True)
-            with open(os.path.join(self.etc, "resolv.conf"), "w") as f:
-                f.write(self.resolv_conf)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+    def _make(self) -> None:
+        _ip("netns", "add", self.name)
+        _ip("-n", self.name, "link", "set", "lo", "up")
+        os.makedirs(self.etc, exist_ok=True)
+        with open(os.path.join(self.etc, "resolv.conf"), "w") as f:
+            f.write(self.resolv_conf)
 
-    def __exit__(self, *exc: Any) -> None:
-        _kill_all(self._procs)
+    def _unmake(self) -> None:
         _ip("netns", "del", self.name, check=False)
         shutil.rmtree(self.etc, ignore_errors=True)
 

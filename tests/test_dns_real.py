@@ -15,7 +15,7 @@ import time
 
 import dns.name
 import pytest
-from dnsmasq import Dnsmasq, argv, require, wait_started
+from dnsmasq import Dnsmasq, argv, free_port, require, wait_started
 from support import COOKIE, ROOT, wait_until, with_nodes
 
 import malla
@@ -81,21 +81,13 @@ def test_srv_order_is_by_priority_then_weighted_by_weight():
 
 # -- through Node(dns_servers=[...]) ------------------------------------------------
 
-def _port_free_on_both() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as v4:
-        v4.bind(("127.0.0.1", 0))
-        port = int(v4.getsockname()[1])
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6:
-            v6.bind(("::1", port))
-    return port
-
-
 async def dual_stack_pair(make):
     """Nodes a on 127.0.0.1 and b on ::1, on one port (what a name with an
     A and an AAAA record and a port points at)."""
     for attempt in range(10):
         try:
-            port = _port_free_on_both()
+            port = free_port((socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1"),
+                             (socket.AF_INET6, socket.SOCK_STREAM, "::1"))
             a = await make(f"a{attempt}" if attempt else "a", port=port).start()
             b = await make(f"b{attempt}" if attempt else "b", host="::1", port=port).start()
             return a, b, port
