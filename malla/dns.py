@@ -236,11 +236,14 @@ class Resolver:
         remaining = max(deadline - loop.time(), 0.001)
         tasks = [asyncio.ensure_future(self._resolver.resolve(
             qname, rdtype, search=False, lifetime=remaining)) for rdtype in rdtypes]
-        # dnspython may overrun its lifetime by its retry back-off: the
-        # deadline is ours to keep
-        _, late = await asyncio.wait(tasks, timeout=remaining)
-        for task in late:
-            task.cancel()
+        try:
+            # dnspython may overrun its lifetime by its retry back-off: the
+            # deadline is ours to keep
+            _, late = await asyncio.wait(tasks, timeout=remaining)
+        finally:
+            # also when the lookup itself is cancelled (a connect() given up)
+            for task in tasks:
+                task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
         return [TimeoutError() if t in late
                 else t.exception() or t.result() for t in tasks]
