@@ -331,7 +331,8 @@ class Cluster:
     def _dns(self) -> Resolver:
         if self._resolver is None:
             servers = self.config.dns_servers
-            self._resolver = Resolver(list(servers) if servers else None)
+            self._resolver = Resolver(list(servers) if servers else None,
+                                     timeout=self.config.handshake_timeout)
         return self._resolver
 
     async def _resolve_loop(self) -> None:

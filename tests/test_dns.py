@@ -64,7 +64,8 @@ def test_resolver_a_and_srv(dns_server):
     async def main():
         r = Resolver([server], default_port=4370)
         assert await r.resolve("storage@nodes.test") == [("127.0.0.1", 4370), ("127.0.0.2", 4370)]
-        assert await r.resolve("_malla._tcp.test") == [
+        # equal priorities and weights: RFC 2782 order is random among them
+        assert sorted(await r.resolve("_malla._tcp.test")) == [
             ("127.0.0.1", 6000), ("127.0.0.2", 6000), ("127.0.0.3", 5000)]
         with pytest.raises(ConnectionError):
             await r.resolve("missing@nowhere.test")
