@@ -83,6 +83,17 @@ def test_sdist_and_wheel(tmp_path):
     run(str(venv / "bin" / "malla"), "--help", cwd=str(tmp_path))
 
 
+def test_readme_links_stay_in_the_repository():
+    # the README is also the PyPI page: it may point only at files it ships with
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        links = re.findall(r"\]\(([^)\s]+)\)", fh.read())
+    assert links
+    for link in links:
+        path = os.path.realpath(os.path.join(ROOT, link.split("#")[0]))
+        assert "://" not in link and path.startswith(os.path.realpath(ROOT) + os.sep), link
+        assert os.path.exists(path), link
+
+
 def cibuildwheel_identifiers(**env: str) -> set[str]:
     """What cibuildwheel itself would build on Linux from pyproject.toml
     (it reads the configuration and expands the selectors; no Docker)."""
