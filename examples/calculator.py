@@ -1,14 +1,6 @@
-"""The service of the README's tour: `malla node n1 --service examples.calculator:Calculator`."""
+"""The tour's service now ships inside the package (malla/examples/calculator.py);
+this name keeps `--service examples.calculator:Calculator` working in a checkout."""
 
-import asyncio
+from malla.examples.calculator import Calculator
 
-import malla
-
-
-class Calculator(malla.Service, global_=True, vsn="1.0.0"):
-    def add(self, a, b):
-        return a + b
-
-    async def slow_square(self, x):
-        await asyncio.sleep(0.01)
-        return x * x
+__all__ = ["Calculator"]
