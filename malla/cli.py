@@ -176,8 +176,9 @@ class Progress:
             sys.stderr.flush()
 
 
-async def _join(args: argparse.Namespace, progress: Progress) -> malla.Node:
-    """A hidden client node connected to the seeds and every member they know."""
+async def _join(args: argparse.Namespace, progress: Progress, mesh: bool = True) -> malla.Node:
+    """A hidden client node connected to the seeds and (`mesh`) every member
+    they know."""
     node = malla.Node(f"malla-cli-{os.getpid()}", cookie=_cookie(args.cookie_file), port=0,
                       hidden=True, handshake_timeout=max(args.wait, 2.0))
     await node.start()
@@ -202,8 +203,9 @@ async def _join(args: argparse.Namespace, progress: Progress) -> malla.Node:
         raise UserError("cannot join the cluster: " +
                         "; ".join(f"{k}: {v}" for k, v in errors.items()), EXIT_UNREACHABLE)
     await asyncio.sleep(0.1)  # PEERS arrives right after the handshake
-    await _connect_members(node, progress)
-    await asyncio.sleep(0.1)  # TABLEs arrive right after each handshake
+    if mesh:
+        await _connect_members(node, progress)
+        await asyncio.sleep(0.1)  # TABLEs arrive right after each handshake
     progress.done()
     return node
 
@@ -331,7 +333,8 @@ async def _cmd_call(args: argparse.Namespace) -> int:
 
 async def _cmd_ping(args: argparse.Namespace) -> int:
     from malla.cli_probe import ping
-    return await ping(args, lambda: _join(args, Progress()))
+    # (a probe dials the seed and its target only, not the whole cluster)
+    return await ping(args, lambda: _join(args, Progress(), mesh=False))
 
 
 async def _cmd_top(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`malla ping NODE [--ready]`: does that node answer its built-in `Malla`
-service (malla.builtin)?  Made for Kubernetes exec probes: one call to that
-node only, bounded by `--timeout`.
+service (malla.builtin)?  Made for Kubernetes exec probes: it dials the
+seed and that node only (not the whole cluster, as other client commands
+do), makes one call to that node, and is bounded by `--timeout`.
 
 Exit status: 0 it answered (with `--ready`: and every service it should
 host is started and not paused); 1 it answered but is not ready; 3 it is
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from malla.dns import format_address
 from malla.exceptions import DID_NOT_RUN, EXIT_CODES, MallaError
 from malla.registry import BUILTIN
 
@@ -38,8 +40,13 @@ async def ping(args: argparse.Namespace, join: Callable[[], Awaitable[Any]]) -> 
     try:
         target = args.node
         if target not in node.peers():
-            where = "cannot be reached" if target in node.members() else "is not in the cluster"
-            return _fail(f"node {target} {where}", EXIT_NO_ANSWER)
+            address = node.members().get(target)
+            if address is None:
+                return _fail(f"node {target} is not in the cluster", EXIT_NO_ANSWER)
+            try:
+                await node.connect(format_address(*address))
+            except (MallaError, OSError) as exc:
+                return _fail(f"node {target} cannot be reached: {exc}", EXIT_NO_ANSWER)
         try:
             answer = await node._caller.call_node(target, BUILTIN, "info" if args.ready else "ping",
                                                   timeout=args.timeout)
