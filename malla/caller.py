@@ -307,6 +307,21 @@ class Caller:
             result = await settle(result)
         return result
 
+    async def call_node(self, node: str, service: Any, fun: str, args: Any = (),
+                        kwargs: dict[str, Any] | None = None, *, timeout: int = 15000) -> Any:
+        """One attempt on `node` and no other (a probe's call: `malla ping`):
+        no failover, no retries.  ServiceNotAvailable when this node has no
+        connection to it."""
+        if not self._peers.running:
+            raise mexc.NodeStopped(f"node {self.name} is not running")
+        timeout, name = valid_timeout(timeout), service_name(service)
+        if type(args) is not list and type(args) is not tuple:
+            args = _as_args(args)
+        if node == self.name:
+            return await self._call_here(name, fun, args, kwargs, timeout, None, None)
+        return await self._call_node(node, name, fun, args, kwargs, timeout, None, None,
+                                     failover=False)
+
     async def call_cb_all(self, service: Any, fun: str, args: Any = (),
                           kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                           meta: Any = None, deadline: float | None = None,

@@ -3,6 +3,8 @@
     malla node NAME --service module:Class [--seed host:port] ...
     malla services [--seed host:port] [--json]
     malla call Service.fun ARG... [--seed host:port] [--timeout ms]
+    malla ping NODE [--ready] [--seed host:port] [--timeout ms]
+    malla top [--once] [--interval s] [--seed host:port]
     malla demo
     malla bench [--seconds S] [--json]
 
@@ -101,6 +103,34 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=int, default=15000, help="ms (default 15000)")
     _client_options(call)
 
+    ping = sub.add_parser(
+        "ping", help="does that node answer? (--ready: and host all its services)",
+        description="Call the built-in Malla service of NODE. Exit 0 when it answers; "
+                    "with --ready, 1 when a service it should host is not started or is "
+                    "paused; 3 when it is not in the cluster or does not answer within "
+                    "--timeout; 5 when the cluster cannot be reached. Made for Kubernetes "
+                    "liveness and readiness exec probes.",
+        epilog="example: malla ping storage1 --ready --seed 127.0.0.1:4370")
+    ping.add_argument("node", metavar="NODE", help="the node's name")
+    ping.add_argument("--ready", action="store_true",
+                      help="also require every service it should host to be started")
+    ping.add_argument("--timeout", type=int, default=2000,
+                      help="ms, for joining and for the call (default 2000)")
+    _client_options(ping)
+
+    top = sub.add_parser(
+        "top", help="a live table of the nodes: calls/s, p99, errors, services",
+        description="Ask every node's built-in Malla service for its stats and show a "
+                    "table refreshed in place (Ctrl-C quits). --once samples twice a second "
+                    "apart and prints one table. p99 needs metrics on at the node.",
+        epilog="example: malla top --once --seed 127.0.0.1:4370")
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+    top.add_argument("--json", action="store_true", help="with --once: the rows as JSON")
+    top.add_argument("--interval", type=float, default=1.0,
+                     help="seconds between refreshes (default 1)")
+    top.add_argument("--timeout", type=int, default=2000, help="ms per node (default 2000)")
+    _client_options(top)
+
     sub.add_parser("demo", help="start a small cluster on loopback, call it, kill a node, "
                                 "and watch the calls fail over")
     bench = sub.add_parser("bench", help="measure malla on this machine: sequential and "
@@ -146,8 +176,9 @@ class Progress:
             sys.stderr.flush()
 
 
-async def _join(args: argparse.Namespace, progress: Progress) -> malla.Node:
-    """A hidden client node connected to the seeds and every member they know."""
+async def _join(args: argparse.Namespace, progress: Progress, mesh: bool = True) -> malla.Node:
+    """A hidden client node connected to the seeds and (`mesh`) every member
+    they know."""
     node = malla.Node(f"malla-cli-{os.getpid()}", cookie=_cookie(args.cookie_file), port=0,
                       hidden=True, handshake_timeout=max(args.wait, 2.0))
     await node.start()
@@ -172,8 +203,9 @@ async def _join(args: argparse.Namespace, progress: Progress) -> malla.Node:
         raise UserError("cannot join the cluster: " +
                         "; ".join(f"{k}: {v}" for k, v in errors.items()), EXIT_UNREACHABLE)
     await asyncio.sleep(0.1)  # PEERS arrives right after the handshake
-    await _connect_members(node, progress)
-    await asyncio.sleep(0.1)  # TABLEs arrive right after each handshake
+    if mesh:
+        await _connect_members(node, progress)
+        await asyncio.sleep(0.1)  # TABLEs arrive right after each handshake
     progress.done()
     return node
 
@@ -299,6 +331,19 @@ async def _cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cmd_ping(args: argparse.Namespace) -> int:
+    from malla.cli_probe import ping
+    # (a probe dials the seed and its target only, not the whole cluster)
+    return await ping(args, lambda: _join(args, Progress(), mesh=False))
+
+
+async def _cmd_top(args: argparse.Namespace) -> int:
+    from malla.top import run
+    progress = Progress()
+    return await run(args, lambda: _join(args, progress),
+               lambda node: _connect_members(node, progress))
+
+
 def _load_service(spec: str) -> type[malla.Service]:
     module_name, colon, class_name = spec.partition(":")
     if not colon or not module_name or not class_name:
@@ -318,6 +363,7 @@ async def _cmd_node(args: argparse.Namespace) -> int:
     classes = [_load_service(spec) for spec in args.service]
     node = malla.Node(args.name, cookie=_cookie(args.cookie_file), host=args.host,
                       port=args.port, seeds=args.seed, connect=args.connect)
+    node._hosting.expect([c._malla_name for c in classes])   # not ready until started
     try:
         await node.start()
     except OSError as exc:
@@ -367,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main()
         if args.command == "bench":
             return _cmd_bench(args)
-        commands = {"node": _cmd_node, "services": _cmd_services, "call": _cmd_call}
+        commands = {"node": _cmd_node, "services": _cmd_services, "call": _cmd_call,
+                    "ping": _cmd_ping, "top": _cmd_top}
         if args.command not in commands:
             parser.print_help()
             return EXIT_USAGE

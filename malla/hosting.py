@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.ratelimit import RateLimitedLog
-from malla.registry import service_name
+from malla.registry import BUILTIN, service_name
 from malla.service import RunningService, Service, describe
 
 if TYPE_CHECKING:
@@ -48,6 +48,10 @@ class Hosting:
         # is callable only on its own node).  The cores dispatch through this
         # very dict: mutated in place, never rebound.
         self.exposed: dict[str, RunningService] = {}
+        # the services this node should host (malla.builtin's readiness):
+        # each one started here and not stopped since, and those declared
+        # ahead by expect()
+        self.expected: set[str] = set()
 
     def table(self) -> dict[str, Any]:
         """The service table a peer gets: the global services, as announced."""
@@ -58,24 +62,43 @@ class Hosting:
         """Calls to the services here still running in-process (drain)."""
         return any(e.running for e in self.entries.values())
 
+    def expect(self, names: list[str]) -> None:
+        """Declare services this node should host before they are started
+        (`malla node --service`): until then it is not ready."""
+        for name in names:
+            _user_service(name)
+        self.expected.update(names)
+
+    def start_builtin(self, instance: Service) -> None:
+        """Run the built-in service (once: it stays across restarts)."""
+        if BUILTIN not in self.entries:
+            self._run(instance)
+
     async def start(self, service: Service | type[Service]) -> None:
         instance = service() if isinstance(service, type) else service
         if not isinstance(instance, Service):
             raise TypeError(f"not a malla.Service: {service!r}")
         cls = type(instance)
-        name = cls._malla_name
+        name = _user_service(cls._malla_name)
         node = self._config.name
         if name in self.entries:
             raise ValueError(f"service {name} is already running on {node}")
         if cls._malla_global and self._config.hidden:
             raise ValueError(f"hidden node {node} cannot host the global service {name}")
+        self.expected.add(name)
+        self._run(instance)
+
+    def _run(self, instance: Service) -> None:
+        cls = type(instance)
+        name = cls._malla_name
         entry = self.entries[name] = RunningService(instance, self._tracing)
         if cls._malla_global:
             self.exposed[name] = entry
         self._changed(entry, describe(instance))
 
     async def stop(self, service: Any) -> None:
-        name = service_name(service)
+        name = _user_service(service_name(service))
+        self.expected.discard(name)
         entry = self.entries.pop(name, None)
         self.exposed.pop(name, None)
         if entry is None:
@@ -83,7 +106,7 @@ class Hosting:
         self._changed(entry, None)
 
     async def set_paused(self, service: Any, paused: bool) -> None:
-        name = service_name(service)
+        name = _user_service(service_name(service))
         entry = self.entries.get(name)
         if entry is None:
             raise self._not_running(name)
@@ -91,8 +114,10 @@ class Hosting:
         self._changed(entry, describe(entry.instance, paused))
 
     async def pause_all(self) -> None:
+        # (the built-in service keeps answering: `malla ping` while draining)
         for name in list(self.entries):
-            await self.set_paused(name, True)
+            if name != BUILTIN:
+                await self.set_paused(name, True)
 
     def _changed(self, entry: RunningService, info: dict[str, Any] | None) -> None:
         # into this node's discovery table, and to every peer when global
@@ -109,3 +134,11 @@ class Hosting:
         self._stats.count(kind)
         self._cast_log.warning("malla: %s: cast %s.%s failed: %s: %s",
                                self._config.name, service, fun, kind, message)
+
+
+def _user_service(name: str) -> str:
+    """`name`, unless it is the built-in service's (reserved: InvalidOption)."""
+    if name == BUILTIN:
+        raise mexc.InvalidOption(
+            f"the service name {BUILTIN} is reserved for malla's built-in service")
+    return name

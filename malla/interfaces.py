@@ -34,8 +34,8 @@ CallFn = Callable[..., Coroutine[Any, Any, Any]]
 # shape handed to the Caller.
 NodeOrder = Callable[[str], Sequence[str]]
 
-__all__ = ["CallFn", "CallHosting", "CallInterceptor", "CallPeers", "ConnectionHost",
-           "NodeOrder", "ProxyHost", "StatsSource"]
+__all__ = ["BuiltinHost", "CallFn", "CallHosting", "CallInterceptor", "CallPeers",
+           "ConnectionHost", "NodeOrder", "ProxyHost", "StatsSource"]
 
 
 class ConnectionHost(Protocol):
@@ -107,6 +107,18 @@ class StatsSource(Protocol):
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop | None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+    def peers(self) -> list[str]: ...
+
+
+class BuiltinHost(Protocol):
+    """What the built-in `Malla` service reads of its node (malla.builtin)."""
+
+    name: str
+
+    @property
+    def incarnation(self) -> int: ...
 
     def stats(self) -> dict[str, Any]: ...
     def peers(self) -> list[str]: ...

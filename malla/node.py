@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla._ext import core
+from malla.builtin import Builtin
 from malla.caller import Caller
 from malla.cluster import Cluster
 from malla.config import NodeConfig
@@ -172,8 +173,10 @@ class Node:
         if self._cluster.listening:
             return self
         self._draining = False
-        host, port = await self._cluster.listen()
         config = self.config
+        if not config.hidden:   # before anything is announced: peers see it at once
+            self._hosting.start_builtin(Builtin(self, self._hosting))
+        host, port = await self._cluster.listen()
         if config.udp_heartbeat:
             self._hb_thread = HeartbeatThread(self.name, self._cluster.incarnation, self._cookie,
                                               host, config.heartbeat_interval, self._liveness)

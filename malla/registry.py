@@ -20,7 +20,11 @@ from typing import Any
 from malla import exceptions as mexc
 from malla.arguments import Checker, checkers_of
 
-__all__ = ["Registry", "invalid_info", "service_name"]
+__all__ = ["BUILTIN", "Registry", "invalid_info", "service_name"]
+
+# The built-in service every visible node runs (malla.builtin): reserved,
+# and left out of services()
+BUILTIN = "Malla"
 
 _PARAM_KINDS = range(5)   # inspect._ParameterKind's values
 
@@ -224,4 +228,5 @@ class Registry:
         return info
 
     def services(self) -> dict[str, list[str]]:
-        return {s: list(self.nodes(s)) for s in sorted(self._seen)}
+        """Every service seen (but the built-in one), with its nodes now."""
+        return {s: list(self.nodes(s)) for s in sorted(self._seen) if s != BUILTIN}
