@@ -73,6 +73,7 @@ class Hosting:
         if cls._malla_global:
             self.exposed[name] = entry
         self._changed(entry, describe(instance))
+        log.info("malla: %s started service %s", node, name)
 
     async def stop(self, service: Any) -> None:
         name = service_name(service)
@@ -81,6 +82,7 @@ class Hosting:
         if entry is None:
             raise self._not_running(name)
         self._changed(entry, None)
+        log.info("malla: %s stopped service %s", self._config.name, name)
 
     async def set_paused(self, service: Any, paused: bool) -> None:
         name = service_name(service)
