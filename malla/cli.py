@@ -9,28 +9,27 @@
 Every command that reaches a cluster takes the cluster options (`--seed` or
 MALLA_SEEDS, `--cookie-file` or MALLA_COOKIE, `--tls-cert/--tls-key/--tls-ca`,
 `--dns-server`).  The CLI is a thin shell over the library: argument
-parsing, a hidden node for the client commands, output (malla.cli_output).
+parsing (here), what the options and arguments read (malla.cli_input), a
+hidden node for the client commands, output (malla.cli_output).
 A user mistake prints one line and exits non-zero, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import importlib
 import json
 import logging
 import os
 import signal
-import ssl
 import sys
 import time
 from typing import Any
 
 import malla
-from malla import tls
 from malla.arguments import signature_from_wire
+from malla.cli_input import call_arguments, node_options, seeds_of
 from malla.cli_output import EXIT_TABLE, EXIT_USAGE, UserError, dumps
 from malla.dns import DEFAULT_PORT, format_address
 from malla.handshake import PROTOCOL_VERSION
@@ -150,8 +149,12 @@ def _log_option(p: argparse.ArgumentParser, default: str) -> None:
                    metavar="LEVEL", help=f"{', '.join(LEVELS)} (default {default})")
 
 
-def _configure_logging(level: str) -> None:
-    """Log lines on stderr with a UTC timestamp, the level and the logger."""
+def _configure_logging(level: str | None, node: bool) -> None:
+    """Log lines on stderr with a UTC timestamp, the level and the logger:
+    at `level` (--log-level), else for a node MALLA_LOG_LEVEL or INFO, else
+    (a client: its one-line error says what failed) ERROR."""
+    if level is None:
+        level = os.environ.get("MALLA_LOG_LEVEL", "INFO").upper() if node else "ERROR"
     if level not in LEVELS:
         raise UserError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
     handler = logging.StreamHandler()
@@ -161,39 +164,6 @@ def _configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
-
-
-def _seeds(args: argparse.Namespace) -> list[str]:
-    """--seed, else MALLA_SEEDS (comma- or space-separated)."""
-    if args.seed:
-        return list(args.seed)
-    return os.environ.get("MALLA_SEEDS", "").replace(",", " ").split()
-
-
-def _cookie(path: str | None) -> str | None:
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return fh.read().strip()
-        except OSError as exc:
-            raise UserError(f"cannot read the cookie file: {exc}") from None
-    return os.environ.get("MALLA_COOKIE")
-
-
-def _node_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The Node settings the cluster options give."""
-    options: dict[str, Any] = {"cookie": _cookie(args.cookie_file),
-                               "dns_servers": list(args.dns_server) or None}
-    files = (args.tls_cert, args.tls_key, args.tls_ca)
-    if any(files) and not all(files):
-        raise UserError("--tls-cert, --tls-key and --tls-ca go together")
-    if all(files):
-        try:
-            options["ssl_server"] = tls.server_context(*files)
-            options["ssl_client"] = tls.client_context(*files)
-        except (OSError, ssl.SSLError) as exc:
-            raise UserError(f"cannot load the TLS files: {exc}") from None
-    return options
 
 
 def _make_node(name: str, **settings: Any) -> malla.Node:
@@ -222,11 +192,10 @@ class Progress:
 
 async def _join(args: argparse.Namespace, progress: Progress) -> malla.Node:
     """A hidden client node connected to the seeds and every member they know."""
-    _configure_logging(args.log_level or "ERROR")
     node = _make_node(args.name or f"malla-cli-{os.getpid()}", port=0, hidden=True,
-                      handshake_timeout=max(args.wait, 2.0), **_node_options(args))
+                      handshake_timeout=max(args.wait, 2.0), **node_options(args))
     await node.start()
-    seeds = _seeds(args) or [f"127.0.0.1:{DEFAULT_PORT}"]
+    seeds = seeds_of(args) or [f"127.0.0.1:{DEFAULT_PORT}"]
     errors: dict[str, str] = {}
     end = asyncio.get_running_loop().time() + args.wait
     while not node.peers():
@@ -316,62 +285,11 @@ async def _cmd_services(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_arg(text: str) -> Any:
-    """JSON, else a Python literal (ast.literal_eval never evaluates code),
-    else the text itself."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
-
-
-def _call_arguments(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any] | None]:
-    """The positional and keyword arguments, from the command line or stdin
-    (`-`: a JSON array of arguments, then a JSON object of keywords)."""
-    from_stdin = args.args == ["-"], args.kwargs == "-"
-    documents = iter(_stdin_json(sum(from_stdin)))
-    if from_stdin[0]:
-        call_args = next(documents)
-        if not isinstance(call_args, list):
-            raise UserError("the arguments on stdin must be a JSON array")
-    else:
-        call_args = [parse_arg(a) for a in args.args]
-    kwargs = None
-    if args.kwargs is not None:
-        kwargs = next(documents) if from_stdin[1] else parse_arg(args.kwargs)
-        if not isinstance(kwargs, dict):
-            raise UserError("--kwargs must be a JSON object")
-    return call_args, kwargs
-
-
-def _stdin_json(count: int) -> list[Any]:
-    """`count` JSON documents, one after the other, from stdin."""
-    if not count:
-        return []
-    text, documents, at = sys.stdin.read(), [], 0
-    decoder = json.JSONDecoder()
-    for _ in range(count):
-        while at < len(text) and text[at].isspace():
-            at += 1
-        try:
-            value, at = decoder.raw_decode(text, at)
-        except ValueError as exc:
-            raise UserError(f"stdin is not {count} JSON document(s): {exc}") from None
-        documents.append(value)
-    if text[at:].strip():
-        raise UserError("stdin holds more than the expected JSON")
-    return documents
-
-
 async def _cmd_call(args: argparse.Namespace) -> int:
     service, dot, fun = args.target.rpartition(".")
     if not dot or not service or not fun:
         raise UserError(f"expected Service.fun, got {args.target!r}")
-    call_args, kwargs = _call_arguments(args)
+    call_args, kwargs = call_arguments(args)
     progress = Progress()
     node = await _join(args, progress)
     try:
@@ -407,11 +325,10 @@ def _load_service(spec: str) -> type[malla.Service]:
 
 
 async def _cmd_node(args: argparse.Namespace) -> int:
-    _configure_logging(args.log_level or os.environ.get("MALLA_LOG_LEVEL", "INFO").upper())
     classes = [_load_service(spec) for spec in args.service]
-    node = _make_node(args.name, host=args.host, port=args.port, seeds=_seeds(args),
+    node = _make_node(args.name, host=args.host, port=args.port, seeds=seeds_of(args),
                       connect=args.connect, metrics_port=args.metrics_port,
-                      **_node_options(args))
+                      **node_options(args))
     try:
         await node.start()
     except ImportError as exc:
@@ -471,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in commands:
             parser.print_help()
             return EXIT_USAGE
+        _configure_logging(getattr(args, "log_level", None), node=args.command == "node")
         return malla.run(commands[args.command](args))
     except UserError as exc:
         return exc.report(args.command or "", getattr(args, "traceback", False))

@@ -113,7 +113,7 @@ def test_node_logs_joins_leaves_and_draining_with_timestamps(nodes):
                env=dict(ENV, MALLA_LOG_LEVEL="error"))
     n1.wait_for_log(rf"^{STAMP} INFO malla\.node: .*n1 listening on 127\.0\.0\.1:{n1.port}")
     n1.wait_for_log(rf"^{STAMP} INFO malla\.hosting: .*n1 started service Calculator")
-    n2 = nodes("n2", "--seed", n1.seed)
+    n2 = nodes("n2", env=dict(ENV, MALLA_SEEDS=n1.seed))     # a node's seeds from the env
     n1.wait_for_log(rf"^{STAMP} INFO malla\.cluster: .*n1 connected to n2 at "
                     rf"127\.0\.0\.1:{n2.port}$")
     # a client names itself with --name: a hidden node
