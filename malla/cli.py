@@ -68,12 +68,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="a malla.Service subclass to host (repeatable)")
     node.add_argument("--connect", action="append", default=[], metavar="TARGET",
                       help="a DNS target re-resolved periodically: name@domain or an SRV name")
-    node.add_argument("--grace", type=float, default=10.0,
+    node.add_argument("--grace", type=float, default=10.0, metavar="S",
                       help="seconds to finish calls in flight when draining (default 10)")
     node.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
                            "(needs prometheus_client: pip install malla[metrics])")
-    _log_option(node, "INFO (or MALLA_LOG_LEVEL)")
+    _log_option(node, "MALLA_LOG_LEVEL, else INFO")
     _cluster_options(node)
 
     services = sub.add_parser(
@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--kwargs", default=None, metavar="JSON",
                       help='keyword arguments as a JSON object, e.g. \'{"full": true}\' '
                            "(- : from stdin)")
-    call.add_argument("--timeout", type=int, default=15000,
+    call.add_argument("--timeout", type=int, default=15000, metavar="MS",
                       help="ms for the call's attempt (default 15000)")
     call.add_argument("--sna-retries", type=int, default=0, metavar="N",
                       help="rounds to retry when no node can take the call (default 0: the "
@@ -123,7 +123,7 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", action="append", default=[], metavar="HOST:PORT",
                    help="a member to join through (repeatable; default: MALLA_SEEDS, "
                         "comma- or space-separated)")
-    p.add_argument("--cookie-file", help="file holding the cluster's cookie "
+    p.add_argument("--cookie-file", metavar="FILE", help="file holding the cluster's cookie "
                                          "(default: MALLA_COOKIE)")
     p.add_argument("--tls-cert", metavar="PEM", help="this node's certificate (mutual TLS; "
                    "with --tls-key and --tls-ca)")
@@ -139,7 +139,7 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None,
                    help="this client's (hidden) node name (default malla-cli-PID); the "
                         "identity its certificate names")
-    p.add_argument("--wait", type=float, default=10.0,
+    p.add_argument("--wait", type=float, default=10.0, metavar="S",
                    help="seconds to wait for the cluster and the service (default 10)")
     _log_option(p, "ERROR: the one-line error says what failed")
 
