@@ -206,6 +206,10 @@ def test_tls_flags_reach_a_tls_cluster(nodes, pki):
     out = malla("services", "--seed", n1.seed, *pki("intruder", "other-ca"))
     assert out.returncode == 5 and "TLS handshake" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+    # ... and a node of another CA logs why it cannot join
+    n3 = nodes("n3", "--seed", n1.seed, *pki("n3", "other-ca"))
+    n3.wait_for_log(rf"^{STAMP} WARNING malla\.cluster: .*n3 could not join {n1.seed}: "
+                    "TLS handshake failed")
     # the three flags go together
     out = malla("services", "--seed", n1.seed, *client[:4])
     assert out.returncode == 2 and "go together" in out.stderr
