@@ -1,6 +1,6 @@
 """The `malla` command line (also `python -m malla`).
 
-    malla node NAME --service module:Class [--seed host:port] ...
+    malla node NAME --service module:Class [--seed host:port] [--log-level L] ...
     malla services [--seed host:port] [--json]
     malla call Service.fun ARG... [--seed host:port] [--timeout ms]
     malla ping NODE [--ready] [--seed host:port] [--timeout ms]
@@ -8,46 +8,39 @@
     malla demo
     malla bench [--seconds S] [--json]
 
-The CLI is a thin shell over the library: argument parsing, a hidden node
-for the client commands, output.  A user mistake prints one line and exits
-non-zero, never a traceback.
+Every command that reaches a cluster takes the cluster options (`--seed` or
+MALLA_SEEDS, `--cookie-file` or MALLA_COOKIE, `--tls-cert/--tls-key/--tls-ca`,
+`--dns-server`).  The CLI is a thin shell over the library: argument
+parsing (here), what the options and arguments read (malla.cli_input), a
+hidden node for the client commands, output (malla.cli_output).
+A user mistake prints one line and exits non-zero, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
-import base64
-import datetime
-import decimal
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
-import uuid
+import time
 from typing import Any
 
 import malla
 from malla.arguments import signature_from_wire
+from malla.cli_input import call_arguments, node_options, seeds_of
+from malla.cli_output import EXIT_TABLE, EXIT_USAGE, UserError, dumps
 from malla.dns import DEFAULT_PORT, format_address
-from malla.exceptions import DID_NOT_RUN, EXIT_CODES, UNREACHABLE
 from malla.handshake import PROTOCOL_VERSION
 
 __all__ = ["main"]
 
-# DESIGN.md's table of error families (malla.exceptions.EXIT_CODES)
-EXIT_USAGE, EXIT_ERROR = 2, 1
-EXIT_UNREACHABLE = EXIT_CODES[UNREACHABLE]
-
-
-class UserError(Exception):
-    """A mistake or an unreachable cluster: one line, non-zero exit."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
+EXIT_FAILED = 1
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         description="malla: call functions of services running anywhere in a cluster of "
                     "Python processes.",
         epilog="The cookie (the cluster's shared secret) comes from --cookie-file or the "
-               "MALLA_COOKIE environment variable. Try `malla demo` first.")
+               "MALLA_COOKIE environment variable; the seeds from --seed or MALLA_SEEDS. "
+               "Try `malla demo` first.")
     parser.add_argument("--version", action="version",
                         version=f"malla {malla.__version__} (protocol {PROTOCOL_VERSION})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -74,13 +68,15 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"port to listen on (default {DEFAULT_PORT}; 0: any free port)")
     node.add_argument("--service", action="append", default=[], metavar="MODULE:CLASS",
                       help="a malla.Service subclass to host (repeatable)")
-    node.add_argument("--seed", action="append", default=[], metavar="HOST:PORT",
-                      help="a member to join through (repeatable)")
     node.add_argument("--connect", action="append", default=[], metavar="TARGET",
                       help="a DNS target re-resolved periodically: name@domain or an SRV name")
-    node.add_argument("--cookie-file", help="file holding the cluster's cookie")
-    node.add_argument("--grace", type=float, default=10.0,
+    node.add_argument("--grace", type=float, default=10.0, metavar="S",
                       help="seconds to finish calls in flight when draining (default 10)")
+    node.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                      help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                           "(needs prometheus_client: pip install malla[metrics])")
+    _log_option(node, "MALLA_LOG_LEVEL, else INFO")
+    _cluster_options(node)
 
     services = sub.add_parser(
         "services", help="print the cluster's service table",
@@ -92,15 +88,26 @@ def _parser() -> argparse.ArgumentParser:
 
     call = sub.add_parser(
         "call", help="call a service's function and print the result as JSON",
-        description="Call Service.fun with the given arguments from the shell. Each ARG is "
-                    "read as JSON, else as a Python literal (parsed, never evaluated), else "
-                    "as a plain string.",
-        epilog="example: malla call Calculator.add 1 2 --seed 127.0.0.1:4370")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Call Service.fun with the given arguments from the shell. Each ARG is\n"
+                    "read as JSON, else as a Python literal (parsed, never evaluated), else\n"
+                    "as a plain string. A single ARG `-` reads the arguments from stdin as\n"
+                    "a JSON array; `--kwargs -` reads the keyword arguments from stdin as a\n"
+                    "JSON object (with both, stdin holds the array, then the object).",
+        epilog="example: malla call Calculator.add 1 2 --seed 127.0.0.1:4370\n"
+               "         echo '[1, 2]' | malla call Calculator.add -\n\n" + EXIT_TABLE)
     call.add_argument("target", metavar="Service.fun")
     call.add_argument("args", nargs="*", metavar="ARG")
     call.add_argument("--kwargs", default=None, metavar="JSON",
-                      help='keyword arguments as a JSON object, e.g. \'{"full": true}\'')
-    call.add_argument("--timeout", type=int, default=15000, help="ms (default 15000)")
+                      help='keyword arguments as a JSON object, e.g. \'{"full": true}\' '
+                           "(- : from stdin)")
+    call.add_argument("--timeout", type=int, default=15000, metavar="MS",
+                      help="ms for the call's attempt (default 15000)")
+    call.add_argument("--sna-retries", type=int, default=0, metavar="N",
+                      help="rounds to retry when no node can take the call (default 0: the "
+                           "CLI already waits --wait seconds for the service)")
+    call.add_argument("--traceback", action="store_true",
+                      help="on failure, print the remote traceback (or the local one)")
     _client_options(call)
 
     ping = sub.add_parser(
@@ -141,22 +148,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _client_options(p: argparse.ArgumentParser) -> None:
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    """What every command that reaches a cluster takes."""
     p.add_argument("--seed", action="append", default=[], metavar="HOST:PORT",
-                   help=f"a member of the cluster (default 127.0.0.1:{DEFAULT_PORT})")
-    p.add_argument("--cookie-file", help="file holding the cluster's cookie")
-    p.add_argument("--wait", type=float, default=10.0,
+                   help="a member to join through (repeatable; default: MALLA_SEEDS, "
+                        "comma- or space-separated)")
+    p.add_argument("--cookie-file", metavar="FILE", help="file holding the cluster's cookie "
+                                         "(default: MALLA_COOKIE)")
+    p.add_argument("--tls-cert", metavar="PEM", help="this node's certificate (mutual TLS; "
+                   "with --tls-key and --tls-ca)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--tls-ca", metavar="PEM", help="the CA that signs every node's certificate")
+    p.add_argument("--dns-server", action="append", default=[], metavar="HOST[:PORT]",
+                   help="DNS server for name@domain and SRV targets (repeatable; default: "
+                        "the system's resolver)")
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    _cluster_options(p)
+    p.add_argument("--name", default=None,
+                   help="this client's (hidden) node name (default malla-cli-PID); the "
+                        "identity its certificate names")
+    p.add_argument("--wait", type=float, default=10.0, metavar="S",
                    help="seconds to wait for the cluster and the service (default 10)")
+    _log_option(p, "ERROR: the one-line error says what failed")
 
 
-def _cookie(path: str | None) -> str | None:
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return fh.read().strip()
-        except OSError as exc:
-            raise UserError(f"cannot read the cookie file: {exc}", EXIT_USAGE) from None
-    return os.environ.get("MALLA_COOKIE")
+def _log_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--log-level", type=str.upper, choices=LEVELS, default=None,
+                   metavar="LEVEL", help=f"{', '.join(LEVELS)} (default {default})")
+
+
+def _configure_logging(level: str | None, node: bool) -> None:
+    """Log lines on stderr with a UTC timestamp, the level and the logger:
+    at `level` (--log-level), else for a node MALLA_LOG_LEVEL or INFO, else
+    (a client: its one-line error says what failed) ERROR."""
+    if level is None:
+        level = os.environ.get("MALLA_LOG_LEVEL", "INFO").upper() if node else "ERROR"
+    if level not in LEVELS:
+        raise UserError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
+    handler = logging.StreamHandler()
+    formatter = logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _make_node(name: str, **settings: Any) -> malla.Node:
+    try:
+        return malla.Node(name, **settings)
+    except malla.InvalidOption as exc:   # a flag's value the node refuses
+        raise UserError(str(exc)) from None
 
 
 class Progress:
@@ -179,10 +223,10 @@ class Progress:
 async def _join(args: argparse.Namespace, progress: Progress, mesh: bool = True) -> malla.Node:
     """A hidden client node connected to the seeds and (`mesh`) every member
     they know."""
-    node = malla.Node(f"malla-cli-{os.getpid()}", cookie=_cookie(args.cookie_file), port=0,
-                      hidden=True, handshake_timeout=max(args.wait, 2.0))
+    node = _make_node(args.name or f"malla-cli-{os.getpid()}", port=0, hidden=True,
+                      handshake_timeout=max(args.wait, 2.0), **node_options(args))
     await node.start()
-    seeds = args.seed or [f"127.0.0.1:{DEFAULT_PORT}"]
+    seeds = seeds_of(args) or [f"127.0.0.1:{DEFAULT_PORT}"]
     errors: dict[str, str] = {}
     end = asyncio.get_running_loop().time() + args.wait
     while not node.peers():
@@ -190,9 +234,10 @@ async def _join(args: argparse.Namespace, progress: Progress, mesh: bool = True)
             progress.show(f"joining {seed} ...")
             try:
                 await node.connect(seed)
-            except malla.AuthenticationError as exc:   # retrying will not help
+            except (malla.AuthenticationError, malla.ProtocolError) as exc:
+                # refused, not missed: retrying will not help
                 await node.stop()
-                raise UserError(f"cannot join {seed}: {exc}", EXIT_UNREACHABLE) from None
+                raise UserError.of(exc, f"cannot join {seed}") from None
             except (malla.MallaError, OSError) as exc:
                 errors[seed] = str(exc)
         if node.peers() or asyncio.get_running_loop().time() > end:
@@ -200,8 +245,8 @@ async def _join(args: argparse.Namespace, progress: Progress, mesh: bool = True)
         await asyncio.sleep(0.2)
     if not node.peers():
         await node.stop()
-        raise UserError("cannot join the cluster: " +
-                        "; ".join(f"{k}: {v}" for k, v in errors.items()), EXIT_UNREACHABLE)
+        raise UserError.of(malla.Unreachable("cannot join the cluster: " + "; ".join(
+            f"{k}: {v}" for k, v in errors.items())))
     await asyncio.sleep(0.1)  # PEERS arrives right after the handshake
     if mesh:
         await _connect_members(node, progress)
@@ -272,62 +317,27 @@ async def _cmd_services(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_arg(text: str) -> Any:
-    """JSON, else a Python literal (ast.literal_eval never evaluates code),
-    else the text itself."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray)):
-        return {"$bytes": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, (decimal.Decimal, uuid.UUID)):
-        return str(value)
-    if isinstance(value, complex):
-        return [value.real, value.imag]
-    return repr(value)
-
-
 async def _cmd_call(args: argparse.Namespace) -> int:
     service, dot, fun = args.target.rpartition(".")
     if not dot or not service or not fun:
-        raise UserError(f"expected Service.fun, got {args.target!r}", EXIT_USAGE)
-    call_args = [parse_arg(a) for a in args.args]
-    kwargs = None
-    if args.kwargs is not None:
-        kwargs = parse_arg(args.kwargs)
-        if not isinstance(kwargs, dict):
-            raise UserError("--kwargs must be a JSON object", EXIT_USAGE)
+        raise UserError(f"expected Service.fun, got {args.target!r}")
+    call_args, kwargs = call_arguments(args)
     progress = Progress()
     node = await _join(args, progress)
     try:
         if not await _wait_for(node, service, args.wait, progress):
-            raise UserError(f"service {service} is not available in the cluster",
-                            EXIT_CODES[DID_NOT_RUN])
+            raise UserError.of(malla.ServiceNotAvailable(
+                f"service {service} is not available in the cluster"))
         progress.done()
         result = await node.remote(service, fun, call_args, kwargs, timeout=args.timeout,
-                                   sna_retries=0)
+                                   sna_retries=args.sna_retries)
     except malla.MallaError as exc:
         # the exit status tells the error's family (DESIGN.md "Calls")
-        raise UserError(f"{type(exc).__name__}: {exc}",
-                        EXIT_CODES.get(malla.family(exc) or "", 1)) from None
+        raise UserError.of(exc) from None
     finally:
         progress.done()
         await node.stop()
-    print(json.dumps(result, default=_to_json))
+    print(dumps(result))
     return 0
 
 
@@ -347,27 +357,34 @@ async def _cmd_top(args: argparse.Namespace) -> int:
 def _load_service(spec: str) -> type[malla.Service]:
     module_name, colon, class_name = spec.partition(":")
     if not colon or not module_name or not class_name:
-        raise UserError(f"--service expects module:Class, got {spec!r}", EXIT_USAGE)
+        raise UserError(f"--service expects module:Class, got {spec!r}")
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(f"cannot import {module_name}: {exc}", EXIT_USAGE) from None
+        raise UserError(f"cannot import {module_name}: {exc}") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, malla.Service)):
-        raise UserError(f"{spec} is not a malla.Service subclass", EXIT_USAGE)
+        raise UserError(f"{spec} is not a malla.Service subclass")
     return cls
 
 
 async def _cmd_node(args: argparse.Namespace) -> int:
     classes = [_load_service(spec) for spec in args.service]
-    node = malla.Node(args.name, cookie=_cookie(args.cookie_file), host=args.host,
-                      port=args.port, seeds=args.seed, connect=args.connect)
+    node = _make_node(args.name, host=args.host, port=args.port, seeds=seeds_of(args),
+                      connect=args.connect, metrics_port=args.metrics_port,
+                      **node_options(args))
     node._hosting.expect([c._malla_name for c in classes])   # not ready until started
     try:
         await node.start()
+    except ImportError as exc:
+        await node.stop()
+        raise UserError(f"--metrics-port needs prometheus_client "
+                        f"(pip install malla[metrics]): {exc}") from None
     except OSError as exc:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+        await node.stop()
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}",
+                        EXIT_FAILED) from None
     for cls in classes:
         await node.start_service(cls)
     stop = asyncio.Event()
@@ -394,7 +411,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         results = selfbench.run(args.seconds, progress)
     except malla.InvalidOption as exc:
-        raise UserError(str(exc), EXIT_USAGE) from None
+        raise UserError(str(exc)) from None
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -418,10 +435,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in commands:
             parser.print_help()
             return EXIT_USAGE
+        _configure_logging(getattr(args, "log_level", None), node=args.command == "node")
         return malla.run(commands[args.command](args))
     except UserError as exc:
-        print(f"malla: {exc}", file=sys.stderr)
-        return exc.code
+        return exc.report(args.command or "", getattr(args, "traceback", False))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:   # `malla services | head`: the reader left

@@ -53,6 +53,16 @@ log = logging.getLogger("malla.cluster")
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 
+def _where(conn: Connection, hello: Hello) -> str:
+    """A peer's address for the logs: where it listens, else (a hidden
+    peer) where its connection comes from."""
+    if hello.listen:
+        return format_address(*hello.listen)
+    transport = conn.proto.transport if conn.proto is not None else None
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return format_address(str(peer[0]), int(peer[1])) if peer else "?"
+
+
 class PeerState(enum.Enum):
     KNOWN = "known"            # heard of, not connected, no dial running
     DIALLING = "dialling"      # not connected; a task (re)dials it
@@ -454,7 +464,8 @@ class Cluster:
             peer.address = hello.listen
         self._set_state(peer, CONNECTED, conn)
         conn.admit(conn)
-        log.info("malla: %s connected to %s", self.name, hello.name)
+        log.info("malla: %s connected to %s at %s%s", self.name, hello.name,
+                 _where(conn, hello), " (hidden)" if hello.hidden else "")
         conn.proto.send_message(core.FT_TABLE, self._hosting.table())
         if not self.config.hidden:
             conn.proto.send_message(core.FT_PEERS, self._peer_list())

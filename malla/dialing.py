@@ -53,6 +53,9 @@ async def dial_once(connect: Connect, target: str, who: str) -> Any:
     when the target is this node's own address."""
     try:
         return await connect(target)
+    except ssl.SSLError as exc:
+        # reached, and refused by TLS (a certificate or CA mismatch)
+        log.warning("malla: %s could not join %s: TLS handshake failed: %s", who, target, exc)
     except (OSError, ConnectionError, ValueError) as exc:
         # not reached (Unreachable and ConnectionLost are ConnectionErrors),
         # or a bad address: tried again, quietly

@@ -87,6 +87,7 @@ class Hosting:
             raise ValueError(f"hidden node {node} cannot host the global service {name}")
         self.expected.add(name)
         self._run(instance)
+        log.info("malla: %s started service %s", node, name)
 
     def _run(self, instance: Service) -> None:
         cls = type(instance)
@@ -104,6 +105,7 @@ class Hosting:
         if entry is None:
             raise self._not_running(name)
         self._changed(entry, None)
+        log.info("malla: %s stopped service %s", self._config.name, name)
 
     async def set_paused(self, service: Any, paused: bool) -> None:
         name = _user_service(service_name(service))

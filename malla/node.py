@@ -217,6 +217,7 @@ class Node:
         if not self._cluster.listening or self._cluster.stopping or self._draining:
             return
         self._draining = True
+        log.info("malla: node %s draining (grace %.1f s)", self.name, grace)
         await self._hosting.pause_all()
         end = time.monotonic() + grace
         while self._busy() and time.monotonic() < end:

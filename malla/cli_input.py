@@ -1,0 +1,103 @@
+"""What the `malla` command reads: the cluster options turned into Node
+settings (seeds, the cookie, TLS contexts, DNS servers) and a call's
+arguments from the command line or stdin.  A value that cannot work is a
+UserError (usage, exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import ssl
+import sys
+from typing import Any
+
+from malla import tls
+from malla.cli_output import UserError
+
+__all__ = ["call_arguments", "cookie", "node_options", "parse_arg", "seeds_of", "stdin_json"]
+
+
+def seeds_of(args: argparse.Namespace) -> list[str]:
+    """--seed, else MALLA_SEEDS (comma- or space-separated)."""
+    if args.seed:
+        return list(args.seed)
+    return os.environ.get("MALLA_SEEDS", "").replace(",", " ").split()
+
+
+def cookie(path: str | None) -> str | None:
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            raise UserError(f"cannot read the cookie file: {exc}") from None
+    return os.environ.get("MALLA_COOKIE")
+
+
+def node_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Node settings the cluster options give."""
+    options: dict[str, Any] = {"cookie": cookie(args.cookie_file),
+                               "dns_servers": list(args.dns_server) or None}
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if any(files) and not all(files):
+        raise UserError("--tls-cert, --tls-key and --tls-ca go together")
+    if all(files):
+        try:
+            options["ssl_server"] = tls.server_context(*files)
+            options["ssl_client"] = tls.client_context(*files)
+        except (OSError, ssl.SSLError) as exc:
+            raise UserError(f"cannot load the TLS files: {exc}") from None
+    return options
+
+
+def parse_arg(text: str) -> Any:
+    """JSON, else a Python literal (ast.literal_eval never evaluates code),
+    else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def call_arguments(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any] | None]:
+    """The positional and keyword arguments, from the command line or stdin
+    (`-`: a JSON array of arguments, then a JSON object of keywords)."""
+    from_stdin = args.args == ["-"], args.kwargs == "-"
+    documents = iter(stdin_json(sum(from_stdin)))
+    if from_stdin[0]:
+        call_args = next(documents)
+        if not isinstance(call_args, list):
+            raise UserError("the arguments on stdin must be a JSON array")
+    else:
+        call_args = [parse_arg(a) for a in args.args]
+    kwargs = None
+    if args.kwargs is not None:
+        kwargs = next(documents) if from_stdin[1] else parse_arg(args.kwargs)
+        if not isinstance(kwargs, dict):
+            raise UserError("--kwargs must be a JSON object")
+    return call_args, kwargs
+
+
+def stdin_json(count: int) -> list[Any]:
+    """`count` JSON documents, one after the other, from stdin."""
+    if not count:
+        return []
+    text, documents, at = sys.stdin.read(), [], 0
+    decoder = json.JSONDecoder()
+    for _ in range(count):
+        while at < len(text) and text[at].isspace():
+            at += 1
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError as exc:
+            raise UserError(f"stdin is not {count} JSON document(s): {exc}") from None
+        documents.append(value)
+    if text[at:].strip():
+        raise UserError("stdin holds more than the expected JSON")
+    return documents
