@@ -309,18 +309,30 @@ class Caller:
 
     async def call_node(self, node: str, service: Any, fun: str, args: Any = (),
                         kwargs: dict[str, Any] | None = None, *, timeout: int = 15000) -> Any:
-        """One attempt on `node` and no other (a probe's call: `malla ping`):
-        no failover, no retries.  ServiceNotAvailable when this node has no
-        connection to it."""
+        """One attempt on `node` and no other (a probe's call: `malla ping`,
+        `malla top`): no failover, no retries, never a cast (timeout > 0);
+        an inherited deadline applies.  ServiceNotAvailable when this node
+        has no connection to it.  Not seen by the metrics and tracing
+        interceptors (they wrap remote() and call_cb_all()); errors are
+        counted in stats() as any call's."""
         if not self._peers.running:
             raise mexc.NodeStopped(f"node {self.name} is not running")
         timeout, name = valid_timeout(timeout), service_name(service)
+        if timeout == 0:
+            raise mexc.InvalidOption("call_node() waits for an answer: timeout must be above 0")
+        if type(fun) is not str or fun[:1] == "_":
+            raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
         if type(args) is not list and type(args) is not tuple:
             args = _as_args(args)
-        if node == self.name:
-            return await self._call_here(name, fun, args, kwargs, timeout, None, None)
-        return await self._call_node(node, name, fun, args, kwargs, timeout, None, None,
-                                     failover=False)
+        at = inherited_deadline()
+        try:
+            if node == self.name:
+                return await self._call_here(name, fun, args, kwargs, timeout, at, None)
+            return await self._call_node(node, name, fun, args, kwargs, timeout, at, None,
+                                         failover=False)
+        except mexc.MallaError as exc:
+            self._stats.error(exc)
+            raise
 
     async def call_cb_all(self, service: Any, fun: str, args: Any = (),
                           kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,

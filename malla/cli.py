@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     ping.add_argument("node", metavar="NODE", help="the node's name")
     ping.add_argument("--ready", action="store_true",
                       help="also require every service it should host to be started")
-    ping.add_argument("--timeout", type=int, default=2000,
+    ping.add_argument("--timeout", type=_positive_ms, default=2000, metavar="MS",
                       help="ms, for joining and for the call (default 2000)")
     _client_options(ping)
 
@@ -135,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--json", action="store_true", help="with --once: the rows as JSON")
     top.add_argument("--interval", type=float, default=1.0,
                      help="seconds between refreshes (default 1)")
-    top.add_argument("--timeout", type=int, default=2000, help="ms per node (default 2000)")
+    top.add_argument("--timeout", type=_positive_ms, default=2000, metavar="MS",
+                     help="ms per node (default 2000)")
     _client_options(top)
 
     sub.add_parser("demo", help="start a small cluster on loopback, call it, kill a node, "
@@ -224,8 +225,24 @@ async def _join(args: argparse.Namespace, progress: Progress, mesh: bool = True)
     """A hidden client node connected to the seeds and (`mesh`) every member
     they know."""
     node = _make_node(args.name or f"malla-cli-{os.getpid()}", port=0, hidden=True,
-                      handshake_timeout=max(args.wait, 2.0), **node_options(args))
+                      handshake_timeout=getattr(args, "handshake_timeout", max(args.wait, 2.0)),
+                      **node_options(args))
     await node.start()
+    try:
+        await _reach_seeds(node, args, progress)
+    except asyncio.CancelledError:      # a probe's timeout: leave nothing open
+        await node.stop()
+        raise
+    if mesh:
+        await _connect_members(node, progress)
+        await asyncio.sleep(0.1)  # TABLEs arrive right after each handshake
+    progress.done()
+    return node
+
+
+async def _reach_seeds(node: malla.Node, args: argparse.Namespace, progress: Progress) -> None:
+    """Dial the seeds until one answers (within --wait); UserError when none
+    does (the node is then stopped)."""
     seeds = seeds_of(args) or [f"127.0.0.1:{DEFAULT_PORT}"]
     errors: dict[str, str] = {}
     end = asyncio.get_running_loop().time() + args.wait
@@ -248,11 +265,6 @@ async def _join(args: argparse.Namespace, progress: Progress, mesh: bool = True)
         raise UserError.of(malla.Unreachable("cannot join the cluster: " + "; ".join(
             f"{k}: {v}" for k, v in errors.items())))
     await asyncio.sleep(0.1)  # PEERS arrives right after the handshake
-    if mesh:
-        await _connect_members(node, progress)
-        await asyncio.sleep(0.1)  # TABLEs arrive right after each handshake
-    progress.done()
-    return node
 
 
 async def _connect_members(node: malla.Node, progress: Progress) -> None:
@@ -349,9 +361,22 @@ async def _cmd_ping(args: argparse.Namespace) -> int:
 
 async def _cmd_top(args: argparse.Namespace) -> int:
     from malla.top import run
+    if args.json and not args.once:
+        raise UserError("--json needs --once (the live view is a table)", EXIT_USAGE)
     progress = Progress()
     return await run(args, lambda: _join(args, progress),
                lambda node: _connect_members(node, progress))
+
+
+def _positive_ms(text: str) -> int:
+    # a probe's timeout: a whole number of ms above 0 (0 would be a cast)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a timeout in ms above 0, not {text!r}")
+    return value
 
 
 def _load_service(spec: str) -> type[malla.Service]:
@@ -374,7 +399,10 @@ async def _cmd_node(args: argparse.Namespace) -> int:
     node = _make_node(args.name, host=args.host, port=args.port, seeds=seeds_of(args),
                       connect=args.connect, metrics_port=args.metrics_port,
                       **node_options(args))
-    node._hosting.expect([c._malla_name for c in classes])   # not ready until started
+    try:
+        node._hosting.expect([c._malla_name for c in classes])   # not ready until started
+    except ValueError as exc:            # a reserved name (InvalidOption)
+        raise UserError(f"--service: {exc}") from None
     try:
         await node.start()
     except ImportError as exc:
@@ -386,7 +414,11 @@ async def _cmd_node(args: argparse.Namespace) -> int:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}",
                         EXIT_FAILED) from None
     for cls in classes:
-        await node.start_service(cls)
+        try:
+            await node.start_service(cls)
+        except (ValueError, TypeError) as exc:     # twice the same, a bad __init__
+            await node.stop()
+            raise UserError(f"cannot start {cls._malla_name}: {exc}", EXIT_FAILED) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

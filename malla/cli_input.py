@@ -57,11 +57,12 @@ def parse_arg(text: str) -> Any:
     else the text itself."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    # (TypeError: an unhashable key, as in "{[1]: 2}")
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return text
 
 

@@ -464,8 +464,11 @@ class Cluster:
             peer.address = hello.listen
         self._set_state(peer, CONNECTED, conn)
         conn.admit(conn)
-        log.info("malla: %s connected to %s at %s%s", self.name, hello.name,
-                 _where(conn, hello), " (hidden)" if hello.hidden else "")
+        # (a hidden client -- a CLI command, a probe every few seconds -- at
+        # DEBUG: it would flood an operator's INFO log)
+        log.log(logging.DEBUG if hello.hidden else logging.INFO,
+                "malla: %s connected to %s at %s%s", self.name, hello.name,
+                _where(conn, hello), " (hidden)" if hello.hidden else "")
         conn.proto.send_message(core.FT_TABLE, self._hosting.table())
         if not self.config.hidden:
             conn.proto.send_message(core.FT_PEERS, self._peer_list())
@@ -495,7 +498,8 @@ class Cluster:
             self._stats.closed_out += conn.proto.calls_out
         if conn.peer is not None and self.connected.get(conn.peer.name) is conn:
             self._drop(conn)
-            log.info("malla: %s lost its connection to %s", self.name, conn.peer.name)
+            log.log(logging.DEBUG if conn.peer.hidden else logging.INFO,
+                    "malla: %s lost its connection to %s", self.name, conn.peer.name)
 
     def _drop(self, conn: Connection) -> None:
         """Forget `conn` as the connection serving its peer (it broke, went

@@ -85,8 +85,8 @@ class Hosting:
             raise ValueError(f"service {name} is already running on {node}")
         if cls._malla_global and self._config.hidden:
             raise ValueError(f"hidden node {node} cannot host the global service {name}")
-        self.expected.add(name)
         self._run(instance)
+        self.expected.add(name)
         log.info("malla: %s started service %s", node, name)
 
     def _run(self, instance: Service) -> None:
@@ -99,11 +99,11 @@ class Hosting:
 
     async def stop(self, service: Any) -> None:
         name = _user_service(service_name(service))
-        self.expected.discard(name)
         entry = self.entries.pop(name, None)
         self.exposed.pop(name, None)
         if entry is None:
             raise self._not_running(name)
+        self.expected.discard(name)
         self._changed(entry, None)
         log.info("malla: %s stopped service %s", self._config.name, name)
 

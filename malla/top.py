@@ -173,6 +173,9 @@ async def run(args: argparse.Namespace, join: Callable[[], Awaitable[Any]],
                 sys.stdout.write(render(rows))
             return 0
         tty = sys.stdout.isatty()
+        # members that joined since are dialled in the background: a dead
+        # member's dial (up to a handshake timeout) never holds a frame back
+        dialling: asyncio.Task[None] | None = None
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), args.interval)
@@ -180,7 +183,8 @@ async def run(args: argparse.Namespace, join: Callable[[], Awaitable[Any]],
                 pass
             if stop.is_set():
                 break
-            await mesh(node)
+            if dialling is None or dialling.done():
+                dialling = asyncio.ensure_future(mesh(node))
             current = await sample(node, args.timeout)
             title = (f"malla top: {len(current[1])} nodes, every {args.interval:g} s, "
                      f"{time.strftime('%H:%M:%S')} (Ctrl-C to quit)")
@@ -188,6 +192,9 @@ async def run(args: argparse.Namespace, join: Callable[[], Awaitable[Any]],
             sys.stdout.write(CLEAR + text if tty else text + "\n")
             sys.stdout.flush()
             previous = current
+        if dialling is not None:
+            dialling.cancel()
+            await asyncio.gather(dialling, return_exceptions=True)
         return 0
     finally:
         loop.remove_signal_handler(signal.SIGINT)

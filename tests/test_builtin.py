@@ -209,12 +209,33 @@ def test_ping_exit_codes(slow_cluster):
     assert out.returncode == 0 and out.stdout.strip() == "n1: ready (Slow)", out
     for args, code, pattern in [
             (["nowhere", "--seed", seed], 3, "node nowhere is not in the cluster"),
-            (["n1", "--seed", "127.0.0.1:1", "--timeout", "300"], 5, "cannot join")]:
+            (["n1", "--seed", "127.0.0.1:1", "--timeout", "300"], 5, "cannot join the cluster")]:
         started = time.monotonic()
         out = malla("ping", *args)
         assert out.returncode == code and pattern in out.stderr, out
         assert len(out.stderr.strip().splitlines()) == 1
         assert time.monotonic() - started < 10     # (a probe is bounded; wide slack)
+
+    # a node that accepts connections but never answers (stopped): exit 3
+    # once --timeout has passed (the seed answered); the seed itself
+    # stopped: the cluster cannot be reached, exit 5
+    n2 = procs[1]
+    for stopped, target, code, message in [
+            (procs[0], "n1", 3, "malla: node n1 did not answer within 1000 ms"),
+            (n2, "n2", 5, "malla: cannot join the cluster within 1000 ms")]:
+        stopped.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            out = malla("ping", target, "--seed", seed, "--timeout", "1000")
+            elapsed = time.monotonic() - started
+        finally:
+            stopped.send_signal(signal.SIGCONT)
+        assert out.returncode == code and out.stderr.strip() == message, out
+        assert elapsed < 8       # bounded by the 1 s timeout (wide slack for start-up)
+    # a probe's timeout is above 0 (0 would be a cast, answering nothing)
+    for bad in ("0", "-5", "x"):
+        out = malla("ping", "n2", "--seed", seed, "--timeout", bad)
+        assert out.returncode == 2 and "timeout in ms above 0" in out.stderr, out
 
     # n1 draining (SIGTERM with a call in flight): alive, not ready
     marker = tmp_path / "running"
@@ -232,3 +253,4 @@ def test_ping_exit_codes(slow_cluster):
     finally:
         call.kill()
         call.communicate()
+

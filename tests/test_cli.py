@@ -6,13 +6,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from support import COOKIE, ROOT
+from support import COOKIE, ROOT, free_port
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, MALLA_COOKIE=COOKIE)
 
@@ -20,12 +19,6 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, MALLA_COOKIE=COOKIE)
 def malla(*args: str, timeout: float = 60, env=None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "malla", *args], capture_output=True,
                           text=True, timeout=timeout, env=env or ENV, cwd=ROOT)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_node(name: str, port: int, *extra: str) -> subprocess.Popen[str]:

@@ -113,15 +113,21 @@ def test_node_logs_joins_leaves_and_draining_with_timestamps(nodes):
                env=dict(ENV, MALLA_LOG_LEVEL="error"))
     n1.wait_for_log(rf"^{STAMP} INFO malla\.node: .*n1 listening on 127\.0\.0\.1:{n1.port}")
     n1.wait_for_log(rf"^{STAMP} INFO malla\.hosting: .*n1 started service Calculator")
-    n2 = nodes("n2", env=dict(ENV, MALLA_SEEDS=n1.seed))     # a node's seeds from the env
+    n2 = nodes("n2", "--log-level", "debug",
+               env=dict(ENV, MALLA_SEEDS=n1.seed))     # a node's seeds from the env
     n1.wait_for_log(rf"^{STAMP} INFO malla\.cluster: .*n1 connected to n2 at "
                     rf"127\.0\.0\.1:{n2.port}$")
-    # a client names itself with --name: a hidden node
+    # a client names itself with --name: a hidden node, logged at DEBUG
+    # only (probes come every few seconds); `services` joins through n1 and
+    # dials n2 too, which logs at DEBUG
     out = malla("services", "--seed", n1.seed, "--name", "probe-client")
     assert out.returncode == 0, out.stderr
-    n1.wait_for_log(r"n1 connected to probe-client at 127\.0\.0\.1:\d+ \(hidden\)$")
+    n2.wait_for_log(rf"^{STAMP} DEBUG malla\.cluster: .*n2 connected to probe-client at "
+                    r"127\.0\.0\.1:\d+ \(hidden\)$")
+    n2.wait_for_log(rf"^{STAMP} DEBUG malla\.cluster: .*n2 lost its connection to probe-client$")
     n2.stop(signal.SIGKILL)
     n1.wait_for_log(rf"^{STAMP} INFO malla\.cluster: .*n1 lost its connection to n2$")
+    assert "probe-client" not in n1.stderr()      # n1 logs at INFO: not there
     # a refusal: the wrong cookie
     out = malla("services", "--seed", n1.seed, env=dict(ENV, MALLA_COOKIE="x" * 32))
     assert out.returncode == 5

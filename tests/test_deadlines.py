@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 from support import (
     COOKIE,
     ROOT,
+    free_port,
     node_factory,
     run_async,
     seed_of,
@@ -52,12 +52,6 @@ async def assert_bounded(call, deadline_ms=DEADLINE_MS):
     took = time.monotonic() - t0
     assert took <= deadline_ms / 1000 + SLACK, f"{took:.3f} s for a {deadline_ms} ms deadline"
     return info.value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_deadline_with_a_dead_port_and_retries():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -45,11 +46,14 @@ def test_the_site_builds_strict_with_the_api_reference(tmp_path):
 
 
 def test_strict_mode_fails_on_a_broken_link(tmp_path):
-    """The negative control: the same configuration refuses a page with a
-    link to nowhere (so the build above proves the links hold)."""
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "index.md").write_text("# x\n\nSee [nowhere](missing.md).\n")
-    (tmp_path / "mkdocs.yml").write_text("site_name: x\nstrict: true\ntheme: {name: material}\n")
+    """The negative control: the project's own configuration (its hooks and
+    validation settings), on a copy of the docs with one link to nowhere,
+    refuses to build (so the build above proves the links hold)."""
+    shutil.copytree(os.path.join(ROOT, "docs"), tmp_path / "docs")
+    shutil.copy(os.path.join(ROOT, "mkdocs.yml"), tmp_path)
+    shutil.copytree(os.path.join(ROOT, "bench"), tmp_path / "bench",
+                    ignore=shutil.ignore_patterns("results", "__pycache__"))
+    page = tmp_path / "docs" / "recipes" / "jupyter.md"
+    page.write_text(page.read_text() + "\nSee [nowhere](missing.md).\n")
     proc = mkdocs("--site-dir", str(tmp_path / "site"), cwd=str(tmp_path))
-    assert proc.returncode != 0 and "missing.md" in proc.stderr
+    assert proc.returncode != 0 and "missing.md" in proc.stderr, proc.stderr

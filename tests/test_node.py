@@ -11,7 +11,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import struct
 import time
 
@@ -19,6 +18,7 @@ import pytest
 from support import (
     COOKIE,
     RawPeer,
+    free_port,
     kill_process,
     node_factory,
     run_async,
@@ -64,12 +64,6 @@ async def read_until_eof(reader: asyncio.StreamReader, timeout: float) -> bytes:
 
 async def raw_open(node: malla.Node) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", node.address[1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- lifecycle ---------------------------------------------------------------------

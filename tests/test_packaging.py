@@ -48,6 +48,11 @@ def test_sdist_and_wheel(tmp_path):
     assert not any(n.endswith((".so", "malla/_core.c")) for n in names)
     assert any(n.endswith("/LICENSE") for n in names)
     assert any(n.endswith("tests/test_packaging.py") for n in names)   # the tests ship too
+    # ... with what they read
+    for needed in ("mkdocs.yml", "docs/_hooks.py", "bench/RESULTS.md", "bench/results.png",
+                   "bench/cfloor/cfloor.c", ".github/workflows/release.yml",
+                   "tests/wheel_smoke.py", "tests/dnsmasq.py", "fuzz/fuzz_decode.py"):
+        assert any(n.endswith("/" + needed) for n in names), needed
     wheel = glob.glob(str(dist / "malla-*.whl"))[0]
     # what PyPI and packagers check: the metadata renders, the wheel holds
     # what it should (no duplicates, no stray top-level files)

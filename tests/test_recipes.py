@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 from recipes import cells, write_files
-from support import COOKIE, ROOT
+from support import COOKIE, ROOT, free_port
 
 import malla
 
@@ -34,12 +34,6 @@ def backend():
     with malla.BlockingNode("calc", cookie=COOKIE, port=0) as node:
         node.start_service(Calculator())
         yield node
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def web_peers(node: malla.BlockingNode) -> list[str]:
@@ -130,7 +124,7 @@ def test_fastapi_maps_a_missing_service_to_503(tmp_path, backend):
         wait_for(lambda: _up(port), "the server listens", proc)
         backend.stop_service("Calculator")
         status, body = get_json(port, "/add/1/2")
-        assert status == 503 and "no Calculator" in body["detail"]
+        assert status == 503 and "no Calculator could take it" in body["detail"]
     finally:
         stop(proc)
 

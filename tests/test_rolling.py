@@ -12,23 +12,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from support import COOKIE, ROOT, node_factory, run_async, stop_all
+from support import COOKIE, ROOT, free_port, node_factory, run_async, stop_all
 
 import malla
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, MALLA_COOKIE=COOKIE)
 N = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(name: str, port: int, seed: str | None) -> subprocess.Popen[str]:
