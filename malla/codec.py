@@ -36,7 +36,7 @@ def register_type(cls: type, encode: Callable[[Any], bytes],
     """Let values of `cls` travel: `encode(obj) -> bytes`, `decode(bytes) -> obj`.
 
     The type is identified on the wire by `name` (default: the class's
-    qualified name, ``cls.__qualname__``, as DESIGN.md says; pass a name to
+    qualified name, ``cls.__qualname__``; pass a name to
     tell apart two classes of the same qualified name in different modules),
     so registration order does not matter; register the same on every node.
     """

@@ -2,7 +2,7 @@
 
 Every error malla raises is a MallaError mixed with the builtin a Python user
 would catch.  An error's *family* tells a caller what happened to its call
-(DESIGN.md "Calls", one table; `family()` below is that table):
+(docs/remote-calls.md has the table; `family()` below is it):
 
 * did not run: ServiceNotAvailable (and Overloaded), UnknownFunction,
   BadArguments, InvalidOption, EncodeError, MessageTooLarge, Forbidden,

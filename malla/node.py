@@ -56,7 +56,7 @@ def _setting(name: str, as_list: bool = False) -> Any:
 
 
 class Node:
-    """A member of a malla cluster (DESIGN.md "Nodes and the cluster").
+    """A member of a malla cluster (docs/cluster.md).
 
     Seconds as floats for node settings, bytes for sizes.
     """
@@ -338,7 +338,8 @@ class Node:
         return False
 
     def stats(self) -> dict[str, Any]:
-        """Totals over the node's life (DESIGN.md "Tools around it")."""
+        """Totals over the node's life: they never go down when a peer
+        leaves (docs/operations.md)."""
         protos, stats = self._cluster.protocols(), self._stats
         return {
             "calls_in": stats.closed_in + sum(p.calls_in for p in protos),
