@@ -54,6 +54,16 @@ class Middle(malla.Service, global_=True):
         return await Middle.node.remote("Leaf", "work", [x]) + 1
 
 
+async def leaf_and_caller(make):
+    """Tracing nodes a (serving Leaf) and b (calling it); no span yet."""
+    a = await make("a", tracing=True).start()
+    await a.start_service(Leaf)
+    b = await make("b", tracing=True, seeds=[seed_of(a)]).start()
+    assert await b.wait_for_services(["Leaf"], retries=5)
+    EXPORTER.clear()
+    return a, b
+
+
 def spans_by(kind):
     return [s for s in EXPORTER.get_finished_spans() if s.kind == kind]
 
@@ -80,11 +90,7 @@ def test_attribute_names_are_the_semantic_conventions():
 
 def test_a_call_is_a_client_and_a_server_span_named_and_attributed_by_the_conventions():
     async def main(make):
-        a = await make("a", tracing=True).start()
-        await a.start_service(Leaf)
-        b = await make("b", tracing=True, seeds=[seed_of(a)]).start()
-        assert await b.wait_for_services(["Leaf"], retries=5)
-        EXPORTER.clear()
+        a, b = await leaf_and_caller(make)
         assert await b.remote("Leaf", "work", [4]) == 8
         await wait_until(lambda: len(EXPORTER.get_finished_spans()) == 2)
         [client], [server] = spans_by(CLIENT), spans_by(SERVER)
@@ -113,11 +119,7 @@ def test_a_call_is_a_client_and_a_server_span_named_and_attributed_by_the_conven
 
 def test_a_handler_that_raises_ends_both_spans_error_with_the_exception():
     async def main(make):
-        a = await make("a", tracing=True).start()
-        await a.start_service(Leaf)
-        b = await make("b", tracing=True, seeds=[seed_of(a)]).start()
-        assert await b.wait_for_services(["Leaf"], retries=5)
-        EXPORTER.clear()
+        _, b = await leaf_and_caller(make)
         with pytest.raises(malla.RemoteError, match="no leaf"):
             await b.remote("Leaf", "fail")
         await wait_until(lambda: len(EXPORTER.get_finished_spans()) == 2)
@@ -152,11 +154,7 @@ def test_a_handler_that_raises_ends_both_spans_error_with_the_exception():
 
 def test_a_timeout_ends_the_client_span_error_and_the_cancelled_server_span_unset():
     async def main(make):
-        a = await make("a", tracing=True).start()
-        await a.start_service(Leaf)
-        b = await make("b", tracing=True, seeds=[seed_of(a)]).start()
-        assert await b.wait_for_services(["Leaf"], retries=5)
-        EXPORTER.clear()
+        _, b = await leaf_and_caller(make)
         with pytest.raises(malla.CallTimeout):
             await b.remote("Leaf", "slow", timeout=200)
         # the caller's CANCEL stops the handler: its span ends then
