@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from malla import exceptions as mexc
 from malla.codec import bad_value_path
 from malla.context import inherited_deadline, reset_deadline, set_deadline_at
-from malla.handshake import CAP_TRACE
 from malla.registry import service_name
 from malla.service import KIND_SYNC, RunningService, settle
 
@@ -48,15 +47,15 @@ class Caller:
     It reads the discovery table (`registry`), the services hosted here
     (`hosting.entries`), the cluster's admitted connections
     (`peers.connected`) and counts into `stats`; `order` is the balancer
-    seam (default: the registry's order), `carrier` the trace context to
-    send with a call (tracing on), `spawn` runs an in-process cast as one
+    seam (default: the registry's order), `carrier(conn)` the trace context to
+    send with an attempt on a connection (tracing on), `spawn` runs an in-process cast as one
     of the node's tasks.
     """
 
     def __init__(self, name: str, registry: Registry, hosting: CallHosting, peers: CallPeers,
                  stats: Stats, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
                  *, order: NodeOrder | None = None,
-                 carrier: Callable[[], Any] | None = None) -> None:
+                 carrier: Callable[[Any], Any] | None = None) -> None:
         self.name = name
         self._registry = registry
         self._order: NodeOrder = registry.nodes if order is None else order
@@ -199,9 +198,8 @@ class Caller:
         budget = None
         if at is not None:
             timeout, budget = _within_deadline(at, timeout, name, fun)
-        trace = None
-        if self._carrier is not None and conn.peer.caps & CAP_TRACE:
-            trace = self._carrier()
+        # (tracing on: the trace context for this peer, or None)
+        trace = self._carrier(conn) if self._carrier is not None else None
         try:
             if timeout == 0:
                 proto.cast(name, fun, args, kwargs, meta, trace)

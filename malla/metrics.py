@@ -118,7 +118,8 @@ class Metrics:
                 for s, funs in sorted(self.latency.items()) for f, h in sorted(funs.items())}
 
 
-# Histogram bounds: powers of two of microseconds, 16 µs to about 67 s.
+# Histogram bounds: powers of two of microseconds, 16 µs to about 67 s (bucket
+# boundaries of the core histogram: each `le` count is exact, bound included).
 _BOUNDS_US = [1 << k for k in range(4, 27)]
 
 
@@ -193,7 +194,7 @@ def prometheus_collector(node: StatsSource) -> Any:
             # a histogram with real bucket counts (its bounds are the core
             # histogram's own octave boundaries, so each count is exact) and
             # the real sum of the durations
-            lat = HistogramMetricFamily("malla_call_latency_seconds", "latency of calls made",
+            lat = HistogramMetricFamily("malla_call_duration_seconds", "duration of calls made",
                                         labels=["node", "call"])
             for call, buckets, total_s in latency:
                 lat.add_metric([node.name, call], buckets=buckets, sum_value=total_s)

@@ -185,12 +185,12 @@ class RunningService(core.ServiceEntry):
                         call.deadline, call.cast)
         if self.tracing is not None and call.trace is not None:
             # a SERVER span for calls that come with a trace context
-            run = self._run_traced(run, call.fun, call.trace)
+            run = self._run_traced(run, call.fun, call.trace, proto.transport)
         return asyncio.get_running_loop().create_task(run)
 
-    async def _run_traced(self, run: Any, fun: str, trace: Any) -> None:
+    async def _run_traced(self, run: Any, fun: str, trace: Any, transport: Any) -> None:
         assert self.tracing is not None
-        with self.tracing.server_span(self.name, fun, trace):
+        with self.tracing.server_span(self.name, fun, trace, transport):
             await run
 
     async def _run(self, proto: Any, sid: int, fun: str, args: list[Any],
@@ -208,6 +208,9 @@ class RunningService(core.ServiceEntry):
             proto.task_done(sid)
             raise
         except Exception as exc:
+            if self.tracing is not None:
+                # (the error goes to the caller, not up to the span's `with`)
+                self.tracing.handler_raised(exc)
             if cast:
                 proto.cast_failed(self.name, fun, "RemoteError", f"{mexc.type_name(exc)}: {exc}")
             elif proto.task_done(sid):

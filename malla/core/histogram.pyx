@@ -6,7 +6,9 @@ cdef class LatencyHistogram:
     (metrics must stay cheap on the call path)."""
 
     def record_ns(self, int64_t ns):
-        cdef uint64_t us = <uint64_t>(ns // 1000) if ns >= 1000 else 1
+        # (ns - 1) // 1000: a bucket holds the durations in (lower, upper]
+        # microseconds, upper bound included, as Prometheus's `le` is
+        cdef uint64_t us = <uint64_t>((ns - 1) // 1000) if ns > 1000 else 1
         cdef int octave = 63 - __builtin_clzll(us)
         cdef int sub = <int>((us >> (octave - 2)) & 3) if octave >= 2 else <int>(us & 3)
         cdef int index = octave * 4 + sub
@@ -26,12 +28,13 @@ cdef class LatencyHistogram:
         return float(2 ** (octave + 1))
 
     def count_below_us(self, uint64_t bound_us):
-        """How many durations were below `bound_us`, a power of two of
-        microseconds (a bucket boundary, so the count is exact)."""
+        """How many durations were at most `bound_us` (Prometheus's `le`), a
+        power of two of microseconds from 2 (a bucket boundary, so the count
+        is exact to the nanosecond)."""
         cdef int octave, i
         cdef uint64_t n = 0
-        if bound_us < 1 or bound_us & (bound_us - 1):
-            raise ValueError("a bound is a power of two of microseconds")
+        if bound_us < 2 or bound_us & (bound_us - 1):
+            raise ValueError("a bound is a power of two of microseconds, at least 2")
         octave = 63 - __builtin_clzll(bound_us)
         # every bucket of the octaves below `octave` holds durations < 2**octave
         for i in range(min(octave * 4, 256)):
