@@ -237,6 +237,8 @@ cdef class CoreProtocol(Wire):
 
     cdef int _run_inline(self, ServiceEntry entry, IncomingCall call, object fn) except -1:
         cdef double started = _now()
+        # the handler sees its call (malla.current_call()), only while it runs
+        token = PyContextVar_Set(_current_call, _inline_context(self.peer_name, call))
         try:
             if call.kwargs:
                 result = fn(*call.args, **call.kwargs)
@@ -249,6 +251,7 @@ cdef class CoreProtocol(Wire):
                 self.reply_exception(call.sid, exc)
             return 0
         finally:
+            PyContextVar_Reset(_current_call, token)
             _warn_if_blocked(entry.name, call.fun, started)
         if not call.cast:
             self.reply(call.sid, result)
