@@ -57,7 +57,7 @@ class _Nodes(Generic[N]):
     """The nodes of a test cluster, by index or by name."""
 
     def __init__(self, nodes: list[N]) -> None:
-        self.nodes = nodes
+        self.nodes: list[N] = nodes
 
     def __getitem__(self, key: int | str) -> N:
         if isinstance(key, int):
