@@ -47,14 +47,16 @@ def current_call() -> core.CallContext | None:
 
     Like grpc's ``ServicerContext``, read from anywhere inside the handler
     (and what it runs in the same task, or in the thread of a
-    ``@malla.blocking`` function) without passing it along.
+    ``@malla.blocking`` function) without passing it along.  (In the core:
+    a plain def the core runs inline holds it in a per-thread slot, not in
+    the context variable.)
     """
-    return _current.get()
+    return core.current_call()
 
 
 def remaining_ms() -> float | None:
     """Milliseconds left of the current call's budget (its ``deadline``, as
     the remote calls made here inherit it); None outside a call or when the
     call has no deadline.  A float, negative once the budget is spent."""
-    call = _current.get()
+    call = core.current_call()
     return None if call is None else call.remaining_ms()

@@ -9,6 +9,7 @@ import asyncio
 import threading
 import time
 
+import pytest
 from support import run_async, wait_until
 
 import malla
@@ -43,6 +44,10 @@ class Ctx(malla.Service, global_=True):
     def cast(self):
         Ctx.casts.append(seen())
 
+    def fail(self):
+        assert malla.current_call() is not None
+        raise KeyError("no")
+
 
 class Inner(malla.Service, global_=True):
     async def who(self):
@@ -75,7 +80,10 @@ def test_a_handler_sees_its_call_over_tcp():
             cast = Ctx.casts.pop()
             assert (cast["caller"], cast["cast"], cast["meta"], cast["remaining"],
                     cast["in_process"]) == ("node1", True, "c", None, False)
-            # the caller's own context is untouched by what it called
+            # a handler that raised leaves no call behind on the thread either
+            with pytest.raises(malla.RemoteError):
+                await client.remote("Ctx", "fail")
+            # the caller's own context (the same thread) is untouched by what it called
             assert malla.current_call() is None and malla.remaining_ms() is None
             del server
 

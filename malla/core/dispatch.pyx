@@ -119,6 +119,27 @@ cdef inline CallContext _inline_context(str caller, IncomingCall call):
                          False, call.cast)
 
 
+# The call the core runs inline on this thread right now (borrowed from the
+# running _run_inline, which restores the outer values), or NULL.  A plain
+# def runs there synchronously, so a thread's slot is its context; it is
+# what keeps the inline path free of a context variable's set and reset.
+cdef extern from *:
+    """
+    static __thread PyObject *malla_inline_call = NULL;
+    static __thread PyObject *malla_inline_caller = NULL;
+    """
+    PyObject* malla_inline_call
+    PyObject* malla_inline_caller
+
+
+def current_call():
+    """The CallContext of the call being served on this thread, or None."""
+    if malla_inline_call is not NULL:
+        return _inline_context(<str><object>malla_inline_caller,
+                               <IncomingCall><object>malla_inline_call)
+    return _current_call.get()
+
+
 def enter_call(str caller, str service, str function, meta, timeout, deadline_at,
                bint in_process, bint cast):
     """Make the call a handler serves the current one (`deadline_at`:
@@ -136,6 +157,8 @@ def leave_call(token):
 
 def inherited_deadline():
     """The deadline (time.monotonic() seconds) of the call being served, or None."""
+    if malla_inline_call is not NULL:
+        return None
     cdef object call = _current_call.get()
     return None if call is None else (<CallContext>call).deadline_at
 
