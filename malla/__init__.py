@@ -19,6 +19,7 @@ from malla.api import (
     wait_for_services,
 )
 from malla.codec import register_type
+from malla.context import CallContext, current_call, remaining_ms
 from malla.exceptions import (
     AuthenticationError,
     BadArguments,
@@ -49,6 +50,7 @@ __all__ = [
     "AuthenticationError",
     "BadArguments",
     "BlockingNode",
+    "CallContext",
     "CallTimeout",
     "ConnectionLost",
     "EncodeError",
@@ -70,12 +72,14 @@ __all__ = [
     "blocking",
     "call",
     "call_cb_all",
+    "current_call",
     "family",
     "get_instances",
     "get_nodes",
     "get_services",
     "local",
     "register_type",
+    "remaining_ms",
     "remote",
     "run",
     "services",

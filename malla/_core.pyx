@@ -34,12 +34,14 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLon
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.object cimport PyObject
+from cpython.contextvars cimport PyContextVar_Set, PyContextVar_Reset
 from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
 from libc.string cimport memcpy, memmove
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import asyncio
+import contextvars
 import logging
 
 from msgpack import unpackb as _msgpack_unpackb, ExtType

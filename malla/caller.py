@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla.codec import bad_value_path
-from malla.context import inherited_deadline, reset_deadline, set_deadline_at
+from malla.context import enter, inherited_deadline, leave
 from malla.registry import service_name
 from malla.service import KIND_SYNC, RunningService, settle
 
@@ -245,8 +245,8 @@ class Caller:
             task.add_done_callback(lambda _task: _one_less(entry))
             return None
         entry.running += 1
-        # the handler (and what it calls) sees this call's deadline, as remotely
-        token = set_deadline_at(at) if at is not None else None
+        # the handler (and what it calls) sees this call and its deadline, as remotely
+        token = enter(self.name, name, fun, meta, timeout, at, True, False)
         try:
             if entry.fast and entry.kinds[fun] == KIND_SYNC:
                 # the default hook on a plain def: call it, as the core does
@@ -267,13 +267,14 @@ class Caller:
             raise _as_remote_error(exc) from exc
         finally:
             entry.running -= 1
-            if token is not None:
-                reset_deadline(token)
+            leave(token)
 
     async def _cast_here(self, entry: RunningService, fun: str, args: Any,
                          kwargs: dict[str, Any] | None, meta: Any) -> None:
         # (entry.running was counted when the cast was scheduled)
         try:
+            # (its own task: the context it was spawned in is a copy)
+            enter(self.name, entry.name, fun, meta, 0, None, True, True)
             opts = {"caller": self.name, "timeout": 0, "meta": meta}
             await settle(entry.invoke(fun, list(args), kwargs or {}, opts))
         except Exception as exc:   # (a message, as a TCP cast's: no traceback built)
@@ -299,11 +300,16 @@ class Caller:
                 raise ServiceNotAvailable(f"service {name} is not running on this node")
             entry = RunningService(service())
         check_arguments(entry.checks, name, fun, args, kwargs)
-        result = entry.invoke(fun, list(args), kwargs or {},
-                              {"caller": self.name, "timeout": None, "meta": None})
-        if inspect.isawaitable(result):
-            result = await settle(result)
-        return result
+        # the function sees a call from this node, within the budget it inherits
+        token = enter(self.name, name, fun, None, None, inherited_deadline(), True, False)
+        try:
+            result = entry.invoke(fun, list(args), kwargs or {},
+                                  {"caller": self.name, "timeout": None, "meta": None})
+            if inspect.isawaitable(result):
+                result = await settle(result)
+            return result
+        finally:
+            leave(token)
 
     async def call_node(self, node: str, service: Any, fun: str, args: Any = (),
                         kwargs: dict[str, Any] | None = None, *, timeout: int = 15000) -> Any:

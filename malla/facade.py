@@ -33,6 +33,8 @@ class BlockingNode:
                                         name=f"malla-node-{name}")
         self._thread.start()
         self._closed = False
+        # the tasks of the calls threads wait on (touched on the loop thread only)
+        self._waiting: set[asyncio.Task[Any]] = set()
         try:
             self.node: Node = self._run(self._start(name, node_options))
         except BaseException:
@@ -55,7 +57,38 @@ class BlockingNode:
         if self._closed:
             coro.close()
             raise mexc.NodeStopped("this BlockingNode is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        fut = asyncio.run_coroutine_threadsafe(self._waited(coro), self._loop)
+        try:
+            return fut.result()
+        except BaseException:
+            # KeyboardInterrupt (Ctrl-C) or another exception raised in this
+            # thread while it waited: the call is cancelled on the loop, so
+            # a remote call sends CANCEL; (a no-op once the call is done)
+            fut.cancel()
+            raise
+
+    async def _waited(self, coro: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if self._closed:
+                raise mexc.NodeStopped("the BlockingNode was closed while this call "
+                                       "waited") from None
+            raise
+        finally:
+            self._waiting.discard(task)
+
+    async def _fail_waiting(self) -> None:
+        # What other threads still wait on when the node has stopped: failed
+        # with NodeStopped before the loop stops (else they would wait forever).
+        me = asyncio.current_task()
+        tasks = [t for t in self._waiting if t is not me]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _in_loop(self, fn: Callable[..., T], *args: Any) -> T:
         async def call() -> T:
@@ -130,6 +163,8 @@ class BlockingNode:
             self._run(self.node.stop())
         finally:
             self._closed = True
+            if self._loop.is_running():
+                asyncio.run_coroutine_threadsafe(self._fail_waiting(), self._loop).result()
             self._stop_loop()
             atexit.unregister(self.close)
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.arguments import checkers_of
-from malla.context import enter_call_context
+from malla.context import enter_served
 from malla.tracing import Tracing
 
 __all__ = ["DEFAULT_MAX_CONCURRENCY", "Service", "blocking"]
@@ -197,7 +197,7 @@ class RunningService(core.ServiceEntry):
                    kwargs: dict[str, Any], opts: dict[str, Any], deadline: float | None,
                    cast: bool) -> None:
         self.running += 1
-        enter_call_context(deadline)
+        enter_served(opts["caller"], self.name, fun, opts["meta"], opts["timeout"], deadline, cast)
         try:
             started = core.monotonic()
             result = self.invoke(fun, args, kwargs, opts)

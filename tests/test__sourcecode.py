@@ -45,7 +45,7 @@ def test_typed_proxy_example_passes_mypy():
 
 
 # The top layer composes the node; nothing below it may import malla.node.
-_TOP = {"__init__", "__main__", "api", "cli", "demo", "facade", "node", "services"}
+_TOP = {"__init__", "__main__", "api", "cli", "demo", "facade", "node", "services", "testing"}
 
 
 def _malla_imports() -> dict[str, set[str]]:

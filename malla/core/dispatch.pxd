@@ -15,6 +15,18 @@ cdef class IncomingCall:
     cdef readonly object trace      # the trace context, or None
 
 
+@cython.final
+cdef class CallContext:
+    cdef readonly str caller
+    cdef readonly str service
+    cdef readonly str function
+    cdef readonly object meta
+    cdef readonly object timeout
+    cdef readonly object deadline_at    # time.monotonic() seconds, or None
+    cdef readonly bint in_process
+    cdef readonly bint cast
+
+
 cdef class ServiceEntry:
     cdef public str name
     cdef public dict funcs

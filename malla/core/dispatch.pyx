@@ -56,6 +56,114 @@ cdef IncomingCall _incoming_call(object obj, uint64_t sid, bint cast):
     call.trace = msg[7] if PyList_GET_SIZE(msg) > 7 else None
     return call
 # ---------------------------------------------------------------------------
+# CallContext: the call a handler serves (malla.current_call())
+# ---------------------------------------------------------------------------
+
+# The one context variable of a served call: its CallContext, or None outside
+# any call.  The caller's side reads its deadline (calls a handler makes
+# inherit the budget); malla.context reads the rest.
+cdef object _current_call = contextvars.ContextVar("malla_call", default=None)
+CURRENT_CALL = _current_call
+
+
+@cython.final
+@cython.freelist(32)
+cdef class CallContext:
+    """The call the running handler serves (``malla.current_call()``): who
+    called (`caller`, a node name), `service` and `function`, the caller's
+    `meta`, its `timeout` (ms, as sent; 0 for a cast), the absolute deadline
+    `deadline_at` (time.monotonic() seconds, None without one), whether it
+    came `in_process` (from this node, not over the network) and whether it
+    is a `cast`.  Immutable."""
+
+    def __init__(self, str caller, str service, str function, meta=None, timeout=None,
+                 deadline_at=None, bint in_process=False, bint cast=False):
+        self.caller = caller
+        self.service = service
+        self.function = function
+        self.meta = meta
+        self.timeout = timeout
+        self.deadline_at = None if deadline_at is None else float(deadline_at)
+        self.in_process = in_process
+        self.cast = cast
+
+    def remaining_ms(self):
+        """Milliseconds left of the call's budget, read from the clock now
+        (negative once spent); None when the call has no deadline."""
+        if self.deadline_at is None:
+            return None
+        return (<double>self.deadline_at - _now()) * 1000.0
+
+    def __repr__(self):
+        return (f"<CallContext {self.service}.{self.function} from {self.caller}"
+                f"{' in-process' if self.in_process else ''}{' cast' if self.cast else ''}>")
+
+
+cdef CallContext _call_context(str caller, str service, str function, object meta,
+                               object timeout, object deadline_at, bint in_process, bint cast):
+    cdef CallContext ctx = CallContext.__new__(CallContext)
+    ctx.caller = caller
+    ctx.service = service
+    ctx.function = function
+    ctx.meta = meta
+    ctx.timeout = timeout
+    ctx.deadline_at = deadline_at
+    ctx.in_process = in_process
+    ctx.cast = cast
+    return ctx
+
+
+cdef inline CallContext _inline_context(str caller, IncomingCall call):
+    # The context of a call the core runs inline (it has no deadline there).
+    return _call_context(caller, call.service, call.fun, call.meta, call.timeout, None,
+                         False, call.cast)
+
+
+# The call the core runs inline on this thread right now (borrowed from the
+# running _run_inline, which restores the outer values), or NULL.  A plain
+# def runs there synchronously, so a thread's slot is its context; it is
+# what keeps the inline path free of a context variable's set and reset.
+cdef extern from *:
+    """
+    static __thread PyObject *malla_inline_call = NULL;
+    static __thread PyObject *malla_inline_caller = NULL;
+    """
+    PyObject* malla_inline_call
+    PyObject* malla_inline_caller
+
+
+def current_call():
+    """The CallContext of the call being served on this thread, or None."""
+    if malla_inline_call is not NULL:
+        return _inline_context(<str><object>malla_inline_caller,
+                               <IncomingCall><object>malla_inline_call)
+    return _current_call.get()
+
+
+def enter_call(str caller, str service, str function, meta, timeout, deadline_at,
+               bint in_process, bint cast):
+    """Make the call a handler serves the current one (`deadline_at`:
+    time.monotonic() seconds or None); the token to reset when it is done."""
+    if deadline_at is not None:
+        deadline_at = float(deadline_at)
+    return PyContextVar_Set(_current_call, _call_context(
+        caller, service, function, meta, timeout, deadline_at, in_process, cast))
+
+
+def leave_call(token):
+    """Back to the context before enter_call() returned `token`."""
+    PyContextVar_Reset(_current_call, token)
+
+
+def inherited_deadline():
+    """The deadline (time.monotonic() seconds) of the call being served, or None."""
+    if malla_inline_call is not NULL:
+        return None
+    cdef object call = _current_call.get()
+    return None if call is None else (<CallContext>call).deadline_at
+
+
+# ---------------------------------------------------------------------------
 # ServiceEntry: what dispatch needs to know of one running service
 # ---------------------------------------------------------------------------
 

@@ -236,7 +236,13 @@ cdef class CoreProtocol(Wire):
         return 0
 
     cdef int _run_inline(self, ServiceEntry entry, IncomingCall call, object fn) except -1:
+        global malla_inline_call, malla_inline_caller
         cdef double started = _now()
+        # the handler sees its call (malla.current_call()), only while it runs
+        cdef PyObject* outer_call = malla_inline_call
+        cdef PyObject* outer_caller = malla_inline_caller
+        malla_inline_call = <PyObject*>call
+        malla_inline_caller = <PyObject*>self.peer_name
         try:
             if call.kwargs:
                 result = fn(*call.args, **call.kwargs)
@@ -249,6 +255,8 @@ cdef class CoreProtocol(Wire):
                 self.reply_exception(call.sid, exc)
             return 0
         finally:
+            malla_inline_call = outer_call
+            malla_inline_caller = outer_caller
             _warn_if_blocked(entry.name, call.fun, started)
         if not call.cast:
             self.reply(call.sid, result)
