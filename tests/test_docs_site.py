@@ -39,6 +39,9 @@ def test_the_site_builds_strict_with_the_api_reference(tmp_path):
     errors = text_of(str(site / "reference" / "errors" / "index.html"))
     for cls in ("ServiceNotAvailable", "CallTimeout", "ConnectionLost", "Forbidden"):
         assert cls in errors
+    calls = text_of(str(site / "reference" / "calls" / "index.html"))
+    assert "malla.current_call" in calls and "malla.remaining_ms" in calls
+    assert "cluster" in text_of(str(site / "reference" / "testing" / "index.html"))
     recipe = text_of(str(site / "recipes" / "fastapi" / "index.html"))
     assert "lifespan" in recipe
     # the benchmark results, kept beside the harness, are on the site too
