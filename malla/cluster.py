@@ -37,6 +37,7 @@ from malla.dialing import connect_error, dial_forever, dial_once
 from malla.dns import Resolver, format_address, kind_of, parse_address, resolve_all
 from malla.guard import HandshakeThrottle
 from malla.handshake import CAP_UDP_HEARTBEAT, Hello, member, protocol_limits
+from malla.pending import PendingHandshakes
 
 if TYPE_CHECKING:
     from malla.config import NodeConfig
@@ -124,6 +125,7 @@ class Cluster:
         self.name = config.name
         self.cookie = cookie
         self.throttle = HandshakeThrottle()
+        self.pending = PendingHandshakes(config.max_pending_handshakes, config.name)
         # drawn again by every start() after the first: a restarted node is
         # a new incarnation
         self.incarnation = random.getrandbits(64)
@@ -208,9 +210,12 @@ class Cluster:
         self.stopping = self._goodbye_sent = False
         if self.address is not None:      # started before: a new incarnation
             self.incarnation = random.getrandbits(64)
+        # (under TLS, asyncio runs the TLS handshake before the connection
+        # exists for us: bound it by handshake_timeout too, not asyncio's 60 s)
+        tls_timeout = self.config.handshake_timeout if self.config.ssl_server else None
         self._server = await self.loop.create_server(
             lambda: self._make_protocol(False, None), self.config.host, self.config.port,
-            ssl=self.config.ssl_server, reuse_address=True)
+            ssl=self.config.ssl_server, reuse_address=True, ssl_handshake_timeout=tls_timeout)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         return self.address
@@ -492,6 +497,7 @@ class Cluster:
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self.pending.end(conn)
         if conn.proto is not None:
             # its calls stay counted: stats() totals never go down
             self._stats.closed_in += conn.proto.calls_in

@@ -30,6 +30,9 @@ class NodeConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
     handshake_timeout: float = 5.0
+    # accepted connections still in their handshake at once; past it a new
+    # one is closed unread (dialled connections do not count)
+    max_pending_handshakes: int = 256
     check_interval: float = 10.0
     redial_max: float = 5.0
     forget_after: float = 60.0
@@ -54,7 +57,8 @@ class NodeConfig:
             raise mexc.InvalidOption(why)
 
     def _wrong_type(self) -> str | None:
-        for setting in ("port", "max_frame_size", "max_message_size", "window_size"):
+        for setting in ("port", "max_frame_size", "max_message_size", "window_size",
+                        "max_pending_handshakes"):
             value = getattr(self, setting)
             if isinstance(value, bool) or not isinstance(value, int):
                 return f"{setting} is a whole number, not {value!r}"
@@ -89,6 +93,8 @@ class NodeConfig:
             return "max_frame_size must be between 1 KiB and 4 GiB"
         if self.max_message_size < 1:
             return "max_message_size must be positive"
+        if self.max_pending_handshakes < 1:
+            return "max_pending_handshakes must be at least 1"
         if self.window_size and self.window_size < core.FRAME_OF_LARGE:
             return (f"window_size must be 0 (no pacing) or at least "
                     f"{core.FRAME_OF_LARGE} bytes (one frame of a large message)")

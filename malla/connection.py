@@ -81,8 +81,11 @@ class Connection:
 
     def _connection_made(self, proto: Any) -> None:
         self.proto = proto
-        if not self.dialer and self.host.throttle.blocked(self._peer_host()):
-            # this address keeps failing the handshake: no work for it now
+        address = self._peer_host()
+        if not self.dialer and (self.host.throttle.blocked(address)
+                                or not self.host.pending.start(self, address)):
+            # this address keeps failing the handshake, or too many strangers
+            # are in theirs already: no work for it now, not one byte read
             proto.abort()
             return
         sockname = proto.transport.get_extra_info("sockname")
@@ -172,6 +175,7 @@ class Connection:
         assert self.peer is not None
         if not self.dialer:
             self.host.throttle.succeeded(self._peer_host())
+            self.host.pending.end(self)     # authenticated: no longer pending
         self.proto.set_ready(self.peer.name, self.handshake.max_frame_size,
                              bool(self.handshake.caps & CAP_WINDOW), self.host.config.window_size)
         self.host.admit(self)

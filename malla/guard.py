@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 
 __all__ = ["HandshakeThrottle", "cookie_bytes", "cookie_weakness"]
 
@@ -50,11 +51,16 @@ class HandshakeThrottle:
     other addresses are never slowed.
     """
 
-    def __init__(self, free: int = 5, base: float = 0.1, cap: float = 30.0) -> None:
+    def __init__(self, free: int = 5, base: float = 0.1, cap: float = 30.0,
+                 max_entries: int = 10_000) -> None:
         self.free = free
         self.base = base
         self.cap = cap
-        self._failures: dict[str, tuple[int, float]] = {}
+        self.max_entries = max_entries
+        # address -> (failures, time of the last one), oldest last failure
+        # first: each failure moves its address to the end, so forgetting
+        # the oldest is popping the front -- O(1) however many addresses fail
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     def blocked(self, host: str) -> bool:
         entry = self._failures.get(host)
@@ -65,11 +71,13 @@ class HandshakeThrottle:
         return bool(time.monotonic() - last < backoff)
 
     def failed(self, host: str) -> None:
-        count, _ = self._failures.get(host, (0, 0.0))
+        count, _ = self._failures.pop(host, (0, 0.0))
         self._failures[host] = (count + 1, time.monotonic())
-        if len(self._failures) > 10_000:   # bounded: forget the oldest
-            oldest = min(self._failures, key=lambda h: self._failures[h][1])
-            del self._failures[oldest]
+        if len(self._failures) > self.max_entries:   # bounded: forget the oldest
+            self._failures.popitem(last=False)
 
     def succeeded(self, host: str) -> None:
         self._failures.pop(host, None)
+
+    def __len__(self) -> int:
+        return len(self._failures)

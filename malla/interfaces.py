@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from malla.config import NodeConfig
     from malla.guard import HandshakeThrottle
     from malla.handshake import Hello
+    from malla.pending import PendingHandshakes
     from malla.registry import Registry
 
 # (a connection, a running service and the metrics object are Any here:
@@ -44,6 +45,7 @@ class ConnectionHost(Protocol):
     config: NodeConfig
     cookie: bytes
     throttle: HandshakeThrottle
+    pending: PendingHandshakes
 
     def hello(self, sockname: Any = None) -> Hello: ...
     def admit(self, conn: Connection) -> None: ...

@@ -73,7 +73,8 @@ class Node:
                  ssl_client: Any = None, dns_servers: list[str] | None = None,
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
-                 metrics_port: int | None = None, tracing: bool | float = False) -> None:
+                 metrics_port: int | None = None, tracing: bool | float = False,
+                 max_pending_handshakes: int = 256) -> None:
         if isinstance(seeds, str) or isinstance(connect, str):
             raise mexc.InvalidOption("seeds and connect are lists of targets, not one string")
         config = self.config = NodeConfig(
@@ -85,7 +86,7 @@ class Node:
             window_size=window_size, ssl_server=ssl_server, ssl_client=ssl_client,
             dns_servers=tuple(dns_servers) if dns_servers else None,
             udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
-            tracing=tracing)
+            tracing=tracing, max_pending_handshakes=max_pending_handshakes)
         self.name = name
         self._cookie = cookie_bytes(cookie)
         self._registry = Registry(name)
@@ -349,5 +350,6 @@ class Node:
             "retries": stats.retries,
             "failovers": stats.failovers,
             "in_flight": sum(p.in_flight for p in protos if not p.closed),
+            **self._cluster.pending.counts(),
             "latency": self._metrics.snapshot() if self._metrics is not None else {},
         }

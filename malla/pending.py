@@ -1,0 +1,57 @@
+"""The bound on unauthenticated load: at most `max_pending_handshakes`
+accepted connections in their handshake at once (DESIGN.md "Identity and
+authorization").
+
+A connection is pending from accept until its handshake succeeds or it
+closes, whichever comes first; past the limit a new one is refused -- the
+caller closes it before reading a byte -- and counted.  Dialled connections
+are never asked: a node's own dials are bounded by its peers, not by
+strangers.  Each pending connection holds its buffers for up to
+handshake_timeout, so the limit bounds what strangers can make a node hold.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from malla.ratelimit import RateLimitedLog
+
+__all__ = ["PendingHandshakes"]
+
+log = logging.getLogger("malla.pending")
+
+
+class PendingHandshakes:
+    def __init__(self, limit: int, node: str) -> None:
+        self.limit = limit
+        self.refused = 0
+        self._node = node
+        # a set, not a count: ending a connection twice (its handshake done,
+        # then its close) cannot push the count below the truth
+        # (of connections, as objects: malla.connection imports this module)
+        self._pending: set[object] = set()
+        # a flood of connections must not flood the log too
+        self._log = RateLimitedLog(log)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def start(self, conn: object, address: str) -> bool:
+        """Count an accepted connection as pending; False -- refuse it --
+        when `limit` are pending already."""
+        if len(self._pending) >= self.limit:
+            self.refused += 1
+            self._log.warning("malla: %s refused a connection from %s: %d connections are "
+                              "awaiting their handshake (max_pending_handshakes)",
+                              self._node, address, len(self._pending))
+            return False
+        self._pending.add(conn)
+        return True
+
+    def end(self, conn: object) -> None:
+        """Its handshake succeeded, or it closed (either may come twice)."""
+        self._pending.discard(conn)
+
+    def counts(self) -> dict[str, int]:
+        """The keys node.stats() shows (docs/operations.md)."""
+        return {"handshakes_pending": len(self._pending), "handshakes_refused": self.refused}

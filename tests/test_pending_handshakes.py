@@ -1,0 +1,285 @@
+"""Bounded unauthenticated load (DESIGN.md "Identity and authorization"):
+`max_pending_handshakes`, on real loopback TCP.
+
+An accepted connection is pending from accept until its handshake succeeds
+or it closes; past the limit a new one is closed before anything is read from
+it and counted in `stats()["handshakes_refused"]`.  Attackers connect from
+127.0.0.2/127.0.0.3 so that the per-address throttle, which their failures
+feed, never slows the legitimate nodes on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+import pytest
+from support import ROOT, run_async, seed_of, wait_until, with_nodes
+
+import malla
+from malla._ext import core
+from malla.guard import HandshakeThrottle
+from malla.handshake import Handshake, Hello
+
+HANDSHAKE_TIMEOUT = 1.5
+# (long enough that the flood's phases and a legitimate dial all happen while
+# the idle attackers still hold their slots, under CI load too)
+FLOOD_HANDSHAKE_TIMEOUT = 3.0
+
+
+class Echo(malla.Service, global_=True):
+    def echo(self, x):
+        return x
+
+
+def pending(node: malla.Node) -> int:
+    return int(node.stats()["handshakes_pending"])
+
+
+def refused(node: malla.Node) -> int:
+    return int(node.stats()["handshakes_refused"])
+
+
+async def open_from(node: malla.Node, source: str = "127.0.0.2"):
+    return await asyncio.open_connection("127.0.0.1", node.address[1],
+                                         local_addr=(source, 0))
+
+
+async def first_bytes(reader: asyncio.StreamReader, timeout: float = 1.0) -> bytes | None:
+    """b"" if the node closed the connection (EOF or reset); None if it kept
+    it open, waiting for our HELLO (the dialler speaks first), for `timeout`."""
+    try:
+        return await asyncio.wait_for(reader.read(65536), timeout)
+    except ConnectionResetError:
+        return b""
+    except asyncio.TimeoutError:
+        return None
+
+
+async def keep_calling(node: malla.Node, stop: asyncio.Event) -> int:
+    """Calls, one after another, until `stop`: each must succeed first time."""
+    n = 0
+    while not stop.is_set():
+        assert await node.remote("Echo", "echo", [n], timeout=3000, sna_retries=0) == n
+        n += 1
+        await asyncio.sleep(0.005)
+    return n
+
+
+async def handshake_with(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         cookie: bytes) -> Exception | None:
+    """Drive a dialler's handshake by hand; the error it ended with, if any."""
+    hs = Handshake(True, Hello(name="intruder", incarnation=1, hidden=True), cookie)
+    frames = core.FrameReader(1 << 20)
+    for ftype, payload in hs.start():
+        writer.write(core.build_frame(ftype, 0, 0, payload))
+    while not hs.done:
+        data = await reader.read(65536)
+        if not data:
+            return None
+        for ftype, _flags, _sid, payload in frames.feed(data):
+            try:
+                out = hs.receive(ftype, payload)
+            except malla.MallaError as exc:      # the node's ERROR, raised by the sans-IO side
+                return exc
+            for out_type, body in out:
+                writer.write(core.build_frame(out_type, 0, 0, body))
+    return None
+
+
+def test_max_pending_handshakes_is_validated():
+    for wrong in (0, -1, 1.5, True, "8"):
+        with pytest.raises(malla.InvalidOption):
+            malla.Node("a", max_pending_handshakes=wrong)
+    assert malla.Node("a").config.max_pending_handshakes == 256
+    assert malla.Node("a").stats()["handshakes_pending"] == 0
+
+
+def test_connections_past_the_limit_are_closed_unread_and_counted(caplog):
+    async def main(make):
+        a = await make("a", max_pending_handshakes=8,
+                       handshake_timeout=FLOOD_HANDSHAKE_TIMEOUT).start()
+        await a.start_service(Echo)
+        b = await make("b", seeds=[seed_of(a)]).start()       # established before the flood
+        assert await b.wait_for_services(["Echo"], retries=5)
+        assert pending(a) == 0
+        stop = asyncio.Event()
+        caller = asyncio.create_task(keep_calling(b, stop))
+
+        idle = [await open_from(a) for _ in range(50)]
+        await wait_until(lambda: pending(a) + refused(a) == 50, timeout=5)
+        assert pending(a) == 8 and refused(a) == 42
+        seen = await asyncio.gather(*(first_bytes(r) for r, _ in idle))
+        assert seen.count(None) == 8                       # kept, awaiting a HELLO
+        assert seen.count(b"") == 42                       # EOF at once: closed unread
+
+        # garbage and slowloris bytes while the slots are held: refused unread too
+        noisy = []
+        for i in range(20):
+            reader, writer = await open_from(a)
+            writer.write(b"GET / HTTP/1.1\r\n\r\n" if i % 2 else b"\x00")
+            noisy.append((reader, writer))
+        seen = await asyncio.gather(*(first_bytes(r) for r, _ in noisy))
+        assert seen.count(b"") == 20
+        assert pending(a) == 8 and refused(a) == 62
+
+        # a legitimate node dialling now is refused too, until the idle ones
+        # time out; then it joins
+        c = await make("c", seeds=[seed_of(a)], redial_max=0.2).start()
+        await wait_until(lambda: refused(a) > 62, timeout=5)
+        assert "c" not in a.peers()
+        await wait_until(lambda: "c" in a.peers(), timeout=FLOOD_HANDSHAKE_TIMEOUT + 5)
+        assert await c.wait_for_services(["Echo"], retries=5)
+        assert await c.remote("Echo", "echo", ["c"], sna_retries=0) == "c"
+        await wait_until(lambda: pending(a) == 0, timeout=FLOOD_HANDSHAKE_TIMEOUT + 2)
+
+        for _, writer in idle + noisy:
+            writer.close()
+        stop.set()
+        assert await caller > 0         # the established connection served throughout
+        assert pending(a) == 0
+
+    # rate-limited: 60-odd refusals, at most one burst of warnings
+    with caplog.at_level(logging.WARNING, logger="malla.cluster"):
+        with_nodes(main)
+    lines = [r for r in caplog.records if "max_pending_handshakes" in r.getMessage()]
+    assert 1 <= len(lines) <= 10
+
+
+def test_every_way_a_handshake_ends_frees_its_slot():
+    async def main(make):
+        a = await make("a", max_pending_handshakes=1,
+                       handshake_timeout=HANDSHAKE_TIMEOUT).start()
+        await a.start_service(Echo)
+
+        # closed by the stranger mid-handshake
+        reader, writer = await open_from(a)
+        assert await first_bytes(reader, timeout=0.2) is None
+        assert pending(a) == 1
+        writer.close()
+        await wait_until(lambda: pending(a) == 0, timeout=2)
+
+        # timed out
+        reader, writer = await open_from(a)
+        assert await first_bytes(reader, timeout=0.2) is None
+        assert pending(a) == 1
+        await wait_until(lambda: pending(a) == 0, timeout=HANDSHAKE_TIMEOUT + 2)
+        writer.close()
+
+        # failed: garbage, then a wrong cookie
+        reader, writer = await open_from(a, "127.0.0.3")
+        writer.write(b"GET / HTTP/1.1\r\n\r\n" * 4)
+        await wait_until(lambda: pending(a) == 0, timeout=2)
+        writer.close()
+        reader, writer = await open_from(a, "127.0.0.4")
+        refusal = await asyncio.wait_for(handshake_with(reader, writer, b"another-cookie-x"), 2)
+        assert isinstance(refusal, malla.AuthenticationError)
+        await wait_until(lambda: pending(a) == 0, timeout=2)
+        writer.close()
+
+        # succeeded: a node joins through the one slot, which is free again
+        b = await make("b", seeds=[seed_of(a)]).start()
+        assert await b.wait_for_services(["Echo"], retries=5)
+        assert pending(a) == 0
+        assert refused(a) == 0          # one at a time: nothing was over the limit
+        # dialled connections never count: b's own dial to a is not pending on b
+        assert pending(b) == 0
+
+    with_nodes(main)
+
+
+def test_the_throttle_forgets_its_oldest_address_past_its_bound():
+    t = HandshakeThrottle(free=1, base=10.0, max_entries=3)
+    for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        t.failed(host)
+    t.failed("10.0.0.1")                # a new failure makes 10.0.0.1 the newest
+    t.failed("10.0.0.4")                # past the bound: 10.0.0.2, the oldest, goes
+    assert len(t) == 3
+    assert t.blocked("10.0.0.1") and t.blocked("10.0.0.3") and t.blocked("10.0.0.4")
+    assert not t.blocked("10.0.0.2")
+    many = HandshakeThrottle()
+    for i in range(30_000):             # each failure O(1): this takes milliseconds
+        many.failed(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
+    assert len(many) == 10_000
+
+
+# A flood of connection attempts from its own process: idle, slowloris and
+# garbage mixed, the last 1,000 held open (idle and slowloris ones stay
+# pending: well past the default limit).  Prints how many it made.
+FLOOD = r"""
+import collections, socket, sys
+port, attempts = int(sys.argv[1]), int(sys.argv[2])
+held, made = collections.deque(), 0
+for i in range(attempts):
+    try:
+        # (many source addresses: the per-address throttle never steps in)
+        s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(
+            "127.0.%d.%d" % (10 + i // 250 % 4, 2 + i % 250), 0))
+        if i % 3 == 1:
+            s.send(b"\x00")                               # slowloris: one byte
+        elif i % 3 == 2:
+            s.send(b"\xff" * 64 + b"GET / HTTP/1.1\r\n")  # garbage
+        made += 1
+    except OSError:                # refused or reset by the node: still an attempt
+        continue
+    held.append(s)
+    if len(held) > 1000:
+        held.popleft().close()
+print(made, flush=True)
+"""
+
+
+def vm_rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_a_flood_of_connections_leaves_calls_and_memory_alone():
+    async def main(make):
+        a = await make("a").start()          # the default limit: 256
+        await a.start_service(Echo)
+        b = await make("b", seeds=[seed_of(a)]).start()
+        assert await b.wait_for_services(["Echo"], retries=5)
+        rss_before = vm_rss_kib()
+        stop = asyncio.Event()
+        caller = asyncio.create_task(keep_calling(b, stop))
+        flood = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FLOOD, str(a.address[1]), "2000",
+            stdout=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
+        out, _ = await asyncio.wait_for(flood.communicate(), 30)
+        assert flood.returncode == 0
+        assert int(out) > 0
+        assert pending(a) <= 256
+        assert refused(a) > 0                # the limit, not the throttle, was reached
+        rss_after = vm_rss_kib()
+        await wait_until(lambda: pending(a) == 0, timeout=5)   # the flood's sockets closed
+        stop.set()
+        calls = await caller
+        assert calls > 0
+        assert await b.remote("Echo", "echo", ["after"], sna_retries=0) == "after"
+        # generous: 2,000 attempts, at most 256 pending at once
+        assert rss_after - rss_before < 50 * 1024, (rss_before, rss_after)
+
+    with_nodes(main, timeout=60)
+
+
+def test_stop_closes_pending_handshakes():
+    # run_async directly: the node must be stopped with its strangers still open
+    async def main():
+        a = await malla.Node("a", port=0, max_pending_handshakes=3).start()
+        try:
+            conns = [await open_from(a) for _ in range(4)]
+            await wait_until(lambda: pending(a) + refused(a) == 4, timeout=5)
+            assert (pending(a), refused(a)) == (3, 1)
+        finally:
+            await a.stop()
+        assert pending(a) == 0           # stop() closed the pending ones
+        for _, writer in conns:
+            writer.close()
+
+    run_async(main(), timeout=30)
