@@ -37,7 +37,7 @@ from malla.dialing import connect_error, dial_forever, dial_once
 from malla.dns import Resolver, format_address, kind_of, parse_address, resolve_all
 from malla.guard import HandshakeThrottle
 from malla.handshake import CAP_UDP_HEARTBEAT, Hello, member, protocol_limits
-from malla.pending import PendingHandshakes
+from malla.handshakes import PendingHandshakes
 
 if TYPE_CHECKING:
     from malla.config import NodeConfig

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from malla.config import NodeConfig
     from malla.guard import HandshakeThrottle
     from malla.handshake import Hello
-    from malla.pending import PendingHandshakes
+    from malla.handshakes import PendingHandshakes
     from malla.registry import Registry
 
 # (a connection, a running service and the metrics object are Any here:

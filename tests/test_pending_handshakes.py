@@ -142,7 +142,7 @@ def test_connections_past_the_limit_are_closed_unread_and_counted(caplog):
         assert pending(a) == 0
 
     # rate-limited: 60-odd refusals, at most one burst of warnings
-    with caplog.at_level(logging.WARNING, logger="malla.pending"):
+    with caplog.at_level(logging.WARNING, logger="malla.handshakes"):
         with_nodes(main)
     lines = [r for r in caplog.records if "max_pending_handshakes" in r.getMessage()]
     assert 1 <= len(lines) <= 10

@@ -18,7 +18,7 @@ from malla.ratelimit import RateLimitedLog
 
 __all__ = ["PendingHandshakes"]
 
-log = logging.getLogger("malla.pending")
+log = logging.getLogger("malla.handshakes")
 
 
 class PendingHandshakes:
