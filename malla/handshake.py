@@ -7,6 +7,13 @@ sent (so nonces, names, incarnations, versions and capabilities are all
 bound to it) keyed by the cookie, with a different label per role: the
 cookie never crosses the wire, and a recorded handshake proves nothing
 against a fresh nonce.  See docs/protocol.md.
+
+During a cookie rotation (``Node(cookie=[new, old])``) the dialler's AUTH
+holds one proof per cookie it has, the first first (a node with one cookie
+sends exactly the one proof it always did); the acceptor checks each
+against each cookie it accepts and answers with a proof under the cookie
+that matched, so a node on [new, old] talks to one on [old] and to one on
+[new].  See docs/security.md "Rotating the cookie".
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import msgpack
 
 from malla import exceptions as mexc
 from malla._ext import core
+from malla.guard import MAX_COOKIES, accepted_cookies
 
 __all__ = ["MAGIC", "PROTOCOL_VERSION", "Handshake", "Hello"]
 
@@ -44,6 +52,7 @@ def protocol_limits() -> tuple[int, int, int]:
     vmin, _, vmax = versions.partition("..")
     return int(vmin), int(vmax or vmin), int(caps) if caps else CAPABILITIES
 NONCE_SIZE = 32
+PROOF_SIZE = 32          # HMAC-SHA256
 
 _LABEL_DIALER = b"malla-v1 dialer proof"
 _LABEL_ACCEPTOR = b"malla-v1 acceptor proof"
@@ -170,7 +179,7 @@ class Handshake:
     def __init__(self, dialer: bool, local: Hello, cookie: bytes) -> None:
         self.dialer = dialer
         self.local = Hello(**{**local.__dict__, "nonce": os.urandom(NONCE_SIZE)})
-        self._cookie = cookie
+        self._cookies = accepted_cookies(cookie)
         self._local_bytes = self.local.encode()
         self._peer_bytes = b""
         self.peer: Hello | None = None
@@ -202,22 +211,35 @@ class Handshake:
         self.caps = self.local.caps & peer.caps
         self._state = "wait_auth"
         if self.dialer:
-            return [(core.FT_AUTH, self._expected(_LABEL_DIALER))]
+            # one proof per cookie: the acceptor may hold only the old or the new one
+            return [(core.FT_AUTH, b"".join(self._proof(c, _LABEL_DIALER)
+                                             for c in self._cookies))]
         return [(core.FT_HELLO, self._local_bytes)]
 
     def _on_auth(self, payload: bytes) -> list[tuple[int, bytes]]:
         label = _LABEL_ACCEPTOR if self.dialer else _LABEL_DIALER
-        if not hmac.compare_digest(payload, self._expected(label)):
+        # the acceptor answers with one proof; a dialler may send one per cookie
+        most = 1 if self.dialer else MAX_COOKIES
+        proofs = [payload[i:i + PROOF_SIZE] for i in range(0, len(payload), PROOF_SIZE)]
+        matched = None
+        if len(payload) % PROOF_SIZE == 0 and 0 < len(proofs) <= most:
+            # every pair compared in constant time, no early exit: the time
+            # taken says no more than how many cookies there are
+            for proof in proofs:
+                for cookie in self._cookies:
+                    if hmac.compare_digest(proof, self._proof(cookie, label)) and matched is None:
+                        matched = cookie
+        if matched is None:
             raise mexc.AuthenticationError(
                 f"peer {self.peer.name if self.peer else '?'} failed the cookie check")
         self.done = True
         self._state = "done"
-        return [] if self.dialer else [(core.FT_AUTH, self._expected(_LABEL_ACCEPTOR))]
+        return [] if self.dialer else [(core.FT_AUTH, self._proof(matched, _LABEL_ACCEPTOR))]
 
-    def _expected(self, label: bytes) -> bytes:
+    def _proof(self, cookie: bytes, label: bytes) -> bytes:
         d, a = ((self._local_bytes, self._peer_bytes) if self.dialer
                 else (self._peer_bytes, self._local_bytes))
-        return _proof(self._cookie, label, d, a)
+        return _proof(cookie, label, d, a)
 
 
 def error_payload(exc: BaseException) -> bytes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from malla.guard import MAX_COOKIES, accepted_cookies
+
 if TYPE_CHECKING:
     from malla.liveness import Liveness
 
@@ -20,8 +22,10 @@ class HeartbeatThread:
 
     Datagram: name length (1 byte), name, incarnation (u64), sequence
     (u64), then the first 16 bytes of HMAC-SHA256(cookie, label + all
-    before).  A receiver accepts it only from a known peer of that
-    incarnation, with a sequence above the last one seen (no replay).
+    before), one such MAC per cookie the node holds (during a rotation,
+    ``cookie=[new, old]``: the first first; otherwise just one).  A receiver
+    accepts it only with a MAC under a cookie it accepts, from a known peer
+    of that incarnation, with a sequence above the last one seen (no replay).
     """
 
     LABEL = b"malla-v1 udp heartbeat"
@@ -33,7 +37,7 @@ class HeartbeatThread:
 
         self.name = name
         self.incarnation = incarnation
-        self._cookie = cookie
+        self._cookies = accepted_cookies(cookie)
         self._interval = interval
         self._liveness = liveness
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -68,17 +72,29 @@ class HeartbeatThread:
         targets.pop(peer, None)
         self._targets = targets
 
-    def _mac(self, body: bytes) -> bytes:
+    def _mac(self, cookie: bytes, body: bytes) -> bytes:
         import hashlib
         import hmac
-        return hmac.new(self._cookie, self.LABEL + body, hashlib.sha256).digest()[:16]
+        return hmac.new(cookie, self.LABEL + body, hashlib.sha256).digest()[:16]
+
+    def _authentic(self, body: bytes, macs: bytes) -> bool:
+        """One of the MACs is under one of our cookies; every pair compared
+        in constant time, with no early exit."""
+        import hmac
+        if not macs or len(macs) % 16 or len(macs) > 16 * MAX_COOKIES:
+            return False
+        ok = False
+        for at in range(0, len(macs), 16):
+            for cookie in self._cookies:
+                ok |= hmac.compare_digest(macs[at:at + 16], self._mac(cookie, body))
+        return ok
 
     def _datagram(self) -> bytes:
         self._seq += 1
         raw = self.name.encode()
         body = (bytes([len(raw)]) + raw + self.incarnation.to_bytes(8, "big")
                 + self._seq.to_bytes(8, "big"))
-        return body + self._mac(body)
+        return body + b"".join(self._mac(cookie, body) for cookie in self._cookies)
 
     def _run(self) -> None:
         next_send = 0.0
@@ -99,12 +115,11 @@ class HeartbeatThread:
             self._receive(data)
 
     def _receive(self, data: bytes) -> None:
-        import hmac
         if len(data) < 1 + 16 + 16:
             return
         n = data[0]
-        body, mac = data[:1 + n + 16], data[1 + n + 16:]
-        if len(body) != 1 + n + 16 or not hmac.compare_digest(mac, self._mac(body)):
+        body, macs = data[:1 + n + 16], data[1 + n + 16:]
+        if len(body) != 1 + n + 16 or not self._authentic(body, macs):
             return
         try:
             peer = body[1:1 + n].decode()
