@@ -23,15 +23,15 @@ _COMMON = {"secret", "cookie", "password", "passwd", "changeme", "malla", "admin
 # Sequence, not list: mypy treats list as invariant, so list[str] would not fit
 CookieSetting = str | bytes | Sequence[str | bytes] | None
 
-# More than a rotation needs (new and old) yet small: a peer's handshake and
-# heartbeat carry one proof per cookie, each checked against each of ours
+# More than a rotation needs (new and old) yet small: a peer's proof is
+# checked against each of ours
 MAX_COOKIES = 4
 
 
 class Cookie(bytes):
     """The cookie this node proves with (the bytes themselves), and every
     cookie it accepts from peers (`accepted`, this one first): during a
-    rotation, ``Node(cookie=[new, old])``.  A bytes subclass so that all
+    rotation, ``Node(cookie=[first, other])``.  A bytes subclass so that all
     that carries the cookie (cluster, connections) stays as it is; its repr
     never shows a secret."""
 

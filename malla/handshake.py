@@ -8,12 +8,11 @@ bound to it) keyed by the cookie, with a different label per role: the
 cookie never crosses the wire, and a recorded handshake proves nothing
 against a fresh nonce.  See docs/protocol.md.
 
-During a cookie rotation (``Node(cookie=[new, old])``) the dialler's AUTH
-holds one proof per cookie it has, the first first (a node with one cookie
-sends exactly the one proof it always did); the acceptor checks each
-against each cookie it accepts and answers with a proof under the cookie
-that matched, so a node on [new, old] talks to one on [old] and to one on
-[new].  See docs/security.md "Rotating the cookie".
+During a cookie rotation (``Node(cookie=[first, other])``) a node proves
+with its first cookie and accepts a proof under any of its cookies; the
+acceptor answers under the cookie the dialler proved with.  The frames are
+those of one cookie: a rotation changes nothing on the wire.  See
+docs/security.md "Rotating the cookie".
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import msgpack
 
 from malla import exceptions as mexc
 from malla._ext import core
-from malla.guard import MAX_COOKIES, accepted_cookies
+from malla.guard import accepted_cookies
 
 __all__ = ["MAGIC", "PROTOCOL_VERSION", "Handshake", "Hello"]
 
@@ -211,24 +210,19 @@ class Handshake:
         self.caps = self.local.caps & peer.caps
         self._state = "wait_auth"
         if self.dialer:
-            # one proof per cookie: the acceptor may hold only the old or the new one
-            return [(core.FT_AUTH, b"".join(self._proof(c, _LABEL_DIALER)
-                                             for c in self._cookies))]
+            # proven with the first cookie (the one this node is moving to)
+            return [(core.FT_AUTH, self._proof(self._cookies[0], _LABEL_DIALER))]
         return [(core.FT_HELLO, self._local_bytes)]
 
     def _on_auth(self, payload: bytes) -> list[tuple[int, bytes]]:
         label = _LABEL_ACCEPTOR if self.dialer else _LABEL_DIALER
-        # the acceptor answers with one proof; a dialler may send one per cookie
-        most = 1 if self.dialer else MAX_COOKIES
-        proofs = [payload[i:i + PROOF_SIZE] for i in range(0, len(payload), PROOF_SIZE)]
         matched = None
-        if len(payload) % PROOF_SIZE == 0 and 0 < len(proofs) <= most:
-            # every pair compared in constant time, no early exit: the time
+        if len(payload) == PROOF_SIZE:
+            # each cookie compared in constant time, no early exit: the time
             # taken says no more than how many cookies there are
-            for proof in proofs:
-                for cookie in self._cookies:
-                    if hmac.compare_digest(proof, self._proof(cookie, label)) and matched is None:
-                        matched = cookie
+            for cookie in self._cookies:
+                if hmac.compare_digest(payload, self._proof(cookie, label)) and matched is None:
+                    matched = cookie
         if matched is None:
             raise mexc.AuthenticationError(
                 f"peer {self.peer.name if self.peer else '?'} failed the cookie check")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from malla.guard import MAX_COOKIES, accepted_cookies
+from malla.guard import accepted_cookies
 
 if TYPE_CHECKING:
     from malla.liveness import Liveness
@@ -22,10 +22,10 @@ class HeartbeatThread:
 
     Datagram: name length (1 byte), name, incarnation (u64), sequence
     (u64), then the first 16 bytes of HMAC-SHA256(cookie, label + all
-    before), one such MAC per cookie the node holds (during a rotation,
-    ``cookie=[new, old]``: the first first; otherwise just one).  A receiver
-    accepts it only with a MAC under a cookie it accepts, from a known peer
-    of that incarnation, with a sequence above the last one seen (no replay).
+    before), keyed by the node's first cookie.  A receiver accepts it only
+    with a MAC under one of the cookies it accepts (during a rotation,
+    ``cookie=[first, other]``), from a known peer of that incarnation, with
+    a sequence above the last one seen (no replay).
     """
 
     LABEL = b"malla-v1 udp heartbeat"
@@ -77,16 +77,15 @@ class HeartbeatThread:
         import hmac
         return hmac.new(cookie, self.LABEL + body, hashlib.sha256).digest()[:16]
 
-    def _authentic(self, body: bytes, macs: bytes) -> bool:
-        """One of the MACs is under one of our cookies; every pair compared
-        in constant time, with no early exit."""
+    def _authentic(self, body: bytes, mac: bytes) -> bool:
+        """The MAC is under one of our cookies; each compared in constant
+        time, with no early exit."""
         import hmac
-        if not macs or len(macs) % 16 or len(macs) > 16 * MAX_COOKIES:
+        if len(mac) != 16:
             return False
         ok = False
-        for at in range(0, len(macs), 16):
-            for cookie in self._cookies:
-                ok |= hmac.compare_digest(macs[at:at + 16], self._mac(cookie, body))
+        for cookie in self._cookies:
+            ok |= hmac.compare_digest(mac, self._mac(cookie, body))
         return ok
 
     def _datagram(self) -> bytes:
@@ -94,7 +93,7 @@ class HeartbeatThread:
         raw = self.name.encode()
         body = (bytes([len(raw)]) + raw + self.incarnation.to_bytes(8, "big")
                 + self._seq.to_bytes(8, "big"))
-        return body + b"".join(self._mac(cookie, body) for cookie in self._cookies)
+        return body + self._mac(self._cookies[0], body)
 
     def _run(self) -> None:
         next_send = 0.0
@@ -118,8 +117,8 @@ class HeartbeatThread:
         if len(data) < 1 + 16 + 16:
             return
         n = data[0]
-        body, macs = data[:1 + n + 16], data[1 + n + 16:]
-        if len(body) != 1 + n + 16 or not self._authentic(body, macs):
+        body, mac = data[:1 + n + 16], data[1 + n + 16:]
+        if len(body) != 1 + n + 16 or not self._authentic(body, mac):
             return
         try:
             peer = body[1:1 + n].decode()
