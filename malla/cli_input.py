@@ -26,13 +26,18 @@ def seeds_of(args: argparse.Namespace) -> list[str]:
     return os.environ.get("MALLA_SEEDS", "").replace(",", " ").split()
 
 
-def cookie(path: str | None) -> str | None:
+def cookie(path: str | None) -> str | list[str] | None:
+    """The cookie file's cookies, one a line (blank lines skipped; during a
+    rotation the first proves, all are accepted), else MALLA_COOKIE."""
     if path:
         try:
             with open(path, encoding="utf-8") as fh:
-                return fh.read().strip()
+                lines = [line.strip() for line in fh.read().splitlines() if line.strip()]
         except OSError as exc:
             raise UserError(f"cannot read the cookie file: {exc}") from None
+        if not lines:
+            raise UserError(f"the cookie file {path} is empty")
+        return lines[0] if len(lines) == 1 else lines
     return os.environ.get("MALLA_COOKIE")
 
 

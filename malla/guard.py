@@ -1,5 +1,6 @@
 """Guards around authentication: failed-handshake throttling per address,
-and a warning for a weak cookie."""
+the cookie(s) a node proves with and accepts, and a warning for a weak
+cookie."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
-__all__ = ["HandshakeThrottle", "cookie_bytes", "cookie_weakness"]
+from malla import exceptions as mexc
+
+__all__ = ["Cookie", "CookieSetting", "HandshakeThrottle", "accepted_cookies", "cookie_bytes",
+           "cookie_weakness"]
 
 log = logging.getLogger("malla.guard")
 
@@ -16,17 +21,65 @@ _COMMON = {"secret", "cookie", "password", "passwd", "changeme", "malla", "admin
            "default", "test", "letmein", "qwerty", "cluster"}
 
 
-def cookie_bytes(cookie: str | bytes | None) -> bytes:
-    """The cluster's cookie as bytes: the one given, else MALLA_COOKIE, else a
+# Sequence, not list: mypy treats list as invariant, so list[str] would not fit
+CookieSetting = str | bytes | Sequence[str | bytes] | None
+
+# More than a rotation needs (new and old) yet small: a peer's proof is
+# checked against each of ours
+MAX_COOKIES = 4
+
+
+class Cookie(bytes):
+    """The cookie this node proves with (the bytes themselves), and every
+    cookie it accepts from peers (`accepted`, this one first): during a
+    rotation, ``Node(cookie=[first, other])``.  A bytes subclass so that all
+    that carries the cookie (cluster, connections) stays as it is; its repr
+    never shows a secret."""
+
+    accepted: tuple[bytes, ...]
+
+    def __new__(cls, cookies: Sequence[bytes]) -> Cookie:
+        self = super().__new__(cls, cookies[0])
+        self.accepted = tuple(bytes(c) for c in cookies)
+        return self
+
+    def __repr__(self) -> str:
+        return f"<malla cookie: {len(self.accepted)} accepted>"
+
+    __str__ = __repr__
+
+
+def accepted_cookies(cookie: bytes) -> tuple[bytes, ...]:
+    """The cookies a peer may prove with: the first one proves for us."""
+    return cookie.accepted if isinstance(cookie, Cookie) else (bytes(cookie),)
+
+
+def cookie_bytes(cookie: CookieSetting) -> Cookie:
+    """The cluster's cookie(s): the one given (or a list of them, the
+    first proving, all accepted), else MALLA_COOKIE (one cookie), else a
     random one (the node can then only talk to itself); a weak one is
-    logged, since it is the cluster's root secret."""
+    logged, since it is the cluster's root secret.  InvalidOption for
+    anything else."""
     if cookie is None:
         cookie = os.environ.get("MALLA_COOKIE") or os.urandom(32).hex()
-    raw = cookie.encode() if isinstance(cookie, str) else bytes(cookie)
-    weakness = cookie_weakness(raw)
-    if weakness:
-        log.warning("malla: weak cookie: %s; the cookie is the cluster's root secret", weakness)
-    return raw
+    many = cookie if isinstance(cookie, (list, tuple)) else [cookie]
+    if not many or len(many) > MAX_COOKIES:
+        raise mexc.InvalidOption(
+            f"cookie is a str, bytes, or a list of 1 to {MAX_COOKIES} of them "
+            f"(new first), not {len(many)}")
+    raws = []
+    for i, one in enumerate(many):
+        if not isinstance(one, (str, bytes, bytearray)):
+            raise mexc.InvalidOption(
+                f"cookie is a str, bytes, or a list of them, not {type(one).__name__}")
+        raw = one.encode() if isinstance(one, str) else bytes(one)
+        weakness = cookie_weakness(raw)
+        if weakness:
+            which = "" if len(many) == 1 else f" (number {i + 1} of {len(many)})"
+            log.warning("malla: weak cookie%s: %s; the cookie is the cluster's root secret",
+                        which, weakness)
+        raws.append(raw)
+    return Cookie(raws)
 
 
 def cookie_weakness(cookie: bytes) -> str | None:

@@ -7,6 +7,12 @@ sent (so nonces, names, incarnations, versions and capabilities are all
 bound to it) keyed by the cookie, with a different label per role: the
 cookie never crosses the wire, and a recorded handshake proves nothing
 against a fresh nonce.  See docs/protocol.md.
+
+During a cookie rotation (``Node(cookie=[first, other])``) a node proves
+with its first cookie and accepts a proof under any of its cookies; the
+acceptor answers under the cookie the dialler proved with.  The frames are
+those of one cookie: a rotation changes nothing on the wire.  See
+docs/security.md "Rotating the cookie".
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import msgpack
 
 from malla import exceptions as mexc
 from malla._ext import core
+from malla.guard import accepted_cookies
 
 __all__ = ["MAGIC", "PROTOCOL_VERSION", "Handshake", "Hello"]
 
@@ -44,6 +51,7 @@ def protocol_limits() -> tuple[int, int, int]:
     vmin, _, vmax = versions.partition("..")
     return int(vmin), int(vmax or vmin), int(caps) if caps else CAPABILITIES
 NONCE_SIZE = 32
+PROOF_SIZE = 32          # HMAC-SHA256
 
 _LABEL_DIALER = b"malla-v1 dialer proof"
 _LABEL_ACCEPTOR = b"malla-v1 acceptor proof"
@@ -170,7 +178,7 @@ class Handshake:
     def __init__(self, dialer: bool, local: Hello, cookie: bytes) -> None:
         self.dialer = dialer
         self.local = Hello(**{**local.__dict__, "nonce": os.urandom(NONCE_SIZE)})
-        self._cookie = cookie
+        self._cookies = accepted_cookies(cookie)
         self._local_bytes = self.local.encode()
         self._peer_bytes = b""
         self.peer: Hello | None = None
@@ -202,22 +210,30 @@ class Handshake:
         self.caps = self.local.caps & peer.caps
         self._state = "wait_auth"
         if self.dialer:
-            return [(core.FT_AUTH, self._expected(_LABEL_DIALER))]
+            # proven with the first cookie (the one this node is moving to)
+            return [(core.FT_AUTH, self._proof(self._cookies[0], _LABEL_DIALER))]
         return [(core.FT_HELLO, self._local_bytes)]
 
     def _on_auth(self, payload: bytes) -> list[tuple[int, bytes]]:
         label = _LABEL_ACCEPTOR if self.dialer else _LABEL_DIALER
-        if not hmac.compare_digest(payload, self._expected(label)):
+        matched = None
+        if len(payload) == PROOF_SIZE:
+            # each cookie compared in constant time, no early exit: the time
+            # taken says no more than how many cookies there are
+            for cookie in self._cookies:
+                if hmac.compare_digest(payload, self._proof(cookie, label)) and matched is None:
+                    matched = cookie
+        if matched is None:
             raise mexc.AuthenticationError(
                 f"peer {self.peer.name if self.peer else '?'} failed the cookie check")
         self.done = True
         self._state = "done"
-        return [] if self.dialer else [(core.FT_AUTH, self._expected(_LABEL_ACCEPTOR))]
+        return [] if self.dialer else [(core.FT_AUTH, self._proof(matched, _LABEL_ACCEPTOR))]
 
-    def _expected(self, label: bytes) -> bytes:
+    def _proof(self, cookie: bytes, label: bytes) -> bytes:
         d, a = ((self._local_bytes, self._peer_bytes) if self.dialer
                 else (self._peer_bytes, self._local_bytes))
-        return _proof(self._cookie, label, d, a)
+        return _proof(cookie, label, d, a)
 
 
 def error_payload(exc: BaseException) -> bytes:

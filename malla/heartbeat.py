@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from malla.guard import accepted_cookies
+
 if TYPE_CHECKING:
     from malla.liveness import Liveness
 
@@ -20,8 +22,10 @@ class HeartbeatThread:
 
     Datagram: name length (1 byte), name, incarnation (u64), sequence
     (u64), then the first 16 bytes of HMAC-SHA256(cookie, label + all
-    before).  A receiver accepts it only from a known peer of that
-    incarnation, with a sequence above the last one seen (no replay).
+    before), keyed by the node's first cookie.  A receiver accepts it only
+    with a MAC under one of the cookies it accepts (during a rotation,
+    ``cookie=[first, other]``), from a known peer of that incarnation, with
+    a sequence above the last one seen (no replay).
     """
 
     LABEL = b"malla-v1 udp heartbeat"
@@ -33,7 +37,7 @@ class HeartbeatThread:
 
         self.name = name
         self.incarnation = incarnation
-        self._cookie = cookie
+        self._cookies = accepted_cookies(cookie)
         self._interval = interval
         self._liveness = liveness
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -68,17 +72,28 @@ class HeartbeatThread:
         targets.pop(peer, None)
         self._targets = targets
 
-    def _mac(self, body: bytes) -> bytes:
+    def _mac(self, cookie: bytes, body: bytes) -> bytes:
         import hashlib
         import hmac
-        return hmac.new(self._cookie, self.LABEL + body, hashlib.sha256).digest()[:16]
+        return hmac.new(cookie, self.LABEL + body, hashlib.sha256).digest()[:16]
+
+    def _authentic(self, body: bytes, mac: bytes) -> bool:
+        """The MAC is under one of our cookies; each compared in constant
+        time, with no early exit."""
+        import hmac
+        if len(mac) != 16:
+            return False
+        ok = False
+        for cookie in self._cookies:
+            ok |= hmac.compare_digest(mac, self._mac(cookie, body))
+        return ok
 
     def _datagram(self) -> bytes:
         self._seq += 1
         raw = self.name.encode()
         body = (bytes([len(raw)]) + raw + self.incarnation.to_bytes(8, "big")
                 + self._seq.to_bytes(8, "big"))
-        return body + self._mac(body)
+        return body + self._mac(self._cookies[0], body)
 
     def _run(self) -> None:
         next_send = 0.0
@@ -99,12 +114,11 @@ class HeartbeatThread:
             self._receive(data)
 
     def _receive(self, data: bytes) -> None:
-        import hmac
         if len(data) < 1 + 16 + 16:
             return
         n = data[0]
         body, mac = data[:1 + n + 16], data[1 + n + 16:]
-        if len(body) != 1 + n + 16 or not hmac.compare_digest(mac, self._mac(body)):
+        if len(body) != 1 + n + 16 or not self._authentic(body, mac):
             return
         try:
             peer = body[1:1 + n].decode()

@@ -28,7 +28,7 @@ from malla.caller import Caller
 from malla.cluster import Cluster
 from malla.config import NodeConfig
 from malla.dns import DEFAULT_PORT, parse_address
-from malla.guard import cookie_bytes
+from malla.guard import CookieSetting, cookie_bytes
 from malla.heartbeat import HeartbeatThread
 from malla.hosting import Hosting
 from malla.liveness import Liveness
@@ -61,7 +61,7 @@ class Node:
     Seconds as floats for node settings, bytes for sizes.
     """
 
-    def __init__(self, name: str, *, cookie: str | bytes | None = None,
+    def __init__(self, name: str, *, cookie: CookieSetting = None,
                  host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  seeds: list[str] | tuple[str, ...] = (),
                  connect: list[str] | tuple[str, ...] = (), hidden: bool = False,
