@@ -311,6 +311,18 @@ class Caller:
         finally:
             leave(token)
 
+    def _call_parts(self, service: Any, args: Any, timeout: Any) -> tuple[str, Any, int]:
+        """The service's name, the arguments as a list or tuple and the
+        checked timeout of a call about to go out (call_node, call_cb_all;
+        remote() does the same in line); NodeStopped when this node is not
+        running."""
+        if not self._peers.running:
+            raise mexc.NodeStopped(f"node {self.name} is not running")
+        timeout, name = valid_timeout(timeout), service_name(service)
+        if type(args) is not list and type(args) is not tuple:
+            args = _as_args(args)
+        return name, args, timeout
+
     async def call_node(self, node: str, service: Any, fun: str, args: Any = (),
                         kwargs: dict[str, Any] | None = None, *, timeout: int = 15000) -> Any:
         """One attempt on `node` and no other (a probe's call: `malla ping`,
@@ -319,15 +331,11 @@ class Caller:
         has no connection to it.  Not seen by the metrics and tracing
         interceptors (they wrap remote() and call_cb_all()); errors are
         counted in stats() as any call's."""
-        if not self._peers.running:
-            raise mexc.NodeStopped(f"node {self.name} is not running")
-        timeout, name = valid_timeout(timeout), service_name(service)
+        name, args, timeout = self._call_parts(service, args, timeout)
         if timeout == 0:
             raise mexc.InvalidOption("call_node() waits for an answer: timeout must be above 0")
         if type(fun) is not str or fun[:1] == "_":
             raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
-        if type(args) is not list and type(args) is not tuple:
-            args = _as_args(args)
         at = inherited_deadline()
         try:
             if node == self.name:
@@ -351,12 +359,7 @@ class Caller:
         if unknown:
             raise invalid_options(unknown, "call_cb_all() (timeout, meta and deadline apply; "
                                            "no failover or retries: each slot is one node)")
-        if not self._peers.running:
-            raise mexc.NodeStopped(f"node {self.name} is not running")
-        timeout = valid_timeout(timeout)
-        name = service_name(service)
-        if type(args) is not list and type(args) is not tuple:
-            args = _as_args(args)
+        name, args, timeout = self._call_parts(service, args, timeout)
         at = inherited_deadline()
         if deadline is not None:
             at = _sooner(at, deadline)
