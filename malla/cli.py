@@ -160,6 +160,11 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
                    "with --tls-key and --tls-ca)")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--tls-ca", metavar="PEM", help="the CA that signs every node's certificate")
+    p.add_argument("--identity", choices=("cookie", "tls"),
+                   default=os.environ.get("MALLA_IDENTITY") or "cookie",
+                   help="cookie: node names are self-asserted; tls: each node's name must be "
+                        "one its certificate names (needs the --tls-* files; default: "
+                        "MALLA_IDENTITY, else cookie)")
     p.add_argument("--dns-server", action="append", default=[], metavar="HOST[:PORT]",
                    help="DNS server for name@domain and SRV targets (repeatable; default: "
                         "the system's resolver)")

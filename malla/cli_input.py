@@ -54,6 +54,13 @@ def node_options(args: argparse.Namespace) -> dict[str, Any]:
             options["ssl_client"] = tls.client_context(*files)
         except (OSError, ssl.SSLError) as exc:
             raise UserError(f"cannot load the TLS files: {exc}") from None
+    if args.identity == "tls":
+        if not all(files):
+            raise UserError("--identity tls needs --tls-cert, --tls-key and --tls-ca")
+        if getattr(args, "name", "") is None:
+            # (a client's default name, malla-cli-PID, is in no certificate)
+            raise UserError("--identity tls needs --name: the node name your certificate names")
+        options["identity"] = "tls"
     return options
 
 
