@@ -29,8 +29,12 @@ from urllib.parse import quote, unquote
 from malla.exceptions import InvalidOption
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    _CAKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 __all__ = ["CA_DAYS", "NODE_DAYS", "URI_SCHEME", "is_dns_name", "issue", "issue_all", "make_ca",
            "name_of_uri", "node_files", "node_uri", "sans_of"]
@@ -134,7 +138,11 @@ def issue(name: str, *, ca_dir: str, out: str, days: int = NODE_DAYS) -> tuple[s
     if is_dns_name(name):
         sans.insert(0, x509.DNSName(name))
     now = datetime.datetime.now(datetime.timezone.utc)
-    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    try:   # the issuer's own key identifier, which chain building matches
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     cert = (x509.CertificateBuilder()
             .subject_name(subject).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -150,8 +158,7 @@ def issue(name: str, *, ca_dir: str, out: str, days: int = NODE_DAYS) -> tuple[s
             .add_extension(x509.SubjectAlternativeName(sans), critical=not subject)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                           critical=False)
+            .add_extension(aki, critical=False)
             .sign(ca_key, hashes.SHA256()))
     _write(out, [(key_path, _key_pem(key), 0o600), (cert_path, _cert_pem(cert), 0o644)])
     return cert_path, key_path
@@ -195,12 +202,12 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
                          encipher_only=False, decipher_only=False)
 
 
-def _load_ca(ca_dir: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _load_ca(ca_dir: str) -> tuple[x509.Certificate, _CAKey]:
     """The CA of `ca_dir` (what make_ca wrote); InvalidOption when it
     cannot be read or is not one."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     cert_path, key_path = os.path.join(ca_dir, CA_CERT), os.path.join(ca_dir, CA_KEY)
     try:
@@ -219,13 +226,12 @@ def _load_ca(ca_dir: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
                             f"{exc}") from None
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     except x509.ExtensionNotFound:
         is_ca = False
-    if not is_ca or not isinstance(key, ec.EllipticCurvePrivateKey) or (
+    if not is_ca or not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)) or (
             key.public_key() != cert.public_key()):
         raise InvalidOption(f"{cert_path} and {key_path} are not a CA certificate and its "
-                            "EC key (made by `malla cert ca`)")
+                            "EC or RSA key (as `malla cert ca` makes)")
     return cert, key
 
 

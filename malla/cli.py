@@ -173,7 +173,7 @@ def _tls_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", metavar="PEM", help="the CA that signs every node's certificate")
 
 
-def _cert_parser(sub: Any) -> None:
+def _cert_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cert = sub.add_parser(
         "cert", help="make a development CA and node certificates for TLS",
         description="Make a development CA, then a certificate and key per node, signed by "
@@ -185,7 +185,10 @@ def _cert_parser(sub: Any) -> None:
                "malla cert node n1 n2 cli --ca certs --out certs")
     what = cert.add_subparsers(dest="cert_command", metavar="WHAT", required=True)
     ca = what.add_parser("ca", help="a self-signed development CA: DIR/ca.pem, DIR/ca-key.pem",
-                         description="Make a self-signed CA (CA:TRUE, keyCertSign) in DIR.")
+                         description="Make a self-signed CA (CA:TRUE, keyCertSign; an EC "
+                                     "P-256 key written 0600) in DIR. Needs cryptography: "
+                                     "pip install malla[cert].",
+                         epilog="example: malla cert ca --out certs")
     ca.add_argument("--out", required=True, metavar="DIR",
                     help="where to write ca.pem and ca-key.pem (made if missing)")
     ca.add_argument("--days", type=int, default=certs.CA_DAYS, metavar="N",
@@ -193,7 +196,12 @@ def _cert_parser(sub: Any) -> None:
     node = what.add_parser(
         "node", help="a certificate per node name: DIR/NAME.pem, DIR/NAME-key.pem",
         description="Issue a certificate and key for each NAME, signed by the CA in --ca, "
-                    "for serverAuth and clientAuth (a node both accepts and dials).")
+                    "for serverAuth and clientAuth (a node both accepts and dials), naming "
+                    "it in its SANs: DNS:NAME when NAME is a DNS host name, and "
+                    "URI:malla://NAME (percent-encoded) always. EC P-256 keys written 0600; "
+                    "nothing is written if a file exists. Needs cryptography: "
+                    "pip install malla[cert].",
+        epilog="example: malla cert node n1 n2 cli --ca certs --out certs")
     node.add_argument("names", nargs="+", metavar="NAME", help="a node name (repeatable)")
     node.add_argument("--ca", required=True, metavar="DIR",
                       help="the directory `malla cert ca` wrote")
@@ -201,20 +209,6 @@ def _cert_parser(sub: Any) -> None:
                       help="where to write the files (made if missing)")
     node.add_argument("--days", type=int, default=certs.NODE_DAYS, metavar="N",
                       help=f"days each is valid (default {certs.NODE_DAYS})")
-
-
-def _cmd_cert(args: argparse.Namespace) -> int:
-    """`malla cert ca|node`: each file written, one line each."""
-    try:
-        if args.cert_command == "ca":
-            written = [certs.make_ca(args.out, days=args.days)]
-        else:
-            written = certs.issue_all(args.names, ca_dir=args.ca, out=args.out, days=args.days)
-    except (ImportError, malla.InvalidOption, OSError) as exc:   # cryptography missing too
-        raise UserError(str(exc)) from None
-    for cert, key in written:
-        print(f"wrote {cert} and {key} (the key 0600)")
-    return 0
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
@@ -481,6 +475,20 @@ async def _cmd_node(args: argparse.Namespace) -> int:
     await stop.wait()
     print(f"malla node {args.name} draining", flush=True)
     await node.drain(grace=args.grace)
+    return 0
+
+
+def _cmd_cert(args: argparse.Namespace) -> int:
+    """`malla cert ca|node`: each file written, one line each."""
+    try:
+        if args.cert_command == "ca":
+            written = [certs.make_ca(args.out, days=args.days)]
+        else:
+            written = certs.issue_all(args.names, ca_dir=args.ca, out=args.out, days=args.days)
+    except (ImportError, malla.InvalidOption, OSError) as exc:   # cryptography missing too
+        raise UserError(str(exc)) from None
+    for cert, key in written:
+        print(f"wrote {cert} and {key} (the key 0600)")
     return 0
 
 

@@ -129,6 +129,11 @@ def test_malla_cert_writes_what_the_docs_say(pki):
     assert long_name.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical
 
 
+def test_help_teaches():
+    out = malla("cert", "node", "--help")
+    assert out.returncode == 0 and "example:" in out.stdout and "malla[cert]" in out.stdout
+
+
 def test_what_is_a_dns_name_and_the_uri_round_trip():
     assert [certs.is_dns_name(n) for n in ("n1", "a-b.c9", "-a", "a_b", "*.x", "a.", "é",
                                            "a" * 64, "a" * 63)] == [
