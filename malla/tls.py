@@ -18,9 +18,9 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
 
 from malla import exceptions as mexc
+from malla.certs import name_of_uri
 
 __all__ = ["certificate_names", "client_context", "name_verifier", "server_context"]
 
@@ -46,9 +46,6 @@ def client_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
 
 # -- certificate identity (Node(identity="tls"), docs/security.md) ----------------------
 
-URI_SCHEME = "malla://"
-
-
 def _vouched(peercert: Any) -> list[tuple[str, str]]:
     # (kind, node name) for each SAN that can name a node
     out: list[tuple[str, str]] = []
@@ -56,8 +53,8 @@ def _vouched(peercert: Any) -> list[tuple[str, str]]:
     for kind, value in sans:
         if kind == "DNS" and "*" not in value:
             out.append(("DNS", value))
-        elif kind == "URI" and value.startswith(URI_SCHEME):
-            out.append(("URI", unquote(value[len(URI_SCHEME):])))
+        elif kind == "URI" and (name := name_of_uri(value)) is not None:
+            out.append(("URI", name))
     return out
 
 
