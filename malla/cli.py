@@ -171,8 +171,7 @@ def _tls_options(p: argparse.ArgumentParser) -> None:
                    "with --tls-key and --tls-ca; `malla cert` makes them)")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--tls-ca", metavar="PEM", help="the CA that signs every node's certificate")
-    p.add_argument("--identity", choices=("cookie", "tls"),
-                   default=os.environ.get("MALLA_IDENTITY") or "cookie",
+    p.add_argument("--identity", choices=("cookie", "tls"), default=None,
                    help="cookie: node names are self-asserted; tls: each node's name must be "
                         "one its certificate names (needs the --tls-* files; default: "
                         "MALLA_IDENTITY, else cookie)")

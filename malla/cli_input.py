@@ -56,7 +56,11 @@ def tls_options(args: argparse.Namespace) -> dict[str, Any]:
     files = (args.tls_cert, args.tls_key, args.tls_ca)
     if any(files) and not all(files):
         raise UserError("--tls-cert, --tls-key and --tls-ca go together")
-    if args.identity == "tls":
+    # (argparse checks the flag's choices, not an environment default's)
+    identity = args.identity or os.environ.get("MALLA_IDENTITY") or "cookie"
+    if identity not in ("cookie", "tls"):
+        raise UserError(f"MALLA_IDENTITY is cookie or tls, not {identity!r}")
+    if identity == "tls":
         if not all(files):
             raise UserError("--identity tls needs --tls-cert, --tls-key and --tls-ca")
         if getattr(args, "name", "") is None:
@@ -66,7 +70,7 @@ def tls_options(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     try:
         return {"ssl_server": tls.server_context(*files),
-                "ssl_client": tls.client_context(*files), "identity": args.identity}
+                "ssl_client": tls.client_context(*files), "identity": identity}
     except (OSError, ssl.SSLError) as exc:
         raise UserError(f"cannot load the TLS files: {exc}") from None
 

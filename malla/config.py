@@ -15,6 +15,7 @@ from typing import Any
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.dns import DEFAULT_PORT
+from malla.handshake import protocol_limits
 from malla.tls import check_identity_contexts
 
 __all__ = ["NodeConfig"]
@@ -107,6 +108,10 @@ class NodeConfig:
             why = check_identity_contexts(self.ssl_server, self.ssl_client)
             if why is not None:
                 return why
+        try:
+            protocol_limits(self.identity)    # (the test setting, if any, is well formed)
+        except mexc.InvalidOption as exc:
+            return str(exc)
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             return f"metrics_port {self.metrics_port} is not a TCP port"
         if (not isinstance(self.tracing, (bool, int, float))

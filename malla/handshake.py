@@ -59,19 +59,33 @@ CAPABILITIES = CAP_TRACE | CAP_UDP_HEARTBEAT | CAP_WINDOW
 def protocol_limits(identity: str = "cookie") -> tuple[int, int, int]:
     """(vmin, vmax, caps) a node of that identity setting speaks.
     MALLA_PROTOCOL_LIMIT="1..1:0" (a test setting) makes a node behave as an
-    older or newer version would, for the suite's interoperability tests."""
+    older or newer version would, for the suite's interoperability tests;
+    InvalidOption when it is malformed or names no version this release has
+    the proofs of (checked when a node is made, NodeConfig)."""
     spec = os.environ.get("MALLA_PROTOCOL_LIMIT")
     vmin, vmax, caps = OLDEST_VERSION, PROTOCOL_VERSION, CAPABILITIES
     if spec:
         versions, _, cap_bits = spec.partition(":")
         low, _, high = versions.partition("..")
-        vmin, vmax = int(low), int(high or low)
-        caps = int(cap_bits) if cap_bits else CAPABILITIES
+        try:
+            vmin, vmax = int(low), int(high or low)
+            caps = int(cap_bits) if cap_bits else CAPABILITIES
+        except ValueError:
+            raise mexc.InvalidOption(
+                f"MALLA_PROTOCOL_LIMIT is vmin..vmax[:caps], not {spec!r}") from None
+        if not OLDEST_VERSION <= vmin <= vmax or caps < 0:
+            raise mexc.InvalidOption(
+                f"MALLA_PROTOCOL_LIMIT {spec!r}: versions from {OLDEST_VERSION} up, "
+                "vmin <= vmax, caps >= 0")
     if identity == "tls":
         # version-1 peers are refused (DESIGN.md): they know nothing of names
         # bound to certificates, and one accepting us would tell its name to
         # whoever connects, before any proof
         vmin = max(vmin, SPLIT_HELLO)
+        if vmax < vmin:
+            raise mexc.InvalidOption(
+                f'identity="tls" needs protocol version {SPLIT_HELLO}, '
+                f"and MALLA_PROTOCOL_LIMIT={spec!r} stops at {vmax}")
     return vmin, vmax, caps
 
 

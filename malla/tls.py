@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from malla import exceptions as mexc
-from malla.certs import name_of_uri
+from malla.certs import is_dns_name, name_of_uri
 
 __all__ = ["certificate_names", "client_context", "name_verifier", "server_context"]
 
@@ -51,7 +51,8 @@ def _vouched(peercert: Any) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     sans = peercert.get("subjectAltName", ()) if isinstance(peercert, dict) else ()
     for kind, value in sans:
-        if kind == "DNS" and "*" not in value:
+        # only host names (ASCII, no wildcard): DNS's case rule is ASCII's
+        if kind == "DNS" and is_dns_name(value):
             out.append(("DNS", value))
         elif kind == "URI" and (name := name_of_uri(value)) is not None:
             out.append(("URI", name))
@@ -61,14 +62,17 @@ def _vouched(peercert: Any) -> list[tuple[str, str]]:
 def certificate_names(peercert: Any) -> list[str]:
     """The node names a peer's certificate (``getpeercert()``'s dict) vouches
     for: each DNS SAN, and each URI SAN ``malla://<name>`` (percent-decoded).
-    Wildcard DNS names vouch for nothing: a node name is matched exactly."""
+    A DNS SAN that is not a plain host name (a wildcard, non-ASCII) vouches
+    for nothing: a node name is matched exactly."""
     return [name for _, name in _vouched(peercert)]
 
 
 def _matches(name: str, peercert: Any) -> bool:
-    # DNS names are case-insensitive; a URI's path is not
-    return any(vouched.lower() == name.lower() if kind == "DNS" else vouched == name
-               for kind, vouched in _vouched(peercert))
+    # DNS names are case-insensitive in ASCII only (RFC 4343: Unicode's
+    # lowercasing would let DNS:kafka vouch for "\u212aafka", Kelvin sign);
+    # a URI's path is compared exactly
+    return any((name.isascii() and vouched.lower() == name.lower()) if kind == "DNS"
+               else vouched == name for kind, vouched in _vouched(peercert))
 
 
 def name_verifier(transport: Any, role: str) -> Callable[[str], None]:

@@ -243,6 +243,13 @@ def test_the_cli_reaches_a_cluster_with_certificate_identity(nodes, pki):
     out = malla("call", "Calculator.add", "1", "2", "--seed", n1.seed, "--identity", "tls",
                 *client)
     assert out.returncode == 2 and "needs --name" in out.stderr, out.stderr
+    # MALLA_IDENTITY sets it too, and is checked as the flag is
+    out = malla("call", "Calculator.add", "1", "2", "--seed", n2.seed, "--name", "cli",
+                *client, env=dict(ENV, MALLA_IDENTITY="tls"))
+    assert out.returncode == 0 and json.loads(out.stdout) == 3, out.stderr
+    out = malla("call", "Calculator.add", "1", "2", "--seed", n2.seed, "--name", "cli",
+                *client, env=dict(ENV, MALLA_IDENTITY="TLS"))
+    assert out.returncode == 2 and "MALLA_IDENTITY is cookie or tls" in out.stderr, out.stderr
 
 
 # -- exit codes by family ------------------------------------------------------------

@@ -112,7 +112,7 @@ def nodes_run(main) -> None:
 
 # -- settings ------------------------------------------------------------------------
 
-def test_identity_tls_needs_both_contexts_with_certificates_verified(pki):
+def test_identity_tls_needs_both_contexts_with_certificates_verified(pki, monkeypatch):
     settings = pki.node_settings("a", uri=("a",))
     with pytest.raises(malla.InvalidOption, match="both ssl_server and ssl_client"):
         malla.Node("a", identity="tls")
@@ -129,6 +129,10 @@ def test_identity_tls_needs_both_contexts_with_certificates_verified(pki):
     with pytest.raises(malla.InvalidOption, match='"cookie" or "tls"'):
         malla.Node("a", identity="spiffe")
     assert malla.Node("a", **settings).identity == "tls"
+    # a node bound to certificates speaks version 2 or nothing
+    monkeypatch.setenv("MALLA_PROTOCOL_LIMIT", "1..1")
+    with pytest.raises(malla.InvalidOption, match="needs protocol version 2"):
+        malla.Node("a", **settings)
     assert malla.Node("b").identity == "cookie"
 
 
@@ -145,6 +149,12 @@ def test_identity_tls_needs_both_contexts_with_certificates_verified(pki):
     ([("IP Address", "127.0.0.1")], "127.0.0.1", False),      # addresses name no node
     ([("email", "api-1")], "api-1", False),
     ([("DNS", "api-10")], "api-1", False),
+    # DNS case rules are ASCII's: no Unicode case folding (U+212A KELVIN SIGN
+    # lowercases to "k"), and a non-ASCII DNS SAN names nothing
+    ([("DNS", "kafka")], "\u212aafka", False),
+    ([("DNS", "\u212a")], "k", False),
+    ([("URI", "malla://%E2%84%AAafka")], "\u212aafka", True),
+    ([("DNS", "api_1")], "api_1", False),                     # not a host name: URI only
     ([], "api-1", False),
 ])
 def test_name_matching(sans, name, ok):

@@ -114,3 +114,10 @@ def test_a_version_2_node_answers_a_version_1_dialer_with_a_whole_hello():
     [(ftype, payload)] = acceptor.receive(FT_HELLO, bytes.fromhex(V1["frames"][0]["payload"]))
     assert ftype == FT_HELLO and acceptor.version == 1
     assert Hello.decode(payload).name == "now"
+
+
+@pytest.mark.parametrize("limit", ["garbage", "0..2", "2..1", "1..2:-1", "1..x"])
+def test_a_malformed_protocol_limit_is_refused_when_the_node_is_made(monkeypatch, limit):
+    monkeypatch.setenv("MALLA_PROTOCOL_LIMIT", limit)
+    with pytest.raises(malla.InvalidOption, match="MALLA_PROTOCOL_LIMIT"):
+        malla.Node("a")
