@@ -299,10 +299,12 @@ class Caller:
             if not isinstance(service, type):
                 raise ServiceNotAvailable(f"service {name} is not running on this node")
             entry = RunningService(service(), report=self._hosting.forbidden)
-        check_arguments(entry.checks, name, fun, args, kwargs)
-        denied = entry.denial(fun, self.name)     # (allow= applies to this node too)
+        # (allow= applies to this node too, before the arguments, as the
+        # serving side's rule set orders them)
+        denied = entry.denial(fun, self.name)
         if denied is not None:
             raise mexc.Forbidden(denied)
+        check_arguments(entry.checks, name, fun, args, kwargs)
         # the function sees a call from this node, within the budget it inherits
         token = enter(self.name, name, fun, None, None, inherited_deadline(), True, False)
         try:

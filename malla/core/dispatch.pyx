@@ -274,8 +274,9 @@ cdef class ServiceEntry:
     def denial(self, str fun, str caller):
         """None when the node named `caller` may call `fun` (allow=, or no
         rule); otherwise the Forbidden message, the refusal logged and
-        counted (local() asks this: it takes no other rule)."""
-        if self.allow is None:
+        counted (local() asks this: it takes no other rule).  An unexported
+        `fun` is not this check's to refuse (nor to cache): None."""
+        if self.allow is None or PyDict_GetItem(self.funcs, fun) is NULL:
             return None
         return self._denial(fun, caller)
 
