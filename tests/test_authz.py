@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import RawPeer, seed_of, wait_until, with_nodes
+from support import COOKIE, ROOT, RawPeer, free_port, seed_of, wait_until, with_nodes
 
 import malla
 from malla._ext import core
@@ -333,3 +336,45 @@ def test_an_old_peer_reads_the_code_as_a_remote_error():
     assert isinstance(error_from_wire(code, exc_type, message, None), malla.Forbidden)
     old = error_from_wire(99, exc_type, message, None)
     assert type(old) is malla.RemoteError and old.exc_type == "malla.exceptions.Forbidden"
+
+
+ADMIN_SERVICE = '''
+import malla
+
+
+class Admin(malla.Service, global_=True, allow="ops-*"):
+    def purge(self):
+        return "purged"
+'''
+
+
+def test_malla_call_is_checked_under_its_client_name(tmp_path):
+    """The CLI's calls come from its hidden node (malla-cli-PID unless
+    --name): refused, `malla call` exits 3 (did not run) with one line."""
+    (tmp_path / "authz_cli_service.py").write_text(ADMIN_SERVICE)
+    env = dict(os.environ, MALLA_COOKIE=COOKIE,
+               PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]))
+    port = free_port()
+    node = subprocess.Popen([sys.executable, "-m", "malla", "node", "n1", "--port", str(port),
+                             "--service", "authz_cli_service:Admin"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "listening on" in node.stdout.readline()
+
+        def call(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "malla", "call", "Admin.purge",
+                                   "--seed", f"127.0.0.1:{port}", *extra],
+                                  capture_output=True, text=True, timeout=60, env=env)
+
+        refused = call()
+        assert refused.returncode == 3, refused
+        assert "Forbidden" in refused.stderr and "may not call Admin.purge" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        allowed = call("--name", "ops-1")
+        assert allowed.returncode == 0, allowed
+        assert allowed.stdout.strip() == '"purged"'
+    finally:
+        node.kill()
+        node.wait()
+        node.stdout.close()
+        node.stderr.close()
