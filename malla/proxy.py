@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla.arguments import Checker, checkers_of
+from malla.authz import forbidding_checkers
 from malla.caller import CALL_OPTIONS, invalid_options
 from malla.precompile import load_precompile
 
@@ -174,11 +175,12 @@ class Proxy:
         except mexc.ServiceNotAvailable:
             node = None
         info = node._registry.known_info(self._name) if node is not None else None
-        if info is not None:
+        if info is not None and node is not None:
             functions = info.get("functions", {})
             if functions is self._last_source:
                 return self._last   # built once per announcement, not per call
-            return self._keep(functions, checkers_of(self._name, functions))
+            return self._keep(functions, forbidding_checkers(
+                self._name, checkers_of(self._name, functions), info, node.name))
         if self._last and self._last_source is not None:
             return self._last
         stubs = node._precompiled if node is not None else load_precompile(None)
