@@ -54,8 +54,6 @@ class NodeConfig:
     # tracing=True: every call; a float: that share of calls starting a
     # trace (0.0 included: only calls made inside a trace)
     tracing: bool | float = False
-    # how peers' node names are known: "cookie" (self-asserted) or "tls"
-    identity: str = "cookie"
 
     def __post_init__(self) -> None:
         why = self._wrong_type() or self._invalid()
@@ -119,6 +117,4 @@ class NodeConfig:
         if (not isinstance(self.tracing, (bool, int, float))
                 or not 0 <= float(self.tracing) <= 1):
             return "tracing is True, False, or a share of calls between 0 and 1"
-        if self.identity not in ("cookie", "tls"):
-            return f'identity is "cookie" or "tls", not {self.identity!r}'
         return None

@@ -74,7 +74,7 @@ class Node:
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
                  metrics_port: int | None = None, tracing: bool | float = False,
-                 max_pending_handshakes: int = 256, identity: str = "cookie") -> None:
+                 max_pending_handshakes: int = 256) -> None:
         if isinstance(seeds, str) or isinstance(connect, str):
             raise mexc.InvalidOption("seeds and connect are lists of targets, not one string")
         config = self.config = NodeConfig(
@@ -86,7 +86,7 @@ class Node:
             window_size=window_size, ssl_server=ssl_server, ssl_client=ssl_client,
             identity=identity, dns_servers=tuple(dns_servers) if dns_servers else None,
             udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
-            tracing=tracing, max_pending_handshakes=max_pending_handshakes, identity=identity)
+            tracing=tracing, max_pending_handshakes=max_pending_handshakes)
         self.name = name
         self._cookie = cookie_bytes(cookie)
         self._registry = Registry(name)

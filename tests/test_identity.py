@@ -275,3 +275,37 @@ def test_identity_tls_and_cookie_identity_nodes_with_certificates_interoperate(p
         assert await b.remote("Echo", "echo", [7]) == 7
 
     nodes_run(main)
+
+
+class Refunds(malla.Service, global_=True, allow="batch-*"):
+    def refund(self, amount):
+        return -amount
+
+    @malla.allow("ops")
+    def audit(self):
+        return "audited"
+
+
+def test_allow_with_certificate_identity_trusts_the_names_it_checks(pki, caplog):
+    # allow= matches the caller's name; with identity="tls" that name is the
+    # one its certificate names, so the rules hold against any cookie holder
+    async def main(make):
+        with caplog.at_level(logging.WARNING, logger="malla"):
+            billing = await make("billing", **pki.node_settings("billing", uri=("billing",)))\
+                .start()
+            await billing.start_service(Refunds)
+        assert "self-asserted" not in caplog.text       # no warning: names are bound
+        seed = [seed_of(billing)]
+        batch = await make("batch-7", seeds=seed,
+                           **pki.node_settings("batch-7", uri=("batch-7",))).start()
+        ops = await make("ops", seeds=seed, **pki.node_settings("ops", uri=("ops",))).start()
+        for node in (batch, ops):
+            assert await node.wait_for_services(["Refunds"], retries=20)
+        assert await batch.remote("Refunds", "refund", [5]) == -5
+        assert await ops.remote("Refunds", "audit") == "audited"
+        with pytest.raises(malla.Forbidden):
+            await ops.remote("Refunds", "refund", [5])
+        with pytest.raises(malla.Forbidden):
+            await batch.remote("Refunds", "audit")
+
+    nodes_run(main)
