@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from malla import exceptions as mexc
 from malla.outcome import FAILED, IGNORED
+from malla.pernode import PerNode
 
 __all__ = ["BALANCE_MODES", "Balancer"]
 
@@ -104,18 +105,18 @@ class Balancer:
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         # service -> node -> load; service -> the mean of its samples
-        self._loads: dict[str, dict[str, _Load]] = {}
+        self._loads: PerNode[_Load] = PerNode(_Load)
         self._means: dict[str, float] = {}
 
     # -- the caller's hooks ------------------------------------------------
 
     def started(self, service: str, node: str) -> None:
         """An attempt was sent to `node` for `service`."""
-        self._load(service, node).in_flight += 1
+        self._loads.slot(service, node).in_flight += 1
 
     def finished(self, service: str, node: str, seconds: float, outcome: int) -> None:
         """The attempt `started` announced ended after `seconds` (malla.outcome)."""
-        load = self._load(service, node)
+        load = self._loads.slot(service, node)
         if load.in_flight > 0:
             load.in_flight -= 1
         if outcome == IGNORED:
@@ -133,24 +134,23 @@ class Balancer:
 
     def forget(self, node: str) -> None:
         """Drop what is known of a node that left (its name may come back new)."""
-        for loads in self._loads.values():
-            loads.pop(node, None)
+        self._loads.forget(node)
 
     # -- reading -----------------------------------------------------------
 
     def in_flight(self, service: str, node: str) -> int:
-        load = self._loads.get(service, {}).get(node)
+        load = self._loads.find(service, node)
         return 0 if load is None else load.in_flight
 
     def latency(self, service: str, node: str) -> float:
         """The node's latency average for the service now, in seconds."""
-        load = self._loads.get(service, {}).get(node)
+        load = self._loads.find(service, node)
         if load is None:
             return self._means.get(service, 0.0)
         return self._read(service, load, self._clock())
 
     def cost(self, service: str, node: str) -> float:
-        return self._cost(service, self._loads.get(service, {}), node, self._clock())
+        return self._cost(service, self._loads.by_service.get(service, {}), node, self._clock())
 
     def rank(self, service: str, candidates: Sequence[str], local_name: str) -> list[str]:
         """Every candidate, in the order a call tries them (see `ranked`)."""
@@ -172,7 +172,7 @@ class Balancer:
         if n <= 1:
             yield from remote
             return
-        loads = self._loads.get(service, {})
+        loads = self._loads.by_service.get(service, {})
         now = self._clock()
         i = self._rng.randrange(n)
         j = self._rng.randrange(n - 1)
@@ -189,15 +189,6 @@ class Balancer:
             yield remote[k]
 
     # -- internals -----------------------------------------------------------
-
-    def _load(self, service: str, node: str) -> _Load:
-        loads = self._loads.get(service)
-        if loads is None:
-            loads = self._loads[service] = {}
-        load = loads.get(node)
-        if load is None:
-            load = loads[node] = _Load()
-        return load
 
     def _read(self, service: str, load: _Load, now: float) -> float:
         if not load.sampled:

@@ -10,7 +10,7 @@ once and counted (`stats()["retries_throttled"]`).
 
 Reading (Finagle's RetryBudget, whose defaults these are): over the window
 (malla.window: the current second and the nine before),
-``retries < retry_budget x calls + retry_floor x 10``; the floor is a
+``retries <= retry_budget x calls + retry_floor x 10``; the floor is a
 reserve of 10 s x `retry_floor` retries, so a caller that makes few calls can
 still retry them, and a burst may spend the reserve at once.  Where DESIGN.md
 is silent:
@@ -82,7 +82,8 @@ class RetryBudget:
         True spends it; False counts a throttle."""
         spend = self._of(service)
         now = self._clock()
-        if spend.retries.total(now) < self.share * spend.calls.total(now) + self._reserve:
+        # (Finagle's rule: a retry needs a whole one left)
+        if spend.retries.total(now) + 1 <= self.share * spend.calls.total(now) + self._reserve:
             spend.retries.add(now)
             return True
         self.throttled += 1

@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from malla.outcome import FAILED, OK
+from malla.pernode import PerNode
 from malla.window import Window
 
 __all__ = ["Ejection"]
@@ -72,7 +73,7 @@ class Ejection:
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._records: dict[str, dict[str, _Record]] = {}
+        self._records: PerNode[_Record] = PerNode(_Record)
         # service -> node -> end of its ejection / of its retry_after skip;
         # a service is a key only while something may be out (the fast path)
         self._out: dict[str, dict[str, float]] = {}
@@ -85,7 +86,7 @@ class Ejection:
         """
         if outcome != OK and outcome != FAILED:
             return False
-        rec = self._record(service, node)
+        rec = self._records.slot(service, node)
         now = self._clock()
         rec.calls.add(now)
         if outcome == OK:
@@ -137,7 +138,7 @@ class Ejection:
 
     def ejections(self, service: str, node: str) -> int:
         """How many ejections the node's next duration counts (before forgiving)."""
-        rec = self._records.get(service, {}).get(node)
+        rec = self._records.find(service, node)
         return 0 if rec is None else rec.ejections
 
     def ejected(self) -> dict[str, list[str]]:
@@ -163,18 +164,10 @@ class Ejection:
 
     def forget(self, node: str) -> None:
         """Drop what is known of a node that left."""
-        for table in (self._records, self._out, self._skip):
+        self._records.forget(node)
+        for table in (self._out, self._skip):
             for per_node in table.values():
                 per_node.pop(node, None)
-
-    def _record(self, service: str, node: str) -> _Record:
-        recs = self._records.get(service)
-        if recs is None:
-            recs = self._records[service] = {}
-        rec = recs.get(node)
-        if rec is None:
-            rec = recs[node] = _Record()
-        return rec
 
     @staticmethod
     def _current(table: dict[str, dict[str, float]], service: str,
