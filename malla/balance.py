@@ -10,8 +10,11 @@ node (the herd effect of always-pick-the-least-loaded).
 
 Cost of a node for a service: ``max(latency, 1 µs) x (in_flight + 1)``
 (Finagle's "peak EWMA" cost): the calls this node already has from us, each
-expected to take about its recent latency.  The 1 µs floor keeps in-flight
-deciding where nothing is measured yet.
+expected to take about its recent latency.  As DESIGN.md says, in-flight is
+the node's (our calls to it for any service: they share its connection and
+its CPU) and the latency the service's on that node (services differ by
+orders of magnitude).  The 1 µs floor keeps in-flight deciding where
+nothing is measured yet.
 
 The latency average, per (service, node), in seconds:
 
@@ -70,20 +73,20 @@ _FLOOR = 1e-6
 _ALPHA = 0.25
 
 
-class _Load:
-    """One (service, node): calls in flight and the latency average."""
+class _Latency:
+    """One (service, node): its latency average."""
 
-    __slots__ = ("at", "avg", "in_flight", "sampled")
+    __slots__ = ("at", "avg", "sampled")
 
     def __init__(self) -> None:
-        self.in_flight = 0
         self.avg = 0.0
         self.at = 0.0
         self.sampled = False
 
 
 class Balancer:
-    """Per-(service, node) load and the p2c ranking built on it.
+    """Calls in flight per node, latency per (service, node), and the p2c
+    ranking built on them.
 
     `clock` (seconds, default time.monotonic) and `rng` (default a private
     random.Random) are injected so the policy can be driven exactly.
@@ -104,23 +107,29 @@ class Balancer:
         self._rate = math.log(2.0) / float(half_life)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
-        # service -> node -> load; service -> the mean of its samples
-        self._loads: PerNode[_Load] = PerNode(_Load)
+        # service -> node -> latency; service -> the mean of its samples;
+        # node -> our calls in flight to it
+        self._loads: PerNode[_Latency] = PerNode(_Latency)
         self._means: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
 
     # -- the caller's hooks ------------------------------------------------
 
     def started(self, service: str, node: str) -> None:
         """An attempt was sent to `node` for `service`."""
-        self._loads.slot(service, node).in_flight += 1
+        in_flight = self._in_flight
+        in_flight[node] = in_flight.get(node, 0) + 1
 
     def finished(self, service: str, node: str, seconds: float, outcome: int) -> None:
         """The attempt `started` announced ended after `seconds` (malla.outcome)."""
-        load = self._loads.slot(service, node)
-        if load.in_flight > 0:
-            load.in_flight -= 1
+        left = self._in_flight.get(node, 0) - 1
+        if left > 0:
+            self._in_flight[node] = left
+        else:
+            self._in_flight.pop(node, None)
         if outcome == IGNORED:
             return
+        load = self._loads.slot(service, node)
         now = self._clock()
         seconds = max(float(seconds), 0.0)
         v = self._read(service, load, now)
@@ -135,12 +144,13 @@ class Balancer:
     def forget(self, node: str) -> None:
         """Drop what is known of a node that left (its name may come back new)."""
         self._loads.forget(node)
+        self._in_flight.pop(node, None)
 
     # -- reading -----------------------------------------------------------
 
-    def in_flight(self, service: str, node: str) -> int:
-        load = self._loads.find(service, node)
-        return 0 if load is None else load.in_flight
+    def in_flight(self, node: str) -> int:
+        """Our calls in flight to `node`, for any service."""
+        return self._in_flight.get(node, 0)
 
     def latency(self, service: str, node: str) -> float:
         """The node's latency average for the service now, in seconds."""
@@ -190,7 +200,7 @@ class Balancer:
 
     # -- internals -----------------------------------------------------------
 
-    def _read(self, service: str, load: _Load, now: float) -> float:
+    def _read(self, service: str, load: _Latency, now: float) -> float:
         if not load.sampled:
             return self._means.get(service, 0.0)
         idle = now - load.at
@@ -198,8 +208,8 @@ class Balancer:
             return load.avg
         return load.avg * math.exp(-idle * self._rate)
 
-    def _cost(self, service: str, loads: dict[str, _Load], node: str, now: float) -> float:
+    def _cost(self, service: str, loads: dict[str, _Latency], node: str, now: float) -> float:
         load = loads.get(node)
-        if load is None:
-            return max(self._means.get(service, 0.0), _FLOOR)
-        return max(self._read(service, load, now), _FLOOR) * (load.in_flight + 1)
+        latency = (self._means.get(service, 0.0) if load is None
+                   else self._read(service, load, now))
+        return max(latency, _FLOOR) * (self._in_flight.get(node, 0) + 1)

@@ -91,12 +91,25 @@ def test_in_flight_calls_count_when_latencies_are_equal():
         sample(bal, n, 0.001)
     for _ in range(3):
         bal.started("S", "b")
-    assert bal.in_flight("S", "b") == 3
+    assert bal.in_flight("b") == 3
     assert firsts(bal, 1000)["b"] == 0
     for _ in range(3):
         bal.finished("S", "b", 0.001, OK)
-    assert bal.in_flight("S", "b") == 0
+    assert bal.in_flight("b") == 0
     assert firsts(bal, 1000)["b"] > 0
+
+
+def test_in_flight_is_the_nodes_whatever_the_service():
+    bal, _ = balancer()
+    for n in NODES:
+        sample(bal, n, 0.001)
+    bal.started("Other", "c")          # a call to another service on c
+    bal.started("Other", "c")
+    assert firsts(bal, 1000)["c"] == 0
+    bal.finished("Other", "c", 0.5, IGNORED)
+    bal.finished("Other", "c", 0.5, IGNORED)
+    assert bal.in_flight("c") == 0
+    assert bal.latency("S", "c") == pytest.approx(0.001)
 
 
 def test_before_anything_is_measured_in_flight_alone_decides():
@@ -155,7 +168,7 @@ def test_a_failure_never_makes_a_node_look_faster():
     assert bal.latency("S", "a") == pytest.approx(0.020)
     sample(bal, "a", 0.0001, IGNORED)         # e.g. cancelled: not a sample
     assert bal.latency("S", "a") == pytest.approx(0.020)
-    assert bal.in_flight("S", "a") == 0
+    assert bal.in_flight("a") == 0
 
 
 def test_the_average_halves_every_half_life_when_idle():
@@ -203,7 +216,7 @@ def test_forget_drops_a_departed_node():
     sample(bal, "a", 1.0)
     bal.started("S", "a")
     bal.forget("a")
-    assert bal.in_flight("S", "a") == 0
+    assert bal.in_flight("a") == 0
     assert bal.latency("S", "a") == pytest.approx(1.0)   # now the service mean: a's sample
 
 
