@@ -74,6 +74,21 @@ def test_p2c_ranks_every_candidate_once_the_local_one_first(nodes, local, seed, 
     assert list(bal2.ranked("S", nodes, local)) == ranked
 
 
+@given(seed=st.integers(0, 999),
+       loads=st.lists(st.tuples(st.sampled_from(NODES), st.floats(0, 1), st.booleans()),
+                      max_size=12))
+def test_the_first_beats_another_and_the_rest_go_cheapest_first(seed, loads):
+    bal, _ = balancer(seed)
+    for node, secs, busy in loads:
+        sample(bal, node, secs)
+        if busy:
+            bal.started("S", node)
+    ranked = bal.rank("S", NODES, "me")
+    costs = [bal.cost("S", n) for n in ranked]
+    assert costs[0] <= max(costs[1:])          # it won its pair
+    assert costs[1:] == sorted(costs[1:])
+
+
 def test_a_slow_node_is_never_first_and_the_others_share_the_calls():
     bal, _ = balancer()
     for n in "abc":
