@@ -156,11 +156,12 @@ class Registration:
     def _claim(self) -> str | None:
         """Create the key under a fresh lease unless another incarnation
         holds it (under the lock): None when ours now, else who holds it."""
-        record = self._record
         for _ in range(3):
             if self.lease == 0:
                 self.lease = self.client.grant(self.ttl)
+            # (the flag first, then the record: an update in between is kept)
             self._dirty = False
+            record = self._record
             try:
                 created, current = self.client.create(self.key, record.encode(), self.lease)
             except EtcdRefused as exc:
@@ -180,6 +181,7 @@ class Registration:
             self.client.put(self.key, record.encode(), self.lease)
             self._claimed()
             return None
+        self._dirty = True
         return "a record that keeps changing"
 
     def _claimed(self) -> None:
@@ -218,7 +220,7 @@ class Registration:
                 log.warning("malla: etcd refused to renew %s: %s", self.key, exc)
                 return
             if self._unreachable:
-                log.warning("malla: etcd reachable again, %s %s", self.key,
+                log.info("malla: etcd reachable again, %s %s", self.key,
                             "registered" if self.registered else "not registered")
                 self._unreachable = False
 
@@ -316,7 +318,7 @@ class Membership:
                         yield event
                 async for result in self.client.watch(self.prefix, self.revision + 1):
                     if outage:
-                        log.warning("malla: etcd reachable again, watching %s from "
+                        log.info("malla: etcd reachable again, watching %s from "
                                     "revision %d", self.prefix, self.revision + 1)
                         outage, delay = False, 0.05
                     if result.get("canceled") or result.get("compact_revision"):
