@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from malla.etcd import KV, NOT_FOUND, EtcdClient, EtcdRefused, kv_of
-from malla.exceptions import NameInUse, ProtocolError, Unreachable
+from malla.exceptions import NameInUse, NodeStopped, ProtocolError, Unreachable
 
 __all__ = ["JOIN", "LEAVE", "UPDATE", "MemberEvent", "Membership", "NodeRecord",
            "Registration", "lease_ttl", "nodes_prefix"]
@@ -144,6 +144,8 @@ class Registration:
         endpoint answers (the renewal retries in the background)."""
         deadline = time.monotonic() + (self.ttl + EXPIRY_SLACK if wait is None else wait)
         while True:
+            if self._closed.is_set():
+                raise NodeStopped(f"the etcd registration of {self._record.name!r} was closed")
             with self._lock:
                 holder = self._claim()
             if holder is None:
