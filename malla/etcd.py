@@ -21,6 +21,7 @@ import base64
 import http.client
 import json
 import logging
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -384,6 +385,7 @@ class EtcdClient:
             except (OSError, asyncio.TimeoutError) as exc:
                 failures.append(f"{host}:{port}: {exc or type(exc).__name__}")
                 continue
+            _keepalive(writer)
             writer.write(b"POST /v3/watch HTTP/1.1\r\nHost: %s:%d\r\n"
                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                          % (host.encode(), port, len(body), body))
@@ -399,6 +401,19 @@ class EtcdClient:
             self._preferred = index
             return reader, writer
         raise Unreachable("no etcd endpoint reachable: " + "; ".join(failures))
+
+
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    """TCP keepalives on a watch: a quiet watch sends nothing, so without
+    them an etcd gone silently (a partition, a host powered off) would leave
+    it waiting forever; with them the kernel breaks it after ~6 s."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 3), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):      # (Linux names; others keep their defaults)
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 async def _response_head(reader: asyncio.StreamReader) -> None:

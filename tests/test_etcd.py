@@ -364,3 +364,63 @@ def test_etcds_with_a_trusted_and_an_untrusted_certificate(tmp_path):
     with EtcdServer(tls=(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")),
                     ca_context=trusted) as etcd:
         run_async(main(etcd))
+
+
+class NotEtcd:
+    """A real HTTP server on loopback answering every POST with `body`
+    (what a proxy, another service on etcd's port or a broken etcd might)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.body = b""
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_malformed_answers_raise_protocol_error_and_the_watch_goes_on(caplog):
+    fake = NotEtcd()
+    try:
+        client = EtcdClient.from_url(f"etcd://{fake.endpoint}/p")
+        for body, why in [(b"<html>", "not JSON"), (b"[1, 2]", "the answer is not an object"),
+                          (b'{"kvs": 5}', "kvs is not a list"),
+                          (b'{"kvs": [{"key": "%%%"}]}', "bad base64"),
+                          (b'{"header": {"revision": "x"}}', "'revision' is not an integer")]:
+            fake.body = body
+            with pytest.raises(ProtocolError, match=why):
+                client.get_prefix("/p/nodes/")
+        fake.body = b'{"header": {"revision": "1"}, "count": "0"}'
+
+        async def main():
+            # the range passes, the watch is answered without a stream:
+            # refused, logged, tried again (the task keeps going)
+            watcher = Watcher(client, "/p")
+            await wait_until(lambda: caplog.text.count("the watch answer is not chunked") >= 2)
+            assert not watcher.task.done() and watcher.events == []
+            await watcher.close()
+
+        with caplog.at_level(logging.WARNING, logger="malla.etcd"):
+            run_async(main())
+    finally:
+        fake.close()
