@@ -20,7 +20,8 @@ import ssl
 import subprocess
 import tempfile
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 from support import free_port, require_tool
 
@@ -35,33 +36,39 @@ def require() -> str:
 
 class EtcdServer:
     def __init__(self, *, tls: tuple[str, str] | None = None,
-                 ca_context: ssl.SSLContext | None = None) -> None:
+                 ca_context: ssl.SSLContext | None = None, host: str = "127.0.0.1",
+                 run: Callable[[list[str]], subprocess.Popen[Any]] | None = None) -> None:
         self.binary = require()
+        self.host = host
+        # how to start it: here, or inside a network namespace (tests/netns.py)
+        self.run = run or (lambda argv: subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT))
         self.data_dir = tempfile.mkdtemp(prefix="malla-etcd-")
         self.port, self.peer_port = free_port(), free_port()
         self.tls = tls
         self.ca_context = ca_context      # how the health check trusts a TLS etcd
         self.proc: subprocess.Popen[Any] | None = None
         self.log = os.path.join(self.data_dir, "etcd.log")
+        self._log: IO[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def url(self, prefix: str) -> str:
         return f"{'etcds' if self.tls else 'etcd'}://{self.endpoint}{prefix}"
 
     def start(self, timeout: float = 20.0) -> None:
-        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"{'https' if self.tls else 'http'}://{self.endpoint}"
+        peer = f"http://{self.host}:{self.peer_port}"
         argv = [self.binary, "--name", "t", "--data-dir", os.path.join(self.data_dir, "d"),
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"t={peer}", "--logger", "zap", "--log-level", "warn"]
         if self.tls:
             argv += ["--cert-file", self.tls[0], "--key-file", self.tls[1]]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log, "ab") as self._log:
+            self.proc = self.run(argv)
         deadline = time.monotonic() + timeout
         while not self._healthy():
             if self.proc.poll() is not None:
@@ -74,9 +81,9 @@ class EtcdServer:
     def _healthy(self) -> bool:
         if self.tls:
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                "127.0.0.1", self.port, timeout=1, context=self.ca_context)
+                self.host, self.port, timeout=1, context=self.ca_context)
         else:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=1)
         try:
             conn.request("GET", "/health")
             return b'"true"' in conn.getresponse().read()

@@ -10,6 +10,7 @@ import itertools
 import logging
 import signal
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -105,7 +106,8 @@ def test_record_round_trip_and_refusals():
         NodeRecord.decode(record("n1", -1).encode(), "n1")
 
 
-def test_register_watch_update_deregister(etcd, prefix):
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_register_watch_update_deregister(etcd, prefix, loop):
     async def main():
         client = EtcdClient.from_url(etcd.url(prefix))
         first = await registered(client, prefix, record("a"))
@@ -128,7 +130,7 @@ def test_register_watch_update_deregister(etcd, prefix):
         await watcher.close()
         await asyncio.to_thread(first.close)
 
-    run_async(main())
+    run_async(main(), loop=loop)
 
 
 def test_killed_registrant_is_gone_within_the_lease_and_its_name_free(etcd, prefix):
@@ -424,3 +426,37 @@ def test_malformed_answers_raise_protocol_error_and_the_watch_goes_on(caplog):
             run_async(main())
     finally:
         fake.close()
+
+
+def test_etcd_partitioned_away_and_back(caplog):
+    """etcd behind a cut link (packets vanish, nothing is reset): the
+    renewal and the quiet watch both notice (the watch through its TCP
+    keepalives) and warn; etcd expires the lease meanwhile; healed, the
+    node registers again and the watch reports it gone, then back."""
+    from netns import Topology
+
+    prefix = "/partition"
+
+    async def main(topo, etcd):
+        client = EtcdClient.from_url(etcd.url(prefix))
+        reg = await registered(client, prefix, record("p"))
+        watcher = Watcher(client, prefix)
+        await wait_until(lambda: watcher.seen(JOIN, "p"))
+        topo.cut("e")
+        await wait_until(lambda: "the membership of /partition/nodes/ may be out of date"
+                         in caplog.text and "/partition/nodes/p not renewed" in caplog.text,
+                         timeout=20)
+        topo.heal("e")
+        await wait_until(lambda: [e.kind for e in watcher.events] == [JOIN, LEAVE, JOIN],
+                         timeout=20)
+        await wait_until(lambda: reg.registered)
+        assert "lease of /partition/nodes/p expired" in caplog.text
+        await watcher.close()
+        await asyncio.to_thread(reg.close)
+
+    with Topology(["e"]) as topo:
+        with EtcdServer(host=topo.addr("e"),
+                        run=lambda argv: topo.run("e", argv, stdout=subprocess.DEVNULL,
+                                                  stderr=subprocess.DEVNULL)) as etcd, \
+                caplog.at_level(logging.INFO, logger="malla.etcd"):
+            run_async(main(topo, etcd))
