@@ -36,8 +36,12 @@ log = logging.getLogger("malla.authz")
 _ATTR = "_malla_allow"
 # What a peer's announced rules may hold (a receiver matches its own name
 # against them): more is a malformed entry
-MAX_PATTERNS = 256
-MAX_PATTERN_LEN = 1024
+MAX_PATTERNS = 16              # per function
+MAX_PATTERN_LEN = 128
+# every pattern of one service's announced rules together, in characters:
+# a receiver matches its own name against them (fnmatch compiles each to a
+# regex: bounded, a hostile table costs milliseconds, not seconds)
+MAX_RULES_SIZE = 4096
 
 Rules = dict[str, tuple[str, ...]]      # function -> its patterns
 
@@ -53,6 +57,11 @@ def valid_patterns(value: Any, where: str) -> tuple[str, ...]:
     for pattern in patterns:
         if type(pattern) is not str or not pattern:
             raise mexc.InvalidOption(f"{where}: a pattern is a non-empty str, not {pattern!r}")
+        if len(pattern) > MAX_PATTERN_LEN:
+            raise mexc.InvalidOption(f"{where}: a pattern is at most {MAX_PATTERN_LEN} "
+                                     f"characters (peers refuse longer ones)")
+    if len(patterns) > MAX_PATTERNS:
+        raise mexc.InvalidOption(f"{where}: at most {MAX_PATTERNS} patterns")
     return tuple(patterns)
 
 
@@ -70,16 +79,35 @@ def allow(*patterns: str) -> Callable[[F], F]:
     return mark
 
 
-def rules_of(class_patterns: tuple[str, ...] | None,
-             functions: dict[str, Callable[..., Any]]) -> Rules:
+def rules_of(cls: type, class_patterns: tuple[str, ...] | None,
+             functions: list[str]) -> Rules:
     """function -> its patterns, for each exported function that not every
-    caller may call (a "*" pattern opens a function to everyone)."""
+    caller may call (a "*" pattern opens a function to everyone).  A
+    function's own ``@malla.allow`` is looked for along the class's MRO: an
+    override that does not repeat it keeps the rule of the one it overrides
+    (overriding never silently opens a function)."""
     rules: Rules = {}
-    for name, fn in functions.items():
-        patterns = getattr(fn, _ATTR, class_patterns)
+    for name in functions:
+        patterns = _marked(cls, name, class_patterns)
         if patterns is not None and "*" not in patterns:
             rules[name] = patterns
+    total = sum(len(p) for patterns in rules.values() for p in patterns)
+    if total > MAX_RULES_SIZE:
+        raise mexc.InvalidOption(
+            f"{cls.__name__}: its allow patterns take {total} characters in all, more than "
+            f"the {MAX_RULES_SIZE} peers accept")
     return rules
+
+
+def _marked(cls: type, name: str, default: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    # the nearest definition of `name` along the MRO that @malla.allow marked
+    for klass in cls.__mro__:
+        fn = vars(klass).get(name)
+        if fn is not None:
+            patterns = getattr(getattr(fn, "__func__", fn), _ATTR, None)
+            if patterns is not None:
+                return patterns  # type: ignore[no-any-return]
+    return default
 
 
 def permits(patterns: tuple[str, ...] | list[str], caller: str | None) -> bool:
@@ -121,13 +149,18 @@ def invalid_allow(rules: Any, functions: dict[Any, Any]) -> str | None:
     """Why a peer's announced `allow` map is malformed, or None."""
     if type(rules) is not dict:
         return "its allow rules are not a map"
+    size = 0
     for fun, patterns in rules.items():
         if type(fun) is not str or fun not in functions:
             return f"allow names {fun!r}, which is not one of its functions"
         if (type(patterns) is not list or not 0 < len(patterns) <= MAX_PATTERNS
                 or any(type(p) is not str or not 0 < len(p) <= MAX_PATTERN_LEN
                        for p in patterns)):
-            return f"the allow rule of {fun} is not a list of 1 to {MAX_PATTERNS} patterns"
+            return (f"the allow rule of {fun} is not a list of 1 to {MAX_PATTERNS} patterns "
+                    f"of at most {MAX_PATTERN_LEN} characters")
+        size += sum(len(p) for p in patterns)
+        if size > MAX_RULES_SIZE:
+            return f"its allow rules hold more than {MAX_RULES_SIZE} characters"
     return None
 
 
@@ -158,6 +191,14 @@ def forbidding_checkers(service: str, checkers: dict[str, Checker], info: dict[s
         if fun in checkers and not permits(patterns, caller):
             checkers[fun] = Forbidding(checkers[fun], _message(caller, service, fun, patterns))
     return checkers
+
+
+def without_refusals(checkers: dict[str, Checker]) -> dict[str, Checker]:
+    """`checkers` with each Forbidding one back to a plain argument check:
+    what a caller holds when no instance it knows of takes calls (the rules
+    may change with the next one; the serving node decides)."""
+    return {fun: Checker(c.name, c.signature) if isinstance(c, Forbidding) else c
+            for fun, c in checkers.items()}
 
 
 def warn_self_asserted(node: str, service: str, rules: Rules, identity: str) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla.arguments import Checker, checkers_of
-from malla.authz import forbidding_checkers
+from malla.authz import forbidding_checkers, without_refusals
 from malla.caller import CALL_OPTIONS, invalid_options
 from malla.precompile import load_precompile
 
@@ -179,10 +179,15 @@ class Proxy:
             functions = info.get("functions", {})
             if functions is self._last_source:
                 return self._last   # built once per announcement, not per call
-            return self._keep(functions, forbidding_checkers(
-                self._name, checkers_of(self._name, functions), info, node.name))
+            checkers = checkers_of(self._name, functions)
+            if node._registry.info(self._name) is None:
+                # no instance takes calls now (a restart, paused ones): its
+                # rules may change with it, so the serving node decides
+                return checkers
+            return self._keep(functions, forbidding_checkers(self._name, checkers, info,
+                                                             node.name))
         if self._last and self._last_source is not None:
-            return self._last
+            return without_refusals(self._last)
         stubs = node._precompiled if node is not None else load_precompile(None)
         arities = stubs.get(self._name)
         if arities is None:

@@ -76,8 +76,7 @@ class Service:
         if allow is not None:
             cls._malla_allow = valid_patterns(allow, f"{cls.__name__}(allow=...)")
         cls._malla_exports = _exports_of(cls)
-        cls._malla_rules = rules_of(cls._malla_allow,
-                                    {fun: getattr(cls, fun) for fun in cls._malla_exports})
+        cls._malla_rules = rules_of(cls, cls._malla_allow, list(cls._malla_exports))
 
     def service_cb_in(self, fun: str, args: list[Any], kwargs: dict[str, Any],
                       opts: dict[str, Any]) -> Any:

@@ -122,6 +122,32 @@ def test_the_rules_are_announced_and_a_caller_refuses_before_sending():
     with_nodes(body)
 
 
+class BillingOpen(malla.Service, name="Billing", global_=True):
+    def refund(self, n):
+        return -n
+
+
+def test_a_proxy_drops_its_refusals_when_no_instance_takes_calls():
+    # the rules may change with the next instance (a restart with new
+    # ones): while none runs, the proxy leaves the decision to whichever
+    # node serves next
+    async def body(make):
+        server, nodes = await _cluster(make, "batch-1")
+        batch = nodes["batch-1"]
+        proxy = batch.service("Billing")
+        with pytest.raises(malla.Forbidden):
+            proxy.refund(1)
+        await server.stop_service(Billing)
+        await wait_until(lambda: batch.get_nodes("Billing") == [])
+        with pytest.raises(malla.ServiceNotAvailable):
+            await batch.remote("Billing", "refund", [1], **FAST)
+        call = proxy.refund(1)                   # not refused where it is made
+        await server.start_service(BillingOpen)
+        assert await call == -1                  # the new instance's rules hold
+
+    with_nodes(body)
+
+
 def test_the_serving_node_refuses_a_caller_that_did_not_check(caplog):
     async def body(make):
         server = await make("billing").start()
@@ -276,11 +302,50 @@ def test_rules_are_validated_where_they_are_written():
     assert Child._malla_rules == {"quote": ("web-*", "billing"), "refund": ("admin-?", "ops"),
                                   "extra": ("web-*", "billing")}
 
+    # an override that does not repeat @malla.allow keeps the rule of the
+    # function it overrides (overriding never silently opens a function);
+    # one that gives its own replaces it
+    class Audited(Open, name="Audited"):
+        @malla.allow("admin-*")
+        def ping(self):
+            return "pong"
+
+    class Wrapped(Audited, name="Wrapped"):
+        def ping(self):                      # adds auditing, forgets the mark
+            return super().ping()
+
+    class Reopened(Audited, name="Reopened"):
+        @malla.allow("*")
+        def ping(self):
+            return "pong"
+
+    assert Wrapped._malla_rules == {"ping": ("admin-*",)}
+    assert Reopened._malla_rules == {}
+
+    # the bounds peers hold announced rules to hold here first (a service
+    # beyond them would be refused by every peer)
+    with pytest.raises(malla.InvalidOption, match="at most 128 characters"):
+        malla.allow("x" * 129)
+    with pytest.raises(malla.InvalidOption, match="at most 16 patterns"):
+        malla.allow(*[f"n{i}" for i in range(17)])
+    with pytest.raises(malla.InvalidOption, match="characters in all"):
+        class Huge(malla.Service, allow=["x" * 128] * 16):
+            def f1(self):
+                pass
+
+            def f2(self):
+                pass
+
+            def f3(self):
+                pass
+
 
 def test_malformed_announced_rules_are_refused_and_logged(caplog):
-    good = {"vsn": "1", "functions": {"f": [], "g": []}}
+    good = {"vsn": "1", "functions": {"f": [], "g": [], "f0": [], "f1": [], "f2": []}}
     for bad in ([["x"]], {"h": ["x"]}, {"f": []}, {"f": "x"}, {"f": [""]}, {"f": [3]},
-                {"f": ["x"] * 257}, {"f": ["x" * 1025]}):
+                {"f": ["x"] * 17}, {"f": ["x" * 129]},
+                # within each bound, beyond the total a receiver matches
+                {f"f{i}": ["*a" * 64] * 16 for i in range(3)}):
         assert invalid_info({**good, "allow": bad}) is not None, bad
     assert invalid_info({**good, "allow": {"f": ["web-*"]}}) is None
     registry = Registry("me")
