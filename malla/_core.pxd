@@ -2,6 +2,7 @@
 
 cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from cpython.object cimport PyObject
 
 include "core/debug.pxd"
 include "core/frame.pxd"
@@ -11,6 +12,7 @@ include "core/reassembly.pxd"
 include "core/dispatch.pxd"
 include "core/outqueue.pxd"
 include "core/pending.pxd"
+include "core/latency.pxd"
 include "core/wire.pxd"
 include "core/protocol.pxd"
 include "core/histogram.pxd"

@@ -36,11 +36,12 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.object cimport PyObject
 from cpython.contextvars cimport PyContextVar_Set, PyContextVar_Reset
 from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import asyncio
+import os
 import contextvars
 import logging
 
@@ -129,6 +130,7 @@ include "core/reassembly.pyx"
 include "core/dispatch.pyx"
 include "core/outqueue.pyx"
 include "core/pending.pyx"
+include "core/latency.pyx"
 include "core/memory.pyx"
 include "core/wire.pyx"
 include "core/protocol.pyx"

@@ -14,11 +14,12 @@ from typing import Any
 
 from malla import exceptions as mexc
 from malla._ext import core
+from malla.balance import check_mode
 from malla.dns import DEFAULT_PORT
 from malla.handshake import protocol_limits
 from malla.tls import check_identity_contexts
 
-__all__ = ["NodeConfig"]
+__all__ = ["NodeConfig", "NodeSettings"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class NodeConfig:
     ssl_client: Any = field(default=None, repr=False)
     # "cookie": names are self-asserted; "tls": bound to certificates
     identity: str = "cookie"
+    # "p2c": load-aware node choice (malla.balance); "shuffle": Malla's order
+    balance: str = "p2c"
     dns_servers: tuple[str, ...] | None = None
     udp_heartbeat: bool = True
     metrics: bool = False
@@ -102,6 +105,9 @@ class NodeConfig:
         if self.window_size and self.window_size < core.FRAME_OF_LARGE:
             return (f"window_size must be 0 (no pacing) or at least "
                     f"{core.FRAME_OF_LARGE} bytes (one frame of a large message)")
+        why = check_mode(self.balance)
+        if why is not None:
+            return why
         if self.identity not in ("cookie", "tls"):
             return f'identity is "cookie" or "tls", not {self.identity!r}'
         if self.identity == "tls":
@@ -118,3 +124,40 @@ class NodeConfig:
                 or not 0 <= float(self.tracing) <= 1):
             return "tracing is True, False, or a share of calls between 0 and 1"
         return None
+
+
+def _setting(name: str, as_list: bool = False) -> Any:
+    """A read-only attribute of the node: its frozen config's `name`."""
+    def read(node: NodeSettings) -> Any:
+        value = getattr(node.config, name)
+        return list(value) if as_list and value is not None else value
+    return property(read, doc=f"node.config.{name}")
+
+
+class NodeSettings:
+    """The settings of a Node as read-only attributes (`node.port`, ...),
+    each its frozen config's field."""
+
+    config: NodeConfig
+
+    host = _setting("host")
+    port = _setting("port")
+    hidden = _setting("hidden")
+    seeds = _setting("seeds", as_list=True)
+    connect_targets = _setting("connect", as_list=True)
+    dns_servers = _setting("dns_servers", as_list=True)
+    heartbeat_interval = _setting("heartbeat_interval")
+    heartbeat_timeout = _setting("heartbeat_timeout")
+    handshake_timeout = _setting("handshake_timeout")
+    check_interval = _setting("check_interval")
+    redial_max = _setting("redial_max")
+    forget_after = _setting("forget_after")
+    max_frame_size = _setting("max_frame_size")
+    max_message_size = _setting("max_message_size")
+    window_size = _setting("window_size")
+    ssl_server = _setting("ssl_server")
+    ssl_client = _setting("ssl_client")
+    identity = _setting("identity")
+    balance = _setting("balance")
+    udp_heartbeat = _setting("udp_heartbeat")
+    metrics_port = _setting("metrics_port")

@@ -11,7 +11,7 @@ included) and each layer can be tested against a fake of its interface.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -29,11 +29,11 @@ RunningService = Any
 # remote() or call_cb_all() of a node, as an interceptor sees it
 CallFn = Callable[..., Coroutine[Any, Any, Any]]
 
-# The balancer seam: the nodes a call tries, in order, for a service.  Today
-# the registry's own order (Registry.nodes: the local node first, then
-# shuffled each check cycle); a p2c or keyed balancer is a callable of this
-# shape handed to the Caller.
-NodeOrder = Callable[[str], Sequence[str]]
+# The balancer seam: the nodes a call tries, in order, for a service: the
+# registry's own order with balance="shuffle" (Registry.nodes: the local
+# node first, then shuffled each check cycle), the core's P2COrder with
+# "p2c" (malla/balance.py), iterated only as far as the call goes.
+NodeOrder = Callable[[str], Iterable[str]]
 
 __all__ = ["BuiltinHost", "CallFn", "CallHosting", "CallInterceptor", "CallPeers",
            "ConnectionHost", "NodeOrder", "ProxyHost", "StatsSource"]

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla._ext import core
+from malla.balance import p2c_order
 from malla.builtin import Builtin
 from malla.caller import Caller
 from malla.cluster import Cluster
-from malla.config import NodeConfig
+from malla.config import NodeConfig, NodeSettings
 from malla.dns import DEFAULT_PORT, parse_address
 from malla.guard import CookieSetting, cookie_bytes
 from malla.heartbeat import HeartbeatThread
@@ -47,15 +48,7 @@ __all__ = ["Node", "parse_address"]
 log = logging.getLogger("malla.node")
 
 
-def _setting(name: str, as_list: bool = False) -> Any:
-    """A read-only attribute of the node: its frozen config's `name`."""
-    def read(node: Node) -> Any:
-        value = getattr(node.config, name)
-        return list(value) if as_list and value is not None else value
-    return property(read, doc=f"node.config.{name}")
-
-
-class Node:
+class Node(NodeSettings):
     """A member of a malla cluster (docs/cluster.md).
 
     Seconds as floats for node settings, bytes for sizes.
@@ -70,6 +63,7 @@ class Node:
                  redial_max: float = 5.0, max_frame_size: int = 1 << 20,
                  max_message_size: int = 64 << 20, window_size: int = core.WINDOW,
                  ssl_server: Any = None, ssl_client: Any = None, identity: str = "cookie",
+                 balance: str = "p2c",
                  dns_servers: list[str] | None = None,
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
@@ -84,7 +78,8 @@ class Node:
             check_interval=check_interval, redial_max=redial_max, forget_after=forget_after,
             max_frame_size=max_frame_size, max_message_size=max_message_size,
             window_size=window_size, ssl_server=ssl_server, ssl_client=ssl_client,
-            identity=identity, dns_servers=tuple(dns_servers) if dns_servers else None,
+            identity=identity, balance=balance,
+            dns_servers=tuple(dns_servers) if dns_servers else None,
             udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
             tracing=tracing, max_pending_handshakes=max_pending_handshakes)
         self.name = name
@@ -107,8 +102,10 @@ class Node:
                                 lambda ftype, body: self._cluster.broadcast(ftype, body))
         self._cluster = Cluster(config, self._cookie, self._registry, self._hosting,
                                 self._stats, self._liveness, self._spawn)
+        order = (p2c_order(self._registry.nodes, self._cluster.connected, name)
+                 if balance == "p2c" else None)
         self._caller = Caller(name, self._registry, self._hosting, self._cluster, self._stats,
-                              self._spawn, carrier=tracer.carrier if tracer else None)
+                              self._spawn, order=order, carrier=tracer.carrier if tracer else None)
         remote, call_cb_all = self._caller.remote, self._caller.call_cb_all
         interceptors: list[CallInterceptor] = [i for i in (self._metrics, tracer) if i]
         for interceptor in interceptors:     # (the last one outermost)
@@ -119,28 +116,6 @@ class Node:
         self.remote = self._remote = remote  # type: ignore[method-assign]
         self.call_cb_all = self._call_cb_all = call_cb_all  # type: ignore[method-assign]
         self.local = self._caller.local  # type: ignore[method-assign]
-
-    # the settings, read-only (the record is frozen)
-    host = _setting("host")
-    port = _setting("port")
-    hidden = _setting("hidden")
-    seeds = _setting("seeds", as_list=True)
-    connect_targets = _setting("connect", as_list=True)
-    dns_servers = _setting("dns_servers", as_list=True)
-    heartbeat_interval = _setting("heartbeat_interval")
-    heartbeat_timeout = _setting("heartbeat_timeout")
-    handshake_timeout = _setting("handshake_timeout")
-    check_interval = _setting("check_interval")
-    redial_max = _setting("redial_max")
-    forget_after = _setting("forget_after")
-    max_frame_size = _setting("max_frame_size")
-    max_message_size = _setting("max_message_size")
-    window_size = _setting("window_size")
-    ssl_server = _setting("ssl_server")
-    ssl_client = _setting("ssl_client")
-    identity = _setting("identity")
-    udp_heartbeat = _setting("udp_heartbeat")
-    metrics_port = _setting("metrics_port")
 
     def __repr__(self) -> str:
         return f"<malla.Node {self.name} {self._cluster.address or 'not started'}>"

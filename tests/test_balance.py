@@ -1,257 +1,282 @@
-"""The p2c balancer's policy (malla.balance): local first, the better of a
-random pair, failover by cost, the latency average that decays so a slow
-node is re-probed, and "shuffle" leaving the order alone."""
+"""Load-aware node choice, Node(balance="p2c") (malla/balance.py,
+malla/core/latency.pyx): the latency average each connection keeps of its
+own calls, the p2c order of a call (local first, the better of a random
+pair, failover by cost), and real nodes on loopback where one is slow.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-import random
-import time
+import uuid
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from policyclock import StepClock
+from support import COOKIE, run_async, seed_of, wait_until
 
 import malla
-from malla.balance import Balancer
-from malla.outcome import FAILED, IGNORED, OK
-
-NODES = ["a", "b", "c", "d"]
-node_lists = st.lists(st.sampled_from("abcdefghij"), max_size=10, unique=True)
+from malla._ext import core
 
 
-def balancer(seed: int = 1, **kw) -> tuple[Balancer, StepClock]:
-    clock = StepClock()
-    return Balancer(clock=clock, rng=random.Random(seed), **kw), clock
+def fresh_service() -> str:
+    # the services' means are process-wide: each test its own service
+    return f"S{uuid.uuid4().hex[:8]}"
 
 
-def sample(bal: Balancer, node: str, seconds: float, outcome: int = OK,
-           service: str = "S") -> None:
-    bal.started(service, node)
-    bal.finished(service, node, seconds, outcome)
+def book() -> core.LatencyBook:
+    return core.LatencyBook()
 
 
-def firsts(bal: Balancer, rounds: int, nodes=NODES, local: str = "me") -> Counter[str]:
-    return Counter(bal.rank("S", nodes, local)[0] for _ in range(rounds))
-
-
-@pytest.mark.parametrize("mode", ["P2C", "round_robin", "", None, 1])
-def test_an_unknown_mode_is_refused(mode):
-    with pytest.raises(malla.InvalidOption):
-        Balancer(mode)
-
-
-@pytest.mark.parametrize("half_life", [0, -1.0, True, "10"])
-def test_a_bad_half_life_is_refused(half_life):
-    with pytest.raises(malla.InvalidOption):
-        Balancer(half_life=half_life)
-
-
-@given(nodes=node_lists, local=st.sampled_from("abz"), seed=st.integers(0, 99))
-def test_shuffle_keeps_the_candidates_order(nodes, local, seed):
-    bal = Balancer("shuffle", rng=random.Random(seed))
-    for n in nodes[:2]:
-        sample(bal, n, 5.0)          # what it knows does not matter
-    assert bal.rank("S", nodes, local) == nodes
-
-
-@given(nodes=node_lists, local=st.sampled_from("abz"), seed=st.integers(0, 99),
-       loads=st.lists(st.tuples(st.sampled_from("abcdefghij"), st.floats(0, 2)), max_size=8))
-def test_p2c_ranks_every_candidate_once_the_local_one_first(nodes, local, seed, loads):
-    bal, _ = balancer(seed)
-    for node, secs in loads:
-        sample(bal, node, secs)
-    ranked = bal.rank("S", nodes, local)
-    assert sorted(ranked) == sorted(nodes)
-    if local in nodes:
-        assert ranked[0] == local
-    # the lazy form agrees with the list (same random pair from the same seed)
-    bal2, _ = balancer(seed)
-    for node, secs in loads:
-        sample(bal2, node, secs)
-    assert list(bal2.ranked("S", nodes, local)) == ranked
-
-
-@given(seed=st.integers(0, 999),
-       loads=st.lists(st.tuples(st.sampled_from(NODES), st.floats(0, 1), st.booleans()),
-                      max_size=12))
-def test_the_first_beats_another_and_the_rest_go_cheapest_first(seed, loads):
-    bal, _ = balancer(seed)
-    for node, secs, busy in loads:
-        sample(bal, node, secs)
-        if busy:
-            bal.started("S", node)
-    ranked = bal.rank("S", NODES, "me")
-    costs = [bal.cost("S", n) for n in ranked]
-    assert costs[0] <= max(costs[1:])          # it won its pair
-    assert costs[1:] == sorted(costs[1:])
-
-
-def test_a_slow_node_is_never_first_and_the_others_share_the_calls():
-    bal, _ = balancer()
-    for n in "abc":
-        sample(bal, n, 0.001)
-    sample(bal, "d", 0.020)
-    seen = firsts(bal, 3000)
-    # p2c picks two distinct nodes: the costliest one never wins its pair
-    assert seen["d"] == 0
-    assert all(seen[n] > 600 for n in "abc"), seen     # ~1000 each
-
-
-def test_in_flight_calls_count_when_latencies_are_equal():
-    bal, _ = balancer()
-    for n in NODES:
-        sample(bal, n, 0.001)
-    for _ in range(3):
-        bal.started("S", "b")
-    assert bal.in_flight("b") == 3
-    assert firsts(bal, 1000)["b"] == 0
-    for _ in range(3):
-        bal.finished("S", "b", 0.001, OK)
-    assert bal.in_flight("b") == 0
-    assert firsts(bal, 1000)["b"] > 0
-
-
-def test_in_flight_is_the_nodes_whatever_the_service():
-    bal, _ = balancer()
-    for n in NODES:
-        sample(bal, n, 0.001)
-    bal.started("Other", "c")          # a call to another service on c
-    bal.started("Other", "c")
-    assert firsts(bal, 1000)["c"] == 0
-    bal.finished("Other", "c", 0.5, IGNORED)
-    bal.finished("Other", "c", 0.5, IGNORED)
-    assert bal.in_flight("c") == 0
-    assert bal.latency("S", "c") == pytest.approx(0.001)
-
-
-def test_before_anything_is_measured_in_flight_alone_decides():
-    bal, _ = balancer()
-    bal.started("S", "a")               # in flight, no sample yet
-    seen = firsts(bal, 2000)
-    assert seen["a"] == 0
-    assert all(seen[n] > 400 for n in "bcd"), seen
-
-
-def test_the_pair_is_random():
-    bal, _ = balancer()
-    seen = firsts(bal, 4000)
-    assert set(seen) == set(NODES)
-    assert all(n > 600 for n in seen.values()), seen   # 1000 each expected
-
-
-def test_failover_walks_the_rest_cheapest_first():
-    bal, _ = balancer()
-    for n, secs in zip(NODES, [0.004, 0.001, 0.003, 0.002], strict=True):
-        sample(bal, n, secs)
-    for _ in range(200):
-        ranked = bal.rank("S", NODES, "me")
-        rest = ranked[1:]
-        assert rest == sorted(rest, key=lambda n: bal.cost("S", n))
-        assert ranked[0] != "a"                        # the costliest never leads
-
-
-def test_the_local_node_leads_whatever_its_load():
-    bal, _ = balancer()
-    sample(bal, "me", 5.0, service="S")
-    for _ in range(10):
-        bal.started("S", "me")
-    assert all(bal.rank("S", ["a", "me", "b"], "me")[0] == "me" for _ in range(100))
-    assert bal.rank("S", ["me"], "me") == ["me"]
-    assert bal.rank("S", [], "me") == []
-    assert bal.rank("S", ["x"], "me") == ["x"]
-
+# -- the latency average ------------------------------------------------------------
 
 def test_a_slow_reply_counts_at_once_a_fast_one_over_a_few():
-    bal, _ = balancer()
-    sample(bal, "a", 0.001)
-    sample(bal, "a", 0.100)
-    assert bal.latency("S", "a") == pytest.approx(0.100)     # peak
-    sample(bal, "a", 0.001)
-    assert bal.latency("S", "a") == pytest.approx(0.100 + 0.25 * (0.001 - 0.100))
+    s, b, now = fresh_service(), book(), 100.0
+    b.sample(s, 0.001, False, now)
+    b.sample(s, 0.100, False, now)
+    assert b.latency(s, now) == pytest.approx(0.100)              # peak
+    b.sample(s, 0.001, False, now)
+    assert b.latency(s, now) == pytest.approx(0.100 + 0.25 * (0.001 - 0.100))
     for _ in range(40):
-        sample(bal, "a", 0.001)
-    assert bal.latency("S", "a") == pytest.approx(0.001, rel=0.01)
+        b.sample(s, 0.001, False, now)
+    assert b.latency(s, now) == pytest.approx(0.001, rel=0.01)
 
 
 def test_a_failure_never_makes_a_node_look_faster():
-    bal, _ = balancer()
-    sample(bal, "a", 0.010)
-    sample(bal, "a", 0.0001, FAILED)          # a fast refusal
-    assert bal.latency("S", "a") == pytest.approx(0.020)
-    sample(bal, "a", 0.0001, IGNORED)         # e.g. cancelled: not a sample
-    assert bal.latency("S", "a") == pytest.approx(0.020)
-    assert bal.in_flight("a") == 0
+    s, b, now = fresh_service(), book(), 100.0
+    b.sample(s, 0.010, False, now)
+    b.sample(s, 0.0001, True, now)            # a fast refusal (Overloaded)
+    assert b.latency(s, now) == pytest.approx(0.020)
 
 
-def test_the_average_halves_every_half_life_when_idle():
-    bal, clock = balancer(half_life=10.0)
-    sample(bal, "a", 0.080)
-    clock.advance(10)
-    assert bal.latency("S", "a") == pytest.approx(0.040)
-    clock.advance(20)
-    assert bal.latency("S", "a") == pytest.approx(0.010)
+def test_the_average_halves_every_ten_seconds_when_idle():
+    s, b = fresh_service(), book()
+    b.sample(s, 0.080, False, 100.0)
+    assert b.latency(s, 110.0) == pytest.approx(0.040)
+    assert b.latency(s, 130.0) == pytest.approx(0.010)
 
 
 def test_an_unmeasured_node_reads_as_the_services_mean():
-    bal, _ = balancer()
-    assert bal.latency("S", "new") == 0.0
-    sample(bal, "a", 0.004)
-    sample(bal, "b", 0.008)
-    assert bal.latency("S", "new") == pytest.approx(0.004 + 0.25 * 0.004)
-    assert bal.latency("T", "new") == 0.0          # per service
+    s = fresh_service()
+    a, other, new = book(), book(), book()
+    assert new.latency(s, 100.0) == 0.0
+    a.sample(s, 0.004, False, 100.0)
+    other.sample(s, 0.008, False, 100.0)
+    assert new.latency(s, 100.0) == pytest.approx(0.004 + 0.25 * 0.004)
+    assert new.latency(fresh_service(), 100.0) == 0.0             # per service
 
 
-def test_an_idle_slow_node_is_re_probed_now_and_then():
-    # ten calls a second, one at a time, for three minutes: the fast nodes
-    # take them, the slow one is tried again every time its average has
-    # decayed below theirs -- a few times, never often
-    bal, clock = balancer()
-    latency = {"a": 0.001, "b": 0.001, "c": 0.001, "d": 0.020}
-    for n in NODES:
-        sample(bal, n, latency[n])
-    went = Counter()
-    probes_at = []
-    for _ in range(1800):
-        clock.advance(0.1)
-        node = bal.rank("S", NODES, "me")[0]
-        went[node] += 1
-        if node == "d":
-            probes_at.append(clock.now)
-        sample(bal, node, latency[node])
-    assert 2 <= went["d"] <= 18, went      # re-probed, at most 1 % of calls
-    gaps = [b - a for a, b in itertools.pairwise(probes_at)]
-    assert all(g >= 20 for g in gaps), gaps  # each probe re-measures it
+@settings(max_examples=100, deadline=None)
+@given(latency=st.floats(0, 10), in_flight=st.integers(0, 10_000))
+def test_cost_is_latency_times_in_flight_plus_one(latency, in_flight):
+    s, b = fresh_service(), book()
+    b.sample(s, latency, False, 100.0)
+    assert b.cost(s, in_flight, 100.0) == pytest.approx(max(latency, 1e-6) * (in_flight + 1))
 
 
-def test_forget_drops_a_departed_node():
-    bal, _ = balancer()
-    sample(bal, "a", 1.0)
-    bal.started("S", "a")
-    bal.forget("a")
-    assert bal.in_flight("a") == 0
-    assert bal.latency("S", "a") == pytest.approx(1.0)   # now the service mean: a's sample
+@settings(max_examples=100, deadline=None)
+@given(samples=st.lists(st.tuples(st.floats(0, 1), st.booleans(), st.floats(0, 30)),
+                        min_size=1, max_size=30))
+def test_the_average_follows_its_formula(samples):
+    # the model of malla/core/latency.pyx's docstring, against the core
+    s, b = fresh_service(), book()
+    avg, at, now = None, 0.0, 0.0
+    for seconds, failed, wait in samples:
+        now += wait
+        v = 0.0 if avg is None else avg * 2 ** (-(now - at) / 10)
+        x = max(seconds, 2 * v) if failed else seconds
+        avg, at = (x if x > v else v + 0.25 * (x - v)), now
+        b.sample(s, seconds, failed, now)
+        assert b.latency(s, now) == pytest.approx(avg, rel=1e-9, abs=1e-12)
 
 
-def test_services_are_apart():
-    bal, _ = balancer()
-    sample(bal, "a", 1.0, service="S")
-    for n in "bcd":
-        sample(bal, n, 0.001, service="S")
-    assert bal.latency("T", "a") == 0.0
-    assert firsts(bal, 500)["a"] == 0
-    assert Counter(bal.rank("T", NODES, "me")[0] for _ in range(500))["a"] > 0
+# -- the order of one call ------------------------------------------------------------
+
+def protos(costs: dict[str, float], service: str) -> dict[str, SimpleNamespace]:
+    """node -> a connection whose core has measured `service` at that latency
+    (real cores, no socket: only their latency books are read)."""
+    loop = asyncio.new_event_loop()
+    conns = {}
+    now = core.monotonic()          # one time for all: equal latencies stay equal
+    for node, latency in costs.items():
+        proto = core.Protocol(None, loop, True, {})
+        proto.latency.sample(service, latency, False, now)
+        conns[node] = SimpleNamespace(proto=proto)
+    loop.close()
+    return conns
 
 
-def test_on_the_real_clock():
-    bal = Balancer()
-    bal.started("S", "a")
-    t = time.monotonic()
-    bal.finished("S", "a", 0.5, OK)
-    time.sleep(0.05)
-    read = bal.latency("S", "a")
-    # decayed by at most the time passed, at 10 s per halving
-    elapsed = time.monotonic() - t
-    assert 0.5 * 2 ** (-elapsed / 10) <= read < 0.5
+def ranking(costs: dict[str, float], order: list[str], local: str = "me",
+            seed: int = 1) -> tuple[core.P2COrder, str]:
+    s = fresh_service()
+    return core.P2COrder(lambda _s: order, protos(costs, s), local, seed), s
+
+
+@settings(max_examples=60, deadline=None)
+@given(nodes=st.lists(st.sampled_from("abcdefgh"), min_size=0, max_size=8, unique=True),
+       local=st.booleans(), seed=st.integers(1, 2**63),
+       latency=st.lists(st.floats(1e-5, 1.0), min_size=8, max_size=8))
+def test_every_node_once_local_first_then_the_pairs_winner_then_by_cost(
+        nodes, local, seed, latency):
+    costs = dict(zip("abcdefgh", latency, strict=True))
+    order = (["me"] if local else []) + nodes
+    p2c, s = ranking(costs, order, seed=seed)
+    got = list(p2c(s))
+    assert sorted(got) == sorted(order)                            # each node once
+    if local:
+        assert got[0] == "me"
+    remote = got[1:] if local else got
+    if len(remote) >= 2:
+        # the first beats at least one other (the pair's loser); the rest
+        # go cheapest first
+        assert any(costs[remote[0]] <= costs[n] for n in remote[1:])
+        rest = [costs[n] for n in remote[1:]]
+        assert rest == sorted(rest)
+
+
+def test_the_pair_is_random_and_the_slowest_never_first():
+    costs = {"a": 0.001, "b": 0.001, "c": 0.001, "d": 0.1}
+    p2c, s = ranking(costs, list(costs), seed=7)
+    firsts = Counter(next(iter(p2c(s))) for _ in range(3000))
+    assert firsts["d"] == 0
+    assert all(firsts[n] > 600 for n in "abc"), firsts            # about 1000 each
+
+
+def test_a_node_without_a_connection_comes_after_every_connected_one():
+    costs = {"a": 0.5, "b": 0.4}
+    p2c, s = ranking(costs, ["a", "b", "gone"], seed=3)
+    for _ in range(50):
+        assert list(p2c(s))[-1] == "gone"
+
+
+def test_one_candidate_or_local_and_one_is_the_order_itself():
+    order = ["me", "a"]
+    p2c = core.P2COrder(lambda _s: order, {}, "me")
+    assert p2c("S") is order
+    assert core.P2COrder(lambda _s: [], {}, "me")("S") == []
+
+
+# -- on real nodes ---------------------------------------------------------------------
+
+class Where(malla.Service, global_=True):
+    def __init__(self, name: str = "?", slow: float = 0.0) -> None:
+        self.name, self.slow = name, slow
+
+    async def where(self):
+        if self.slow:
+            await asyncio.sleep(self.slow)
+        return self.name
+
+
+def run(main) -> None:
+    made: list[malla.Node] = []
+
+    def make(name: str, **kw) -> malla.Node:
+        node = malla.Node(name, cookie=COOKIE, port=0, **kw)
+        made.append(node)
+        return node
+
+    async def body() -> None:
+        try:
+            await main(make)
+        finally:
+            for node in made:
+                await node.stop()
+
+    run_async(body())
+
+
+async def servers(make, names: str, slow: str = "", delay: float = 0.02) -> list[malla.Node]:
+    nodes: list[malla.Node] = []
+    for name in names:
+        node = await make(name, seeds=[seed_of(nodes[0])] if nodes else []).start()
+        await node.start_service(Where(name, delay if name in slow else 0.0))
+        nodes.append(node)
+    return nodes
+
+
+def test_a_slow_node_takes_almost_no_calls(caplog):
+    async def main(make):
+        first = (await servers(make, "abc", slow="c"))[0]
+        caller = await make("caller", seeds=[seed_of(first)]).start()
+        assert await caller.wait_for_services(["Where"], retries=20)
+        await wait_until(lambda: len(caller.get_nodes("Where")) == 3)
+        went = Counter([await caller.remote("Where", "where") for _ in range(300)])
+        # c answers 20 ms late: after its first reply it loses every pair
+        assert went["c"] <= 10, went
+        assert went["a"] > 60 and went["b"] > 60, went
+        # get_nodes is the registry's order, whatever the balancer does
+        assert sorted(caller.get_nodes("Where")) == ["a", "b", "c"]
+
+    run(main)
+
+
+def test_calls_in_flight_spread_over_equal_nodes():
+    async def main(make):
+        first = (await servers(make, "abc", slow="abc", delay=0.005))[0]
+        caller = await make("caller", seeds=[seed_of(first)]).start()
+        await wait_until(lambda: len(caller.get_nodes("Where")) == 3)
+        went = Counter(await asyncio.gather(*[caller.remote("Where", "where")
+                                              for _ in range(300)]))
+        assert all(went[n] > 40 for n in "abc"), went
+
+    run(main)
+
+
+def test_the_local_node_first_and_shuffle_keeps_the_registry_order():
+    async def main(make):
+        first = (await servers(make, "ab"))[0]
+        here = await make("c", seeds=[seed_of(first)]).start()
+        await here.start_service(Where("c"))
+        await wait_until(lambda: len(here.get_nodes("Where")) == 3)
+        assert {await here.remote("Where", "where") for _ in range(50)} == {"c"}
+        old = await make("old", seeds=[seed_of(first)], balance="shuffle").start()
+        await wait_until(lambda: len(old.get_nodes("Where")) == 3)
+        head = old.get_nodes("Where")[0]
+        assert {await old.remote("Where", "where") for _ in range(50)} == {head}
+
+    run(main)
+
+
+def test_no_call_fails_while_services_stop_under_it():
+    # calls keep going while two of three nodes stop the service: each call
+    # fails over along its ranking (or the table no longer has the node)
+    async def main(make):
+        nodes = await servers(make, "abc")
+        caller = await make("caller", seeds=[seed_of(nodes[0])]).start()
+        await wait_until(lambda: len(caller.get_nodes("Where")) == 3)
+        stop = asyncio.Event()
+
+        async def keep_calling() -> Counter[str]:
+            went: Counter[str] = Counter()
+            while not stop.is_set():
+                went[await caller.remote("Where", "where", sna_retries=0)] += 1
+            return went
+
+        workers = [asyncio.create_task(keep_calling()) for _ in range(8)]
+        await asyncio.sleep(0.2)
+        for node in nodes[:2]:
+            await node.stop_service(Where)
+        await asyncio.sleep(0.2)
+        stop.set()
+        went = sum([await w for w in workers], Counter())
+        assert went["c"] > 0 and sum(went.values()) > 50, went
+        assert {await caller.remote("Where", "where") for _ in range(20)} == {"c"}
+
+    run(main)
+
+
+@pytest.mark.parametrize("wrong", ["P2C", "round_robin", "", None, 1])
+def test_an_unknown_balance_is_refused(wrong):
+    with pytest.raises(malla.InvalidOption, match="balance"):
+        malla.Node("a", balance=wrong)
+    assert malla.Node("a").balance == "p2c"
+
+
+def test_pairs_are_distinct_nodes():
+    # with two remote nodes the pair is both of them: the cheaper always leads
+    p2c, s = ranking({"a": 0.2, "b": 0.1}, ["a", "b"], seed=11)
+    assert all(list(p2c(s)) == ["b", "a"] for _ in range(200))
+    assert list(itertools.islice(p2c(s), 1)) == ["b"]

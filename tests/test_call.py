@@ -123,7 +123,8 @@ async def trio(make):
     svcs = {"a": Svc("a"), "c": Svc("c")}
     await a.start_service(svcs["a"])
     await c.start_service(svcs["c"])
-    b = await make("b", check_interval=60, seeds=[seed_of(a)]).start()
+    # (Malla's order: these tests follow a call along get_nodes())
+    b = await make("b", check_interval=60, seeds=[seed_of(a)], balance="shuffle").start()
     await wait_until(lambda: sorted(b.get_nodes(Svc)) == ["a", "c"])
     return {"a": a, "c": c}, svcs, b
 

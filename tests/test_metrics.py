@@ -71,7 +71,8 @@ def test_stats_count_calls_errors_retries_failovers_and_latency():
     async def main(make):
         a = await make("a").start()
         await a.start_service(Calc)
-        b = await make("b", seeds=[seed_of(a)], metrics=True).start()
+        # (Malla's order, so that the failover below is the first node's)
+        b = await make("b", seeds=[seed_of(a)], metrics=True, balance="shuffle").start()
         assert await b.wait_for_services(["Calc"], retries=5)
         for i in range(20):
             assert await b.remote("Calc", "add", [i, 1]) == i + 1

@@ -176,9 +176,10 @@ def test_a_failover_is_one_client_span_naming_the_node_that_took_the_call():
         second = await make("n2", tracing=True, seeds=[seed_of(first)]).start()
         for node in (first, second):
             await node.start_service(Leaf)
-        caller = await make("caller", tracing=True, seeds=[seed_of(first)]).start()
+        caller = await make("caller", tracing=True, seeds=[seed_of(first)],
+                            balance="shuffle").start()
         await wait_until(lambda: len(caller.get_nodes("Leaf")) == 2)
-        # (remote() tries the nodes in get_nodes()' order)
+        # (with balance="shuffle", remote() tries the nodes in get_nodes()' order)
         refusing, taking = ((first, second) if caller.get_nodes("Leaf")[0] == "n1"
                             else (second, first))
         refusing._hosting.entries["Leaf"].paused = True    # refuses without announcing

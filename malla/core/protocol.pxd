@@ -2,6 +2,7 @@
 
 cdef class CoreProtocol(Wire):
     cdef Pending _pending
+    cdef public LatencyBook latency     # what our calls to the peer took, per service
     cdef dict _running              # stream id -> task of a call from the peer
     cdef public bint dialer
     cdef public str peer_name

@@ -17,6 +17,7 @@ cdef class CoreProtocol(Wire):
         self.dialer = dialer
         self.services = services
         self._pending = Pending()
+        self.latency = LatencyBook(self._pending)
         self._running = {}
         self.peer_name = None
         # Dialler's streams are odd, acceptor's even: ids of the two
@@ -140,6 +141,7 @@ cdef class CoreProtocol(Wire):
         cdef object fut = self._pending.pop(sid)
         if fut is None:
             return 0          # a late reply to a call that timed out or was cancelled
+        self.latency.ended(sid, OUTCOME_OK)
         try:
             value = _unpack_detached(p, n, detached)
         except EncodeError as exc:
@@ -174,8 +176,10 @@ cdef class CoreProtocol(Wire):
             self.owner._on_connection_error(err)
             return 0
         fut = self._pending.pop(sid)
-        if fut is not None and not fut.done():
-            fut.set_exception(err)
+        if fut is not None:
+            self.latency.refused(sid, err)
+            if not fut.done():
+                fut.set_exception(err)
         return 0
 
     cdef int _on_heartbeat(self, uint8_t flags, uint64_t sid) except -1:
@@ -371,7 +375,8 @@ cdef class CoreProtocol(Wire):
             del self._pending.calls[sid]
             raise
         self.calls_out += 1
-        if timeout_ms > 0 and self._pending.add_deadline(sid, _now() + timeout_ms * 0.001):
+        cdef double now = self.latency.sent(sid, service)
+        if timeout_ms > 0 and self._pending.add_deadline(sid, now + timeout_ms * 0.001):
             self._arm_timer()
         return fut
 
@@ -492,6 +497,7 @@ cdef class CoreProtocol(Wire):
             if sid == 0:
                 break
             fut = self._pending.pop(sid)
+            self.latency.ended(sid, OUTCOME_FAILED)
             if not fut.done():
                 fut.set_exception(CallTimeout(f"no reply from {self.peer_name} in time"))
             # The peer cancels what it still runs for us.

@@ -1,0 +1,34 @@
+# What this side learns of a peer from its own calls: latency per service.
+
+cdef struct SentCall:
+    uint64_t sid
+    double sent
+    PyObject* lat       # borrowed: a Latency its book's dict holds
+
+
+@cython.final
+cdef class ServiceMean:
+    cdef double value
+    cdef bint sampled
+
+
+@cython.final
+cdef class Latency:
+    cdef double avg
+    cdef double at
+    cdef bint sampled
+    cdef ServiceMean mean
+    cdef int sample(self, double seconds, bint failed, double now) except -1
+    cdef double read(self, double now) noexcept
+
+
+@cython.final
+cdef class LatencyBook:
+    cdef dict by_service
+    cdef SentCall* _ring
+    cdef Pending _pending           # the connection's calls in flight
+    cdef Latency of(self, str service)
+    cdef double sent(self, uint64_t sid, str service) except -1
+    cdef int ended(self, uint64_t sid, int outcome) except -1
+    cdef int refused(self, uint64_t sid, object err) except -1
+    cdef double cost_of(self, str service, Py_ssize_t in_flight, double now)

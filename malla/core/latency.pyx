@@ -1,0 +1,315 @@
+# LatencyBook: the latency average of each service on one peer, learnt from
+# this side's own calls over the connection (sans-IO), for the balancer
+# (malla/balance.py, DESIGN.md "Routing and resilience").
+#
+# Kept here, in the core, because it is fed by every call: the send time is
+# stamped where the call is queued and the reply matched where it arrives,
+# in C, with no Python frame per call.  The formulas:
+#
+# - read at t: avg x 2^(-(t - at) / HALF_LIFE): an idle node's average halves
+#   every 10 s, so a node that was slow and is no longer chosen soon looks
+#   as cheap as the others and is tried, and re-measured, again;
+# - a sample x at t, v the value read at t (0 before the first): avg = x
+#   when x > v (peak: a node
+#   that turns slow is avoided from its first slow reply), else v + ALPHA
+#   (x - v) (a recovery is believed over a few replies);
+# - a failed attempt (CallTimeout, Overloaded; malla/outcome.py) counts as
+#   max(x, 2v): a node that fails fast never looks fast;
+# - a service not measured on a node yet reads as the service's mean over
+#   every node of this process (neither favoured nor avoided; 0 before any
+#   sample, when in-flight alone decides);
+# - cost = max(read, 1 us) x (calls in flight to the node + 1): each call
+#   already waiting there is expected to take about its latency.
+
+from libc.math cimport exp, log, INFINITY
+from libc.stdlib cimport qsort
+
+cdef double HALF_LIFE = 10.0
+cdef double _RATE = log(2.0) / HALF_LIFE
+cdef double _ALPHA = 0.25
+cdef double _FLOOR = 1e-6
+# sent calls remembered per connection: a call whose slot a later one took
+# (more than this many in flight) gives no sample, nothing else
+cdef Py_ssize_t _RING = 1024
+
+# the outcomes of malla/outcome.py
+OUTCOME_OK = 0
+OUTCOME_FAILED = 1
+OUTCOME_IGNORED = 2
+
+# service -> its mean over every node this process calls
+cdef dict _MEANS = {}
+
+
+@cython.final
+cdef class ServiceMean:
+    pass
+
+
+@cython.final
+cdef class Latency:
+    """One (peer, service): its latency average, in seconds."""
+
+    def __cinit__(self):
+        self.avg = 0.0
+        self.at = 0.0
+        self.sampled = False
+
+    cdef double read(self, double now) noexcept:
+        if not self.sampled:
+            return self.mean.value if self.mean.sampled else 0.0
+        return self.avg * exp(-(now - self.at) * _RATE)
+
+    cdef int sample(self, double seconds, bint failed, double now) except -1:
+        # (a first sample is taken as it is: the service's mean is what an
+        # unmeasured node reads as, not a prior its own replies must undo)
+        cdef double v = self.avg * exp(-(now - self.at) * _RATE) if self.sampled else 0.0
+        if seconds < 0:
+            seconds = 0
+        if failed and seconds < 2 * v:
+            seconds = 2 * v
+        self.avg = seconds if seconds > v else v + _ALPHA * (seconds - v)
+        self.at = now
+        self.sampled = True
+        if self.mean.sampled:
+            self.mean.value += _ALPHA * (seconds - self.mean.value)
+        else:
+            self.mean.value = seconds
+            self.mean.sampled = True
+        return 0
+
+
+@cython.final
+cdef class LatencyBook:
+    """Per connection: service -> Latency, and the ring of calls sent (stream
+    id, send time, whose Latency) that a reply or an error is matched with."""
+
+    def __cinit__(self, Pending pending=None):
+        self.by_service = {}
+        self._pending = pending
+        self._ring = <SentCall*>PyMem_Malloc(_RING * sizeof(SentCall))
+        if self._ring is NULL:
+            raise MemoryError()
+        memset(self._ring, 0, _RING * sizeof(SentCall))
+
+    def __dealloc__(self):
+        PyMem_Free(self._ring)
+
+    cdef Latency of(self, str service):
+        cdef PyObject* p = PyDict_GetItem(self.by_service, service)
+        cdef Latency lat
+        cdef PyObject* m
+        if p is not NULL:
+            return <Latency>p
+        lat = Latency()
+        m = PyDict_GetItem(_MEANS, service)
+        if m is NULL:
+            lat.mean = ServiceMean()
+            _MEANS[service] = lat.mean
+        else:
+            lat.mean = <ServiceMean>m
+        self.by_service[service] = lat
+        return lat
+
+    cdef double sent(self, uint64_t sid, str service) except -1:
+        """Call `sid` to `service` was queued now; returns now."""
+        cdef double now = _now()
+        cdef SentCall* slot = &self._ring[(sid >> 1) & (_RING - 1)]
+        cdef Latency lat = self.of(service)
+        slot.sid = sid
+        slot.sent = now
+        # (borrowed: by_service keeps every Latency while the book lives)
+        slot.lat = <PyObject*>lat
+        return now
+
+    cdef int ended(self, uint64_t sid, int outcome) except -1:
+        cdef SentCall* slot = &self._ring[(sid >> 1) & (_RING - 1)]
+        cdef double now
+        if slot.sid != sid:
+            return 0
+        slot.sid = 0
+        if outcome != OUTCOME_IGNORED:
+            now = _now()
+            (<Latency>slot.lat).sample(now - slot.sent, outcome == OUTCOME_FAILED, now)
+        return 0
+
+    cdef int refused(self, uint64_t sid, object err) except -1:
+        # what an ERROR says of the peer (malla/outcome.py): a handler's
+        # exception was answered in time, Overloaded is the node's own
+        # fault, a refusal (not running there, a spent deadline, a bad call)
+        # says nothing of it
+        return self.ended(sid, OUTCOME_OK if isinstance(err, mexc.RemoteError) else
+                          OUTCOME_FAILED if isinstance(err, mexc.Overloaded) else
+                          OUTCOME_IGNORED)
+
+    cdef double cost_of(self, str service, Py_ssize_t in_flight, double now):
+        cdef PyObject* p = PyDict_GetItem(self.by_service, service)
+        cdef double v
+        cdef PyObject* m
+        if p is not NULL:
+            v = (<Latency>p).read(now)
+        else:
+            m = PyDict_GetItem(_MEANS, service)
+            v = (<ServiceMean>m).value if m is not NULL else 0.0
+        if v < _FLOOR:
+            v = _FLOOR
+        return v * (in_flight + 1)
+
+    # -- for tests and stats (the clock given, so formulas can be checked) ----
+
+    def sample(self, str service, double seconds, bint failed, double now):
+        """Record one attempt's time as the core does."""
+        self.of(service).sample(seconds, failed, now)
+
+    def latency(self, str service, double now):
+        """The service's latency average on this peer at `now`, seconds."""
+        return self.of(service).read(now)
+
+    def cost(self, str service, in_flight=None, now=None):
+        """What one more call to `service` costs on this peer: its latency
+        average there times (our calls in flight to it + 1)."""
+        return self.cost_of(
+            service, PyDict_Size(self._pending.calls) if in_flight is None else in_flight,
+            _now() if now is None else now)
+
+
+def forget_means():
+    """Forget every service's mean (tests: start from nothing)."""
+    _MEANS.clear()
+
+
+# -- the p2c order of one call (malla/balance.py says why) -----------------------
+
+cdef struct Ranked:
+    double cost
+    Py_ssize_t index
+
+
+cdef int _by_cost(const void* a, const void* b) noexcept nogil:
+    cdef const Ranked* x = <const Ranked*>a
+    cdef const Ranked* y = <const Ranked*>b
+    if x.cost < y.cost:
+        return -1
+    if x.cost > y.cost:
+        return 1
+    return (x.index > y.index) - (x.index < y.index)     # ties: the registry's order
+
+
+cdef double _cost_on(dict conns, object node, str service, double now):
+    # +inf for a node without an admitted connection: any connected one first
+    cdef PyObject* c = PyDict_GetItem(conns, node)
+    cdef object proto
+    cdef LatencyBook book
+    if c is NULL:
+        return INFINITY
+    proto = (<object>c).proto
+    if proto is None or not isinstance(proto, CoreProtocol):
+        return INFINITY
+    book = (<CoreProtocol>proto).latency
+    return book.cost_of(service, PyDict_Size(book._pending.calls), now)
+
+
+@cython.final
+cdef class Ranking:
+    """The nodes one call tries, in order, computed as far as it goes: the
+    local node, the better of a random remote pair, then (only when the call
+    fails over) the other remote nodes cheapest first."""
+
+    cdef list _order
+    cdef dict _conns
+    cdef str _service
+    cdef Py_ssize_t _start, _best, _other, _step, _k
+    cdef double _other_cost
+    cdef Ranked* _rest
+    cdef Py_ssize_t _n_rest
+
+    def __dealloc__(self):
+        PyMem_Free(self._rest)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef Py_ssize_t step = self._step
+        self._step += 1
+        if step == 0 and self._start:
+            return self._order[0]
+        if step <= self._start:
+            return self._order[self._best]
+        if self._rest is NULL:
+            self._rank_rest()
+        self._k += 1
+        if self._k > self._n_rest:
+            raise StopIteration
+        return self._order[self._rest[self._k - 1].index]
+
+    cdef int _rank_rest(self) except -1:
+        cdef Py_ssize_t n = len(self._order), i, j = 0
+        cdef double now = _now()
+        self._rest = <Ranked*>PyMem_Malloc((n + 1) * sizeof(Ranked))
+        if self._rest is NULL:
+            raise MemoryError()
+        for i in range(self._start, n):
+            if i == self._best:
+                continue
+            self._rest[j].index = i
+            self._rest[j].cost = (self._other_cost if i == self._other else
+                                  _cost_on(self._conns, self._order[i], self._service, now))
+            j += 1
+        self._n_rest = j
+        qsort(self._rest, j, sizeof(Ranked), _by_cost)
+        return 0
+
+
+@cython.final
+cdef class P2COrder:
+    """`Node(balance="p2c")`'s node order: called with a service, the nodes
+    a call tries (the registry's `nodes(service)`, local first, re-ranked)."""
+
+    cdef object _nodes
+    cdef dict _conns
+    cdef str _local
+    cdef uint64_t _state
+
+    def __init__(self, nodes, dict conns, str local, uint64_t seed=0):
+        self._nodes = nodes
+        self._conns = conns
+        self._local = local
+        self._state = seed or int.from_bytes(os.urandom(8), "little") or 1
+
+    cdef inline Py_ssize_t _below(self, Py_ssize_t m) noexcept:
+        # xorshift64*: a uniform pick in [0, m), no Python call
+        cdef uint64_t x = self._state
+        x ^= x >> 12
+        x ^= x << 25
+        x ^= x >> 27
+        self._state = x
+        return <Py_ssize_t>(((x * <uint64_t>2685821657736338717ULL) >> 11) % <uint64_t>m)
+
+    def __call__(self, str service):
+        cdef list order = self._nodes(service)
+        cdef Py_ssize_t n = len(order)
+        cdef Py_ssize_t start = 1 if n and order[0] == self._local else 0
+        cdef Py_ssize_t m = n - start, i, j
+        cdef double ci, cj, now
+        cdef Ranking r
+        if m < 2:
+            return order                 # nothing to choose between
+        i = self._below(m)
+        j = self._below(m - 1)
+        j += j >= i
+        i += start
+        j += start
+        now = _now()
+        ci = _cost_on(self._conns, order[i], service, now)
+        cj = _cost_on(self._conns, order[j], service, now)
+        r = Ranking.__new__(Ranking)
+        r._order = order
+        r._conns = self._conns
+        r._service = service
+        r._start = start
+        if ci <= cj:
+            r._best, r._other, r._other_cost = i, j, cj
+        else:
+            r._best, r._other, r._other_cost = j, i, ci
+        return r
