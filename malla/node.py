@@ -351,5 +351,6 @@ class Node:
             "failovers": stats.failovers,
             "in_flight": sum(p.in_flight for p in protos if not p.closed),
             **self._cluster.pending.counts(),
+            **self._cluster.throttle.counts(),
             "latency": self._metrics.snapshot() if self._metrics is not None else {},
         }
