@@ -230,15 +230,17 @@ def check_flood(report: dict) -> None:
     kinds = attacker["by_kind"]
     attempts = cfg["one_address"] + cfg["many"]
     # the flood really happened: every attempt made, of every kind, each
-    # connection closed by the node (none outlived handshake_timeout) and
-    # counted there once -- refused at the limit, throttled, or failed
+    # connection closed by the node and counted there once -- refused at the
+    # limit, throttled, or failed.  (Slack for the kernel: past the listen
+    # backlog a connection the client sees as open may not be accepted for a
+    # while; one the attacker gave up on after handshake_timeout + 10 s is
+    # `outlived`, and never counted by the node.)
     assert attacker["attempts"] == attempts
     assert all(kinds[f"many:{k}"]["connected"] > 0 for k in KINDS)
-    assert attacker["outlived"] == 0
+    connected, outlived = attacker["connected"], attacker["outlived"]
+    assert 0.99 * attempts <= connected and outlived <= attempts // 100, attacker
     done = {k: node["after"][k] - node["before"][k] for k in HANDSHAKE_KEYS[1:]}
-    connected = attacker["connected"]
-    assert 0.99 * attempts <= connected
-    assert 0.99 * connected <= sum(done.values()) <= connected, (done, connected)
+    assert 0.99 * (connected - outlived) <= sum(done.values()) <= connected, (done, attacker)
     # the limit held and was reached; the one address was throttled
     assert node["max_pending"] <= cfg["max_pending_handshakes"]
     assert done["handshakes_refused"] > 0
