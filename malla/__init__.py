@@ -18,6 +18,7 @@ from malla.api import (
     stop,
     wait_for_services,
 )
+from malla.authz import allow
 from malla.codec import register_type
 from malla.context import CallContext, current_call, remaining_ms
 from malla.exceptions import (
@@ -69,6 +70,7 @@ __all__ = [
     "UnknownFunction",
     "Unreachable",
     "__version__",
+    "allow",
     "blocking",
     "call",
     "call_cb_all",

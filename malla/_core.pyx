@@ -75,6 +75,7 @@ cdef int ERR_BAD_REQUEST = mexc.ERR_BAD_REQUEST
 cdef int ERR_OVERLOADED = mexc.ERR_OVERLOADED
 cdef int ERR_UNDECODABLE = mexc.ERR_UNDECODABLE
 cdef int ERR_BAD_ARGUMENTS = mexc.ERR_BAD_ARGUMENTS
+cdef int ERR_FORBIDDEN = mexc.ERR_FORBIDDEN
 cdef object BadArguments = mexc.BadArguments
 cdef object remote_error = mexc.remote_error
 cdef object remote_fields = mexc.remote_fields

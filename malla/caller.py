@@ -229,7 +229,7 @@ class Caller:
         entry = self._entries.get(name)
         if entry is None:
             raise ServiceNotAvailable(f"service {name} is not running here")
-        why = entry.refusal(fun, args, kwargs)
+        why = entry.refusal(fun, args, kwargs, None, self.name)
         if why is not None:
             raise mexc.error_from_wire(why[0], why[1], why[2], None)
         if at is not None:
@@ -298,7 +298,12 @@ class Caller:
         if entry is None:
             if not isinstance(service, type):
                 raise ServiceNotAvailable(f"service {name} is not running on this node")
-            entry = RunningService(service())
+            entry = RunningService(service(), report=self._hosting.forbidden)
+        # (allow= applies to this node too, before the arguments, as the
+        # serving side's rule set orders them)
+        denied = entry.denial(fun, self.name)
+        if denied is not None:
+            raise mexc.Forbidden(denied)
         check_arguments(entry.checks, name, fun, args, kwargs)
         # the function sees a call from this node, within the budget it inherits
         token = enter(self.name, name, fun, None, None, inherited_deadline(), True, False)

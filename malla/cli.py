@@ -5,6 +5,7 @@
     malla call Service.fun ARG... [--seed host:port] [--timeout ms]
     malla ping NODE [--ready] [--seed host:port] [--timeout ms]
     malla top [--once] [--interval s] [--seed host:port]
+    malla cert ca --out DIR | malla cert node NAME... --ca DIR --out DIR
     malla demo
     malla bench [--seconds S] [--json]
 
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import malla
+from malla import certs
 from malla.arguments import signature_from_wire
 from malla.cli_input import call_arguments, node_options, seeds_of
 from malla.cli_output import EXIT_TABLE, EXIT_USAGE, UserError, dumps
@@ -144,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="ms per node (default 2000)")
     _client_options(top)
 
+    _cert_parser(sub)
     sub.add_parser("demo", help="start a small cluster on loopback, call it, kill a node, "
                                 "and watch the calls fail over")
     bench = sub.add_parser("bench", help="measure malla on this machine: sequential and "
@@ -161,13 +164,60 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
                         "comma- or space-separated)")
     p.add_argument("--cookie-file", metavar="FILE", help="file holding the cluster's cookie "
                                          "(default: MALLA_COOKIE)")
-    p.add_argument("--tls-cert", metavar="PEM", help="this node's certificate (mutual TLS; "
-                   "with --tls-key and --tls-ca)")
-    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
-    p.add_argument("--tls-ca", metavar="PEM", help="the CA that signs every node's certificate")
+    _tls_options(p)
     p.add_argument("--dns-server", action="append", default=[], metavar="HOST[:PORT]",
                    help="DNS server for name@domain and SRV targets (repeatable; default: "
                         "the system's resolver)")
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    """Mutual TLS (read by malla.cli_input.tls_options)."""
+    p.add_argument("--tls-cert", metavar="PEM", help="this node's certificate (mutual TLS; "
+                   "with --tls-key and --tls-ca; `malla cert` makes them)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--tls-ca", metavar="PEM", help="the CA that signs every node's certificate")
+    p.add_argument("--identity", choices=("cookie", "tls"), default=None,
+                   help="cookie: node names are self-asserted; tls: each node's name must be "
+                        "one its certificate names (needs the --tls-* files; default: "
+                        "MALLA_IDENTITY, else cookie)")
+
+
+def _cert_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cert = sub.add_parser(
+        "cert", help="make a development CA and node certificates for TLS",
+        description="Make a development CA, then a certificate and key per node, signed by "
+                    "it, naming the node in its SANs (DNS:NAME when NAME is a DNS name, and "
+                    "URI:malla://NAME, percent-encoded): the files --tls-cert, --tls-key and "
+                    "--tls-ca read. EC P-256 keys, written 0600; existing files are never "
+                    "overwritten. Needs cryptography: pip install malla[cert].",
+        epilog="example: malla cert ca --out certs && "
+               "malla cert node n1 n2 cli --ca certs --out certs")
+    what = cert.add_subparsers(dest="cert_command", metavar="WHAT", required=True)
+    ca = what.add_parser("ca", help="a self-signed development CA: DIR/ca.pem, DIR/ca-key.pem",
+                         description="Make a self-signed CA (CA:TRUE, keyCertSign; an EC "
+                                     "P-256 key written 0600) in DIR. Needs cryptography: "
+                                     "pip install malla[cert].",
+                         epilog="example: malla cert ca --out certs")
+    ca.add_argument("--out", required=True, metavar="DIR",
+                    help="where to write ca.pem and ca-key.pem (made if missing)")
+    ca.add_argument("--days", type=int, default=certs.CA_DAYS, metavar="N",
+                    help=f"days it is valid (default {certs.CA_DAYS})")
+    node = what.add_parser(
+        "node", help="a certificate per node name: DIR/NAME.pem, DIR/NAME-key.pem",
+        description="Issue a certificate and key for each NAME, signed by the CA in --ca, "
+                    "for serverAuth and clientAuth (a node both accepts and dials), naming "
+                    "it in its SANs: DNS:NAME when NAME is a DNS host name, and "
+                    "URI:malla://NAME (percent-encoded) always. EC P-256 keys written 0600; "
+                    "nothing is written if a file exists. Needs cryptography: "
+                    "pip install malla[cert].",
+        epilog="example: malla cert node n1 n2 cli --ca certs --out certs")
+    node.add_argument("names", nargs="+", metavar="NAME", help="a node name (repeatable)")
+    node.add_argument("--ca", required=True, metavar="DIR",
+                      help="the directory `malla cert ca` wrote")
+    node.add_argument("--out", required=True, metavar="DIR",
+                      help="where to write the files (made if missing)")
+    node.add_argument("--days", type=int, default=certs.NODE_DAYS, metavar="N",
+                      help=f"days each is valid (default {certs.NODE_DAYS})")
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
@@ -446,6 +496,20 @@ async def _cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cert(args: argparse.Namespace) -> int:
+    """`malla cert ca|node`: each file written, one line each."""
+    try:
+        if args.cert_command == "ca":
+            written = [certs.make_ca(args.out, days=args.days)]
+        else:
+            written = certs.issue_all(args.names, ca_dir=args.ca, out=args.out, days=args.days)
+    except (ImportError, malla.InvalidOption, OSError) as exc:   # cryptography missing too
+        raise UserError(str(exc)) from None
+    for cert, key in written:
+        print(f"wrote {cert} and {key} (the key 0600)")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     # malla's own self-benchmark (malla/selfbench.py): it works from a wheel;
     # the comparison with other systems is the repository's `make bench`
@@ -476,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main()
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "cert":
+            return _cmd_cert(args)
         commands = {"node": _cmd_node, "services": _cmd_services, "call": _cmd_call,
                     "ping": _cmd_ping, "top": _cmd_top}
         if args.command not in commands:

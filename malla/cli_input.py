@@ -16,7 +16,8 @@ from typing import Any
 from malla import tls
 from malla.cli_output import UserError
 
-__all__ = ["call_arguments", "cookie", "node_options", "parse_arg", "seeds_of", "stdin_json"]
+__all__ = ["call_arguments", "cookie", "node_options", "parse_arg", "seeds_of", "stdin_json",
+           "tls_options"]
 
 
 def seeds_of(args: argparse.Namespace) -> list[str]:
@@ -45,16 +46,33 @@ def node_options(args: argparse.Namespace) -> dict[str, Any]:
     """The Node settings the cluster options give."""
     options: dict[str, Any] = {"cookie": cookie(args.cookie_file),
                                "dns_servers": list(args.dns_server) or None}
+    options.update(tls_options(args))
+    return options
+
+
+def tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Node's TLS settings from --tls-cert/--tls-key/--tls-ca and
+    --identity (none without the files)."""
     files = (args.tls_cert, args.tls_key, args.tls_ca)
     if any(files) and not all(files):
         raise UserError("--tls-cert, --tls-key and --tls-ca go together")
-    if all(files):
-        try:
-            options["ssl_server"] = tls.server_context(*files)
-            options["ssl_client"] = tls.client_context(*files)
-        except (OSError, ssl.SSLError) as exc:
-            raise UserError(f"cannot load the TLS files: {exc}") from None
-    return options
+    # (argparse checks the flag's choices, not an environment default's)
+    identity = args.identity or os.environ.get("MALLA_IDENTITY") or "cookie"
+    if identity not in ("cookie", "tls"):
+        raise UserError(f"MALLA_IDENTITY is cookie or tls, not {identity!r}")
+    if identity == "tls":
+        if not all(files):
+            raise UserError("--identity tls needs --tls-cert, --tls-key and --tls-ca")
+        if getattr(args, "name", "") is None:
+            # (a client's default name, malla-cli-PID, is in no certificate)
+            raise UserError("--identity tls needs --name: the node name your certificate names")
+    if not all(files):
+        return {}
+    try:
+        return {"ssl_server": tls.server_context(*files),
+                "ssl_client": tls.client_context(*files), "identity": identity}
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(f"cannot load the TLS files: {exc}") from None
 
 
 def parse_arg(text: str) -> Any:

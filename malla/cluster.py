@@ -277,7 +277,7 @@ class Cluster:
     # -- ConnectionHost ------------------------------------------------------------
 
     def hello(self, sockname: Any = None) -> Hello:
-        vmin, vmax, caps = protocol_limits()
+        vmin, vmax, caps = protocol_limits(self.config.identity)
         udp = self._hb.port if self._hb and caps & CAP_UDP_HEARTBEAT else None
         return Hello(name=self.name, incarnation=self.incarnation, hidden=self.config.hidden,
                      vmin=vmin, vmax=vmax, caps=caps, max_frame_size=self.config.max_frame_size,

@@ -15,6 +15,8 @@ from typing import Any
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.dns import DEFAULT_PORT
+from malla.handshake import protocol_limits
+from malla.tls import check_identity_contexts
 
 __all__ = ["NodeConfig"]
 
@@ -43,6 +45,8 @@ class NodeConfig:
     window_size: int = core.WINDOW
     ssl_server: Any = field(default=None, repr=False)
     ssl_client: Any = field(default=None, repr=False)
+    # "cookie": names are self-asserted; "tls": bound to certificates
+    identity: str = "cookie"
     dns_servers: tuple[str, ...] | None = None
     udp_heartbeat: bool = True
     metrics: bool = False
@@ -98,6 +102,16 @@ class NodeConfig:
         if self.window_size and self.window_size < core.FRAME_OF_LARGE:
             return (f"window_size must be 0 (no pacing) or at least "
                     f"{core.FRAME_OF_LARGE} bytes (one frame of a large message)")
+        if self.identity not in ("cookie", "tls"):
+            return f'identity is "cookie" or "tls", not {self.identity!r}'
+        if self.identity == "tls":
+            why = check_identity_contexts(self.ssl_server, self.ssl_client)
+            if why is not None:
+                return why
+        try:
+            protocol_limits(self.identity)    # (the test setting, if any, is well formed)
+        except mexc.InvalidOption as exc:
+            return str(exc)
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             return f"metrics_port {self.metrics_port} is not a TCP port"
         if (not isinstance(self.tracing, (bool, int, float))

@@ -18,6 +18,7 @@ import msgpack
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.handshake import CAP_WINDOW, Handshake, Hello, error_payload
+from malla.tls import name_verifier
 
 if TYPE_CHECKING:
     from malla.interfaces import ConnectionHost
@@ -89,7 +90,10 @@ class Connection:
             proto.abort()
             return
         sockname = proto.transport.get_extra_info("sockname")
-        self.handshake = Handshake(self.dialer, self.host.hello(sockname), self.host.cookie)
+        verify = (name_verifier(proto.transport, "dialler" if not self.dialer else "acceptor")
+                  if self.host.config.identity == "tls" else None)
+        self.handshake = Handshake(self.dialer, self.host.hello(sockname), self.host.cookie,
+                                   verify)
         self._hs_timer = asyncio.get_running_loop().call_later(
             self.host.config.handshake_timeout, self._handshake_timed_out)
         self._send(self.handshake.start())

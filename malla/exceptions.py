@@ -253,6 +253,7 @@ ERR_BAD_REQUEST = 7
 ERR_UNDECODABLE = 8
 ERR_AUTH = 9
 ERR_BAD_ARGUMENTS = 10
+ERR_FORBIDDEN = 11
 
 _CODE_CLASSES: dict[int, type[MallaError]] = {
     ERR_SERVICE_NOT_AVAILABLE: ServiceNotAvailable,
@@ -263,6 +264,7 @@ _CODE_CLASSES: dict[int, type[MallaError]] = {
     ERR_UNDECODABLE: EncodeError,
     ERR_AUTH: AuthenticationError,
     ERR_BAD_ARGUMENTS: BadArguments,
+    ERR_FORBIDDEN: Forbidden,
 }
 _CLASS_CODES: dict[type[MallaError], int] = {cls: code for code, cls in _CODE_CLASSES.items()}
 

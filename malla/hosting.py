@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla._ext import core
+from malla.authz import warn_self_asserted
 from malla.ratelimit import RateLimitedLog
 from malla.registry import BUILTIN, service_name
 from malla.service import RunningService, Service, describe
@@ -42,6 +43,7 @@ class Hosting:
         self._tracing = tracing
         self._broadcast = broadcast
         self._cast_log = RateLimitedLog(log)
+        self._forbidden_log = RateLimitedLog(log)
         # name -> every service running here (in-process calls find them here)
         self.entries: dict[str, RunningService] = {}
         # What the network may call: the global services (a non-global one
@@ -88,11 +90,12 @@ class Hosting:
         self._run(instance)
         self.expected.add(name)
         log.info("malla: %s started service %s", node, name)
+        warn_self_asserted(node, name, cls._malla_rules, self._config.identity)
 
     def _run(self, instance: Service) -> None:
         cls = type(instance)
         name = cls._malla_name
-        entry = self.entries[name] = RunningService(instance, self._tracing)
+        entry = self.entries[name] = RunningService(instance, self._tracing, self.forbidden)
         if cls._malla_global:
             self.exposed[name] = entry
         self._changed(entry, describe(instance))
@@ -130,10 +133,21 @@ class Hosting:
     def _not_running(self, name: str) -> mexc.ServiceNotAvailable:
         return mexc.ServiceNotAvailable(f"service {name} is not running on {self._config.name}")
 
+    def forbidden(self, service: str, fun: str, caller: str | None) -> None:
+        """A call refused here by the service's allow= rules (from a peer
+        or from this node): counted in stats()["forbidden"], logged
+        rate-limited."""
+        self._stats.forbidden += 1
+        self._forbidden_log.warning("malla: %s: refused a call of %s.%s from %s: not allowed",
+                                    self._config.name, service, fun, caller)
+
     def cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
         """A cast failed on this node (it has no caller to tell): counted
-        under the error a caller would have got, logged rate-limited."""
+        under the error a caller would have got, logged rate-limited (a
+        forbidden one was logged by `forbidden` already)."""
         self._stats.count(kind)
+        if kind == "Forbidden":
+            return
         self._cast_log.warning("malla: %s: cast %s.%s failed: %s: %s",
                                self._config.name, service, fun, kind, message)
 

@@ -62,6 +62,7 @@ class CallHosting(Protocol):
     entries: dict[str, RunningService]
 
     def cast_failed(self, service: str, fun: str, kind: str, message: str) -> None: ...
+    def forbidden(self, service: str, fun: str, caller: str | None) -> None: ...
 
 
 class CallPeers(Protocol):

@@ -69,8 +69,8 @@ class Node:
                  handshake_timeout: float = 5.0, check_interval: float = 10.0,
                  redial_max: float = 5.0, max_frame_size: int = 1 << 20,
                  max_message_size: int = 64 << 20, window_size: int = core.WINDOW,
-                 ssl_server: Any = None,
-                 ssl_client: Any = None, dns_servers: list[str] | None = None,
+                 ssl_server: Any = None, ssl_client: Any = None, identity: str = "cookie",
+                 dns_servers: list[str] | None = None,
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
                  metrics_port: int | None = None, tracing: bool | float = False,
@@ -84,7 +84,7 @@ class Node:
             check_interval=check_interval, redial_max=redial_max, forget_after=forget_after,
             max_frame_size=max_frame_size, max_message_size=max_message_size,
             window_size=window_size, ssl_server=ssl_server, ssl_client=ssl_client,
-            dns_servers=tuple(dns_servers) if dns_servers else None,
+            identity=identity, dns_servers=tuple(dns_servers) if dns_servers else None,
             udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
             tracing=tracing, max_pending_handshakes=max_pending_handshakes)
         self.name = name
@@ -138,6 +138,7 @@ class Node:
     window_size = _setting("window_size")
     ssl_server = _setting("ssl_server")
     ssl_client = _setting("ssl_client")
+    identity = _setting("identity")
     udp_heartbeat = _setting("udp_heartbeat")
     metrics_port = _setting("metrics_port")
 
@@ -349,6 +350,7 @@ class Node:
             "errors": dict(stats.errors),
             "retries": stats.retries,
             "failovers": stats.failovers,
+            "forbidden": stats.forbidden,
             "in_flight": sum(p.in_flight for p in protos if not p.closed),
             **self._cluster.pending.counts(),
             **self._cluster.throttle.counts(),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla.arguments import Checker, checkers_of
+from malla.authz import forbidding_checkers, without_refusals
 from malla.caller import CALL_OPTIONS, invalid_options
 from malla.precompile import load_precompile
 
@@ -174,13 +175,19 @@ class Proxy:
         except mexc.ServiceNotAvailable:
             node = None
         info = node._registry.known_info(self._name) if node is not None else None
-        if info is not None:
+        if info is not None and node is not None:
             functions = info.get("functions", {})
             if functions is self._last_source:
                 return self._last   # built once per announcement, not per call
-            return self._keep(functions, checkers_of(self._name, functions))
+            checkers = checkers_of(self._name, functions)
+            if node._registry.info(self._name) is None:
+                # no instance takes calls now (a restart, paused ones): its
+                # rules may change with it, so the serving node decides
+                return checkers
+            return self._keep(functions, forbidding_checkers(self._name, checkers, info,
+                                                             node.name))
         if self._last and self._last_source is not None:
-            return self._last
+            return without_refusals(self._last)
         stubs = node._precompiled if node is not None else load_precompile(None)
         arities = stubs.get(self._name)
         if arities is None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from malla import exceptions as mexc
 from malla.arguments import Checker, checkers_of
+from malla.authz import forbidding_checkers, invalid_allow
 
 __all__ = ["BUILTIN", "Registry", "invalid_info", "service_name"]
 
@@ -67,6 +68,8 @@ def invalid_info(info: Any) -> str | None:
             checkers_of("", {fun: params})
         except (ValueError, TypeError) as exc:   # e.g. parameters out of order
             return f"the signature of {fun} is not valid: {exc}"
+    if "allow" in info:
+        return invalid_allow(info["allow"], functions)
     return None
 
 
@@ -148,7 +151,10 @@ class Registry:
         if info is None:
             self._checks.get(service, {}).pop(node, None)
         else:
-            self._checks.setdefault(service, {})[node] = checkers_of(service, info["functions"])
+            # (a function this node may not call, by the announced allow
+            # rules, is refused before sending: malla.authz)
+            self._checks.setdefault(service, {})[node] = forbidding_checkers(
+                service, checkers_of(service, info["functions"]), info, self.local_name)
 
     def set_table(self, node: str, table: dict[str, dict[str, Any]]) -> None:
         """Replace everything known of `node` by its full table."""

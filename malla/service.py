@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.arguments import checkers_of
+from malla.authz import Policy, Rules, rules_of, valid_patterns
 from malla.context import enter_served
 from malla.tracing import Tracing
 
@@ -42,9 +43,11 @@ class Service:
     """Base class of malla services.
 
     Class keywords: ``name`` (default the class name), ``vsn`` (default "0"),
-    ``global_`` (announce to the cluster; default False) and
+    ``global_`` (announce to the cluster; default False),
     ``max_concurrency`` (calls running at once on this node; beyond it a call
-    gets Overloaded).
+    gets Overloaded) and ``allow`` (a pattern or a list of patterns of the
+    caller node names that may call its functions; default everyone;
+    ``@malla.allow`` on a function replaces it for that function).
     """
 
     _malla_name: ClassVar[str] = "Service"
@@ -52,9 +55,13 @@ class Service:
     _malla_global: ClassVar[bool] = False
     _malla_max_concurrency: ClassVar[int] = DEFAULT_MAX_CONCURRENCY
     _malla_exports: ClassVar[dict[str, int]] = {}
+    _malla_allow: ClassVar[tuple[str, ...] | None] = None
+    # function -> its allow patterns, for those not open to everyone
+    _malla_rules: ClassVar[Rules] = {}
 
     def __init_subclass__(cls, *, name: str | None = None, vsn: str | None = None,
                           global_: bool | None = None, max_concurrency: int | None = None,
+                          allow: str | list[str] | tuple[str, ...] | None = None,
                           **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._malla_name = name if name is not None else cls.__name__
@@ -66,7 +73,10 @@ class Service:
             if max_concurrency < 1:
                 raise ValueError("max_concurrency must be at least 1")
             cls._malla_max_concurrency = int(max_concurrency)
+        if allow is not None:
+            cls._malla_allow = valid_patterns(allow, f"{cls.__name__}(allow=...)")
         cls._malla_exports = _exports_of(cls)
+        cls._malla_rules = rules_of(cls, cls._malla_allow, list(cls._malla_exports))
 
     def service_cb_in(self, fun: str, args: list[Any], kwargs: dict[str, Any],
                       opts: dict[str, Any]) -> Any:
@@ -137,7 +147,7 @@ def signature_of(fn: Callable[..., Any]) -> list[list[Any]]:
 def describe(service: Service, paused: bool = False) -> dict[str, Any]:
     """The metadata a node announces for a running service."""
     cls = type(service)
-    return {
+    info: dict[str, Any] = {
         "vsn": cls._malla_vsn,
         "global": cls._malla_global,
         "paused": paused,
@@ -145,6 +155,10 @@ def describe(service: Service, paused: bool = False) -> dict[str, Any]:
                       for name in cls._malla_exports},
         "max_concurrency": cls._malla_max_concurrency,
     }
+    if cls._malla_rules:
+        # only the functions not open to everyone (docs/protocol.md)
+        info["allow"] = {fun: list(patterns) for fun, patterns in cls._malla_rules.items()}
+    return info
 
 
 def _hook_overridden(cls: type[Service]) -> bool:
@@ -156,7 +170,8 @@ class RunningService(core.ServiceEntry):
     slow path for what the core does not run itself (hooks, coroutines,
     blocking functions, the concurrency limit)."""
 
-    def __init__(self, instance: Service, tracing: Tracing | None = None) -> None:
+    def __init__(self, instance: Service, tracing: Tracing | None = None,
+                 report: Callable[[str, str, str | None], None] | None = None) -> None:
         cls = type(instance)
         funcs = {name: getattr(instance, name) for name in cls._malla_exports}
         # the core runs plain functions itself only when nothing else must
@@ -165,8 +180,11 @@ class RunningService(core.ServiceEntry):
         # the argument check of each function, for every path (the core's
         # inline one, dispatch, in-process and local calls)
         checks = checkers_of(cls._malla_name, {n: signature_of(f) for n, f in funcs.items()})
+        # (no allow= rule: no policy, and the core checks nothing per call;
+        # `report` hears of each refusal)
+        policy = Policy(cls._malla_rules, report) if cls._malla_rules else None
         super().__init__(cls._malla_name, funcs, dict(cls._malla_exports), fast,
-                         cls._malla_max_concurrency, checks)
+                         cls._malla_max_concurrency, checks, policy)
         self.instance = instance
         self.hooked = _hook_overridden(cls)
         self.tracing = tracing

@@ -13,12 +13,13 @@ a dnsmasq started elsewhere (inside a network namespace: tests/netns.py).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from typing import Any
+
+from support import require_tool
 
 __all__ = ["Dnsmasq", "argv", "free_port", "require", "wait_started"]
 
@@ -28,16 +29,7 @@ PACKAGE = "dnsmasq-base"
 def require() -> str:
     """The dnsmasq binary, installed first when missing (fails, not skips,
     with how to install it where that cannot be done here)."""
-    path = shutil.which("dnsmasq")
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", PACKAGE], check=True,
-                       capture_output=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-        path = shutil.which("dnsmasq")
-    if path is None:
-        raise RuntimeError(f"the DNS tests need dnsmasq: apt-get install {PACKAGE} "
-                           "(or run make test as root, which installs it)")
-    return path
+    return require_tool("dnsmasq", PACKAGE, needed_by="the DNS tests")
 
 
 def version() -> str:

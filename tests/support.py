@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def require_tool(binary: str, package: str, *, needed_by: str) -> str:
+    """The path of a system tool, installed with apt-get when missing and we
+    are root (CI starts from a fresh machine, as .ci/run says); else fails
+    (never skips) saying how to get it."""
+    path = shutil.which(binary)
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            # the package lists may be missing or stale: refresh once
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+            subprocess.run(install, env=env, capture_output=True, check=True)
+        path = shutil.which(binary)
+    if path is None:
+        raise RuntimeError(f"{needed_by} need {binary}: apt-get install {package} "
+                           "(or run make test as root, which installs it)")
+    return path
 
 
 def run_async(coro, *, loop: str = "uvloop", timeout: float = 60.0):

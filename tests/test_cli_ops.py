@@ -251,6 +251,37 @@ def test_tls_flags_reach_a_tls_cluster(nodes, pki):
     assert out.returncode == 2 and "go together" in out.stderr
 
 
+def test_the_cli_reaches_a_cluster_with_certificate_identity(nodes, pki):
+    # each node's certificate names it (trustme: DNS:<name>); --identity tls
+    # binds every name to its certificate
+    n1 = nodes("n1", "--service", "examples.calculator:Calculator", "--identity", "tls",
+               *pki("n1"))
+    n2 = nodes("n2", "--seed", n1.seed, "--identity", "tls", *pki("n2"))
+    client = pki("cli")
+    out = malla("call", "Calculator.add", "1", "2", "--seed", n2.seed, "--name", "cli",
+                "--identity", "tls", *client)
+    assert out.returncode == 0 and json.loads(out.stdout) == 3, out.stderr
+    # the same client under another name: its certificate does not name it
+    out = malla("call", "Calculator.add", "1", "2", "--seed", n1.seed, "--name", "root",
+                "--identity", "tls", "--wait", "2", *client)
+    assert out.returncode == 5 and "does not name node 'root'" in out.stderr, out.stderr
+    n1.wait_for_log(r"WARNING malla\.connection: .*claims to be node 'root', but its "
+                    r"certificate names cli")
+    # --identity tls needs the certificate files, and a client needs its name
+    out = malla("call", "Calculator.add", "1", "2", "--seed", n1.seed, "--identity", "tls")
+    assert out.returncode == 2 and "needs --tls-cert" in out.stderr, out.stderr
+    out = malla("call", "Calculator.add", "1", "2", "--seed", n1.seed, "--identity", "tls",
+                *client)
+    assert out.returncode == 2 and "needs --name" in out.stderr, out.stderr
+    # MALLA_IDENTITY sets it too, and is checked as the flag is
+    out = malla("call", "Calculator.add", "1", "2", "--seed", n2.seed, "--name", "cli",
+                *client, env=dict(ENV, MALLA_IDENTITY="tls"))
+    assert out.returncode == 0 and json.loads(out.stdout) == 3, out.stderr
+    out = malla("call", "Calculator.add", "1", "2", "--seed", n2.seed, "--name", "cli",
+                *client, env=dict(ENV, MALLA_IDENTITY="TLS"))
+    assert out.returncode == 2 and "MALLA_IDENTITY is cookie or tls" in out.stderr, out.stderr
+
+
 # -- exit codes by family ------------------------------------------------------------
 
 @pytest.fixture

@@ -61,25 +61,39 @@ def pump(dialer: Handshake, acceptor: Handshake, log: list | None = None,
 
 
 def pair(d_hello: Hello | None = None, a_hello: Hello | None = None,
-         d_cookie: bytes = COOKIE, a_cookie: bytes = COOKIE) -> tuple[Handshake, Handshake]:
-    return (Handshake(True, d_hello or hello("dialer@host", listen=("127.0.0.1", 4000)), d_cookie),
-            Handshake(False, a_hello or hello("acceptor@host", listen=("10.0.0.2", 4001)),
-                      a_cookie))
+         d_cookie: bytes = COOKIE, a_cookie: bytes = COOKIE,
+         version: int | None = None) -> tuple[Handshake, Handshake]:
+    """A dialler and an acceptor; `version` pins both to that one version."""
+    pin = {} if version is None else {"vmin": version, "vmax": version}
+    d_hello = d_hello or hello("dialer@host", listen=("127.0.0.1", 4000), **pin)
+    a_hello = a_hello or hello("acceptor@host", listen=("10.0.0.2", 4001), **pin)
+    return Handshake(True, d_hello, d_cookie), Handshake(False, a_hello, a_cookie)
+
+
+# the frames of each version's handshake, in order
+ORDER = {
+    1: [("d->a", FT_HELLO), ("a->d", FT_HELLO), ("d->a", FT_AUTH), ("a->d", FT_AUTH)],
+    # version 2: the acceptor's HELLO is split, its identity after the proof
+    2: [("d->a", FT_HELLO), ("a->d", FT_HELLO), ("d->a", FT_AUTH), ("a->d", FT_HELLO),
+        ("a->d", FT_AUTH)],
+}
+versions = pytest.mark.parametrize("version", sorted(ORDER))
 
 
 # -- success -------------------------------------------------------------------
 
-def test_success():
-    d_local = hello("dialer@host", incarnation=1 << 63, hidden=True, max_frame_size=1 << 20)
+@versions
+def test_success(version):
+    pin = {"vmin": version, "vmax": version}
+    d_local = hello("dialer@host", incarnation=1 << 63, hidden=True, max_frame_size=1 << 20,
+                    **pin)
     a_local = hello("acceptor@host", incarnation=7, listen=("10.0.0.2", 4001),
-                    max_frame_size=65536)
+                    max_frame_size=65536, **pin)
     dialer, acceptor = pair(d_local, a_local)
     log: list = []
     pump(dialer, acceptor, log)
     assert dialer.done and acceptor.done
-    # the order of the protocol: HELLO, HELLO, AUTH, AUTH
-    assert [(d, t) for d, t, _ in log] == [("d->a", FT_HELLO), ("a->d", FT_HELLO),
-                                           ("d->a", FT_AUTH), ("a->d", FT_AUTH)]
+    assert [(d, t) for d, t, _ in log] == ORDER[version]
     # each side got the other's Hello
     assert dialer.peer is not None and acceptor.peer is not None
     assert dialer.peer.name == "acceptor@host" and dialer.peer.incarnation == 7
@@ -88,15 +102,19 @@ def test_success():
     assert acceptor.peer.hidden is True and acceptor.peer.listen is None
     assert dialer.peer == acceptor.local and acceptor.peer == dialer.local
     # the agreed version and the smaller max_frame_size, on both sides
-    assert dialer.version == acceptor.version == 1
+    assert dialer.version == acceptor.version == version
     assert dialer.max_frame_size == acceptor.max_frame_size == 65536
     # AUTH carries a raw 32-byte HMAC-SHA256 proof, different per role
     proofs = [p for _, t, p in log if t == FT_AUTH]
     assert all(len(p) == 32 for p in proofs) and proofs[0] != proofs[1]
 
 
-def test_max_frame_size_is_the_minimum_either_way():
-    dialer, acceptor = pair(hello("d", max_frame_size=4096), hello("a", max_frame_size=1 << 20))
+@versions
+@pytest.mark.parametrize("small", ["dialer", "acceptor"])
+def test_max_frame_size_is_the_minimum_either_way(version, small):
+    sizes = (4096, 1 << 20) if small == "dialer" else (1 << 20, 4096)
+    dialer, acceptor = pair(hello("d", max_frame_size=sizes[0], vmin=version, vmax=version),
+                            hello("a", max_frame_size=sizes[1], vmin=version, vmax=version))
     pump(dialer, acceptor)
     assert dialer.max_frame_size == acceptor.max_frame_size == 4096
 
@@ -115,13 +133,14 @@ def test_acceptor_waits_for_the_dialer():
     assert not dialer.done and not acceptor.done
 
 
-def test_cookie_never_on_the_wire():
+@versions
+def test_cookie_never_on_the_wire(version):
     cookie = b"very-secret-cookie-" + os.urandom(16)
-    dialer, acceptor = pair(d_cookie=cookie, a_cookie=cookie)
+    dialer, acceptor = pair(d_cookie=cookie, a_cookie=cookie, version=version)
     log: list = []
     pump(dialer, acceptor, log)
     assert dialer.done and acceptor.done
-    assert len(log) == 4
+    assert len(log) == len(ORDER[version])
     for _, _, payload in log:
         assert cookie not in payload
         assert cookie[:16] not in payload
@@ -130,8 +149,9 @@ def test_cookie_never_on_the_wire():
 
 # -- authentication ------------------------------------------------------------
 
-def test_wrong_cookie_fails_at_the_acceptor():
-    dialer, acceptor = pair(d_cookie=b"cookie-one", a_cookie=b"cookie-two")
+@versions
+def test_wrong_cookie_fails_at_the_acceptor(version):
+    dialer, acceptor = pair(d_cookie=b"cookie-one", a_cookie=b"cookie-two", version=version)
     to_acceptor = dialer.start()
     acceptor.start()
     [(t, a_hello)] = acceptor.receive(*to_acceptor[0])
@@ -143,12 +163,20 @@ def test_wrong_cookie_fails_at_the_acceptor():
     assert not acceptor.done and not dialer.done
 
 
-def test_wrong_cookie_through_pump_never_yields_an_acceptor_auth():
-    dialer, acceptor = pair(d_cookie=b"x" * 32, a_cookie=b"y" * 32)
+@versions
+def test_wrong_cookie_through_pump_never_yields_an_acceptor_auth(version):
+    dialer, acceptor = pair(d_cookie=b"x" * 32, a_cookie=b"y" * 32, version=version)
     log: list = []
     with pytest.raises(malla.AuthenticationError):
         pump(dialer, acceptor, log)
     assert ("a->d", FT_AUTH) not in [(d, t) for d, t, _ in log]
+    # from the acceptor, one HELLO only: in version 2 its challenge, which
+    # names nothing (no name, incarnation or address reaches a stranger)
+    from_acceptor = [p for d, _, p in log if d == "a->d"]
+    assert len(from_acceptor) == 1
+    if version == 2:
+        assert set(unpackb(from_acceptor[0])) == {"magic", "vmin", "vmax", "caps", "nonce"}
+        assert b"acceptor@host" not in from_acceptor[0]
     assert not dialer.done and not acceptor.done
 
 
@@ -162,8 +190,9 @@ FORGERIES = {
 }
 
 
+@versions
 @pytest.mark.parametrize("forgery", sorted(FORGERIES))
-def test_dialer_rejects_a_wrong_acceptor_proof(forgery):
+def test_dialer_rejects_a_wrong_acceptor_proof(forgery, version):
     sent: dict = {}
 
     def tamper(direction, ftype, payload):
@@ -174,7 +203,7 @@ def test_dialer_rejects_a_wrong_acceptor_proof(forgery):
                 return FORGERIES[forgery](payload, sent["d_auth"])
         return payload
 
-    dialer, acceptor = pair()
+    dialer, acceptor = pair(version=version)
     with pytest.raises(malla.AuthenticationError):
         pump(dialer, acceptor, tamper=tamper)
     assert acceptor.done and not dialer.done
@@ -196,25 +225,30 @@ def test_nonces_are_fresh_per_handshake():
     assert unpackb(p1)["nonce"] == d1.local.nonce
 
 
-def test_two_handshakes_between_the_same_nodes_differ():
+@versions
+def test_two_handshakes_between_the_same_nodes_differ(version):
     logs = []
     for _ in range(2):
-        dialer, acceptor = pair()
+        dialer, acceptor = pair(version=version)
         log: list = []
         pump(dialer, acceptor, log)
         logs.append([p for _, _, p in log])
-    assert all(a != b for a, b in zip(*logs, strict=False))
+    differ = [a != b for a, b in zip(*logs, strict=True)]
+    # every frame differs (fresh nonces, so fresh proofs) but version 2's
+    # acceptor identity, the same node's each time, bound by the proof after it
+    assert differ == [True, True, True, False, True] if version == 2 else all(differ)
 
 
-def test_replayed_dialer_hello_and_auth_fail():
-    dialer, acceptor = pair()
+@versions
+def test_replayed_dialer_hello_and_auth_fail(version):
+    dialer, acceptor = pair(version=version)
     log: list = []
     pump(dialer, acceptor, log)
     assert acceptor.done
     recorded = [(t, p) for d, t, p in log if d == "d->a"]
     assert [t for t, _ in recorded] == [FT_HELLO, FT_AUTH]
     # an eavesdropper without the cookie replays them to a new acceptor
-    _, new_acceptor = pair()
+    _, new_acceptor = pair(version=version)
     new_acceptor.start()
     out = new_acceptor.receive(*recorded[0])
     assert [t for t, _ in out] == [FT_HELLO]      # a fresh nonce goes out...
@@ -223,45 +257,52 @@ def test_replayed_dialer_hello_and_auth_fail():
     assert not new_acceptor.done
 
 
-def test_replayed_acceptor_hello_and_auth_fail():
-    dialer, acceptor = pair()
+@versions
+def test_replayed_acceptor_hello_and_auth_fail(version):
+    dialer, acceptor = pair(version=version)
     log: list = []
     pump(dialer, acceptor, log)
     recorded = [(t, p) for d, t, p in log if d == "a->d"]
-    new_dialer, _ = pair()
+    new_dialer, _ = pair(version=version)
     new_dialer.start()
-    new_dialer.receive(*recorded[0])
+    for frame in recorded[:-1]:
+        new_dialer.receive(*frame)
     with pytest.raises(malla.AuthenticationError):
-        new_dialer.receive(*recorded[1])
+        new_dialer.receive(*recorded[-1])
     assert not new_dialer.done
 
 
-def test_reflected_dialer_proof_does_not_pass_as_the_acceptors():
-    dialer, _acceptor = pair()
+@versions
+def test_reflected_dialer_proof_does_not_pass_as_the_acceptors(version):
+    dialer, _acceptor = pair(version=version)
     [(_, d_hello)] = dialer.start()
-    [(_, d_auth)] = dialer.receive(FT_HELLO, acceptor_hello_for(d_hello))
-    # a fake acceptor without the cookie sends the dialer's own proof back
+    # a fake acceptor without the cookie answers (and, in version 2, gives an
+    # identity as if the dialer had proved itself), then sends the dialer's
+    # own proof back
+    fake = Handshake(False, hello("fake", vmin=version, vmax=version), b"no-cookie")
+    fake.start()
+    [(_, a_hello)] = fake.receive(FT_HELLO, d_hello)
+    [(_, d_auth)] = dialer.receive(FT_HELLO, a_hello)
+    if version == 2:
+        assert dialer.receive(FT_HELLO, fake.local.encode(("name", "inc", "hidden", "mfs",
+                                                             "listen", "udp"))) == []
     with pytest.raises(malla.AuthenticationError):
         dialer.receive(FT_AUTH, d_auth)
 
 
-def acceptor_hello_for(d_hello: bytes) -> bytes:
-    fake = Handshake(False, hello("fake"), b"no-cookie")
-    fake.start()
-    [(_, a_hello)] = fake.receive(FT_HELLO, d_hello)
-    return a_hello
-
-
+@versions
 @pytest.mark.parametrize("direction", ["d->a", "a->d"])
-def test_tampered_hello_fails_authentication(direction):
+def test_tampered_hello_fails_authentication(direction, version):
     def tamper(d, ftype, payload):
         if d == direction and ftype == FT_HELLO:
             m = unpackb(payload)
-            m["mfs"] = 2048                     # e.g. a MITM shrinking frames
+            # e.g. a MITM shrinking frames, or lowering the capabilities
+            # of a version-2 challenge (which has no frame size)
+            m["mfs" if "mfs" in m else "caps"] = 2048
             return packb(m)
         return payload
 
-    dialer, acceptor = pair()
+    dialer, acceptor = pair(version=version)
     with pytest.raises(malla.AuthenticationError):
         pump(dialer, acceptor, tamper=tamper)
     assert not (dialer.done and acceptor.done)
@@ -319,7 +360,7 @@ def test_future_hello_with_unknown_keys_is_accepted():
     # an extended HELLO breaks the dialer's proof, so only check it is understood
     out = acceptor.receive(t, packb(m))
     assert [t for t, _ in out] == [FT_HELLO]
-    assert acceptor.version == 1 and acceptor.peer.caps == 0xFF00
+    assert acceptor.version == 2 and acceptor.peer.caps == 0xFF00
 
 
 # -- malformed input ------------------------------------------------------------------
@@ -428,7 +469,7 @@ def test_auth_before_hello_is_a_protocol_error():
 
 
 def test_second_hello_is_a_protocol_error():
-    dialer, acceptor = pair()
+    dialer, acceptor = pair(version=1)
     [(_, d_hello)] = dialer.start()
     acceptor.start()
     [(_, a_hello)] = acceptor.receive(FT_HELLO, d_hello)
@@ -437,6 +478,110 @@ def test_second_hello_is_a_protocol_error():
     dialer.receive(FT_HELLO, a_hello)
     with pytest.raises(malla.ProtocolError):
         dialer.receive(FT_HELLO, a_hello)
+
+
+def test_a_hello_after_the_version_2_identity_is_a_protocol_error():
+    dialer, acceptor = pair(version=2)
+    [(_, d_hello)] = dialer.start()
+    acceptor.start()
+    [(_, challenge)] = acceptor.receive(FT_HELLO, d_hello)
+    [(_, d_auth)] = dialer.receive(FT_HELLO, challenge)
+    [(_, identity), _] = acceptor.receive(FT_AUTH, d_auth)
+    assert dialer.receive(FT_HELLO, identity) == []
+    with pytest.raises(malla.ProtocolError):
+        dialer.receive(FT_HELLO, identity)
+
+
+# -- version 2: the split acceptor HELLO -------------------------------------------------
+
+IDENTITY_KEYS = ("name", "inc", "hidden", "mfs", "listen", "udp")
+
+
+def v2_up_to_identity(tamper_identity=None):
+    """A version-2 handshake up to the acceptor's identity, which
+    `tamper_identity(map)` may rewrite; returns (dialer, identity, a_auth)."""
+    dialer, acceptor = pair(version=2)
+    [(_, d_hello)] = dialer.start()
+    acceptor.start()
+    [(_, challenge)] = acceptor.receive(FT_HELLO, d_hello)
+    [(_, d_auth)] = dialer.receive(FT_HELLO, challenge)
+    [(_, identity), (_, a_auth)] = acceptor.receive(FT_AUTH, d_auth)
+    if tamper_identity is not None:
+        identity = packb(tamper_identity(unpackb(identity)))
+    return dialer, identity, a_auth
+
+
+def test_version_2_identity_holds_the_rest_of_the_acceptors_hello():
+    dialer, identity, a_auth = v2_up_to_identity()
+    assert set(unpackb(identity)) == set(IDENTITY_KEYS)
+    assert dialer.peer is None                   # nothing known before the identity
+    dialer.receive(FT_HELLO, identity)
+    dialer.receive(FT_AUTH, a_auth)
+    assert dialer.done and dialer.peer.name == "acceptor@host"
+    assert dialer.peer.listen == ("10.0.0.2", 4001)
+
+
+@pytest.mark.parametrize("key,value", [("nonce", b"n" * 32), ("caps", 0), ("vmax", 1)])
+def test_version_2_identity_cannot_change_the_challenge(key, value):
+    # the challenge's fields stand; adding them to the identity changes the
+    # bytes the acceptor's proof covered, so it fails as well
+    dialer, identity, a_auth = v2_up_to_identity(lambda m: {**m, key: value})
+    dialer.receive(FT_HELLO, identity)
+    assert getattr(dialer.peer, key) != value
+    with pytest.raises(malla.AuthenticationError):
+        dialer.receive(FT_AUTH, a_auth)
+
+
+@pytest.mark.parametrize("key", IDENTITY_KEYS[:4])
+def test_version_2_identity_without_a_field_is_a_protocol_error(key):
+    dialer, identity, _ = v2_up_to_identity(lambda m: {k: v for k, v in m.items() if k != key})
+    with pytest.raises(malla.ProtocolError):
+        dialer.receive(FT_HELLO, identity)
+    assert not dialer.done
+
+
+@pytest.mark.parametrize("key,value", [("nonce", b"short"), ("nonce", None), ("caps", "7"),
+                                       ("vmin", None), ("magic", b"HTTP/1")])
+def test_malformed_version_2_challenge_is_a_protocol_error(key, value):
+    dialer, acceptor = pair(version=2)
+    [(_, d_hello)] = dialer.start()
+    acceptor.start()
+    [(_, challenge)] = acceptor.receive(FT_HELLO, d_hello)
+    with pytest.raises(malla.ProtocolError):
+        dialer.receive(FT_HELLO, packb({**unpackb(challenge), key: value}))
+
+
+def refuse(name: str) -> None:
+    raise mexc.AuthenticationError(f"no certificate for {name}")
+
+
+def test_the_acceptor_verifies_the_dialers_name_before_answering():
+    seen: list[str] = []
+    dialer, _ = pair(version=2)
+    acceptor = Handshake(False, hello("a"), COOKIE, verify=lambda n: (seen.append(n), refuse(n)))
+    [(_, d_hello)] = dialer.start()
+    acceptor.start()
+    with pytest.raises(malla.AuthenticationError, match="no certificate for dialer@host"):
+        acceptor.receive(FT_HELLO, d_hello)       # nothing sent: not even a challenge
+    assert seen == ["dialer@host"] and not acceptor.done
+
+
+def test_the_dialer_verifies_the_acceptors_name_from_its_identity():
+    seen: list[str] = []
+    dialer = Handshake(True, hello("d", vmin=2, vmax=2), COOKIE,
+                       verify=lambda n: (seen.append(n), refuse(n)))
+    acceptor = Handshake(False, hello("acceptor@host", vmin=2, vmax=2), COOKIE)
+    with pytest.raises(malla.AuthenticationError, match="no certificate for acceptor@host"):
+        pump(dialer, acceptor)
+    assert seen == ["acceptor@host"] and not dialer.done
+
+
+def test_a_verified_name_completes_the_handshake():
+    seen: list[str] = []
+    dialer = Handshake(True, hello("d"), COOKIE, verify=seen.append)
+    acceptor = Handshake(False, hello("a"), COOKIE, verify=seen.append)
+    pump(dialer, acceptor)
+    assert dialer.done and acceptor.done and sorted(seen) == ["a", "d"]
 
 
 @pytest.mark.parametrize("ftype", [FT_CALL, FT_HEARTBEAT, 200])

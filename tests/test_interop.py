@@ -3,12 +3,15 @@
 MALLA_PROTOCOL_LIMIT (a test setting) makes a subprocess node speak as an
 older release would ("1..1:0": version 1, no capabilities: no UDP
 heartbeats, no trace field, no large-message window) or as a newer one
-("1..2:7": versions up to 2).
+("1..3:7": versions up to 3).  That version 1 is the released one, byte for
+byte, the known-answer tests below show: tests/vectors/handshake_v1.json is
+a handshake the released version-1 code sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +20,8 @@ import pytest
 from support import COOKIE, ROOT, node_factory, run_async, stop_all
 
 import malla
-from malla.handshake import CAP_WINDOW, CAPABILITIES
+from malla._core import FT_AUTH, FT_HELLO
+from malla.handshake import CAP_WINDOW, CAPABILITIES, Handshake, Hello
 
 NODEPROC = os.path.join(ROOT, "tests", "nodeproc.py")
 
@@ -27,8 +31,8 @@ class Here(malla.Service, global_=True):
         return f"hello {who}"
 
 
-@pytest.mark.parametrize("limit, version, caps", [("1..1:0", 1, 0), ("1..2:3", 1, 3),
-                                                    ("1..2:7", 1, 7)])
+@pytest.mark.parametrize("limit, version, caps", [("1..1:0", 1, 0), ("1..1:7", 1, 7),
+                                                    ("1..2:3", 2, 3), ("1..3:7", 2, 7)])
 def test_adjacent_versions_interoperate(limit, version, caps):
     env = dict(os.environ, MALLA_COOKIE=COOKIE, PYTHONPATH=ROOT, MALLA_PROTOCOL_LIMIT=limit)
     proc = subprocess.Popen([sys.executable, NODEPROC, "other", "--hb-interval", "0.2",
@@ -64,3 +68,56 @@ def test_adjacent_versions_interoperate(limit, version, caps):
             proc.wait()
 
     run_async(main())
+
+
+# -- version 1 as released, byte for byte --------------------------------------------
+
+with open(os.path.join(ROOT, "tests", "vectors", "handshake_v1.json")) as f:
+    V1 = json.load(f)
+
+
+def v1_side(role: str) -> Handshake:
+    """This release's handshake in `role`, pinned to version 1 and set up as
+    the recorded node was (its nonce included)."""
+    spec = dict(V1[role])
+    nonce = bytes.fromhex(spec.pop("nonce"))
+    listen = spec.pop("listen")
+    local = Hello(**spec, listen=tuple(listen) if listen else None)
+    return Handshake(role == "dialer", local, V1["cookie"].encode(), nonce=nonce)
+
+
+@pytest.mark.parametrize("role", ["dialer", "acceptor"])
+def test_version_1_handshake_is_the_released_one_byte_for_byte(role):
+    side = v1_side(role)
+    mine = "d->a" if role == "dialer" else "a->d"
+    recorded = [(f["direction"], f["type"], bytes.fromhex(f["payload"])) for f in V1["frames"]]
+    assert [t for _, t, _ in recorded] == [FT_HELLO, FT_HELLO, FT_AUTH, FT_AUTH]
+    sent = list(side.start())
+    for direction, ftype, payload in recorded:
+        if direction == mine:
+            # what this release sends is what the released version 1 sent
+            assert sent.pop(0) == (ftype, payload)
+        else:
+            # and what the released version 1 sent, it takes
+            sent.extend(side.receive(ftype, payload))
+    assert sent == [] and side.done and side.version == 1
+    other = "acceptor" if role == "dialer" else "dialer"
+    assert side.peer.name == V1[other]["name"]
+    assert side.peer.incarnation == V1[other]["incarnation"]
+
+
+def test_a_version_2_node_answers_a_version_1_dialer_with_a_whole_hello():
+    # the released dialler's HELLO (range 1..1) to an acceptor of this
+    # release (1..2): a version-1 HELLO comes back, name and all, no challenge
+    acceptor = Handshake(False, Hello(name="now", incarnation=1, hidden=False), b"c")
+    acceptor.start()
+    [(ftype, payload)] = acceptor.receive(FT_HELLO, bytes.fromhex(V1["frames"][0]["payload"]))
+    assert ftype == FT_HELLO and acceptor.version == 1
+    assert Hello.decode(payload).name == "now"
+
+
+@pytest.mark.parametrize("limit", ["garbage", "0..2", "2..1", "1..2:-1", "1..x"])
+def test_a_malformed_protocol_limit_is_refused_when_the_node_is_made(monkeypatch, limit):
+    monkeypatch.setenv("MALLA_PROTOCOL_LIMIT", limit)
+    with pytest.raises(malla.InvalidOption, match="MALLA_PROTOCOL_LIMIT"):
+        malla.Node("a")

@@ -4,8 +4,6 @@ Prometheus's own parser and checked by `promtool check metrics`."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -14,7 +12,7 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import seed_of, wait_until, with_nodes
+from support import require_tool, seed_of, wait_until, with_nodes
 
 import malla
 from malla.metrics import LatencyHistogram
@@ -120,18 +118,7 @@ def promtool() -> str:
     """Prometheus's promtool (Debian's `prometheus`), installed when missing
     (as .ci/run does): the suite needs it, so without it this fails, with
     how to get it."""
-    path = shutil.which("promtool")
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"]
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-            subprocess.run(install, env=env, capture_output=True, check=True)
-        path = shutil.which("promtool")
-    if path is None:
-        raise RuntimeError("the metrics tests need promtool: apt-get install prometheus "
-                           "(or run make test as root, which installs it)")
-    return path
+    return require_tool("promtool", "prometheus", needed_by="the metrics tests")
 
 
 def check_metrics(promtool: str, text: str) -> subprocess.CompletedProcess[str]:

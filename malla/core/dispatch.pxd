@@ -37,5 +37,8 @@ cdef class ServiceEntry:
     cdef public bint fast
     cdef public int running
     cdef public int max_concurrency
+    cdef public object allow        # malla.authz.Policy, or None: anyone may call
+    cdef dict _verdicts             # caller -> fun -> bool: allow's verdicts, cached
 
-    cdef tuple _refusal(self, str fun, object args, dict kwargs, object deadline)
+    cdef tuple _refusal(self, str fun, object args, dict kwargs, object deadline, str caller)
+    cdef str _denial(self, str fun, str caller)

@@ -2,6 +2,8 @@
 # (on every path: the network's and in-process calls), the service it runs in.
 
 cdef double BLOCKED_LOOP_WARNING = 0.1
+# Distinct callers whose allow= verdicts a service keeps (then it starts anew)
+cdef Py_ssize_t VERDICT_CALLERS = 1024
 
 
 cdef inline void _warn_if_blocked(str service, str fun, double started):
@@ -178,7 +180,7 @@ cdef class ServiceEntry:
     """
 
     def __init__(self, str name, dict funcs, dict kinds, bint fast, int max_concurrency,
-                 dict checks=None):
+                 dict checks=None, allow=None):
         self.name = name
         self.funcs = funcs
         self.kinds = kinds
@@ -191,23 +193,32 @@ cdef class ServiceEntry:
         self.paused = False
         self.running = 0
         self.max_concurrency = max_concurrency
+        # `allow` (malla.authz.Policy) says who may call which function;
+        # None (the default) costs the hot path one comparison
+        self.allow = allow
+        self._verdicts = {}
 
-    cdef tuple _refusal(self, str fun, object args, dict kwargs, object deadline):
+    cdef tuple _refusal(self, str fun, object args, dict kwargs, object deadline, str caller):
         # The one rule set of a call to this service, in order: running (not
-        # paused), the function exported, the arguments fit its signature
-        # (positional ones in C, the rest by its checker), the caller's
-        # budget well-formed and not spent, a place under max_concurrency.
-        # (An authorization check of the caller's identity belongs after the
-        # function is known: the identity issue's seam.)  None: it runs;
-        # otherwise (wire error code, error class, message).
+        # paused), the function exported, the caller allowed to call it (its
+        # node name: the peer's, or this node's own in-process), the
+        # arguments fit its signature (positional ones in C, the rest by its
+        # checker), the caller's budget well-formed and not spent, a place
+        # under max_concurrency.  None: it runs; otherwise (wire error code,
+        # error class, message).
         cdef PyObject* ap
         cdef Py_ssize_t nargs
+        cdef str denied
         if self.paused:
             return (ERR_SERVICE_NOT_AVAILABLE, "malla.exceptions.ServiceNotAvailable",
                     f"service {self.name} is not available on this node")
         if PyDict_GetItem(self.funcs, fun) is NULL:
             return (ERR_UNKNOWN_FUNCTION, "malla.exceptions.UnknownFunction",
                     f"service {self.name} exports no function {fun!r}")
+        if self.allow is not None:
+            denied = self._denial(fun, caller)
+            if denied is not None:
+                return (ERR_FORBIDDEN, "malla.exceptions.Forbidden", denied)
         ap = PyDict_GetItem(self.arity, fun)
         nargs = PyList_GET_SIZE(args) if type(args) is list else len(args)
         if ap is not NULL and (kwargs or not (<Py_ssize_t>(<tuple>ap)[0] <= nargs
@@ -228,14 +239,46 @@ cdef class ServiceEntry:
                     f"service {self.name} is at max_concurrency {self.max_concurrency}")
         return None
 
-    def refusal(self, str fun, args, kwargs=None, deadline=None):
-        """Why this service does not take a call of `fun` now, as (wire
-        error code, error class, message); None when it may run.  The
-        in-process path asks this, as the core does for every call that
-        arrives (one rule set)."""
+    def refusal(self, str fun, args, kwargs=None, deadline=None, str caller=None):
+        """Why this service does not take a call of `fun` from the node
+        named `caller` now, as (wire error code, error class, message); None
+        when it may run.  The in-process path asks this, as the core does
+        for every call that arrives (one rule set)."""
         if kwargs is not None and type(kwargs) is not dict:
             kwargs = dict(kwargs)       # (any mapping, as ** takes it)
-        return self._refusal(fun, args, kwargs, deadline)
+        return self._refusal(fun, args, kwargs, deadline, caller)
+
+    cdef str _denial(self, str fun, str caller):
+        # None when `caller` may call `fun`; otherwise the Forbidden message
+        # (the policy logs and counts the refusal).  The verdict is cached
+        # per (caller, function): fnmatch runs once per pair, not per call;
+        # the cache holds at most VERDICT_CALLERS callers, then starts anew.
+        cdef PyObject* funs = PyDict_GetItem(self._verdicts, caller)
+        cdef PyObject* verdict = NULL
+        cdef object allowed
+        if funs is not NULL:
+            verdict = PyDict_GetItem(<object>funs, fun)
+        if verdict is not NULL:
+            allowed = <object>verdict
+        else:
+            if funs is NULL:
+                if PyDict_Size(self._verdicts) >= VERDICT_CALLERS:
+                    self._verdicts.clear()
+                self._verdicts[caller] = {}
+            allowed = True if self.allow.permits(fun, caller) else False
+            self._verdicts[caller][fun] = allowed
+        if allowed is True:
+            return None
+        return self.allow.denied(self.name, fun, caller)
+
+    def denial(self, str fun, str caller):
+        """None when the node named `caller` may call `fun` (allow=, or no
+        rule); otherwise the Forbidden message, the refusal logged and
+        counted (local() asks this: it takes no other rule).  An unexported
+        `fun` is not this check's to refuse (nor to cache): None."""
+        if self.allow is None or PyDict_GetItem(self.funcs, fun) is NULL:
+            return None
+        return self._denial(fun, caller)
 
     def dispatch(self, proto, IncomingCall call):
         """Run `call` (admitted) as a task; the Python subclass does."""

@@ -223,7 +223,7 @@ cdef class CoreProtocol(Wire):
                                 "malla.exceptions.ServiceNotAvailable",
                                 f"service {call.service} is not available on this node")
         entry = <ServiceEntry>ep
-        why = entry._refusal(call.fun, call.args, call.kwargs, call.deadline)
+        why = entry._refusal(call.fun, call.args, call.kwargs, call.deadline, self.peer_name)
         if why is not None:
             return self._refuse(cast, sid, call.service, call.fun, why[0], why[1], why[2])
         # a plain def with the default hook runs right here; with a deadline

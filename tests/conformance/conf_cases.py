@@ -85,6 +85,15 @@ def _one_ok_one_failed(value: Any, env: Any) -> bool:
                     for v in value) == 1)
 
 
+def _one_forbidden_one_open(value: Any, env: Any) -> bool:
+    # (get_nodes' order: the serving node's slot refused, x's ran)
+    import malla
+
+    return (len(value) == 2 and value.count("x") == 1
+            and sum(isinstance(v, malla.Forbidden) and isinstance(v, PermissionError)
+                    and malla.family(v) == DID_NOT_RUN for v in value) == 1)
+
+
 _BY_REFERENCE = "in-process, values pass by reference, not through the codec"
 
 CASES: list[Case] = [
@@ -153,6 +162,24 @@ CASES: list[Case] = [
          expect=Err("ServiceNotAvailable", DID_NOT_RUN), inprocess=Ok(5)),
     Case("the hook sees caller and meta", "Hooked", "whoami", opts={"meta": {"k": [1]}},
          expect=Ok(check=lambda v, env: v == [env.caller_name, {"k": [1]}])),
+    # allow= (DESIGN.md "Identity and authorization"): checked where the
+    # service runs, in-process against the node's own name; a caller that
+    # knows the announced rules refuses before sending (the server was
+    # never asked: then="forbidden_where_checked")
+    Case("allow=: an allowed caller", "Guarded", "ping", expect=Ok("pong")),
+    Case("allow=: a denied caller gets Forbidden, nothing ran", "Guarded", "admin",
+         expect=Err("Forbidden", DID_NOT_RUN), then="forbidden_where_checked"),
+    Case("allow=: Forbidden is never retried nor failed over", "Guarded", "admin",
+         opts={"sna_retries": 3, "excp_retries": 3, "retries_sleep_msec": 50},
+         expect=Err("Forbidden", DID_NOT_RUN), then="not_retried"),
+    Case("allow=: a denied cast", "Guarded", "admin", opts={"timeout": 0},
+         expect=Err("Forbidden", DID_NOT_RUN), then="forbidden_where_checked"),
+    Case("allow=: refused before service_cb_in", "Hooked", "secret",
+         expect=Err("Forbidden", DID_NOT_RUN)),
+    Case("allow=: a refusal fills its node's call_cb_all slot", "Fan", "who", how="cb_all",
+         expect=Ok(check=_one_forbidden_one_open, runs=0)),
+    Case("allow=: local() is checked too", "Guarded", "admin", how="local",
+         expect=Err("ServiceNotAvailable", DID_NOT_RUN), inprocess=Err("Forbidden", DID_NOT_RUN)),
     Case("cast whose handler raises is counted where it ran", "Conf", "boom",
          _args("ValueError"), opts={"timeout": 0}, expect=Ok(None, runs=(0, 1)),
          eventually=("Conf", "boom", 1), then="cast_error_counted"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvloop
-from conf_services import Ctl, Pair
+from conf_services import Ctl, FanOpen, Pair
 
 import malla
 
@@ -55,7 +55,7 @@ PATHS = [
     Path("blocking", "uvloop", "loop", "blocking"),
 ]
 
-SERVICES = ("Conf", "Hooked", "Limited", "Pausable", "Ctl")
+SERVICES = ("Conf", "Hooked", "Limited", "Pausable", "Guarded", "Ctl")
 
 
 class Env:
@@ -98,6 +98,7 @@ class Env:
     async def _start(self) -> None:
         self.aux = await self._node("x").start()
         await self.aux.start_service(Pair("x", True))
+        await self.aux.start_service(FanOpen())
         targets = [f"127.0.0.1:{self.aux.address[1]}"]
         if self.path.server == "subprocess":
             targets.append(f"127.0.0.1:{await self._spawn_server()}")
@@ -126,7 +127,9 @@ class Env:
         for service in SERVICES:
             await self.until(lambda s=service: self.server_name in self.caller_nodes(s),
                              f"the caller sees {service}")
-        await self.until(lambda: len(self.caller_nodes("Pair")) == 2, "Pair on two nodes")
+        for service in ("Pair", "Fan"):
+            await self.until(lambda s=service: len(self.caller_nodes(s)) == 2,
+                             f"{service} on two nodes")
 
     async def _spawn_server(self) -> int:
         env = dict(os.environ, PYTHONPATH=ROOT, MALLA_COOKIE=COOKIE)
@@ -145,6 +148,11 @@ class Env:
         if self.bn is not None:
             return self.bn.get_nodes(service)   # (read on its own loop thread)
         return self.caller.get_nodes(service)
+
+    async def caller_stats(self) -> dict[str, Any]:
+        if self.bn is not None:
+            return await self._in_thread(self.bn.stats)
+        return self.caller.stats()
 
     async def until(self, predicate: Any, what: str, timeout: float = 10.0) -> None:
         end = self.loop.time() + timeout

@@ -123,6 +123,46 @@ class Hooked(malla.Service, global_=True):
     def whoami(self):
         return None
 
+    @malla.allow("nobody-*")
+    def secret(self):
+        return "secret"
+
+
+class Guarded(malla.Service, global_=True, allow=["c", "s"]):
+    """allow=: the caller (node "c") and the server may call `ping`; only
+    nodes named "admin-*" may call `admin` (its own list replaces the
+    class's), so the caller is refused on every path, in-process too."""
+
+    def __init__(self) -> None:
+        self.runs: Counter[str] = Counter()
+
+    def ping(self):
+        self.runs["ping"] += 1
+        return "pong"
+
+    @malla.allow("admin-*")
+    def admin(self):
+        self.runs["admin"] += 1
+        return "admin"
+
+
+class Fan(malla.Service, global_=True):
+    """Runs on the serving node, where only nodes named "s" may call `who`
+    (the caller is refused), and on node "x" (FanOpen), where anyone may."""
+
+    def __init__(self) -> None:
+        self.runs: Counter[str] = Counter()
+
+    @malla.allow("s")
+    def who(self):
+        self.runs["who"] += 1
+        return "s"
+
+
+class FanOpen(malla.Service, name="Fan", global_=True):
+    def who(self):
+        return "x"
+
 
 class Limited(malla.Service, global_=True, max_concurrency=1):
     def __init__(self) -> None:
@@ -179,7 +219,8 @@ class Ctl(malla.Service, global_=True):
     async def install(self) -> None:
         conf = Conf(self.node)
         self.services = {"Conf": conf, "Hooked": Hooked(), "Limited": Limited(),
-                         "Pausable": Pausable(), "Pair": Pair(self.node.name, False)}
+                         "Pausable": Pausable(), "Pair": Pair(self.node.name, False),
+                         "Guarded": Guarded(), "Fan": Fan()}
         for service in self.services.values():
             await self.node.start_service(service)
 
@@ -200,6 +241,9 @@ class Ctl(malla.Service, global_=True):
 
     def errors(self):
         return self.node.stats()["errors"]
+
+    def forbidden(self):
+        return self.node.stats()["forbidden"]
 
     async def pause(self, service):
         await self.node.pause_service(service)

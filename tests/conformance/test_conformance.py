@@ -125,6 +125,8 @@ async def _run_case(env: Env, case: Case) -> None:
         in_flight = asyncio.ensure_future(env.call("Conf", "slow", (300,), None, {}))
         await asyncio.sleep(0.05)
     errors_before = await env.ctl("errors")
+    forbidden_before = await env.ctl("forbidden")
+    caller_before = await env.caller_stats()
     value: Any = None
     error: BaseException | None = None
     try:
@@ -162,6 +164,16 @@ async def _run_case(env: Env, case: Case) -> None:
         if in_flight is not None:
             assert await in_flight == 300
             assert await env.call("Conf", "echo", (7,), None, {}) == 7
+        if case.then == "forbidden_where_checked":
+            # counted by the node that checked: the serving node itself
+            # in-process; over the network the caller refused before
+            # sending, so the server was never asked
+            forbidden = await env.ctl("forbidden")
+            assert forbidden == forbidden_before + env.path.inprocess, forbidden
+        if case.then == "not_retried":
+            caller_after = await env.caller_stats()
+            for key in ("retries", "failovers"):
+                assert caller_after[key] == caller_before[key], (key, caller_after[key])
         if case.then == "cast_error_counted" and not env.path.inprocess:
             errors = await env.ctl("errors")
             assert errors.get("RemoteError", 0) == errors_before.get("RemoteError", 0) + 1
