@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import malla
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
                            "(needs prometheus_client: pip install malla[metrics])")
+    node.add_argument("--max-pending-handshakes", type=_positive("a number of connections"),
+                      default=256, metavar="N",
+                      help="connections in their handshake at once; past that, new ones are "
+                           "closed at once and counted (default 256)")
     _log_option(node, "MALLA_LOG_LEVEL, else INFO")
     _cluster_options(node)
 
@@ -418,15 +423,23 @@ async def _cmd_top(args: argparse.Namespace) -> int:
                lambda node: _connect_members(node, progress))
 
 
-def _positive_ms(text: str) -> int:
-    # a probe's timeout: a whole number of ms above 0 (0 would be a cast)
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a timeout in ms above 0, not {text!r}")
-    return value
+def _positive(what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number above 0 (anything else is the
+    usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{what} above 0, not {text!r}")
+        return value
+
+    return parse
+
+
+# a probe's timeout: a whole number of ms above 0 (0 would be a cast)
+_positive_ms = _positive("a timeout in ms")
 
 
 def _load_service(spec: str) -> type[malla.Service]:
@@ -448,6 +461,7 @@ async def _cmd_node(args: argparse.Namespace) -> int:
     classes = [_load_service(spec) for spec in args.service]
     node = _make_node(args.name, host=args.host, port=args.port, seeds=seeds_of(args),
                       connect=args.connect, metrics_port=args.metrics_port,
+                      max_pending_handshakes=args.max_pending_handshakes,
                       **node_options(args))
     try:
         node._hosting.expect([c._malla_name for c in classes])   # not ready until started

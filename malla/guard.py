@@ -101,7 +101,9 @@ class HandshakeThrottle:
     After `free` failures, each new connection from that address within a
     doubling backoff (capped at `cap` seconds) is closed at once, before any
     handshake work.  A successful handshake from the address resets it;
-    other addresses are never slowed.
+    other addresses are never slowed.  `throttled` counts the connections so
+    closed, `failures` every failed handshake (node.stats()
+    `handshakes_throttled`, `handshakes_failed`).
     """
 
     def __init__(self, free: int = 5, base: float = 0.1, cap: float = 30.0,
@@ -114,16 +116,25 @@ class HandshakeThrottle:
         # first: each failure moves its address to the end, so forgetting
         # the oldest is popping the front -- O(1) however many addresses fail
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # totals over the node's life, never forgotten with an address
+        self.throttled = 0
+        self.failures = 0
 
     def blocked(self, host: str) -> bool:
+        """Whether to close a new connection from `host` at once (counted:
+        the caller does)."""
         entry = self._failures.get(host)
         if entry is None or entry[0] < self.free:
             return False
         count, last = entry
         backoff = min(self.base * 2 ** (count - self.free), self.cap)
-        return bool(time.monotonic() - last < backoff)
+        if time.monotonic() - last < backoff:
+            self.throttled += 1
+            return True
+        return False
 
     def failed(self, host: str) -> None:
+        self.failures += 1
         count, _ = self._failures.pop(host, (0, 0.0))
         self._failures[host] = (count + 1, time.monotonic())
         if len(self._failures) > self.max_entries:   # bounded: forget the oldest
@@ -134,3 +145,7 @@ class HandshakeThrottle:
 
     def __len__(self) -> int:
         return len(self._failures)
+
+    def counts(self) -> dict[str, int]:
+        """The keys node.stats() shows (docs/operations.md)."""
+        return {"handshakes_throttled": self.throttled, "handshakes_failed": self.failures}

@@ -13,10 +13,14 @@ handshake_timeout, so the limit bounds what strangers can make a node hold.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from malla.ratelimit import RateLimitedLog
 
-__all__ = ["PendingHandshakes"]
+if TYPE_CHECKING:
+    from malla.guard import HandshakeThrottle
+
+__all__ = ["PendingHandshakes", "handshake_counts"]
 
 log = logging.getLogger("malla.handshakes")
 
@@ -55,3 +59,9 @@ class PendingHandshakes:
     def counts(self) -> dict[str, int]:
         """The keys node.stats() shows (docs/operations.md)."""
         return {"handshakes_pending": len(self._pending), "handshakes_refused": self.refused}
+
+
+def handshake_counts(pending: PendingHandshakes, throttle: HandshakeThrottle) -> dict[str, int]:
+    """How strangers' connections are doing and ended: node.stats()'s keys
+    (docs/operations.md)."""
+    return {**pending.counts(), **throttle.counts()}

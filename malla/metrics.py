@@ -180,7 +180,13 @@ def prometheus_collector(node: StatsSource) -> Any:
                                    ("calls_out", "calls made"),
                                    ("retries", "retry rounds"),
                                    ("failovers", "moves to the next node"),
-                                   ("forbidden", "calls refused here by allow= rules")):
+                                   ("forbidden", "calls refused here by allow= rules"),
+                                   ("handshakes_refused", "connections closed unread: "
+                                    "max_pending_handshakes were in their handshake"),
+                                   ("handshakes_throttled", "connections closed at once: "
+                                    "their address keeps failing the handshake"),
+                                   ("handshakes_failed", "accepted connections whose "
+                                    "handshake failed or timed out")):
                 c = CounterMetricFamily(f"malla_{key}", help_text, labels=labels)
                 c.add_metric([node.name], stats[key])
                 yield c
@@ -195,6 +201,10 @@ def prometheus_collector(node: StatsSource) -> Any:
             peers = GaugeMetricFamily("malla_peers", "connected peers", labels=labels)
             peers.add_metric([node.name], peer_count)
             yield peers
+            pending = GaugeMetricFamily("malla_handshakes_pending", "accepted connections "
+                                        "in their handshake now", labels=labels)
+            pending.add_metric([node.name], stats["handshakes_pending"])
+            yield pending
             # a histogram with real bucket counts (its bounds are the core
             # histogram's own octave boundaries, so each count is exact) and
             # the real sum of the durations

@@ -30,6 +30,7 @@ from malla.cluster import Cluster
 from malla.config import NodeConfig, NodeSettings
 from malla.dns import DEFAULT_PORT, parse_address
 from malla.guard import CookieSetting, cookie_bytes
+from malla.handshakes import handshake_counts
 from malla.heartbeat import HeartbeatThread
 from malla.hosting import Hosting
 from malla.liveness import Liveness
@@ -327,6 +328,6 @@ class Node(NodeSettings):
             "failovers": stats.failovers,
             "forbidden": stats.forbidden,
             "in_flight": sum(p.in_flight for p in protos if not p.closed),
-            **self._cluster.pending.counts(),
+            **handshake_counts(self._cluster.pending, self._cluster.throttle),
             "latency": self._metrics.snapshot() if self._metrics is not None else {},
         }

@@ -4,7 +4,7 @@ stop or be cut off.  Prints "READY <port>" once listening; stops on SIGTERM.
     python tests/nodeproc.py NAME [--host H] [--port P] [--seed S]...
         [--hb-interval S] [--hb-timeout S] [--check S] [--no-echo]
         [--ledger DIR] [--ledger-max-concurrency N] [--max-frame-size B]
-        [--max-message-size B]
+        [--max-message-size B] [--max-pending-handshakes N] [--handshake-timeout S]
 
 Hosts Echo (global) unless --no-echo, and always Probe (global), which
 reports what this node sees, so a test can ask every survivor.
@@ -51,6 +51,9 @@ class Probe(malla.Service, global_=True):
     def peers(self):
         return self.node.peers()
 
+    def stats(self):
+        return {k: v for k, v in self.node.stats().items() if k != "latency"}
+
 
 class Ledger(malla.Service, global_=True):
     """Records each call it runs: the call id, 8 bytes little-endian, written
@@ -90,11 +93,15 @@ async def main() -> None:
     p.add_argument("--ledger-max-concurrency", type=int, default=0)
     p.add_argument("--max-frame-size", type=int, default=1 << 20)
     p.add_argument("--max-message-size", type=int, default=64 << 20)
+    p.add_argument("--max-pending-handshakes", type=int, default=256)
+    p.add_argument("--handshake-timeout", type=float, default=5.0)
     a = p.parse_args()
     node = malla.Node(a.name, host=a.host, port=a.port, seeds=a.seed,
                       heartbeat_interval=a.hb_interval, heartbeat_timeout=a.hb_timeout,
                       check_interval=a.check, redial_max=0.5,
-                      max_frame_size=a.max_frame_size, max_message_size=a.max_message_size)
+                      max_frame_size=a.max_frame_size, max_message_size=a.max_message_size,
+                      max_pending_handshakes=a.max_pending_handshakes,
+                      handshake_timeout=a.handshake_timeout)
     await node.start()
     if not a.no_echo:
         await node.start_service(Echo(a.name))

@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -159,6 +160,35 @@ def test_metrics_port_serves_prometheus(nodes):
         text = reply.read().decode()
     samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples["malla_calls_in_total"] >= 1, text
+
+
+def test_max_pending_handshakes_reaches_the_node(nodes):
+    mport = free_port()
+    n1 = nodes("n1", "--max-pending-handshakes", "2", "--metrics-port", str(mport))
+    # three strangers that never say a word: two pending, the third closed unread
+    idle = [socket.create_connection(("127.0.0.1", n1.port), timeout=5) for _ in range(3)]
+    end = time.monotonic() + 15
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        samples = {s.name: s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples}
+        if samples["malla_handshakes_refused_total"] >= 1 or time.monotonic() > end:
+            break
+        time.sleep(0.05)
+    assert samples["malla_handshakes_pending"] == 2, text
+    assert samples["malla_handshakes_refused_total"] == 1, text
+    for s in idle:
+        s.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "many"])
+def test_max_pending_handshakes_must_be_a_positive_number(value):
+    out = malla("node", "x", "--port", "0", "--max-pending-handshakes", value)
+    assert out.returncode == 2, out
+    assert "usage: malla node" in out.stderr and "Traceback" not in out.stderr
+    assert f"--max-pending-handshakes: a number of connections above 0, not '{value}'" \
+        in out.stderr
 
 
 def test_seeds_from_the_environment_and_names_through_a_dns_server(nodes, dns_server):  # noqa: F811

@@ -256,3 +256,48 @@ def test_promtool_rejects_a_broken_exposition(promtool):
         check = check_metrics(promtool, text)
         assert check.returncode != 0
         assert why in check.stdout + check.stderr
+
+
+def test_prometheus_counts_refused_throttled_and_failed_handshakes(promtool):
+    """The handshake counters of a node flooded on purpose, one of each way
+    a stranger's connection ends, read by Prometheus's parser."""
+    port = free_port()
+
+    async def stranger(a: malla.Node, source: str, garbage: bool):
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.address[1],
+                                                       local_addr=(source, 0))
+        if garbage:
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        return reader, writer
+
+    def values(text: str) -> dict[str, float]:
+        return {s.name: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name.startswith("malla_handshakes")}
+
+    async def main(make):
+        a = await make("a", max_pending_handshakes=2, metrics_port=port).start()
+        # 5 failures from one address, then it is throttled: the 6th is closed at once
+        for i in range(6):
+            reader, writer = await stranger(a, "127.0.0.3", garbage=True)
+            assert await reader.read() == b""
+            writer.close()
+            await wait_until(lambda ended=i + 1: a.stats()["handshakes_failed"]
+                             + a.stats()["handshakes_throttled"] == ended, timeout=5)
+        # 3 idle strangers from another: 2 pending, 1 refused
+        idle = [await stranger(a, "127.0.0.2", garbage=False) for _ in range(3)]
+        await wait_until(lambda: a.stats()["handshakes_refused"] == 1, timeout=5)
+        body = await scrape(port)
+        check = check_metrics(promtool, body)
+        assert check.returncode == 0, check.stdout + check.stderr
+        fams = families(body)
+        assert fams["malla_handshakes_pending"].type == "gauge"
+        for name in ("refused", "throttled", "failed"):
+            assert fams[f"malla_handshakes_{name}"].type == "counter"
+        assert values(body) == {"malla_handshakes_pending": 2.0,
+                                "malla_handshakes_refused_total": 1.0,
+                                "malla_handshakes_throttled_total": 1.0,
+                                "malla_handshakes_failed_total": 5.0}
+        for _, writer in idle:
+            writer.close()
+
+    with_nodes(main)
