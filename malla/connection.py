@@ -128,7 +128,9 @@ class Connection:
     def _on_protocol_error(self, err: mexc.ProtocolError) -> None:
         if not self.dialer and (self.handshake is None or not self.handshake.done):
             self.host.throttle.failed(self._peer_host())
-        log.warning("malla: closing %s: %s", self, err)
+            self.host.pending.warn("malla: closing %s: %s", self, err)
+        else:
+            log.warning("malla: closing %s: %s", self, err)
         self._fail_ready(err)
 
     def _writing_paused(self) -> None:
@@ -190,10 +192,14 @@ class Connection:
         return str(peer[0]) if peer else "?"
 
     def _refuse(self, exc: mexc.MallaError) -> None:
-        if not self.dialer:
+        if self.dialer:
+            log.warning("malla: refused connection to %s: %s", self.target or self._peer_host(),
+                        exc)
+        else:
+            # (a stranger's: rate-limited, a flood of them must not flood the log)
             self.host.throttle.failed(self._peer_host())
-        log.warning("malla: refused connection %s %s: %s", "to" if self.dialer else "from",
-                    self.target or self._peer_host(), exc)
+            self.host.pending.warn("malla: refused connection from %s: %s", self._peer_host(),
+                                   exc)
         self._fail_ready(exc)
         self.proto.close()
 

@@ -52,6 +52,11 @@ class PendingHandshakes:
         self._pending.add(conn)
         return True
 
+    def warn(self, msg: str, *args: object) -> None:
+        """Log a stranger's failed handshake, rate-limited: a flood of bad
+        handshakes must not write a line each (10 per 10 s, then a count)."""
+        self._log.warning(msg, *args)
+
     def end(self, conn: object) -> None:
         """Its handshake succeeded, or it closed (either may come twice)."""
         self._pending.discard(conn)

@@ -132,7 +132,7 @@ def test_node_logs_joins_leaves_and_draining_with_timestamps(nodes):
     # a refusal: the wrong cookie
     out = malla("services", "--seed", n1.seed, env=dict(ENV, MALLA_COOKIE="x" * 32))
     assert out.returncode == 5
-    n1.wait_for_log(rf"^{STAMP} WARNING malla\.connection: .*refused connection from "
+    n1.wait_for_log(rf"^{STAMP} WARNING malla\.handshakes: .*refused connection from "
                     r"127\.0\.0\.1")
     n1.stop(signal.SIGTERM)
     n1.wait_for_log(rf"^{STAMP} INFO malla\.node: .*n1 draining")
@@ -265,7 +265,7 @@ def test_the_cli_reaches_a_cluster_with_certificate_identity(nodes, pki):
     out = malla("call", "Calculator.add", "1", "2", "--seed", n1.seed, "--name", "root",
                 "--identity", "tls", "--wait", "2", *client)
     assert out.returncode == 5 and "does not name node 'root'" in out.stderr, out.stderr
-    n1.wait_for_log(r"WARNING malla\.connection: .*claims to be node 'root', but its "
+    n1.wait_for_log(r"WARNING malla\.handshakes: .*claims to be node 'root', but its "
                     r"certificate names cli")
     # --identity tls needs the certificate files, and a client needs its name
     out = malla("call", "Calculator.add", "1", "2", "--seed", n1.seed, "--identity", "tls")
