@@ -29,8 +29,10 @@ cdef double _RATE = log(2.0) / HALF_LIFE
 cdef double _ALPHA = 0.25
 cdef double _FLOOR = 1e-6
 # sent calls remembered per connection: a call whose slot a later one took
-# (more than this many in flight) gives no sample, nothing else
-cdef Py_ssize_t _RING = 1024
+# (more than this many in flight) gives no sample, nothing else.  6 KiB,
+# allocated with the connection's first call: a connection that never
+# calls (a stranger's, refused in its handshake) costs none of it
+cdef Py_ssize_t _RING = 256
 
 # the outcomes of malla/outcome.py
 OUTCOME_OK = 0
@@ -87,10 +89,7 @@ cdef class LatencyBook:
     def __cinit__(self, Pending pending=None):
         self.by_service = {}
         self._pending = pending
-        self._ring = <SentCall*>PyMem_Malloc(_RING * sizeof(SentCall))
-        if self._ring is NULL:
-            raise MemoryError()
-        memset(self._ring, 0, _RING * sizeof(SentCall))
+        self._ring = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._ring)
@@ -114,8 +113,13 @@ cdef class LatencyBook:
     cdef double sent(self, uint64_t sid, str service) except -1:
         """Call `sid` to `service` was queued now; returns now."""
         cdef double now = _now()
-        cdef SentCall* slot = &self._ring[(sid >> 1) & (_RING - 1)]
+        cdef SentCall* slot
         cdef Latency lat = self.of(service)
+        if self._ring is NULL:
+            self._ring = <SentCall*>PyMem_Calloc(_RING, sizeof(SentCall))
+            if self._ring is NULL:
+                raise MemoryError()
+        slot = &self._ring[(sid >> 1) & (_RING - 1)]
         slot.sid = sid
         slot.sent = now
         # (borrowed: by_service keeps every Latency while the book lives)
@@ -123,8 +127,11 @@ cdef class LatencyBook:
         return now
 
     cdef int ended(self, uint64_t sid, int outcome) except -1:
-        cdef SentCall* slot = &self._ring[(sid >> 1) & (_RING - 1)]
+        cdef SentCall* slot
         cdef double now
+        if self._ring is NULL:
+            return 0
+        slot = &self._ring[(sid >> 1) & (_RING - 1)]
         if slot.sid != sid:
             return 0
         slot.sid = 0
