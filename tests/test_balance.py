@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import COOKIE, run_async, seed_of, wait_until
+from support import seed_of, wait_until, with_nodes
 
 import malla
 from malla._ext import core
@@ -170,24 +170,6 @@ class Where(malla.Service, global_=True):
         return self.name
 
 
-def run(main) -> None:
-    made: list[malla.Node] = []
-
-    def make(name: str, **kw) -> malla.Node:
-        node = malla.Node(name, cookie=COOKIE, port=0, **kw)
-        made.append(node)
-        return node
-
-    async def body() -> None:
-        try:
-            await main(make)
-        finally:
-            for node in made:
-                await node.stop()
-
-    run_async(body())
-
-
 async def servers(make, names: str, slow: str = "", delay: float = 0.02) -> list[malla.Node]:
     nodes: list[malla.Node] = []
     for name in names:
@@ -210,7 +192,7 @@ def test_a_slow_node_takes_almost_no_calls(caplog):
         # get_nodes is the registry's order, whatever the balancer does
         assert sorted(caller.get_nodes("Where")) == ["a", "b", "c"]
 
-    run(main)
+    with_nodes(main)
 
 
 def test_calls_in_flight_spread_over_equal_nodes():
@@ -222,7 +204,7 @@ def test_calls_in_flight_spread_over_equal_nodes():
                                               for _ in range(300)]))
         assert all(went[n] > 40 for n in "abc"), went
 
-    run(main)
+    with_nodes(main)
 
 
 def test_the_local_node_first_and_shuffle_keeps_the_registry_order():
@@ -237,7 +219,7 @@ def test_the_local_node_first_and_shuffle_keeps_the_registry_order():
         head = old.get_nodes("Where")[0]
         assert {await old.remote("Where", "where") for _ in range(50)} == {head}
 
-    run(main)
+    with_nodes(main)
 
 
 def test_no_call_fails_while_services_stop_under_it():
@@ -265,7 +247,7 @@ def test_no_call_fails_while_services_stop_under_it():
         assert went["c"] > 0 and sum(went.values()) > 50, went
         assert {await caller.remote("Where", "where") for _ in range(20)} == {"c"}
 
-    run(main)
+    with_nodes(main)
 
 
 @pytest.mark.parametrize("wrong", ["P2C", "round_robin", "", None, 1])

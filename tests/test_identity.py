@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from support import COOKIE, run_async, seed_of, wait_until
+from support import COOKIE, seed_of, wait_until, with_nodes
 
 import malla
 from malla import tls
@@ -86,28 +86,6 @@ class Pki:
 @pytest.fixture
 def pki(tmp_path) -> Pki:
     return Pki(tmp_path)
-
-
-def nodes_run(main) -> None:
-    made: list[malla.Node] = []
-
-    def make(name: str, **kw) -> malla.Node:
-        kw.setdefault("cookie", COOKIE)
-        kw.setdefault("port", 0)
-        kw.setdefault("heartbeat_interval", 0.2)
-        kw.setdefault("heartbeat_timeout", 1.0)
-        node = malla.Node(name, **kw)
-        made.append(node)
-        return node
-
-    async def body() -> None:
-        try:
-            await main(make)
-        finally:
-            for node in made:
-                await node.stop()
-
-    run_async(body())
 
 
 # -- settings ------------------------------------------------------------------------
@@ -191,7 +169,7 @@ def test_nodes_named_by_their_certificates_mesh_and_call(pki):
         conn = a._cluster.connected["gamma@pod-7"]
         assert conn.handshake.version == 2
 
-    nodes_run(main)
+    with_nodes(main)
 
 
 @pytest.mark.parametrize("direction", ["impostor dials", "impostor is dialled"])
@@ -219,7 +197,7 @@ def test_a_valid_certificate_for_another_name_is_refused(pki, caplog, direction)
         assert "claims to be node 'billing-2', but its certificate names batch" in caplog.text
         assert not await impostor.wait_for_services(["Echo"], retries=2)
 
-    nodes_run(main)
+    with_nodes(main)
 
 
 def test_a_wildcard_certificate_names_no_node(pki):
@@ -230,7 +208,7 @@ def test_a_wildcard_certificate_names_no_node(pki):
             await b.connect(seed_of(a))
         assert a.peers() == []
 
-    nodes_run(main)
+    with_nodes(main)
 
 
 def test_the_cookie_is_still_checked(pki):
@@ -242,7 +220,7 @@ def test_the_cookie_is_still_checked(pki):
             await b.connect(seed_of(a))
         assert a.peers() == []
 
-    nodes_run(main)
+    with_nodes(main)
 
 
 def test_version_1_peers_are_refused(pki):
@@ -260,7 +238,7 @@ def test_version_1_peers_are_refused(pki):
             await old.connect(seed_of(a))
         assert a.peers() == []
 
-    nodes_run(main)
+    with_nodes(main)
 
 
 def test_identity_tls_and_cookie_identity_nodes_with_certificates_interoperate(pki):
@@ -274,7 +252,7 @@ def test_identity_tls_and_cookie_identity_nodes_with_certificates_interoperate(p
         assert await b.wait_for_services(["Echo"], retries=20)
         assert await b.remote("Echo", "echo", [7]) == 7
 
-    nodes_run(main)
+    with_nodes(main)
 
 
 class Refunds(malla.Service, global_=True, allow="batch-*"):
@@ -308,4 +286,4 @@ def test_allow_with_certificate_identity_trusts_the_names_it_checks(pki, caplog)
         with pytest.raises(malla.Forbidden):
             await batch.remote("Refunds", "audit")
 
-    nodes_run(main)
+    with_nodes(main)
