@@ -23,6 +23,7 @@ from bench.scenarios import SCENARIOS
 SYSTEMS = {"floor", "cfloor", "malla", "grpc", "pyro5", "rpyc"}
 
 
+@pytest.mark.tools
 def test_bench_short_mode_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "bench", "--short", "--json", str(out)],

@@ -35,6 +35,7 @@ def run(*argv: str, **kw) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+@pytest.mark.tools
 def test_sdist_and_wheel(tmp_path):
     dist = tmp_path / "dist"
     # sdist first, then the wheel built from it: the sdist must be complete
