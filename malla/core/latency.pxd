@@ -20,6 +20,7 @@ cdef class Latency:
     cdef ServiceMean mean
     cdef int sample(self, double seconds, bint failed, double now) except -1
     cdef double read(self, double now) noexcept
+    cdef inline double _decayed(self, double now) noexcept
 
 
 @cython.final

@@ -60,12 +60,16 @@ cdef class Latency:
     cdef double read(self, double now) noexcept:
         if not self.sampled:
             return self.mean.value if self.mean.sampled else 0.0
+        return self._decayed(now)
+
+    cdef inline double _decayed(self, double now) noexcept:
+        # its own average as it reads at `now` (sampled only)
         return self.avg * exp(-(now - self.at) * _RATE)
 
     cdef int sample(self, double seconds, bint failed, double now) except -1:
         # (a first sample is taken as it is: the service's mean is what an
         # unmeasured node reads as, not a prior its own replies must undo)
-        cdef double v = self.avg * exp(-(now - self.at) * _RATE) if self.sampled else 0.0
+        cdef double v = self._decayed(now) if self.sampled else 0.0
         if seconds < 0:
             seconds = 0
         if failed and seconds < 2 * v:
