@@ -310,6 +310,8 @@ class Membership:
         self.members: dict[str, NodeRecord] = {}
         self.revision = 0          # every change up to this one is applied
         self._read = False         # False: (re-)read the prefix before watching
+        # set once the prefix has been read and its events yielded
+        self.synced = asyncio.Event()
 
     async def events(self) -> AsyncIterator[MemberEvent]:
         delay, outage = 0.05, False
@@ -318,6 +320,7 @@ class Membership:
                 if not self._read:
                     for event in await self._reread():
                         yield event
+                    self.synced.set()
                 async for result in self.client.watch(self.prefix, self.revision + 1):
                     if outage:
                         log.info("malla: etcd reachable again, watching %s from "
