@@ -91,7 +91,7 @@ class EtcdDiscovery:
             return
         vmin, vmax, _ = protocol_limits(self.config.identity)
         record = NodeRecord(self.config.name, self._dialled_at(address), incarnation,
-                            (vmin, vmax), self._table())
+                            (vmin, vmax), self._table(), self.ttl)
         registration = Registration(self.client, self.prefix, record, ttl=self.ttl)
         try:
             await asyncio.to_thread(registration.register)
@@ -175,8 +175,9 @@ class EtcdDiscovery:
         record = self.membership.members.get(name)
         if record is None or name in self._restores:
             return
+        # (its own lease, which may be longer than this node's)
         self._restores[name] = asyncio.get_running_loop().call_later(
-            self.ttl + EXPIRY_SLACK, self._restore, record)
+            max(self.ttl, record.lease) + EXPIRY_SLACK, self._restore, record)
 
     def _restore(self, record: NodeRecord) -> None:
         self._restores.pop(record.name, None)

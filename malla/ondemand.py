@@ -54,11 +54,12 @@ class OnDemand:
         limit = (timeout or CAST_WAIT) / 1000.0
         if at is not None:
             limit = min(limit, at - time.monotonic())
-        try:
-            await asyncio.wait_for(asyncio.shield(dial), max(limit, 0.0))
-        except asyncio.TimeoutError:
+        # (asyncio.wait: the dial goes on past the call's time, and a
+        # cancelled call is never lost, as wait_for may lose it before 3.12)
+        done, _ = await asyncio.wait((dial,), timeout=max(limit, 0.0))
+        if not done:
             raise mexc.ServiceNotAvailable(
-                f"{node} not reached within {max(limit, 0.0) * 1000:.0f} ms") from None
+                f"{node} not reached within {max(limit, 0.0) * 1000:.0f} ms")
         conn = cluster.connected.get(node)
         if conn is None:
             raise mexc.ServiceNotAvailable(f"could not reach {node}")
