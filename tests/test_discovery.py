@@ -92,6 +92,16 @@ async def victim(name: str, url: str, hb_timeout: float = 1.0) -> subprocess.Pop
     return proc
 
 
+async def caller_and_server(make, url: str) -> tuple[malla.Node, malla.Node]:
+    """Nodes "a" and "b" started with discovery from `url`, b hosting Calc."""
+    a = make("a", discovery=url, **FAST)
+    b = make("b", discovery=url, **FAST)
+    await a.start()
+    await b.start()
+    await b.start_service(Calc("b"))
+    return a, b
+
+
 def test_options_past_the_full_mesh():
     with pytest.raises(malla.InvalidOption, match="needs discovery"):
         malla.Node("a", mesh="on_demand")
@@ -150,11 +160,7 @@ def test_killed_nodes_go_and_calls_fail_over_meanwhile(url):
     sending), and it is gone everywhere within its lease + 2 s.  A killed
     node with an open connection is gone at once, well within its lease."""
     async def test(make):
-        a = make("a", discovery=url, **FAST)
-        b = make("b", discovery=url, **FAST)
-        await a.start()
-        await b.start()
-        await b.start_service(Calc("b"))
+        a, b = await caller_and_server(make, url)
         v = await victim("v", url)
         w = await victim("w", url, hb_timeout=4.0)       # a lease of 4 s
         try:
@@ -224,11 +230,7 @@ def test_etcd_killed_and_restarted(caplog):
         url = etcd.url("/restart")
 
         async def test(make):
-            a = make("a", discovery=url, **FAST)
-            b = make("b", discovery=url, **FAST)
-            await a.start()
-            await b.start()
-            await b.start_service(Calc("b"))
+            a, _ = await caller_and_server(make, url)
             await wait_until(lambda: a.get_nodes(Calc) == ["b"])
             etcd.kill()
             # calls between known nodes go on (a connection opened meanwhile too)
