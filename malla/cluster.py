@@ -440,7 +440,7 @@ class Cluster:
                 "malla: %s connected to %s at %s%s", self.name, hello.name,
                 _where(conn, hello), " (hidden)" if hello.hidden else "")
         conn.proto.send_message(core.FT_TABLE, self._hosting.table())
-        if self.config.hidden or self.source is not None:   # (members come from etcd)
+        if self.config.hidden or self.source is not None:   # (or: members from etcd)
             return
         conn.proto.send_message(core.FT_PEERS, self._peer_list())
         if not hello.hidden and hello.listen:
