@@ -162,7 +162,7 @@ def test_killed_nodes_go_and_calls_fail_over_meanwhile(url):
     async def test(make):
         a, b = await caller_and_server(make, url)
         v = await victim("v", url)
-        w = await victim("w", url, hb_timeout=4.0)       # a lease of 4 s
+        w = await victim("w", url, hb_timeout=3.0)       # a lease of 3 s
         try:
             await wait_until(lambda: sorted(a.get_nodes(Calc)) == ["b", "v", "w"])
             assert await a._caller.call_node("w", Calc, "who") == "w"
