@@ -19,7 +19,10 @@ The order of one call: the local node first when it runs the service (an
 in-process call costs no network: the registry puts it first); then the
 better of a random pair of the remote ones; then, only when the call fails
 over, the other remote nodes cheapest first.  A node not connected (yet)
-costs more than any connected one.  `"shuffle"` keeps the registry's order
+costs more than any connected one in the full mesh (it cannot take the
+call); with connections on demand it can, after a dial, so it costs twice
+the service's mean: a fresh node wins over a connected one with a call in
+flight, an open connection wins a tie.  `"shuffle"` keeps the registry's order
 (Malla's: shuffled once per check cycle).
 """
 
@@ -43,8 +46,9 @@ def check_mode(mode: Any) -> str | None:
 
 
 def p2c_order(nodes: Callable[[str], Sequence[str]], conns: dict[str, Any],
-              local: str) -> Callable[[str], Iterable[str]]:
+              local: str, dial: bool = False) -> Callable[[str], Iterable[str]]:
     """The caller's node order for `balance="p2c"` (the core's P2COrder:
-    one C call per call, the rest ranked only when the call fails over)."""
-    order: Callable[[str], Iterable[str]] = core.P2COrder(nodes, conns, local)
+    one C call per call, the rest ranked only when the call fails over);
+    `dial`: calls open connections on demand."""
+    order: Callable[[str], Iterable[str]] = core.P2COrder(nodes, conns, local, dial=dial)
     return order

@@ -110,8 +110,8 @@ class Node(NodeSettings):
         self._discovery = cluster.source = EtcdDiscovery.of(
             config, self._registry, self._hosting.table, cluster, self._stats, self._spawn)
         self._on_demand = OnDemand(cluster) if config.mesh == "on_demand" else None
-        order = (p2c_order(self._registry.nodes, self._cluster.connected, name)
-                 if balance == "p2c" else None)
+        order = (p2c_order(self._registry.nodes, self._cluster.connected, name,
+                           dial=self._on_demand is not None) if balance == "p2c" else None)
         self._caller = Caller(name, self._registry, self._hosting, self._cluster, self._stats,
                               self._spawn, order=order, carrier=tracer.carrier if tracer else None)
         remote, call_cb_all = self._caller.remote, self._caller.call_cb_all

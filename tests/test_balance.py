@@ -151,6 +151,32 @@ def test_a_node_without_a_connection_comes_after_every_connected_one():
         assert list(p2c(s))[-1] == "gone"
 
 
+@settings(max_examples=40, deadline=None)
+@given(latency=st.lists(st.floats(1e-5, 1.0), min_size=3, max_size=3),
+       seed=st.integers(1, 2**63))
+def test_with_connections_on_demand_a_node_not_connected_costs_twice_the_mean(latency, seed):
+    """mesh="on_demand": a node without a connection can take the call after
+    a dial, so it is ranked at twice the service's mean, not after every
+    connected node (else a caller would stick to the nodes it met first)."""
+    costs = dict(zip("abc", latency, strict=True))
+    s = fresh_service()
+    conns = protos(costs, s)
+    unmeasured = core.Protocol(None, asyncio.new_event_loop(), True, {})
+    fresh = 2 * unmeasured.latency.cost(s, 0)          # the mean, as the core reads it
+    cost = {**{n: conns[n].proto.latency.cost(s, 0) for n in costs}, "x": fresh, "y": fresh}
+    p2c = core.P2COrder(lambda _s: ["a", "b", "c", "x", "y"], conns, "me", seed, dial=True)
+    got = list(p2c(s))
+    assert sorted(got) == ["a", "b", "c", "x", "y"]
+    slack = 1 + 1e-6                    # (the averages decay between two readings)
+    assert any(cost[got[0]] <= cost[n] * slack for n in got[1:])   # the pair's winner
+    rest = [cost[n] for n in got[1:]]
+    assert all(a <= b * slack for a, b in itertools.pairwise(rest)), got
+    # the full mesh: after the pair's winner, every connected node before them
+    full = list(core.P2COrder(lambda _s: ["a", "b", "c", "x", "y"], conns, "me", seed)(s))
+    tail = [n for n in full[1:] if n in "xy"]
+    assert full[len(full) - len(tail):] == tail, full
+
+
 def test_one_candidate_or_local_and_one_is_the_order_itself():
     order = ["me", "a"]
     p2c = core.P2COrder(lambda _s: order, {}, "me")

@@ -206,16 +206,31 @@ cdef int _by_cost(const void* a, const void* b) noexcept nogil:
     return (x.index > y.index) - (x.index < y.index)     # ties: the registry's order
 
 
-cdef double _cost_on(dict conns, object node, str service, double now):
-    # +inf for a node without an admitted connection: any connected one first
+cdef double _unconnected(str service, bint dial):
+    # In the full mesh a node without an admitted connection cannot take the
+    # call (+inf: any connected one first).  With connections on demand it
+    # can, after a dial: it costs what two calls to an idle node of the
+    # service cost on average, so a fresh node beats a connected one with a
+    # call in flight, and an open connection wins a tie (a caller does not
+    # open a connection to every node for nothing).
+    cdef PyObject* m
+    cdef double v
+    if not dial:
+        return INFINITY
+    m = PyDict_GetItem(_MEANS, service)
+    v = (<ServiceMean>m).value if m is not NULL else 0.0
+    return 2.0 * (v if v > _FLOOR else _FLOOR)
+
+
+cdef double _cost_on(dict conns, object node, str service, double now, bint dial):
     cdef PyObject* c = PyDict_GetItem(conns, node)
     cdef object proto
     cdef LatencyBook book
     if c is NULL:
-        return INFINITY
+        return _unconnected(service, dial)
     proto = (<object>c).proto
     if proto is None or not isinstance(proto, CoreProtocol):
-        return INFINITY
+        return _unconnected(service, dial)
     book = (<CoreProtocol>proto).latency
     return book.cost_of(service, PyDict_Size(book._pending.calls), now)
 
@@ -233,6 +248,7 @@ cdef class Ranking:
     cdef double _other_cost
     cdef Ranked* _rest
     cdef Py_ssize_t _n_rest
+    cdef bint _dial
 
     def __dealloc__(self):
         PyMem_Free(self._rest)
@@ -265,7 +281,8 @@ cdef class Ranking:
                 continue
             self._rest[j].index = i
             self._rest[j].cost = (self._other_cost if i == self._other else
-                                  _cost_on(self._conns, self._order[i], self._service, now))
+                                  _cost_on(self._conns, self._order[i], self._service, now,
+                                           self._dial))
             j += 1
         self._n_rest = j
         qsort(self._rest, j, sizeof(Ranked), _by_cost)
@@ -281,11 +298,14 @@ cdef class P2COrder:
     cdef dict _conns
     cdef str _local
     cdef uint64_t _state
+    cdef bint _dial
 
-    def __init__(self, nodes, dict conns, str local, uint64_t seed=0):
+    def __init__(self, nodes, dict conns, str local, uint64_t seed=0, bint dial=False):
+        # dial: nodes without a connection can take calls (mesh="on_demand")
         self._nodes = nodes
         self._conns = conns
         self._local = local
+        self._dial = dial
         self._state = seed or int.from_bytes(os.urandom(8), "little") or 1
 
     cdef inline Py_ssize_t _below(self, Py_ssize_t m) noexcept:
@@ -312,12 +332,13 @@ cdef class P2COrder:
         i += start
         j += start
         now = _now()
-        ci = _cost_on(self._conns, order[i], service, now)
-        cj = _cost_on(self._conns, order[j], service, now)
+        ci = _cost_on(self._conns, order[i], service, now, self._dial)
+        cj = _cost_on(self._conns, order[j], service, now, self._dial)
         r = Ranking.__new__(Ranking)
         r._order = order
         r._conns = self._conns
         r._service = service
+        r._dial = self._dial
         r._start = start
         if ci <= cj:
             r._best, r._other, r._other_cost = i, j, cj
