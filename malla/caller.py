@@ -109,6 +109,7 @@ class Caller:
             conns, checks, carrier = self._conns, self._registry.checks_table, self._carrier
             while True:
                 tried = overloaded = 0
+                hint: int | None = None     # the soonest retry_after_ms of the round
                 for node in (nodes := iter(order(name))):
                     tried += 1
                     try:
@@ -138,7 +139,9 @@ class Caller:
                                                      meta)
                     except ServiceNotAvailable as exc:
                         self._stats.failovers += 1
-                        overloaded += isinstance(exc, mexc.Overloaded)
+                        if isinstance(exc, mexc.Overloaded):
+                            overloaded += 1
+                            hint = mexc.sooner(hint, exc.retry_after_ms)
                         continue
                     except _RETRYABLE as exc:
                         if last is not None and isinstance(exc, mexc.CallTimeout):
@@ -156,12 +159,11 @@ class Caller:
                     if sna_round >= sna_retries:
                         # every node refused as overloaded: say so (still a
                         # ServiceNotAvailable)
-                        cls = (mexc.Overloaded if tried and overloaded == tried
-                               else ServiceNotAvailable)
-                        err = cls(
-                            f"service {name} is not available"
-                            f" ({'no node runs it' if not tried else f'{tried} node(s) refused'},"
-                            f" {sna_round + 1} round(s))")
+                        why = (f"service {name} is not available ("
+                               f"{'no node runs it' if not tried else f'{tried} node(s) refused'},"
+                               f" {sna_round + 1} round(s))")
+                        err = (mexc.Overloaded(why, hint) if tried and overloaded == tried
+                               else ServiceNotAvailable(why))
                         if last is not None:
                             # an earlier attempt may have run: its error says so
                             # (a refusal since must not read "did not run")

@@ -305,6 +305,11 @@ def error_from_wire(code: int, exc_type: str, message: str, tb: str | None,
     return cls(message)
 
 
+def sooner(hint: int | None, other: int | None) -> int | None:
+    """The smaller of two retry_after_ms hints (None: no hint)."""
+    return other if hint is None or (other is not None and other < hint) else hint
+
+
 def refused(why: tuple[Any, ...]) -> MallaError:
     """The caller's exception for the serving side's own refusal of a call:
     (code, exc_type, message), with Overloaded's retry_after_ms as a 4th

@@ -1,8 +1,6 @@
 # Dispatch: an incoming call, the one rule set it must pass before it runs
 # (on every path: the network's and in-process calls), the service it runs in.
 
-from libc.math cimport ceil
-
 cdef double BLOCKED_LOOP_WARNING = 0.1
 # Distinct callers whose allow= verdicts a service keeps (then it starts anew)
 cdef Py_ssize_t VERDICT_CALLERS = 1024
@@ -218,13 +216,13 @@ cdef class ServiceEntry:
         # Overloaded's hint (DESIGN.md "Overloaded.retry_after_ms"): the calls
         # waiting beyond max_concurrency (this one and any past the limit)
         # x the recent mean handler time / max_concurrency -- when that many
-        # places free up, running calls ending at an even pace -- in whole
-        # ms, at least 1 (no history yet: 1), at most a day
+        # places free up, running calls ending at an even pace -- rounded to
+        # whole ms, at least 1 (no history yet: 1), at most a day
         cdef double waiting = self.running - self.max_concurrency + 1
         cdef double ms = waiting * self.mean_time * 1000.0 / self.max_concurrency
         if ms < 1.0:
             return 1
-        return min(<int64_t>ceil(ms), MAX_RETRY_AFTER_MS)
+        return min(<int64_t>(ms + 0.5), MAX_RETRY_AFTER_MS)
 
     cdef tuple _refusal(self, str fun, object args, dict kwargs, object deadline, str caller):
         # The one rule set of a call to this service, in order: running (not
