@@ -18,9 +18,14 @@ caller's):
   `may_hedge(service)` lets it (the retry budget); a hedge refused is not
   sent, and the first copy is waited for as an ordinary attempt;
 - at most one hedge per attempt: two copies at once, never more;
-- the first reply wins; the other copy is cancelled (its task: a CANCEL to
-  its node, where the handler's coroutine is cancelled; in-process, the
-  coroutine itself);
+- the first reply wins; the other copy is cancelled (a CANCEL to its node,
+  where the handler's coroutine is cancelled; in-process, the coroutine
+  itself);
+- a copy over an uncongested connection is sent at once and waited for on
+  the core's own future (no task: a task would start, and send, only at
+  the loop's next iteration, which under load delays every hedged call and
+  so sends more hedges); in-process, or for a congested connection, a copy
+  is a task;
 - when both copies fail, the attempt raises one error: one that says the
   call may have run or failed (RemoteError, CallTimeout, ConnectionLost),
   if either copy gave one, before a refusal (ServiceNotAvailable: the
@@ -70,11 +75,11 @@ def valid_hedge_after(hedge_after: Any, timeout: int) -> float:
     return hedge_after / 1000.0
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
+def _retrieve(fut: asyncio.Future[Any]) -> None:
     # a copy's outcome nobody awaits any more (the loser's): read, so that
     # asyncio does not log it as never retrieved
-    if not task.cancelled():
-        task.exception()
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _worse(first: BaseException | None, exc: BaseException) -> BaseException:
@@ -100,6 +105,8 @@ class HedgeHost(Protocol):
                    at: Any, meta: Any) -> Coroutine[Any, Any, Any]: ...
     def _call_node(self, node: str, name: str, fun: str, args: Any, kwargs: Any,
                    timeout: int, at: Any, meta: Any) -> Coroutine[Any, Any, Any]: ...
+    def _send(self, conn: Any, name: str, fun: str, args: Any, kwargs: Any, timeout: int,
+              at: Any, meta: Any) -> tuple[Any, Any]: ...
 
 
 class Hedge:
@@ -118,21 +125,30 @@ class Hedge:
         self._host = host
 
     def _copy(self, node: str, args: Any, kwargs: Any, timeout: int, at: Any,
-              meta: Any) -> Coroutine[Any, Any, Any]:
-        # one copy of the call, on `node`: in-process or over its connection
+              meta: Any) -> tuple[asyncio.Future[Any], Callable[[], Any]]:
+        """Send one copy of the call to `node`: (the future of its outcome,
+        how to cancel it).  Over an uncongested connection the CALL leaves
+        now and the future is the core's own (no task, no loop iteration
+        before it is sent); in-process, or waiting for a congested or
+        missing connection, it is a task.  Raises what prevents sending."""
         host, name, fun = self._host, self._service, self._fun
-        if node == host.name:
-            return host._call_here(name, fun, args, kwargs, timeout, at, meta)
-        return host._call_node(node, name, fun, args, kwargs, timeout, at, meta)
+        conn = None if node == host.name else host._conns.get(node)
+        if conn is not None and not conn.proto.writing_paused:
+            proto, fut = host._send(conn, name, fun, args, kwargs, timeout, at, meta)
+            sid = proto.last_sid
+            return fut, lambda: proto.cancel(sid)     # (a CANCEL to its node)
+        call = (host._call_here(name, fun, args, kwargs, timeout, at, meta) if node == host.name
+                else host._call_node(node, name, fun, args, kwargs, timeout, at, meta))
+        task = asyncio.get_running_loop().create_task(call)
+        return task, task.cancel
 
     async def attempt(self, node: str, nodes: Iterator[str], args: Any, kwargs: Any,
                       timeout: int, at: Any, meta: Any) -> Any:
         """The reply of the call on `node`, or on the next node of `nodes`
         when `node` has not answered within hedge_after (see the module's
         docstring for which error is raised)."""
-        loop = asyncio.get_running_loop()
-        first = loop.create_task(self._copy(node, args, kwargs, timeout, at, meta))
-        copies = {first: node}
+        first, cancel = self._copy(node, args, kwargs, timeout, at, meta)
+        copies = {first: (node, cancel)}
         try:
             done, _ = await asyncio.wait((first,), timeout=self._after)
             if done:
@@ -140,25 +156,31 @@ class Hedge:
             other = next(nodes, None)
             if other is None or not self._host.may_hedge(self._service):
                 return await first
-            copies[loop.create_task(self._copy(other, args, kwargs, timeout, at, meta))] = other
+            try:
+                second = self._copy(other, args, kwargs, timeout, at, meta)
+            except mexc.MallaError:
+                return await first      # the hedge could not be sent: the first copy's
+            copies[second[0]] = (other, second[1])
             self._host._stats.hedges += 1
             return await self._first_reply(copies)
         finally:
-            for task in copies:
-                if not task.done():
-                    task.cancel()      # the loser: a CANCEL to its node
-                task.add_done_callback(_retrieve)
+            for fut, (_, cancel) in copies.items():
+                # the loser, or both when this call is cancelled: a future
+                # cancelled by the caller's cancellation still needs its CANCEL
+                if not fut.done() or fut.cancelled():
+                    cancel()
+                fut.add_done_callback(_retrieve)
 
-    async def _first_reply(self, copies: dict[asyncio.Task[Any], str]) -> Any:
+    async def _first_reply(self, copies: dict[asyncio.Future[Any], tuple[str, Any]]) -> Any:
         failure: BaseException | None = None
         pending = set(copies)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
+            for fut in done:
+                exc = fut.exception()
                 if exc is None:
-                    note_hedge(self._host._conns.get(copies[task]))
-                    return task.result()
+                    note_hedge(self._host._conns.get(copies[fut][0]))
+                    return fut.result()
                 failure = _worse(failure, exc)
         note_hedge(None)
         assert failure is not None

@@ -28,9 +28,9 @@ class Hedgy(malla.Service, global_=True):
         self.name = name
 
     @malla.idempotent
-    async def get(self, hang):
+    async def get(self, hang, every=False):
         Hedgy.arrivals.append(self.name)
-        if len(Hedgy.arrivals) == 1:
+        if len(Hedgy.arrivals) == 1 or every:
             try:
                 await asyncio.sleep(hang)
             except asyncio.CancelledError:
@@ -86,6 +86,23 @@ def test_a_hedge_answers_and_the_slow_copy_is_cancelled_on_its_node():
         await wait_until(lambda: Hedgy.cancelled == [slow], timeout=5)
         server = a if slow == "a" else b
         await wait_until(lambda: server._hosting.entries["Hedgy"].running == 0, timeout=5)
+        assert c.stats()["in_flight"] == 0
+
+    with_nodes(main)
+
+
+def test_a_cancelled_hedged_call_cancels_both_copies_on_their_nodes():
+    async def main(make):
+        a, b, c = await two_servers_and_a_caller(make)
+        call = asyncio.ensure_future(c.remote("Hedgy", "get", [30, True], hedge_after=20))
+        await wait_until(lambda: len(Hedgy.arrivals) == 2, timeout=5)
+        assert c.stats()["hedges"] == 1
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_until(lambda: sorted(Hedgy.cancelled) == ["a", "b"], timeout=5)
+        for server in (a, b):
+            await wait_until(lambda s=server: s._hosting.entries["Hedgy"].running == 0)
         assert c.stats()["in_flight"] == 0
 
     with_nodes(main)
