@@ -2,9 +2,9 @@
 by side with `balance="shuffle"` in one run:
 
 * ``slow_node``: 4 server processes, one of them answering 20x slower than
-  the others (its handler sleeps 20 ms, theirs 1 ms); 20,000 calls from 32
-  concurrent callers on one node, with `balance="p2c"` (the default) and
-  with `"shuffle"`.  Target: p99 with p2c <= 1/5 of shuffle's, calls/s not
+  the others (its handler sleeps 20 ms, theirs 1 ms); 20,000 calls from 8,
+  then from 32 concurrent callers on one node, with `balance="p2c"` (the
+  default) and with `"shuffle"`.  Target: p99 with p2c <= 1/5 of shuffle's, calls/s not
   lower.  Shuffle re-orders the nodes only each check cycle, so its caller
   runs with `check_interval=0.05`: the slow node then takes its 1/4 of the
   calls within a run (so does p2c's, for the same settings).
@@ -49,7 +49,7 @@ FAST_MS = 1.0
 SLOW_MS = 20.0 * FAST_MS
 STALL_MS = 200.0
 STALL_P = 0.04
-SLOW_CALLERS = 32
+SLOW_CALLERS = (8, 32)     # concurrent callers: two runs of the scenario
 HEDGE_CALLERS = 8
 
 
@@ -110,6 +110,7 @@ async def _run(ports: list[int], balance: str, calls: int, callers: int,
         for _ in range(200):                                   # warm-up
             await node.remote("Tail", "work", **opts)
         hedges0 = node.stats()["hedges"]
+        sent0 = _sent(node)
         samples: list[int] = []
         left = calls
 
@@ -131,16 +132,24 @@ async def _run(ports: list[int], balance: str, calls: int, callers: int,
                 "p95_ms": _pct(samples, 0.95), "p99_ms": _pct(samples, 0.99),
                 "p999_ms": _pct(samples, 0.999), "max_ms": samples[-1] / 1e6,
                 "hedges": node.stats()["hedges"] - hedges0,
+                # each node's share of the calls sent (the last is the bad one)
+                "share": {peer: (n - sent0[peer]) / len(samples)
+                          for peer, n in sorted(_sent(node).items())},
                 "extra_calls": (node.stats()["hedges"] - hedges0) / len(samples)}
     finally:
         await node.stop()
 
 
-async def _slow_node(ports: list[int], calls: int) -> dict[str, Any]:
+def _sent(node: malla.Node) -> dict[str, int]:
+    # calls (and hedges) this node sent to each server so far
+    return {peer: conn.proto.calls_out for peer, conn in node._cluster.connected.items()}
+
+
+async def _slow_node(ports: list[int], calls: int, callers: int) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"p2c": [], "shuffle": []}
     for _ in range(2):                       # alternating, medians
         for balance in runs:
-            runs[balance].append(await _run(ports, balance, calls, SLOW_CALLERS))
+            runs[balance].append(await _run(ports, balance, calls, callers))
     out: dict[str, Any] = {b: _median(r) for b, r in runs.items()}
     out["p99_ratio"] = out["p2c"]["p99_ms"] / out["shuffle"]["p99_ms"]
     out["throughput_ratio"] = out["p2c"]["calls_per_s"] / out["shuffle"]["calls_per_s"]
@@ -165,7 +174,9 @@ async def _hedging(ports: list[int], calls: int) -> dict[str, Any]:
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("calls_per_s", "p50_ms", "p95_ms", "p99_ms", "p999_ms", "max_ms")
-    return {k: statistics.median(r[k] for r in runs) for k in keys}
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["slow_share"] = statistics.median(r["share"]["tail3"] for r in runs)
+    return out
 
 
 async def _ports(procs: list[subprocess.Popen[str]]) -> list[int]:
@@ -190,9 +201,12 @@ async def _main(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"calls": args.calls, "git": _git_commit()}
     if args.only in ("all", "slow_node"):
         specs = [(FAST_MS, 0.0)] * 3 + [(SLOW_MS, 0.0)]
-        results["slow_node"] = await _with_servers(
-            specs, lambda ports: _slow_node(ports, args.calls))
-        _print_slow(results["slow_node"])
+        async def slow(ports: list[int]) -> dict[str, Any]:
+            return {str(n): await _slow_node(ports, args.calls, n) for n in SLOW_CALLERS}
+
+        results["slow_node"] = await _with_servers(specs, slow)
+        for n in SLOW_CALLERS:
+            _print_slow(results["slow_node"][str(n)], n)
     if args.only in ("all", "hedging"):
         specs = [(FAST_MS, 0.0)] * 3 + [(FAST_MS, STALL_P)]
         results["hedging"] = await _with_servers(
@@ -216,10 +230,10 @@ def _row(label: str, r: dict[str, Any]) -> str:
             f"   p99.9 {r['p999_ms']:7.2f} ms")
 
 
-def _print_slow(res: dict[str, Any]) -> None:
-    print(f"slow node: 4 nodes, one 20x slower; {SLOW_CALLERS} callers (median of 2)")
+def _print_slow(res: dict[str, Any], callers: int) -> None:
+    print(f"slow node: 4 nodes, one 20x slower; {callers} callers (median of 2)")
     for balance in ("p2c", "shuffle"):
-        print(_row(balance, res[balance]))
+        print(_row(balance, res[balance]) + f"   slow node took {res[balance]['slow_share']:.1%}")
     print(f"  p99 p2c/shuffle {res['p99_ratio']:.3f} (target <= 0.2), calls/s "
           f"p2c/shuffle {res['throughput_ratio']:.2f} (target >= 1): "
           f"{'met' if res['target_met'] else 'MISSED'}")
@@ -230,7 +244,8 @@ def _print_hedging(res: dict[str, Any]) -> None:
           f"{HEDGE_CALLERS} callers; hedge_after: the p95 without hedging")
     for balance in ("p2c", "shuffle"):
         h = res[balance]["hedged"]
-        print(_row(f"{balance}, no hedge", res[balance]["no_hedge"]))
+        print(_row(f"{balance}, no hedge", res[balance]["no_hedge"])
+              + f"   stalling node took {res[balance]['no_hedge']['share']['tail3']:.1%}")
         print(_row(f"{balance}, hedged {h['hedge_after_ms']} ms", h)
               + f"   extra calls {h['extra_calls']:.1%}")
         print(f"  {'':<24} p99/p50 {h['p99_over_p50']:.2f} (target <= 3), extra <= 5 %: "
