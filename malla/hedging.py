@@ -20,7 +20,8 @@ caller's):
 - at most one hedge per attempt: two copies at once, never more;
 - the first reply wins; the other copy is cancelled (a CANCEL to its node,
   where the handler's coroutine is cancelled; in-process, the coroutine
-  itself);
+  itself), and what it took until then counts in the balancer's latency
+  average of its node (at least that long: a stalling node is ranked down);
 - a copy over an uncongested connection is sent at once and waited for on
   the core's own future (no task: a task would start, and send, only at
   the loop's next iteration, which under load delays every hedged call and
@@ -45,6 +46,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from malla import exceptions as mexc
+from malla._ext import core
 from malla.idempotent import hedgeable
 from malla.tracing import note_hedge
 
@@ -125,7 +127,7 @@ class Hedge:
         self._host = host
 
     def _copy(self, node: str, args: Any, kwargs: Any, timeout: int, at: Any,
-              meta: Any) -> tuple[asyncio.Future[Any], Callable[[], Any]]:
+              meta: Any) -> tuple[asyncio.Future[Any], Callable[[bool], Any]]:
         """Send one copy of the call to `node`: (the future of its outcome,
         how to cancel it).  Over an uncongested connection the CALL leaves
         now and the future is the core's own (no task, no loop iteration
@@ -135,12 +137,22 @@ class Hedge:
         conn = None if node == host.name else host._conns.get(node)
         if conn is not None and not conn.proto.writing_paused:
             proto, fut = host._send(conn, name, fun, args, kwargs, timeout, at, meta)
-            sid = proto.last_sid
-            return fut, lambda: proto.cancel(sid)     # (a CANCEL to its node)
+            sid, sent = proto.last_sid, core.monotonic()
+            return fut, lambda lost: self._cancel(proto, sid, sent, lost)
         call = (host._call_here(name, fun, args, kwargs, timeout, at, meta) if node == host.name
                 else host._call_node(node, name, fun, args, kwargs, timeout, at, meta))
         task = asyncio.get_running_loop().create_task(call)
-        return task, task.cancel
+        return task, lambda lost: task.cancel()
+
+    def _cancel(self, proto: Any, sid: int, sent: float, lost: bool) -> None:
+        # A CANCEL to the copy's node.  A copy that `lost` (the other
+        # answered first) took at least this long: the balancer's latency
+        # average of that node learns it (a cancelled call records nothing
+        # otherwise, and p2c would go on ranking a stalling node by its
+        # replies before the stall)
+        if proto.cancel(sid) and lost:
+            now = core.monotonic()
+            proto.latency.sample(self._service, now - sent, False, now)
 
     async def attempt(self, node: str, nodes: Iterator[str], args: Any, kwargs: Any,
                       timeout: int, at: Any, meta: Any) -> Any:
@@ -149,6 +161,7 @@ class Hedge:
         docstring for which error is raised)."""
         first, cancel = self._copy(node, args, kwargs, timeout, at, meta)
         copies = {first: (node, cancel)}
+        won = False         # a copy's reply is the attempt's: the other lost
         try:
             done, _ = await asyncio.wait((first,), timeout=self._after)
             if done:
@@ -162,13 +175,15 @@ class Hedge:
                 return await first      # the hedge could not be sent: the first copy's
             copies[second[0]] = (other, second[1])
             self._host._stats.hedges += 1
-            return await self._first_reply(copies)
+            reply = await self._first_reply(copies)
+            won = True
+            return reply
         finally:
             for fut, (_, cancel) in copies.items():
                 # the loser, or both when this call is cancelled: a future
                 # cancelled by the caller's cancellation still needs its CANCEL
                 if not fut.done() or fut.cancelled():
-                    cancel()
+                    cancel(won)
                 fut.add_done_callback(_retrieve)
 
     async def _first_reply(self, copies: dict[asyncio.Future[Any], tuple[str, Any]]) -> Any:

@@ -87,6 +87,9 @@ def test_a_hedge_answers_and_the_slow_copy_is_cancelled_on_its_node():
         server = a if slow == "a" else b
         await wait_until(lambda: server._hosting.entries["Hedgy"].running == 0, timeout=5)
         assert c.stats()["in_flight"] == 0
+        # the loser took at least hedge_after: the balancer's average says so
+        latency = c._cluster.connected[slow].proto.latency
+        assert latency.latency("Hedgy", malla._core.monotonic()) >= 0.045
 
     with_nodes(main)
 
