@@ -44,6 +44,7 @@ bench: build
 	$(VPY) -m pip install -q -e '.[test,bench]'
 	$(VPY) -m bench
 	$(VPY) -m bench.extras
+	$(VPY) -m bench.tails          # a slow node, a stalling one: p2c, shuffle, hedging
 	$(VPY) -m bench.chart          # bench/results.png, shown in bench/RESULTS.md
 
 # The scale probe (issue 17, bench/scale.py): the full mesh against

@@ -42,6 +42,7 @@ from malla.exceptions import (
     family,
 )
 from malla.facade import BlockingNode
+from malla.idempotent import idempotent
 from malla.node import Node
 from malla.proxy import call
 from malla.runner import run
@@ -79,6 +80,7 @@ __all__ = [
     "get_instances",
     "get_nodes",
     "get_services",
+    "idempotent",
     "local",
     "register_type",
     "remaining_ms",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from malla import exceptions as mexc
 from malla.codec import bad_value_path
 from malla.context import enter, inherited_deadline, leave
+from malla.hedging import Hedge, always
 from malla.registry import service_name
 from malla.service import KIND_SYNC, RunningService, settle
 
@@ -67,12 +68,15 @@ class Caller:
         self._stats = stats
         self._spawn = spawn
         self._carrier = carrier
+        # whether a hedge toward a service may be sent (the retry budget's)
+        self.may_hedge: Callable[[str], bool] = always
 
     async def remote(self, service: Any, fun: str, args: Any = (),
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                      sna_retries: int = 5, excp_retries: int = 0,
                      retries_sleep_msec: int = 1000, meta: Any = None,
-                     deadline: float | None = None, **unknown: Any) -> Any:
+                     deadline: float | None = None, hedge_after: float | None = None,
+                     **unknown: Any) -> Any:
         """Call `fun` of `service` on the first node that runs it (DESIGN.md "Calls").
 
         Fails over to the next node on "service not available"; when the list
@@ -80,7 +84,9 @@ class Caller:
         `sna_retries` more rounds.  Exceptions (RemoteError, CallTimeout,
         ConnectionLost) are retried `excp_retries` times.  `timeout` (ms)
         bounds each attempt, `deadline` (ms) the whole call; `timeout=0`
-        sends a cast and returns None, whatever the deadline.
+        sends a cast and returns None, whatever the deadline.  `hedge_after`
+        (ms, functions marked @malla.idempotent only) also sends the call to
+        the next node when no reply came in time (malla.hedging).
         """
         if unknown:
             raise invalid_options(unknown, "remote()")
@@ -94,6 +100,7 @@ class Caller:
         at = inherited_deadline()
         if deadline is not None:
             at = _sooner(at, deadline)
+        hedge = None if hedge_after is None else Hedge(name, fun, hedge_after, timeout, self)
         try:
             sna_round = exc_round = 0
             # the error of an earlier attempt that was sent and may have run
@@ -102,9 +109,12 @@ class Caller:
             conns, checks, carrier = self._conns, self._registry.checks_table, self._carrier
             while True:
                 tried = overloaded = 0
-                for node in order(name):
+                hint: int | None = None     # the soonest retry_after_ms of the round
+                for node in (nodes := iter(order(name))):
                     tried += 1
                     try:
+                        if hedge is not None:
+                            return await hedge.attempt(node, nodes, args, kwargs, timeout, at, meta)
                         if node == self.name:
                             return await self._call_here(name, fun, args, kwargs, timeout, at, meta)
                         if at is None and carrier is None:
@@ -129,7 +139,9 @@ class Caller:
                                                      meta)
                     except ServiceNotAvailable as exc:
                         self._stats.failovers += 1
-                        overloaded += isinstance(exc, mexc.Overloaded)
+                        if isinstance(exc, mexc.Overloaded):
+                            overloaded += 1
+                            hint = mexc.sooner(hint, exc.retry_after_ms)
                         continue
                     except _RETRYABLE as exc:
                         if last is not None and isinstance(exc, mexc.CallTimeout):
@@ -147,12 +159,11 @@ class Caller:
                     if sna_round >= sna_retries:
                         # every node refused as overloaded: say so (still a
                         # ServiceNotAvailable)
-                        cls = (mexc.Overloaded if tried and overloaded == tried
-                               else ServiceNotAvailable)
-                        err = cls(
-                            f"service {name} is not available"
-                            f" ({'no node runs it' if not tried else f'{tried} node(s) refused'},"
-                            f" {sna_round + 1} round(s))")
+                        why = (f"service {name} is not available ("
+                               f"{'no node runs it' if not tried else f'{tried} node(s) refused'},"
+                               f" {sna_round + 1} round(s))")
+                        err = (mexc.Overloaded(why, hint) if tried and overloaded == tried
+                               else ServiceNotAvailable(why))
                         if last is not None:
                             # an earlier attempt may have run: its error says so
                             # (a refusal since must not read "did not run")
@@ -231,7 +242,7 @@ class Caller:
             raise ServiceNotAvailable(f"service {name} is not running here")
         why = entry.refusal(fun, args, kwargs, None, self.name)
         if why is not None:
-            raise mexc.error_from_wire(why[0], why[1], why[2], None)
+            raise mexc.refused(why)
         if at is not None:
             timeout = _within_deadline(at, timeout, name, fun)[0]
         self._stats.local_calls += 1

@@ -17,7 +17,7 @@ import msgpack
 
 from malla import exceptions as mexc
 from malla._ext import core
-from malla.handshake import CAP_WINDOW, Handshake, Hello, error_payload
+from malla.handshake import CAP_WINDOW, RETRY_AFTER, Handshake, Hello, error_payload
 from malla.tls import name_verifier
 
 if TYPE_CHECKING:
@@ -182,6 +182,7 @@ class Connection:
         if not self.dialer:
             self.host.throttle.succeeded(self._peer_host())
             self.host.pending.end(self)     # authenticated: no longer pending
+        self.proto.retry_hints = self.handshake.version >= RETRY_AFTER
         self.proto.set_ready(self.peer.name, self.handshake.max_frame_size,
                              bool(self.handshake.caps & CAP_WINDOW), self.host.config.window_size)
         self.host.admit(self)

@@ -110,9 +110,10 @@ class Ejection:
         self._out.setdefault(service, {})[node] = rec.until
         return True
 
-    def overloaded(self, service: str, node: str, retry_after_ms: int) -> None:
-        """`node` refused a call to `service` as Overloaded with this hint."""
-        if retry_after_ms > 0:
+    def overloaded(self, service: str, node: str, retry_after_ms: int | None) -> None:
+        """`node` refused a call to `service` as Overloaded with this hint
+        (None: the node sent none)."""
+        if retry_after_ms is not None and retry_after_ms > 0:
             until = self._clock() + retry_after_ms / 1000.0
             skips = self._skip.setdefault(service, {})
             skips[node] = max(until, skips.get(node, until))

@@ -55,11 +55,11 @@ class ServiceNotAvailable(MallaError):
 class Overloaded(ServiceNotAvailable):
     """The service's max_concurrency was reached on that node: it did not run.
 
-    ``retry_after_ms`` is the serving node's estimate of when it has room
-    (0: no estimate).
+    ``retry_after_ms`` is the serving node's estimate, in ms, of when it has
+    room (None: it sent none, as a protocol-version-1 peer does).
     """
 
-    def __init__(self, message: str = "", retry_after_ms: int = 0) -> None:
+    def __init__(self, message: str = "", retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
 
@@ -283,12 +283,35 @@ def error_body(exc: MallaError, tb: str | None = None) -> list[Any]:
     return [code, f"{cls.__module__}.{cls.__qualname__}", str(exc), tb]
 
 
-def error_from_wire(code: int, exc_type: str, message: str, tb: str | None) -> MallaError:
-    """Build the caller-side exception for an ERROR frame's fields."""
+# The largest retry_after_ms hint taken from a peer (a day): anything else is
+# no hint (docs/protocol.md)
+MAX_RETRY_AFTER_MS = 86_400_000
+
+
+def error_from_wire(code: int, exc_type: str, message: str, tb: str | None,
+                    retry_after_ms: Any = None) -> MallaError:
+    """Build the caller-side exception for an ERROR frame's fields
+    (`retry_after_ms`: the 5th field of a version-2 peer's Overloaded, an
+    int of 1 to MAX_RETRY_AFTER_MS ms; anything else is ignored)."""
     if code == ERR_DEADLINE:
         # the serving node refused it unstarted: its budget was spent
         return CallTimeout(message, sent=False)
     cls = _CODE_CLASSES.get(code)
     if cls is None:
         return remote_error(exc_type, message, tb or "")
+    if cls is Overloaded and type(retry_after_ms) is int:
+        return Overloaded(message, retry_after_ms
+                          if 0 < retry_after_ms <= MAX_RETRY_AFTER_MS else None)
     return cls(message)
+
+
+def sooner(hint: int | None, other: int | None) -> int | None:
+    """The smaller of two retry_after_ms hints (None: no hint)."""
+    return other if hint is None or (other is not None and other < hint) else hint
+
+
+def refused(why: tuple[Any, ...]) -> MallaError:
+    """The caller's exception for the serving side's own refusal of a call:
+    (code, exc_type, message), with Overloaded's retry_after_ms as a 4th
+    element (malla/core/dispatch.pyx, ServiceEntry.refusal)."""
+    return error_from_wire(why[0], why[1], why[2], None, why[3] if len(why) > 3 else None)

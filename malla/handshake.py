@@ -49,6 +49,7 @@ MAGIC = b"MALLA\x00"
 PROTOCOL_VERSION = 2
 OLDEST_VERSION = 1       # the oldest version this release still speaks
 SPLIT_HELLO = 2          # from this version on, the acceptor's HELLO is split
+RETRY_AFTER = 2          # from this version on, Overloaded ERRORs carry retry_after_ms
 # Capability bits (docs/protocol.md); a bit a peer does not know is ignored.
 CAP_TRACE = 1            # CALLs may carry the trace-context field
 CAP_UDP_HEARTBEAT = 2    # heartbeats also come by UDP (HELLO "udp")

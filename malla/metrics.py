@@ -34,13 +34,15 @@ class Stats:
     """A node's counters, kept off the happy path: only failures, retries
     and failovers touch them; calls are counted by the cores."""
 
-    __slots__ = ("closed_in", "closed_out", "errors", "failovers", "forbidden", "local_calls",
-                 "retries")
+    __slots__ = ("closed_in", "closed_out", "errors", "failovers", "forbidden", "hedges",
+                 "local_calls", "retries")
 
     def __init__(self) -> None:
         self.errors: dict[str, int] = {}
         self.retries = 0
         self.failovers = 0
+        # second copies of hedged calls sent (malla.hedging)
+        self.hedges = 0
         # calls this node refused by its services' allow= rules (served here)
         self.forbidden = 0
         self.local_calls = 0
@@ -180,6 +182,7 @@ def prometheus_collector(node: StatsSource) -> Any:
                                    ("calls_out", "calls made"),
                                    ("retries", "retry rounds"),
                                    ("failovers", "moves to the next node"),
+                                   ("hedges", "second copies of hedged calls sent"),
                                    ("forbidden", "calls refused here by allow= rules"),
                                    ("handshakes_refused", "connections closed unread: "
                                     "max_pending_handshakes were in their handshake"),

@@ -345,6 +345,7 @@ class Node(NodeSettings):
             "errors": dict(stats.errors),
             "retries": stats.retries,
             "failovers": stats.failovers,
+            "hedges": stats.hedges,
             "forbidden": stats.forbidden,
             "in_flight": sum(p.in_flight for p in protos if not p.closed),
             **handshake_counts(self._cluster.pending, self._cluster.throttle),

@@ -101,7 +101,7 @@ Coroutine.register(Call)
 
 async def call(obj: Call, **opts: Any) -> Any:
     """Run a lazy call object with remote()'s options (timeout, sna_retries,
-    excp_retries, retries_sleep_msec, meta, deadline)."""
+    excp_retries, retries_sleep_msec, meta, deadline, hedge_after)."""
     if not isinstance(obj, Call):
         raise mexc.InvalidOption(f"malla.call needs a proxy call object "
                                  f"(proxy.fun(...)), got {type(obj).__name__}")

@@ -20,6 +20,7 @@ from typing import Any
 from malla import exceptions as mexc
 from malla.arguments import Checker, checkers_of
 from malla.authz import forbidding_checkers, invalid_allow
+from malla.idempotent import FUNCTION_META, invalid_function_meta
 
 __all__ = ["BUILTIN", "Registry", "invalid_info", "service_name"]
 
@@ -68,6 +69,10 @@ def invalid_info(info: Any) -> str | None:
             checkers_of("", {fun: params})
         except (ValueError, TypeError) as exc:   # e.g. parameters out of order
             return f"the signature of {fun} is not valid: {exc}"
+    if FUNCTION_META in info:
+        why = invalid_function_meta(info[FUNCTION_META], functions)
+        if why is not None:
+            return why
     if "allow" in info:
         return invalid_allow(info["allow"], functions)
     return None
@@ -228,6 +233,15 @@ class Registry:
 
     def _info_of(self, service: str, node: str) -> dict[str, Any]:
         return self._local[service] if node == self.local_name else self._remote[service][node]
+
+    def infos(self, service: str) -> list[dict[str, Any]]:
+        """The metadata of every instance of `service` that takes calls, in
+        call order; else of the one known_info gives; else [].  Not copies."""
+        infos = [self._info_of(service, node) for node in self.nodes(service)]
+        if not infos:
+            known = self.known_info(service)
+            infos = [known] if known is not None else []
+        return infos
 
     def remote_info(self, service: str, node: str) -> dict[str, Any] | None:
         nodes = self._remote.get(service)

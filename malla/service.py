@@ -21,6 +21,7 @@ from malla._ext import core
 from malla.arguments import checkers_of
 from malla.authz import Policy, Rules, rules_of, valid_patterns
 from malla.context import enter_served
+from malla.idempotent import FUNCTION_META, idempotent_of
 from malla.tracing import Tracing
 
 __all__ = ["DEFAULT_MAX_CONCURRENCY", "Service", "blocking"]
@@ -58,6 +59,8 @@ class Service:
     _malla_allow: ClassVar[tuple[str, ...] | None] = None
     # function -> its allow patterns, for those not open to everyone
     _malla_rules: ClassVar[Rules] = {}
+    # the exported functions marked @malla.idempotent (hedged calls may run them twice)
+    _malla_idempotent: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, *, name: str | None = None, vsn: str | None = None,
                           global_: bool | None = None, max_concurrency: int | None = None,
@@ -77,6 +80,7 @@ class Service:
             cls._malla_allow = valid_patterns(allow, f"{cls.__name__}(allow=...)")
         cls._malla_exports = _exports_of(cls)
         cls._malla_rules = rules_of(cls, cls._malla_allow, list(cls._malla_exports))
+        cls._malla_idempotent = idempotent_of(cls, cls._malla_exports)
 
     def service_cb_in(self, fun: str, args: list[Any], kwargs: dict[str, Any],
                       opts: dict[str, Any]) -> Any:
@@ -158,6 +162,8 @@ def describe(service: Service, paused: bool = False) -> dict[str, Any]:
     if cls._malla_rules:
         # only the functions not open to everyone (docs/protocol.md)
         info["allow"] = {fun: list(patterns) for fun, patterns in cls._malla_rules.items()}
+    if cls._malla_idempotent:
+        info[FUNCTION_META] = {fun: {"idempotent": True} for fun in sorted(cls._malla_idempotent)}
     return info
 
 
@@ -238,3 +244,5 @@ class RunningService(core.ServiceEntry):
                 proto.reply(sid, result)
         finally:
             self.running -= 1
+            # (the recent mean handler time: Overloaded's retry_after_ms)
+            self.handled(core.monotonic() - started)

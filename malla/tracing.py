@@ -28,7 +28,7 @@ from malla.registry import service_name
 if TYPE_CHECKING:
     from malla.interfaces import CallFn
 
-__all__ = ["Tracing", "error_type"]
+__all__ = ["HEDGED", "Tracing", "error_type", "note_hedge"]
 
 # The attribute names of the semantic conventions (opentelemetry-semantic-
 # conventions 0.66b2, schema 1.40+), written out rather than imported: that
@@ -46,6 +46,8 @@ SERVER_PORT = "server.port"
 NETWORK_PEER_ADDRESS = "network.peer.address"
 NETWORK_PEER_PORT = "network.peer.port"
 ERROR_TYPE = "error.type"
+# malla's own: the call sent a second copy to another node (malla.hedging)
+HEDGED = "malla.hedged"
 # no registered value for malla: its own name, as the conventions allow
 SYSTEM = "malla"
 
@@ -75,6 +77,34 @@ def _peer_address(transport: Any) -> tuple[str, int] | None:
     # (host, port) of the other end of a TCP connection, or None
     peer = transport.get_extra_info("peername") if transport is not None else None
     return (str(peer[0]), int(peer[1])) if peer and len(peer) >= 2 else None
+
+
+def _name_server(span: Any, conn: Any) -> None:
+    # the node `conn` leads to, on a CLIENT span: server.address is the
+    # node's advertised address (what its peers dial), its socket's other
+    # end when it has none
+    listen = conn.peer.listen
+    peer = _peer_address(conn.proto.transport)
+    server = listen if listen is not None else peer
+    if server is not None:
+        span.set_attribute(SERVER_ADDRESS, server[0])
+        span.set_attribute(SERVER_PORT, server[1])
+    if peer is not None:
+        span.set_attribute(NETWORK_PEER_ADDRESS, peer[0])
+        span.set_attribute(NETWORK_PEER_PORT, peer[1])
+
+
+def note_hedge(winner: Any) -> None:
+    """The remote() in progress in this context sent a hedge (malla.hedging):
+    its span says so (`malla.hedged`), and names the node whose reply won
+    (`winner`: its connection; None in-process or when no copy answered),
+    not the last one an attempt went to.  Nothing without a recording span."""
+    span = _CALL_SPAN.get()
+    if span is None or not span.is_recording():
+        return
+    span.set_attribute(HEDGED, True)
+    if winner is not None:
+        _name_server(span, winner)
 
 
 class Tracing:
@@ -170,17 +200,7 @@ class Tracing:
         here the node the attempt went to (after a failover: the last)."""
         span = _CALL_SPAN.get()
         if span is not None and span.is_recording():
-            listen = conn.peer.listen
-            peer = _peer_address(conn.proto.transport)
-            # server.address: the node's advertised address (what its
-            # peers dial); its socket's other end when it has none
-            server = listen if listen is not None else peer
-            if server is not None:
-                span.set_attribute(SERVER_ADDRESS, server[0])
-                span.set_attribute(SERVER_PORT, server[1])
-            if peer is not None:
-                span.set_attribute(NETWORK_PEER_ADDRESS, peer[0])
-                span.set_attribute(NETWORK_PEER_PORT, peer[1])
+            _name_server(span, conn)
         if not conn.peer.caps & CAP_TRACE:
             return None
         if not self._trace.get_current_span().get_span_context().is_valid:

@@ -128,7 +128,9 @@ class RawPeer:
 
     @classmethod
     async def connect(cls, node: malla.Node, name: str = "raw",
-                      cookie: str = COOKIE) -> RawPeer:
+                      cookie: str = COOKIE, **hello: Any) -> RawPeer:
+        """A peer of `node` once the handshake is done (`hello`: more fields
+        of its HELLO, e.g. vmin=1, vmax=1 to speak version 1)."""
         import random
 
         from malla._ext import core
@@ -136,8 +138,8 @@ class RawPeer:
 
         reader, writer = await asyncio.open_connection("127.0.0.1", node.address[1])
         peer = cls(reader, writer)
-        hs = Handshake(True, Hello(name=name, incarnation=random.getrandbits(64), hidden=True),
-                       cookie.encode())
+        hs = Handshake(True, Hello(name=name, incarnation=random.getrandbits(64), hidden=True,
+                                   **hello), cookie.encode())
         for ftype, payload in hs.start():
             writer.write(core.build_frame(ftype, 0, 0, payload))
         while not hs.done:
@@ -162,15 +164,30 @@ class RawPeer:
         """Send a CALL frame; return (frame type, decoded payload) of its answer."""
         from malla._ext import core
 
+        ftype, body = await self.answer(self.send_call(service, fun, args, kwargs, timeout_ms),
+                                        timeout)
+        return ftype, core.unpackb(body)
+
+    def send_call(self, service: str, fun: str, args: list | None = None,
+                  kwargs: dict | None = None, timeout_ms: int = 5000) -> int:
+        """Send a CALL frame; its stream id."""
+        from malla._ext import core
+
         sid = self._next_sid
         self._next_sid += 2
         payload = core.packb([service, fun, list(args or []), kwargs, timeout_ms, None, None])
         self.writer.write(core.build_frame(core.FT_CALL, 0, sid, payload))
+        return sid
+
+    async def answer(self, sid: int, timeout: float = 5.0) -> tuple[int, bytes]:
+        """(frame type, payload as sent) of the REPLY or ERROR of call `sid`."""
+        from malla._ext import core
+
         await self.writer.drain()
         while True:
             ftype, _flags, got_sid, body = await self.next_frame(timeout)
             if got_sid == sid and ftype in (core.FT_REPLY, core.FT_ERROR):
-                return ftype, core.unpackb(body)
+                return ftype, bytes(body)
 
     def close(self) -> None:
         self.writer.close()

@@ -33,10 +33,12 @@ class Here(malla.Service, global_=True):
 
 @pytest.mark.parametrize("limit, version, caps", [("1..1:0", 1, 0), ("1..1:7", 1, 7),
                                                     ("1..2:3", 2, 3), ("1..3:7", 2, 7)])
-def test_adjacent_versions_interoperate(limit, version, caps):
+def test_adjacent_versions_interoperate(limit, version, caps, tmp_path):
     env = dict(os.environ, MALLA_COOKIE=COOKIE, PYTHONPATH=ROOT, MALLA_PROTOCOL_LIMIT=limit)
     proc = subprocess.Popen([sys.executable, NODEPROC, "other", "--hb-interval", "0.2",
-                             "--hb-timeout", "1.0"], stdout=subprocess.PIPE, env=env, text=True)
+                             "--hb-timeout", "1.0", "--ledger", str(tmp_path),
+                             "--ledger-max-concurrency", "1"],
+                            stdout=subprocess.PIPE, env=env, text=True)
 
     async def main():
         port = int(proc.stdout.readline().split()[1])
@@ -58,8 +60,20 @@ def test_adjacent_versions_interoperate(limit, version, caps):
             big = os.urandom(3 << 20)
             assert await node.remote("Echo", "echo", [[big, "tail"]]) == [big, "tail"]
             assert bool(conn.handshake.caps & CAP_WINDOW) == bool(caps & CAP_WINDOW)
+            # Overloaded: the serving node's retry_after_ms from version 2 on
+            held = asyncio.ensure_future(node.remote("Ledger", "arun", [1, 1, 3000]))
+            hint: object = "not overloaded"
+            for _ in range(200):        # (until the held call has the one place)
+                try:
+                    await node.remote("Ledger", "arun", [2, 1], sna_retries=0)
+                except malla.Overloaded as exc:
+                    hint = exc.retry_after_ms
+                    break
+                await asyncio.sleep(0.01)
+            assert hint is None if version == 1 else type(hint) is int and hint >= 1
             # heartbeats keep it connected, whichever channels the peer has
             await asyncio.sleep(3 * 1.0)
+            assert await held == ["other", 1, 3]
             assert node.peers() == ["other"]
             assert await node.remote("Probe_other", "nodes_of", ["Here"]) == ["current"]
         finally:

@@ -172,7 +172,7 @@ def test_prometheus_endpoint_is_a_valid_exposition_with_a_real_histogram(promtoo
         # Prometheus's own parser
         fams = families(body)
         for name in ("malla_calls_in", "malla_calls_out", "malla_retries", "malla_failovers",
-                     "malla_errors"):
+                     "malla_hedges", "malla_errors"):
             assert fams[name].type == "counter"
             assert {s.name for s in fams[name].samples} <= {name + "_total"}
         assert fams["malla_calls_out"].samples[0].value == calls + 2

@@ -195,6 +195,46 @@ def test_a_failover_is_one_client_span_naming_the_node_that_took_the_call():
     with_nodes(main)
 
 
+class Sluggish(malla.Service, global_=True):
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    @malla.idempotent
+    async def get(self):
+        await asyncio.sleep(self.delay)
+        return self.delay
+
+
+def test_a_hedged_call_s_span_says_so_and_names_the_node_whose_reply_won():
+    async def main(make):
+        first = await make("n1", tracing=True).start()
+        second = await make("n2", tracing=True, seeds=[seed_of(first)]).start()
+        caller = await make("caller", tracing=True, seeds=[seed_of(first)],
+                            balance="shuffle").start()
+        await first.start_service(Sluggish(0))
+        await second.start_service(Sluggish(0))
+        await wait_until(lambda: len(caller.get_nodes("Sluggish")) == 2)
+        EXPORTER.clear()
+        assert await caller.remote("Sluggish", "get", hedge_after=5_000) == 0
+        [plain] = spans_by(CLIENT)
+        assert tracing.HEDGED not in plain.attributes       # no hedge was sent
+        # the node the call goes to first (get_nodes' order) is slow
+        slow, fast = ((first, second) if caller.get_nodes("Sluggish")[0] == "n1"
+                      else (second, first))
+        await slow.stop_service("Sluggish")
+        await slow.start_service(Sluggish(10))
+        await wait_until(lambda: len(caller.get_nodes("Sluggish")) == 2)
+        assert caller.get_nodes("Sluggish")[0] == slow.name
+        EXPORTER.clear()
+        assert await caller.remote("Sluggish", "get", hedge_after=20) == 0
+        await wait_until(lambda: len(spans_by(CLIENT)) == 1)
+        [client] = spans_by(CLIENT)
+        assert client.attributes[tracing.HEDGED] is True
+        assert client.attributes["server.port"] == fast.address[1]
+
+    with_nodes(main)
+
+
 def test_chain_across_three_nodes_is_one_trace():
     async def main(make):
         c = await make("c", tracing=True).start()

@@ -39,6 +39,8 @@ cdef class ServiceEntry:
     cdef public int max_concurrency
     cdef public object allow        # malla.authz.Policy, or None: anyone may call
     cdef dict _verdicts             # caller -> fun -> bool: allow's verdicts, cached
+    cdef public double mean_time    # s: the recent mean time of its handlers (0: none yet)
 
     cdef tuple _refusal(self, str fun, object args, dict kwargs, object deadline, str caller)
     cdef str _denial(self, str fun, str caller)
+    cdef object _retry_after_ms(self)

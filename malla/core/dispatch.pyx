@@ -4,6 +4,10 @@
 cdef double BLOCKED_LOOP_WARNING = 0.1
 # Distinct callers whose allow= verdicts a service keeps (then it starts anew)
 cdef Py_ssize_t VERDICT_CALLERS = 1024
+# The weight of the newest handler time in a service's recent mean (about
+# the last 8 calls' worth of history)
+cdef double HANDLER_WEIGHT = 0.125
+cdef int64_t MAX_RETRY_AFTER_MS = mexc.MAX_RETRY_AFTER_MS
 
 
 cdef inline void _warn_if_blocked(str service, str fun, double started):
@@ -197,6 +201,28 @@ cdef class ServiceEntry:
         # None (the default) costs the hot path one comparison
         self.allow = allow
         self._verdicts = {}
+        self.mean_time = 0.0
+
+    def handled(self, double seconds):
+        """A call that held a place under max_concurrency ended after
+        `seconds`: it moves the recent mean handler time, an exponentially
+        weighted mean (the newest call weighs HANDLER_WEIGHT)."""
+        if self.mean_time == 0.0:
+            self.mean_time = seconds
+        else:
+            self.mean_time += HANDLER_WEIGHT * (seconds - self.mean_time)
+
+    cdef object _retry_after_ms(self):
+        # Overloaded's hint (DESIGN.md "Overloaded.retry_after_ms"): the calls
+        # waiting beyond max_concurrency (this one and any past the limit)
+        # x the recent mean handler time / max_concurrency -- when that many
+        # places free up, running calls ending at an even pace -- rounded to
+        # whole ms, at least 1 (no history yet: 1), at most a day
+        cdef double waiting = self.running - self.max_concurrency + 1
+        cdef double ms = waiting * self.mean_time * 1000.0 / self.max_concurrency
+        if ms < 1.0:
+            return 1
+        return min(<int64_t>(ms + 0.5), MAX_RETRY_AFTER_MS)
 
     cdef tuple _refusal(self, str fun, object args, dict kwargs, object deadline, str caller):
         # The one rule set of a call to this service, in order: running (not
@@ -205,7 +231,7 @@ cdef class ServiceEntry:
         # arguments fit its signature (positional ones in C, the rest by its
         # checker), the caller's budget well-formed and not spent, a place
         # under max_concurrency.  None: it runs; otherwise (wire error code,
-        # error class, message).
+        # error class, message[, retry_after_ms]).
         cdef PyObject* ap
         cdef Py_ssize_t nargs
         cdef str denied
@@ -236,14 +262,16 @@ cdef class ServiceEntry:
                     "deadline passed before the call started")
         if self.running >= self.max_concurrency:
             return (ERR_OVERLOADED, "malla.exceptions.Overloaded",
-                    f"service {self.name} is at max_concurrency {self.max_concurrency}")
+                    f"service {self.name} is at max_concurrency {self.max_concurrency}",
+                    self._retry_after_ms())
         return None
 
     def refusal(self, str fun, args, kwargs=None, deadline=None, str caller=None):
         """Why this service does not take a call of `fun` from the node
-        named `caller` now, as (wire error code, error class, message); None
-        when it may run.  The in-process path asks this, as the core does
-        for every call that arrives (one rule set)."""
+        named `caller` now, as (wire error code, error class, message), with
+        Overloaded's retry_after_ms as a 4th element; None when it may run.
+        The in-process path asks this, as the core does for every call that
+        arrives (one rule set)."""
         if kwargs is not None and type(kwargs) is not dict:
             kwargs = dict(kwargs)       # (any mapping, as ** takes it)
         return self._refusal(fun, args, kwargs, deadline, caller)

@@ -11,6 +11,7 @@ cdef class CoreProtocol(Wire):
     cdef public uint64_t last_sid
     cdef public uint64_t calls_in
     cdef public uint64_t calls_out
+    cdef public bint retry_hints    # the peer speaks version 2: Overloaded carries retry_after_ms
     cdef object _timer              # the one timer of the calls' deadlines
     cdef double _timer_at
 
@@ -25,9 +26,9 @@ cdef class CoreProtocol(Wire):
     cdef int _on_cancel(self, uint64_t sid) except -1
     cdef int _send_cancel(self, uint64_t sid) except -1
     cdef int _refuse(self, bint cast, uint64_t sid, str service, str fun, int code,
-                     str exc_type, str message) except -1
+                     str exc_type, str message, object hint=*) except -1
     cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message,
-                          object tb) except -1
+                          object tb, object hint=*) except -1
     cdef Py_ssize_t _encode_call(self, uint8_t ftype, str service, str fun, args, kwargs,
                                  double timeout_ms, deadline_ms, meta, trace) except -1
     cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,

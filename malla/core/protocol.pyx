@@ -163,9 +163,7 @@ cdef class CoreProtocol(Wire):
     cdef int _on_error(self, uint64_t sid, const char* p, Py_ssize_t n,
                        list detached) except -1:
         try:
-            code, exc_type, message, tb = _unpack_detached(p, n, detached)[:4]
-            err = error_from_wire(int(code), str(exc_type), str(message),
-                                  tb if isinstance(tb, str) else None)
+            err = _error_of(_unpack_detached(p, n, detached))
         except EncodeError as exc:
             # well-formed, holding a value we cannot rebuild: that call only
             err = remote_error("malla.exceptions.EncodeError",
@@ -229,7 +227,8 @@ cdef class CoreProtocol(Wire):
         entry = <ServiceEntry>ep
         why = entry._refusal(call.fun, call.args, call.kwargs, call.deadline, self.peer_name)
         if why is not None:
-            return self._refuse(cast, sid, call.service, call.fun, why[0], why[1], why[2])
+            return self._refuse(cast, sid, call.service, call.fun, why[0], why[1], why[2],
+                                _hint(why))
         # a plain def with the default hook runs right here; with a deadline
         # it goes through dispatch (the handler's context gets the budget)
         if entry.fast and call.deadline is None and entry.kinds[call.fun] == 0:
@@ -267,13 +266,13 @@ cdef class CoreProtocol(Wire):
         return 0
 
     cdef int _refuse(self, bint cast, uint64_t sid, str service, str fun, int code,
-                     str exc_type, str message) except -1:
+                     str exc_type, str message, object hint=None) except -1:
         # An incoming call that does not run: its caller gets the ERROR; a
         # cast has no caller to tell, so the node logs and counts it.
         if cast:
             self.cast_failed(service, fun, exc_type.rpartition(".")[2], message)
         else:
-            self._queue_error(sid, code, exc_type, message, None)
+            self._queue_error(sid, code, exc_type, message, None, hint)
         return 0
 
     def cast_failed(self, str service, str fun, str kind, str message):
@@ -315,8 +314,9 @@ cdef class CoreProtocol(Wire):
     # -- sending ----------------------------------------------------------------
 
     cdef int _queue_error(self, uint64_t sid, int code, str exc_type, str message,
-                          object tb) except -1:
-        return self._queue_message(FT_ERROR, 0, sid, [code, exc_type, message, tb])
+                          object tb, object hint=None) except -1:
+        return self._queue_message(FT_ERROR, 0, sid, _error_body(code, exc_type, message, tb,
+                                                                 hint, self.retry_hints))
 
     def send_message(self, int ftype, payload, int flags=0, uint64_t sid=0):
         """Queue a control message (msgpack payload); split if large."""

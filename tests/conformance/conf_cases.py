@@ -78,6 +78,11 @@ def _nested(exc: BaseException, env: Any) -> bool:
     return exc.exc_type == "malla.exceptions.ServiceNotAvailable"  # type: ignore[attr-defined]
 
 
+def _retry_after(exc: BaseException, env: Any) -> bool:
+    hint = exc.retry_after_ms  # type: ignore[attr-defined]
+    return type(hint) is int and hint >= 1
+
+
 def _one_ok_one_failed(value: Any, env: Any) -> bool:
     return (len(value) == 2 and value.count(env.server_name) == 1
             and sum(isinstance(v, RuntimeError) and isinstance(v, Exception)
@@ -146,8 +151,15 @@ CASES: list[Case] = [
     Case("cancel after begin", "Conf", "hold", _args(5000), how="cancel",
          expect=Err("CancelledError", None, runs=1), cancelled=1,
          blocking=NA("a blocking call has no handle to cancel; its timeout= sends CANCEL")),
-    Case("max_concurrency gives Overloaded", "Limited", "hold", _args(10),
-         opts={"sna_retries": 0}, setup="hold", expect=Err("Overloaded", DID_NOT_RUN, runs=1)),
+    Case("max_concurrency gives Overloaded, with the server's retry_after_ms", "Limited",
+         "hold", _args(10), opts={"sna_retries": 0}, setup="hold",
+         expect=Err("Overloaded", DID_NOT_RUN, runs=1, check=_retry_after)),
+    # hedged calls (DESIGN.md "Hedged calls"): the option on every path; the
+    # hedge itself (a second node) is tests/test_hedging.py's
+    Case("hedge_after on an idempotent function", "Conf", "same", _args([1, "a"]),
+         opts={"hedge_after": 5_000}, expect=Ok([1, "a"])),
+    Case("hedge_after on a function not marked idempotent", "Conf", "echo", _args(1),
+         opts={"hedge_after": 5_000}, expect=Err("InvalidOption", DID_NOT_RUN)),
     Case("paused service", "Pausable", "ping", opts={"sna_retries": 0}, setup="pause",
          expect=Err("ServiceNotAvailable", DID_NOT_RUN)),
     Case("a decoder that raises on one value", "Conf", "echo", lambda: (_fragile("bad"),),

@@ -53,6 +53,11 @@ class Conf(malla.Service, global_=True):
         self.runs["echo"] += 1
         return x
 
+    @malla.idempotent
+    def same(self, x):
+        self.runs["same"] += 1
+        return x
+
     def kw(self, a, b=2, *, c=3):
         self.runs["kw"] += 1
         return [a, b, c]

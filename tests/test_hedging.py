@@ -1,0 +1,171 @@
+"""Hedged calls (malla.hedging) and the @malla.idempotent mark
+(malla.idempotent), on real nodes over loopback TCP: the mark is announced,
+a hedge goes to the next node when the first has not answered, the first
+reply wins and the loser's coroutine is cancelled on its node; a call that
+may not be hedged is refused before anything is sent."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar
+
+import pytest
+from support import seed_of, wait_until, with_nodes
+
+import malla
+from malla.registry import invalid_info
+from malla.service import describe
+
+
+class Hedgy(malla.Service, global_=True):
+    """Runs on two nodes of one process, which share the class's records:
+    the first call to arrive, on whichever node, waits `hang` seconds."""
+
+    arrivals: ClassVar[list[str]] = []
+    cancelled: ClassVar[list[str]] = []
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @malla.idempotent
+    async def get(self, hang, every=False):
+        Hedgy.arrivals.append(self.name)
+        if len(Hedgy.arrivals) == 1 or every:
+            try:
+                await asyncio.sleep(hang)
+            except asyncio.CancelledError:
+                Hedgy.cancelled.append(self.name)
+                raise
+        return self.name
+
+    async def put(self, value):
+        Hedgy.arrivals.append(self.name)
+        return value
+
+
+class Override(Hedgy, name="Hedgy"):
+    async def get(self, hang):        # not marked again: not idempotent
+        return self.name
+
+
+async def two_servers_and_a_caller(make):
+    Hedgy.arrivals.clear()
+    Hedgy.cancelled.clear()
+    a = await make("a").start()
+    b = await make("b", seeds=[seed_of(a)]).start()
+    await a.start_service(Hedgy("a"))
+    await b.start_service(Hedgy("b"))
+    c = await make("c", seeds=[seed_of(a)]).start()
+    await wait_until(lambda: len(c.get_nodes("Hedgy")) == 2)
+    return a, b, c
+
+
+def test_the_mark_is_announced_in_the_function_metadata():
+    assert describe(Hedgy("x"))["function_meta"] == {"get": {"idempotent": True}}
+    # an override that does not repeat the mark is not idempotent
+    assert "function_meta" not in describe(Override("x"))
+    info = describe(Hedgy("x"))
+    assert invalid_info(info) is None
+    for bad, why in [([1], "not a map"), ({"nope": {}}, "not one of its functions"),
+                     ({"get": True}, "not a map"), ({"get": {"idempotent": 1}}, "not a bool")]:
+        assert why in invalid_info({**info, "function_meta": bad})
+    # keys a receiver does not know are ignored
+    assert invalid_info({**info, "function_meta": {"get": {"later": [1]}}}) is None
+
+
+def test_a_hedge_answers_and_the_slow_copy_is_cancelled_on_its_node():
+    async def main(make):
+        a, b, c = await two_servers_and_a_caller(make)
+        assert c.get_instances("Hedgy")[0][1]["function_meta"] == {"get": {"idempotent": True}}
+        # the first copy hangs for 30 s; the hedge (after 50 ms) answers
+        winner = await c.remote("Hedgy", "get", [30], hedge_after=50, timeout=20_000)
+        slow = Hedgy.arrivals[0]
+        assert sorted(Hedgy.arrivals) == ["a", "b"] and winner != slow
+        assert c.stats()["hedges"] == 1
+        # the loser got a CANCEL: its coroutine was cancelled where it ran
+        await wait_until(lambda: Hedgy.cancelled == [slow], timeout=5)
+        server = a if slow == "a" else b
+        await wait_until(lambda: server._hosting.entries["Hedgy"].running == 0, timeout=5)
+        assert c.stats()["in_flight"] == 0
+        # the loser took at least hedge_after: the balancer's average says so
+        latency = c._cluster.connected[slow].proto.latency
+        assert latency.latency("Hedgy", malla._core.monotonic()) >= 0.045
+
+    with_nodes(main)
+
+
+def test_a_cancelled_hedged_call_cancels_both_copies_on_their_nodes():
+    async def main(make):
+        a, b, c = await two_servers_and_a_caller(make)
+        call = asyncio.ensure_future(c.remote("Hedgy", "get", [30, True], hedge_after=20))
+        await wait_until(lambda: len(Hedgy.arrivals) == 2, timeout=5)
+        assert c.stats()["hedges"] == 1
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_until(lambda: sorted(Hedgy.cancelled) == ["a", "b"], timeout=5)
+        for server in (a, b):
+            await wait_until(lambda s=server: s._hosting.entries["Hedgy"].running == 0)
+        assert c.stats()["in_flight"] == 0
+
+    with_nodes(main)
+
+
+def test_a_hedge_the_budget_refuses_is_not_sent():
+    async def main(make):
+        _a, _b, c = await two_servers_and_a_caller(make)
+        refused: list[str] = []
+        c._caller.may_hedge = lambda service: bool(refused.append(service))
+        # no hedge: the first copy's own reply, after its wait
+        assert await c.remote("Hedgy", "get", [0.3], hedge_after=20) == Hedgy.arrivals[0]
+        assert len(Hedgy.arrivals) == 1 and refused == ["Hedgy"]
+        assert c.stats()["hedges"] == 0
+
+    with_nodes(main)
+
+
+def test_a_call_that_may_not_be_hedged_is_refused_before_sending():
+    async def main(make):
+        _a, _b, c = await two_servers_and_a_caller(make)
+        with pytest.raises(malla.InvalidOption, match="idempotent"):
+            await c.remote("Hedgy", "put", [1], hedge_after=10)
+        with pytest.raises(malla.InvalidOption, match="does not know"):
+            await c.remote("Nowhere", "get", hedge_after=10)
+        with pytest.raises(malla.InvalidOption, match="cast"):
+            await c.remote("Hedgy", "get", [0], hedge_after=10, timeout=0)
+        for bad in (0, -5, True, "10", float("nan")):
+            with pytest.raises(malla.InvalidOption, match="hedge_after"):
+                await c.remote("Hedgy", "get", [0], hedge_after=bad)
+        with pytest.raises(malla.UnknownFunction):
+            await c.remote("Hedgy", "nope", hedge_after=10)
+        # through a proxy and malla.call too
+        with pytest.raises(malla.InvalidOption, match="idempotent"):
+            await malla.call(c.services.Hedgy.put(1), hedge_after=10)
+        assert Hedgy.arrivals == []
+        # a reply before hedge_after: no hedge
+        assert await malla.call(c.services.Hedgy.get(0), hedge_after=5_000) in ("a", "b")
+        assert c.stats()["hedges"] == 0
+
+    with_nodes(main)
+
+
+def test_an_instance_that_does_not_mark_it_makes_it_unhedgeable():
+    async def main(make):
+        _a, b, c = await two_servers_and_a_caller(make)
+        await b.stop_service("Hedgy")
+        await b.start_service(Override("b"))       # an upgrade that dropped the mark
+        await wait_until(lambda: "function_meta" not in dict(c.get_instances("Hedgy")).get(
+            "b", {"function_meta": 1}))
+        with pytest.raises(malla.InvalidOption, match="on every node"):
+            await c.remote("Hedgy", "get", [0], hedge_after=10)
+
+    with_nodes(main)
+
+
+def test_of_two_failed_copies_the_error_that_says_it_may_have_run_is_raised():
+    from malla.hedging import _worse
+
+    refused, failed = malla.ServiceNotAvailable("paused"), malla.ConnectionLost("gone")
+    assert _worse(_worse(None, refused), failed) is failed
+    assert _worse(_worse(None, failed), refused) is failed
+    assert _worse(_worse(None, refused), malla.Overloaded("busy")) is refused
