@@ -117,7 +117,8 @@ DEBUG_PKG := build/debug/pkg
 # The short tier run on it; its teardown asserts the leak counters (conftest.py).
 DEBUG_TESTS ?= tests/test_debug_build.py tests/test_framing.py tests/test_state_machine.py \
 	tests/test_flow.py tests/test_large.py tests/test_deadlines.py tests/test_call.py \
-	tests/test_proxy.py tests/test_semantics.py tests/test_authz.py tests/conformance
+	tests/test_proxy.py tests/test_semantics.py tests/test_authz.py tests/test_streams.py \
+	tests/conformance
 
 debug: $(STAMP)
 	rm -rf $(DEBUG_PKG) && mkdir -p $(DEBUG_PKG)/malla/core

@@ -39,6 +39,7 @@ from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
 from malla.registry import Registry, service_name
 from malla.service import Service
+from malla.streams import Streamer
 from malla.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class Node(NodeSettings):
     Seconds as floats for node settings, bytes for sizes.
     """
 
+    _cluster: Cluster
+
     def __init__(self, name: str, *, cookie: CookieSetting = None,
                  host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  seeds: list[str] | tuple[str, ...] = (),
@@ -63,6 +66,7 @@ class Node(NodeSettings):
                  handshake_timeout: float = 5.0, check_interval: float = 10.0,
                  redial_max: float = 5.0, max_frame_size: int = 1 << 20,
                  max_message_size: int = 64 << 20, window_size: int = core.WINDOW,
+                 stream_window: int = 64,
                  ssl_server: Any = None, ssl_client: Any = None, identity: str = "cookie",
                  balance: str = "p2c",
                  dns_servers: list[str] | None = None,
@@ -78,8 +82,8 @@ class Node(NodeSettings):
             heartbeat_timeout=heartbeat_timeout, handshake_timeout=handshake_timeout,
             check_interval=check_interval, redial_max=redial_max, forget_after=forget_after,
             max_frame_size=max_frame_size, max_message_size=max_message_size,
-            window_size=window_size, ssl_server=ssl_server, ssl_client=ssl_client,
-            identity=identity, balance=balance,
+            window_size=window_size, stream_window=stream_window, ssl_server=ssl_server,
+            ssl_client=ssl_client, identity=identity, balance=balance,
             dns_servers=tuple(dns_servers) if dns_servers else None,
             udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
             tracing=tracing, max_pending_handshakes=max_pending_handshakes)
@@ -117,6 +121,7 @@ class Node(NodeSettings):
         self.remote = self._remote = remote  # type: ignore[method-assign]
         self.call_cb_all = self._call_cb_all = call_cb_all  # type: ignore[method-assign]
         self.local = self._caller.local  # type: ignore[method-assign]
+        self.stream = Streamer(self._caller, stream_window).stream
 
     def __repr__(self) -> str:
         return f"<malla.Node {self.name} {self._cluster.address or 'not started'}>"

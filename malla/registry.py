@@ -68,6 +68,9 @@ def invalid_info(info: Any) -> str | None:
             checkers_of("", {fun: params})
         except (ValueError, TypeError) as exc:   # e.g. parameters out of order
             return f"the signature of {fun} is not valid: {exc}"
+    streams = info.get("streams", [])
+    if type(streams) is not list or any(fun not in functions for fun in streams):
+        return "its streams are not a list of its functions"
     if "allow" in info:
         return invalid_allow(info["allow"], functions)
     return None
