@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from malla import exceptions as mexc
 from malla._ext import core
@@ -196,6 +196,7 @@ class Stream:
         self.refusal: BaseException | None = None
         self._src: _Remote | _Local | None = None
         self._done = False
+        self._handed = 0    # items batch() handed out and not given back yet
 
     def __repr__(self) -> str:
         return f"<malla.Stream {self.name}.{self.fun}{tuple(self.args)!r}>"
@@ -226,10 +227,17 @@ class Stream:
         """The next items: those that have arrived (at least one), or
         StopAsyncIteration at the end (BlockingNode's iterator takes them
         per thread hop)."""
+        src = self._src
+        if isinstance(src, _Remote):
+            # those of the last batch have been used now: their credit goes back
+            src.give_back(self._handed)
+            self._handed = 0
         items = [await self.__anext__()]
         src = self._src
         if isinstance(src, _Remote):
-            items += src.ready()
+            more = src.ready()
+            self._handed = len(more)
+            items += more
         return items
 
     async def aclose(self) -> None:
@@ -247,10 +255,11 @@ class Stream:
         await self.aclose()
 
     def __del__(self) -> None:
-        # an iterator dropped before its end (never closed): the producer
-        # is told all the same
+        # an iterator dropped before its end (never closed: a `break` out
+        # of `async for`): the producer is told all the same (in-process,
+        # the loop's hooks close the generator dropped with it)
         src = self._src
-        if isinstance(src, _Remote):
+        if src is not None:
             src.forget()
 
 
@@ -287,11 +296,14 @@ class _Remote:
             await self._wait()
 
     def ready(self) -> list[Any]:
-        """Every item already here (none waited for)."""
-        st, items = self._st, []
-        while st.buffered:
-            items.append(st.take())
+        """Every item already here (none waited for), their credit kept
+        until `give_back`: a consumer's own buffer counts in the window."""
+        items: list[Any] = self._st.take_ready()
         return items
+
+    def give_back(self, n: int) -> None:
+        if n:
+            self._st.give_back(n)
 
     async def _wait(self) -> None:
         st = self._st
@@ -332,6 +344,16 @@ def _expire(fut: asyncio.Future[Any]) -> None:
         fut.set_result(_TIMED_OUT)
 
 
+class _Call(NamedTuple):
+    name: str
+    fun: str
+    args: Any
+    kwargs: dict[str, Any] | None
+    timeout: int
+    at: float | None
+    meta: Any
+
+
 class _Local:
     """A stream served on this node: its generator, iterated in the
     consumer's task (it runs only when an item is asked for), through the
@@ -339,7 +361,9 @@ class _Local:
 
     def __init__(self, entry: Any, me: str, s: Stream) -> None:
         self._entry = entry
-        self._s = s
+        # (what it needs of the stream, not the stream: dropping the Stream
+        # must drop this too, and the generator with it)
+        self._s = _Call(s.name, s.fun, s.args, s.kwargs, s.timeout, s.at, s.meta)
         self._me = me
         self._gen: AsyncIterator[Any] | None = None
         self._first: Any = _EMPTY
@@ -389,7 +413,10 @@ class _Local:
         assert gen is not None
         timeout = s.timeout
         if s.at is not None:
-            timeout = _within_deadline(s.at, timeout, s.name, s.fun)[0]
+            left = (s.at - time.monotonic()) * 1000.0
+            if left <= 0:       # (mid-stream: it ran)
+                raise mexc.CallTimeout(f"the deadline of {s.name}.{s.fun} passed")
+            timeout = min(timeout, int(left) or 1)
         token = enter(self._me, s.name, s.fun, s.meta, s.timeout, s.at, True, False)
         try:
             return await _run_with_timeout(_next_of(gen), timeout)
@@ -411,6 +438,9 @@ class _Local:
                 await gen.aclose()
         finally:
             self._end()
+
+    def forget(self) -> None:
+        self._end()
 
     def _end(self) -> None:
         if self._counted:

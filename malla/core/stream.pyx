@@ -66,15 +66,27 @@ cdef class StreamIn:
         StopAsyncIteration, or the error, once the stream has ended and its
         items are taken.  Half a window taken, the producer gets it back."""
         if self._items:
-            self._taken += 1
-            if self._taken * 2 >= self.window and self._end is None:
-                self._wire._queue_message(FT_CREDIT, 0, self.sid, self._taken)
-                self._taken = 0
+            self.give_back(1)
             return self._items.popleft()
         if self._end is not None:
             end = self._end
             raise end() if end is StopAsyncIteration else end
         return _EMPTY
+
+    def take_ready(self):
+        """Every item that has arrived, not counted as taken: the consumer
+        gives them back (`give_back`) once it has used them."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def give_back(self, Py_ssize_t n):
+        """`n` items of take_ready() have been used: the producer may send
+        as many more (the credit goes with the next half window)."""
+        self._taken += n
+        if self._taken * 2 >= self.window and self._end is None and self._taken:
+            self._wire._queue_message(FT_CREDIT, 0, self.sid, self._taken)
+            self._taken = 0
 
     def wait(self, loop):
         """The future that is done when the next item or the end arrives."""
