@@ -73,15 +73,16 @@ async def _produce(entry: Any, proto: Any, call: core.IncomingCall,
         loop = asyncio.get_running_loop()
         # (a writer congested this long gives up, as a call's timeout would)
         patience = (call.timeout or 15000) / 1000.0
+        step, send = gen.__anext__, out.send
         while True:
             if out.credit <= 0:
                 await out.wait(loop)          # the consumer's CREDIT (or CANCEL)
                 continue
             try:
-                item = await gen.__anext__()
+                item = await step()
             except StopAsyncIteration:
                 break
-            out.send(item)
+            send(item)
             if proto.writing_paused:
                 # the transport's buffer is full (64 KiB chunks, a slow
                 # reader): the next item waits for it to drain, so small

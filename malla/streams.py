@@ -207,6 +207,11 @@ class Stream:
     async def __anext__(self) -> Any:
         src = self._src
         try:
+            if type(src) is _Remote and src._at is None:
+                # (the common step in line: an item that has arrived)
+                item = src._st.take()
+                if item is not _EMPTY:
+                    return item
             if src is None:
                 if self._done:
                     raise StopAsyncIteration

@@ -63,6 +63,21 @@ def test_bench_short_mode_end_to_end(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+@pytest.mark.tools
+def test_the_streams_bench_runs_short(tmp_path):
+    out = tmp_path / "streams.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.streams", "--short", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    med = json.loads(out.read_text())["median"]
+    for label in ("16B", "64KiB"):
+        for streams in (1, 100):
+            for system in ("stream", "grpc", "paging"):
+                assert med[f"{system}_{label}_x{streams}"] > 0
+    assert "vs paging" not in proc.stdout and "grpc.aio" in proc.stdout
+
+
 # ---------------------------------------------------------------- the C floor
 # Real processes on real loopback TCP: the C program built by the harness,
 # started through bench.worker (which execs it), driven by the harness's

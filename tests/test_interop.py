@@ -58,6 +58,13 @@ def test_adjacent_versions_interoperate(limit, version, caps):
             big = os.urandom(3 << 20)
             assert await node.remote("Echo", "echo", [[big, "tail"]]) == [big, "tail"]
             assert bool(conn.handshake.caps & CAP_WINDOW) == bool(caps & CAP_WINDOW)
+            # streams need version 2 and CAP_STREAM on both sides: a peer
+            # without them is refused for streams only, before sending, and
+            # at once (no retry rounds: it never will take one)
+            assert not conn.handshake.streams
+            with pytest.raises(malla.ServiceNotAvailable, match="without streams"):
+                await node.stream("Echo", "echo", [1]).__anext__()
+            assert await node.remote("Echo", "echo", [2]) == 2
             # heartbeats keep it connected, whichever channels the peer has
             await asyncio.sleep(3 * 1.0)
             assert node.peers() == ["other"]

@@ -242,6 +242,28 @@ def test_a_small_call_goes_through_while_a_stream_of_chunks_fills_the_connection
     assert with_nodes(main)
 
 
+def test_local_gives_the_generator_and_the_node_iterates_it_in_process():
+    async def main(make):
+        a = await make("a").start()
+        await a.start_service(Feed)
+        # local(): this node only, through the hook: the generator itself
+        gen = await a.local(Feed, "ticks", [3])
+        assert [i async for i in gen] == [0, 1, 2]
+        # node.stream() in-process: pulled, never ahead of the consumer
+        items = a.stream(Feed, "ticks", [1000])
+        assert await items.__anext__() == 0
+        await asyncio.sleep(0.05)
+        assert Feed.produced == 3 + 1      # local()'s three, then one
+        async with items:
+            assert await items.__anext__() == 1
+        assert Feed.closed == 2 and a._hosting.entries["Feed"].running == 0
+        with pytest.raises(StopAsyncIteration):
+            await items.__anext__()
+        return True
+
+    assert with_nodes(main)
+
+
 def test_stream_window_is_validated():
     for bad in (0, -1, 1.5, True, core.STREAM_WINDOW_MAX + 1):
         with pytest.raises(malla.InvalidOption, match="stream_window"):
