@@ -5,7 +5,8 @@ chunks, side by side in one run with
 * a gRPC server-streaming call (grpc.aio, a generic unary-stream handler
   with msgpack serializers, as bench/peers_grpc.py's unary one), and
 * paging by repeated ``remote()`` calls, 100 items per page (what a malla
-  user did before streams);
+  user did before streams), the page's items made by the same generator
+  and iterated by the client one by one, as the stream's are;
 
 and the memory of a producer whose consumer reads slowly (64 KiB chunks,
 a consumer taking one every 5 ms): the serving process's RSS growth
@@ -56,8 +57,10 @@ class Source(malla.Service, global_=True):
         for _ in range(n):
             yield item
 
-    def page(self, start: int, count: int, size: int) -> list[bytes]:
-        return [b"x" * size] * count
+    async def page(self, start: int, count: int, size: int) -> list[bytes]:
+        # (the same generator makes a page's items: the comparison is of
+        # how they travel, not of how they are made)
+        return [item async for item in self.items(count, size)]
 
 
 def _rss_kib() -> int:
@@ -131,7 +134,8 @@ async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str,
     async def paged(n: int, size: int) -> int:
         count = 0
         while count < n:
-            count += len(await node.remote("Source", "page", [count, min(PAGE, n - count), size]))
+            for _ in await node.remote("Source", "page", [count, min(PAGE, n - count), size]):
+                count += 1
         return count
 
     for label, (n, size) in sizes.items():

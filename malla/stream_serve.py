@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla.context import enter_served
+from malla.steps import resume
 
 if TYPE_CHECKING:
     from malla._ext import core
@@ -70,24 +71,7 @@ async def _produce(entry: Any, proto: Any, call: core.IncomingCall,
         if not isinstance(gen, AsyncIterator):
             raise mexc.InvalidOption(f"{entry.name}.{fun} returned {type(gen).__name__}, "
                                      "not an async iterator")
-        loop = asyncio.get_running_loop()
-        # (a writer congested this long gives up, as a call's timeout would)
-        patience = (call.timeout or 15000) / 1000.0
-        step, send = gen.__anext__, out.send
-        while True:
-            if out.credit <= 0:
-                await out.wait(loop)          # the consumer's CREDIT (or CANCEL)
-                continue
-            try:
-                item = await step()
-            except StopAsyncIteration:
-                break
-            send(item)
-            if proto.writing_paused:
-                # the transport's buffer is full (64 KiB chunks, a slow
-                # reader): the next item waits for it to drain, so small
-                # calls on the connection wait behind at most that
-                await proto.owner.wait_writable(patience)
+        await _items(gen, proto, out, (call.timeout or 15000) / 1000.0)
         if proto.task_done(sid):
             proto.reply(sid, None)
     except asyncio.CancelledError:
@@ -101,3 +85,70 @@ async def _produce(entry: Any, proto: Any, call: core.IncomingCall,
         entry.running -= 1
         if gen is not None and hasattr(gen, "aclose"):
             await gen.aclose()
+
+
+# Items that leave together in one ITEM frame: at most this many, and at
+# most about this many bytes (bytes and str counted by their length).
+BATCH_ITEMS = 256
+BATCH_BYTES = 64 * 1024
+
+
+async def _items(gen: Any, proto: Any, out: Any, patience: float) -> None:
+    """Send the generator's items within the consumer's credit: those it
+    yields without waiting leave together (one frame, one encoding), and
+    whatever it has made goes out as soon as it waits for something."""
+    loop = asyncio.get_running_loop()
+    step = gen.__anext__
+    batch: list[Any] = []
+    size = 0
+    while True:
+        if len(batch) >= out.credit:
+            if batch:
+                await _send(batch, proto, out, patience)
+                batch, size = [], 0
+            if out.credit <= 0:
+                await out.wait(loop)          # the consumer's CREDIT (or CANCEL)
+                continue
+        aw = step()
+        try:
+            pending = aw.send(None)
+        except StopIteration as done:         # an item at once
+            item = done.value
+        except StopAsyncIteration:
+            break
+        except Exception:
+            if batch:       # the items it yielded before it raised go first
+                await _send(batch, proto, out, patience)
+            raise
+        else:
+            # the generator waits (I/O, a sleep): what it made goes now
+            if batch:
+                await _send(batch, proto, out, patience)
+                batch, size = [], 0
+            try:
+                item = await resume(aw, pending)
+            except StopAsyncIteration:
+                break
+        batch.append(item)
+        if type(item) is bytes or type(item) is str or type(item) is bytearray:
+            size += len(item)
+        if size >= BATCH_BYTES or len(batch) >= BATCH_ITEMS:
+            await _send(batch, proto, out, patience)
+            batch, size = [], 0
+    if batch:
+        await _send(batch, proto, out, patience)
+
+
+async def _send(batch: list[Any], proto: Any, out: Any, patience: float) -> None:
+    try:
+        out.send(batch)
+    except (mexc.MessageTooLarge, mexc.EncodeError):
+        if len(batch) == 1:
+            raise
+        for item in batch:      # one frame each: those before a bad one still go
+            out.send([item])
+    if proto.writing_paused:
+        # the transport's buffer is full (64 KiB chunks, a slow reader):
+        # the next items wait for it to drain, so small calls on the
+        # connection wait behind at most that
+        await proto.owner.wait_writable(patience)

@@ -26,7 +26,6 @@ from malla import exceptions as mexc
 from malla._ext import core
 from malla.caller import (
     _RETRYABLE,
-    _as_args,
     _as_remote_error,
     _encode_error,
     _Expired,
@@ -39,7 +38,6 @@ from malla.caller import (
     valid_timeout,
 )
 from malla.context import enter, inherited_deadline, leave
-from malla.registry import service_name
 
 if TYPE_CHECKING:
     from malla.caller import Caller
@@ -78,14 +76,11 @@ class Streamer:
         """
         if unknown:
             raise invalid_options(unknown, "stream()")
-        timeout = valid_timeout(timeout)
-        if timeout == 0:
+        if valid_timeout(timeout) == 0:
             raise mexc.InvalidOption("a stream waits for its items: timeout must be above 0")
-        name = service_name(service)
+        name, args, timeout = self._caller._call_parts(service, args, timeout)
         if type(fun) is not str or fun[:1] == "_":
             raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
-        if type(args) is not list and type(args) is not tuple:
-            args = _as_args(args)
         at = inherited_deadline()
         if deadline is not None:
             at = _sooner(at, deadline)
@@ -429,9 +424,7 @@ class _Local:
             raise
         except _Expired:
             raise mexc.CallTimeout(f"no item from {s.name}.{s.fun} within {timeout} ms") from None
-        except mexc.CallTimeout:
-            raise
-        except Exception as exc:
+        except Exception as exc:    # (its own errors, a malla one too: as over the network)
             raise _as_remote_error(exc) from exc
         finally:
             leave(token)

@@ -38,6 +38,11 @@ class Feed(malla.Service, global_=True, max_concurrency=2):
     def plain(self):
         return "plain"
 
+    async def odd(self):
+        yield 0
+        yield 1
+        yield object()          # cannot be encoded: the stream fails after 0, 1
+
 
 class Hooked(malla.Service, global_=True, allow=["b", "c"]):
     seen: list = []
@@ -259,6 +264,19 @@ def test_local_gives_the_generator_and_the_node_iterates_it_in_process():
         assert Feed.closed == 2 and a._hosting.entries["Feed"].running == 0
         with pytest.raises(StopAsyncIteration):
             await items.__anext__()
+        return True
+
+    assert with_nodes(main)
+
+
+def test_an_item_that_cannot_be_encoded_fails_the_stream_after_the_items_before_it():
+    async def main(make):
+        _, b = await pair(make)
+        got = []
+        with pytest.raises(malla.RemoteError) as err:
+            async for item in b.stream(Feed, "odd"):
+                got.append(item)
+        assert got == [0, 1] and err.value.exc_type == "malla.exceptions.EncodeError"
         return True
 
     assert with_nodes(main)

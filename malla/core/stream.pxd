@@ -13,7 +13,7 @@ cdef class StreamIn:
     cdef object _waiter             # the future the consumer waits on, or None
     cdef readonly bint started      # an item, the end or an error arrived
 
-    cdef int push(self, object item) except -1
+    cdef int push(self, object items) except -1
     cdef int finish(self, object end) except -1
     cdef void _wake(self)
     cdef int _leave(self) except -1

@@ -15,6 +15,12 @@ cdef object _EMPTY = STREAM_EMPTY
 cdef object _deque = deque
 
 
+cdef inline void _wake_up(object waiter):
+    # the consumer's or the producer's waiter, when one waits
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 @cython.final
 cdef class StreamIn:
     """The consumer's side of one stream: the items that arrived and were
@@ -27,10 +33,13 @@ cdef class StreamIn:
         self._items = _deque()
         self.window = window
 
-    cdef int push(self, object item) except -1:
-        if len(self._items) >= self.window:
-            raise ProtocolError(f"stream {self.sid}: an item beyond the window of {self.window}")
-        self._items.append(item)
+    cdef int push(self, object items) except -1:
+        # an ITEM frame's items: never beyond the credit this side gave
+        if type(items) is not list or not PyList_GET_SIZE(items):
+            raise ProtocolError(f"stream {self.sid}: an ITEM is a non-empty array of items")
+        if len(self._items) + PyList_GET_SIZE(items) > self.window:
+            raise ProtocolError(f"stream {self.sid}: items beyond the window of {self.window}")
+        self._items.extend(items)
         self.started = True
         self._wake()
         return 0
@@ -46,11 +55,8 @@ cdef class StreamIn:
         return 0
 
     cdef void _wake(self):
-        cdef object waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        _wake_up(waiter)
 
     @property
     def buffered(self):
@@ -123,10 +129,11 @@ cdef class StreamOut:
         self._wire = wire
         self.credit = credit
 
-    def send(self, item):
-        """Queue one ITEM (EncodeError, MessageTooLarge: nothing queued)."""
-        self._wire._queue_message(FT_ITEM, 0, self.sid, item)
-        self.credit -= 1
+    def send(self, list items):
+        """Queue one ITEM frame of `items` (EncodeError, MessageTooLarge:
+        nothing queued)."""
+        self._wire._queue_message(FT_ITEM, 0, self.sid, items)
+        self.credit -= PyList_GET_SIZE(items)
 
     def wait(self, loop):
         """A future done when credit comes (or the connection goes)."""
@@ -134,11 +141,8 @@ cdef class StreamOut:
         return fut
 
     cdef void _wake(self):
-        cdef object waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        _wake_up(waiter)
 
 
 @cython.final
