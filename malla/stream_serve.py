@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["serve_stream", "stream_mismatch"]
 
 KIND_STREAM = 3     # (malla.service's: an async generator function)
+
+log = logging.getLogger("malla.streams")
 
 
 def stream_mismatch(service: str, fun: str, kind: int | None, stream: bool) -> str | None:
@@ -84,7 +87,11 @@ async def _produce(entry: Any, proto: Any, call: core.IncomingCall,
         proto.streams.forget_producer(sid)
         entry.running -= 1
         if gen is not None and hasattr(gen, "aclose"):
-            await gen.aclose()
+            try:
+                await gen.aclose()
+            except Exception:   # (its finally raised: nobody waits for the stream now)
+                log.warning("malla: closing the stream %s.%s raised", entry.name, fun,
+                            exc_info=True)
 
 
 # Items that leave together in one ITEM frame: at most this many, and at

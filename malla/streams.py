@@ -156,7 +156,11 @@ class Streamer:
         except mexc.EncodeError as exc:
             raise _encode_error(exc, s.args, s.kwargs) from None
         src = _Remote(st, node, s)
-        await src.first()
+        try:
+            await src.first()
+        except BaseException:
+            st.close()          # (cancelled meanwhile: the producer is told)
+            raise
         return src
 
     async def _here(self, s: Stream) -> _Local:
@@ -171,7 +175,11 @@ class Streamer:
             raise mexc.InvalidOption(f"{s.name}.{s.fun} is not a stream: call it with remote()")
         caller._stats.local_calls += 1
         src = _Local(entry, caller.name, s)
-        await src.first()
+        try:
+            await src.first()
+        except BaseException:
+            await src.close()   # (the generator closed, its slot given back)
+            raise
         return src
 
 

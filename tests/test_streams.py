@@ -38,6 +38,14 @@ class Feed(malla.Service, global_=True, max_concurrency=2):
     def plain(self):
         return "plain"
 
+    async def late(self):
+        try:
+            Feed.produced += 1
+            await asyncio.sleep(30)
+            yield "late"
+        finally:
+            Feed.closed += 1
+
     async def odd(self):
         yield 0
         yield 1
@@ -120,6 +128,23 @@ def test_leaving_a_remote_stream_early_closes_the_generator_on_the_server(how):
         # the CANCEL reached the server: the generator's finally ran there
         await wait_until(lambda: Feed.closed == 1)
         await wait_until(lambda: held(a, b) == 0 and a._hosting.entries["Feed"].running == 0)
+        return True
+
+    assert with_nodes(main)
+
+
+@pytest.mark.parametrize("where", ["tcp", "in-process"])
+def test_cancelled_before_the_first_item_closes_the_generator(where):
+    async def main(make):
+        a, b = await pair(make)
+        consumer = b if where == "tcp" else a
+        task = asyncio.ensure_future(consumer.stream(Feed, "late").__anext__())
+        await wait_until(lambda: Feed.produced == 1)
+        task.cancel()
+        assert (await asyncio.gather(task, return_exceptions=True))[0].__class__ is \
+            asyncio.CancelledError
+        await wait_until(lambda: Feed.closed == 1 and held(a, b) == 0
+                         and a._hosting.entries["Feed"].running == 0)
         return True
 
     assert with_nodes(main)
