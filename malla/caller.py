@@ -24,7 +24,6 @@ from malla.codec import bad_value_path
 from malla.context import enter, inherited_deadline, leave
 from malla.registry import service_name
 from malla.service import KIND_STREAM, KIND_SYNC, RunningService, settle
-from malla.steps import resume as _resume
 from malla.stream_serve import stream_mismatch
 
 if TYPE_CHECKING:
@@ -511,6 +510,25 @@ async def _run_with_timeout(awaitable: Any, timeout: int) -> Any:
             return stop.value
         awaitable = _resume(awaitable, pending)
     return await _with_timeout(settle(awaitable), timeout)
+
+
+@types.coroutine
+def _resume(coro: Any, pending: Any) -> Any:
+    """Go on with `coro`, which has yielded `pending`, as if awaited all along:
+    values and exceptions (cancellation) the task sends are passed on."""
+    while True:
+        try:
+            value = yield pending
+        except BaseException as exc:
+            try:
+                pending = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                pending = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
 
 
 async def _with_timeout(awaitable: Any, timeout: int) -> Any:

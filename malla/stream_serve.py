@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla.context import enter_served
-from malla.steps import resume
 
 if TYPE_CHECKING:
     from malla._ext import core
@@ -100,62 +99,88 @@ BATCH_ITEMS = 256
 BATCH_BYTES = 64 * 1024
 
 
-async def _items(gen: Any, proto: Any, out: Any, patience: float) -> None:
-    """Send the generator's items within the consumer's credit: those it
-    yields without waiting leave together (one frame, one encoding), and
-    whatever it has made goes out as soon as it waits for something."""
-    loop = asyncio.get_running_loop()
-    step = gen.__anext__
-    batch: list[Any] = []
-    size = 0
-    while True:
-        if len(batch) >= out.credit:
-            if batch:
-                await _send(batch, proto, out, patience)
-                batch, size = [], 0
-            if out.credit <= 0:
-                await out.wait(loop)          # the consumer's CREDIT (or CANCEL)
-                continue
-        aw = step()
+class _Batch:
+    """The items made and not sent yet.  They leave when the batch is full
+    (the credit, BATCH_ITEMS, BATCH_BYTES), and as soon as the producer's
+    task waits for anything (the generator awaits: a callback scheduled
+    with the first item sends them then), so a generator that yields
+    without waiting costs a frame per batch, and one that waits delays
+    none of its items."""
+
+    __slots__ = ("error", "items", "out", "scheduled", "size", "task")
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.items: list[Any] = []
+        self.size = 0
+        self.scheduled = False
+        self.error: BaseException | None = None
+        self.task = asyncio.current_task()
+
+    def send(self) -> None:
+        items, self.items, self.size = self.items, [], 0
+        if not items:
+            return
         try:
-            pending = aw.send(None)
-        except StopIteration as done:         # an item at once
-            item = done.value
-        except StopAsyncIteration:
-            break
-        except Exception:
-            if batch:       # the items it yielded before it raised go first
-                await _send(batch, proto, out, patience)
-            raise
-        else:
-            # the generator waits (I/O, a sleep): what it made goes now
-            if batch:
-                await _send(batch, proto, out, patience)
-                batch, size = [], 0
-            try:
-                item = await resume(aw, pending)
-            except StopAsyncIteration:
-                break
-        batch.append(item)
-        if type(item) is bytes or type(item) is str or type(item) is bytearray:
-            size += len(item)
-        if size >= BATCH_BYTES or len(batch) >= BATCH_ITEMS:
-            await _send(batch, proto, out, patience)
-            batch, size = [], 0
-    if batch:
-        await _send(batch, proto, out, patience)
+            self.out.send(items)
+        except (mexc.MessageTooLarge, mexc.EncodeError):
+            if len(items) == 1:
+                raise
+            for item in items:  # one frame each: those before a bad one still go
+                self.out.send([item])
+
+    def send_soon(self) -> None:
+        # (the loop runs this once the task waits: the generator suspended)
+        self.scheduled = False
+        try:
+            self.send()
+        except Exception as exc:
+            # an item that cannot go: the stream ends with its error
+            self.error = exc
+            if self.task is not None:
+                self.task.cancel()
 
 
-async def _send(batch: list[Any], proto: Any, out: Any, patience: float) -> None:
+async def _items(gen: Any, proto: Any, out: Any, patience: float) -> _Batch:
+    """Send the generator's items within the consumer's credit (its
+    window, and what each CREDIT gives back)."""
+    loop = asyncio.get_running_loop()
+    batch = _Batch(out)
     try:
-        out.send(batch)
-    except (mexc.MessageTooLarge, mexc.EncodeError):
-        if len(batch) == 1:
+        await _fill(gen, proto, out, patience, loop, batch)
+    except asyncio.CancelledError:
+        if batch.error is None:
             raise
-        for item in batch:      # one frame each: those before a bad one still go
-            out.send([item])
-    if proto.writing_paused:
-        # the transport's buffer is full (64 KiB chunks, a slow reader):
-        # the next items wait for it to drain, so small calls on the
-        # connection wait behind at most that
-        await proto.owner.wait_writable(patience)
+        # (our own cancellation, for an item that could not go)
+        task = asyncio.current_task()
+        if task is not None and hasattr(task, "uncancel"):
+            task.uncancel()
+        raise batch.error from None
+    return batch
+
+
+async def _fill(gen: Any, proto: Any, out: Any, patience: float, loop: Any,
+                batch: _Batch) -> None:
+    # (batch.items is read anew each time: the callback may have sent it)
+    try:
+        async for item in gen:
+            batch.items.append(item)
+            if type(item) is bytes or type(item) is str or type(item) is bytearray:
+                batch.size += len(item)
+            if not batch.scheduled:
+                batch.scheduled = True
+                loop.call_soon(batch.send_soon)
+            n = len(batch.items)
+            if n >= out.credit or n >= BATCH_ITEMS or batch.size >= BATCH_BYTES:
+                batch.send()
+                while out.credit <= 0:
+                    await out.wait(loop)      # the consumer's CREDIT (or CANCEL)
+                if proto.writing_paused:
+                    # the transport's buffer is full (64 KiB chunks, a slow
+                    # reader): the next items wait for it to drain, so small
+                    # calls on the connection wait behind at most that
+                    await proto.owner.wait_writable(patience)
+    except Exception:
+        batch.send()        # the items it yielded before it raised go first
+        raise
+    batch.send()

@@ -47,9 +47,14 @@ class Feed(malla.Service, global_=True, max_concurrency=2):
             Feed.closed += 1
 
     async def odd(self):
-        yield 0
-        yield 1
-        yield object()          # cannot be encoded: the stream fails after 0, 1
+        try:
+            yield 0
+            yield 1
+            yield object()          # cannot be encoded: the stream fails after 0, 1
+            await asyncio.sleep(30)     # (found when the batch goes, as it waits here)
+            yield 3
+        finally:
+            Feed.closed += 1
 
 
 class Hooked(malla.Service, global_=True, allow=["b", "c"]):
@@ -299,9 +304,10 @@ def test_an_item_that_cannot_be_encoded_fails_the_stream_after_the_items_before_
         _, b = await pair(make)
         got = []
         with pytest.raises(malla.RemoteError) as err:
-            async for item in b.stream(Feed, "odd"):
+            async for item in b.stream(Feed, "odd", timeout=5000):
                 got.append(item)
         assert got == [0, 1] and err.value.exc_type == "malla.exceptions.EncodeError"
+        await wait_until(lambda: Feed.closed == 1)
         return True
 
     assert with_nodes(main)
