@@ -39,7 +39,7 @@ from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
 from malla.registry import Registry, service_name
 from malla.service import Service
-from malla.streams import Streamer
+from malla.streams import Stream, Streamer
 from malla.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class Node(NodeSettings):
         self.remote = self._remote = remote  # type: ignore[method-assign]
         self.call_cb_all = self._call_cb_all = call_cb_all  # type: ignore[method-assign]
         self.local = self._caller.local  # type: ignore[method-assign]
-        self.stream = Streamer(self._caller, stream_window).stream
+        self._streamer = Streamer(self._caller, stream_window)
 
     def __repr__(self) -> str:
         return f"<malla.Node {self.name} {self._cluster.address or 'not started'}>"
@@ -276,7 +276,12 @@ class Node(NodeSettings):
                     kwargs: dict[str, Any] | None = None) -> Any:
         return await self._caller.local(service, fun, args, kwargs)
 
+    def stream(self, service: Any, fun: str, args: Any = (),
+               kwargs: dict[str, Any] | None = None, **opts: Any) -> Stream:
+        return self._streamer.stream(service, fun, args, kwargs, **opts)
+
     remote.__doc__ = Caller.remote.__doc__
+    stream.__doc__ = Streamer.stream.__doc__
     call_cb_all.__doc__ = Caller.call_cb_all.__doc__
     local.__doc__ = Caller.local.__doc__
 
