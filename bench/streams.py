@@ -4,7 +4,8 @@ chunks, side by side in one run with
 
 * a gRPC server-streaming call (grpc.aio, a generic unary-stream handler
   with msgpack serializers, as bench/peers_grpc.py's unary one), and
-* paging by repeated ``remote()`` calls, 100 items per page (what a malla
+* paging by repeated ``remote()`` calls, 100 items per page (16 for 64 KiB
+  chunks: 1 MiB a page; what a malla
   user did before streams), the page's items made by the same generator
   and iterated by the client one by one, as the stream's are;
 
@@ -43,6 +44,7 @@ COOKIE = "bench-streams-cookie-8d2c61f0ab"
 SMALL = 16
 CHUNK = 64 * 1024
 PAGE = 100
+CHUNK_PAGE = 16
 CONCURRENT = 100
 _OPTIONS = [("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -56,6 +58,11 @@ class Source(malla.Service, global_=True):
         item = b"x" * size
         for _ in range(n):
             yield item
+
+    async def fresh(self, n: int, size: int) -> AsyncIterator[bytes]:
+        # (new memory each: what a producer of file chunks holds)
+        for _ in range(n):
+            yield os.urandom(size)
 
     async def page(self, start: int, count: int, size: int) -> list[bytes]:
         # (the same generator makes a page's items: the comparison is of
@@ -132,9 +139,11 @@ async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str,
         return count
 
     async def paged(n: int, size: int) -> int:
-        count = 0
+        # (pages of 64 KiB chunks hold 16, 1 MiB: 100 concurrent pages of
+        # 100 would pass what a node lets one peer have in progress)
+        page, count = PAGE if size < CHUNK else CHUNK_PAGE, 0
         while count < n:
-            for _ in await node.remote("Source", "page", [count, min(PAGE, n - count), size]):
+            for _ in await node.remote("Source", "page", [count, min(page, n - count), size]):
                 count += 1
         return count
 
@@ -146,7 +155,8 @@ async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str,
                 streams, each, lambda k, size=size: stream(k, size))
             out[f"paging_{label}_x{streams}"] = await _rate(
                 streams, each, lambda k, size=size: paged(k, size))
-    out["slow_consumer_rss_growth_kib"] = await _slow_consumer(node)
+    (out["slow_producer_rss_growth_kib"],
+     out["slow_consumer_rss_growth_kib"]) = await _slow_consumer(node)
     await node.stop()
     # the window's part: one stream of small items with a window of 1,024
     wide = malla.Node("streams-wide", cookie=COOKIE, host=HOST, port=0, hidden=True,
@@ -161,27 +171,31 @@ async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str,
 
     await wide_stream(1000)
     out["stream_16B_x1_window1024"] = await _rate(1, n, wide_stream)
+    (out["slow_producer_rss_growth_kib_window1024"],
+     out["slow_consumer_rss_growth_kib_window1024"]) = await _slow_consumer(wide)
     await wide.stop()
     return out
 
 
-async def _slow_consumer(node: malla.Node) -> float:
-    """The producer's RSS growth while its consumer reads a 64 KiB chunk
-    every 5 ms for 2 s (the window bounds what it holds: 64 chunks, 4 MiB)."""
-    before = await node.remote("Probe", "rss_kib")
-    stream = node.stream("Source", "items", [1_000_000, CHUNK])
-    peak = before
+async def _slow_consumer(node: malla.Node) -> tuple[float, float]:
+    """(the producer's, this consumer's) RSS growth in KiB while the
+    consumer reads a fresh 64 KiB chunk every 5 ms for 2 s: what the
+    window lets pile up (node.stream_window chunks, 4 MiB by default)."""
+    producer0, consumer0 = await node.remote("Probe", "rss_kib"), _rss_kib()
+    producer, consumer = producer0, consumer0
+    stream = node.stream("Source", "fresh", [1_000_000, CHUNK])
     end = time.monotonic() + 2.0
     taken = 0
     async for _ in stream:
         taken += 1
         await asyncio.sleep(0.005)
-        if taken % 50 == 0:
-            peak = max(peak, await node.remote("Probe", "rss_kib"))
+        if taken % 20 == 0:
+            producer = max(producer, await node.remote("Probe", "rss_kib"))
+            consumer = max(consumer, _rss_kib())
         if time.monotonic() > end:
             break
     await stream.aclose()
-    return float(peak - before)
+    return float(producer - producer0), float(consumer - consumer0)
 
 
 async def _grpc_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
@@ -241,14 +255,13 @@ def _measure(short: bool, repeat: int) -> dict[str, Any]:
             key = f"{label}_x{streams}"
             ratios[f"vs_grpc_{key}"] = med[f"stream_{key}"] / med[f"grpc_{key}"]
             ratios[f"vs_paging_{key}"] = med[f"stream_{key}"] / med[f"paging_{key}"]
-    return {"median": med, "ratios": ratios, "runs": runs,
-            "window_kib": 64 * CHUNK // 1024}
+    return {"median": med, "ratios": ratios, "runs": runs}
 
 
 def _print(results: dict[str, Any]) -> None:
     med, ratios = results["median"], results["ratios"]
     print("streams: items per second (median), malla stream vs grpc.aio server streaming "
-          f"vs paging by remote() ({PAGE} items a page)")
+          f"vs paging by remote() ({PAGE} items a page, {CHUNK_PAGE} of 64 KiB chunks)")
     for label in ("16B", "64KiB"):
         for streams in (1, CONCURRENT):
             key = f"{label}_x{streams}"
@@ -257,9 +270,11 @@ def _print(results: dict[str, Any]) -> None:
                   f"   paging {med[f'paging_{key}']:>10,.0f}"
                   f" ({ratios[f'vs_paging_{key}']:.1f}x)")
     print(f"  16B x1 with stream_window=1024: {med['stream_16B_x1_window1024']:,.0f} items/s")
-    print(f"  a slow consumer of 64 KiB chunks: producer RSS +"
-          f"{med['slow_consumer_rss_growth_kib']:,.0f} KiB (window: "
-          f"{results['window_kib']:,} KiB)")
+    for suffix, window in (("", 64), ("_window1024", 1024)):
+        print(f"  a slow consumer of 64 KiB chunks, stream_window={window} "
+              f"({window * CHUNK // 1024:,} KiB of chunks): RSS growth of the producer "
+              f"{med['slow_producer_rss_growth_kib' + suffix]:,.0f} KiB, of the consumer "
+              f"{med['slow_consumer_rss_growth_kib' + suffix]:,.0f} KiB")
 
 
 def main(argv: list[str] | None = None) -> int:
