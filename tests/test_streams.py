@@ -319,3 +319,43 @@ def test_stream_window_is_validated():
             malla.Node("n", stream_window=bad)
     with pytest.raises(malla.InvalidOption, match="timeout"):
         malla.Node("n").stream(Feed, "ticks", [1], timeout=0)
+
+
+def _frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    out, pos = [], 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos + 4:pos + 8], "big")
+        out.append((data[pos], int.from_bytes(data[pos + 8:pos + 16], "big"),
+                    data[pos + 16:pos + 16 + length]))
+        pos += 16 + length
+    return out
+
+
+@pytest.mark.parametrize("bad", ["beyond the window", "not an array", "empty array",
+                                 "credit of 0", "credit not an int"])
+def test_the_core_keeps_a_stream_to_its_window_and_refuses_malformed_frames(bad):
+    # sans-IO, on the core's fake transport: a consumer with a window of 2
+    from malla._testbase import FakeTransport, RecordingOwner, deliver
+
+    async def main():
+        transport = FakeTransport()
+        proto = core.Protocol(RecordingOwner(), asyncio.get_running_loop(), True, {})
+        proto.connection_made(transport)
+        proto.set_ready("peer", 1 << 20)
+        st = proto.open_stream("S", "f", [], None, 1000, None, None, None, 2)
+        deliver(proto, core.build_frame(core.FT_ITEM, 0, st.sid, core.packb([1, 2])))
+        assert st.buffered == 2 and not proto.closed
+        # taking half the window gives it back to the producer
+        assert st.take() == 1
+        await asyncio.sleep(0)
+        sent = _frames(b"".join(transport.writes))
+        assert sent[0][:2] == (core.FT_STREAM, st.sid)
+        assert core.unpackb(sent[0][2])[7:] == [None, 2]       # (trace, window)
+        assert (core.FT_CREDIT, st.sid, core.packb(1)) in sent
+        frame = {"beyond the window": (core.FT_ITEM, [3, 4]), "not an array": (core.FT_ITEM, 3),
+                 "empty array": (core.FT_ITEM, []), "credit of 0": (core.FT_CREDIT, 0),
+                 "credit not an int": (core.FT_CREDIT, "x")}[bad]
+        deliver(proto, core.build_frame(frame[0], 0, st.sid, core.packb(frame[1])))
+        return proto.closed and transport.aborted
+
+    assert asyncio.run(main())
