@@ -45,6 +45,7 @@ bench: build
 	$(VPY) -m bench
 	$(VPY) -m bench.extras
 	$(VPY) -m bench.tails          # a slow node, a stalling one: p2c, shuffle, hedging
+	$(VPY) -m bench.streams
 	$(VPY) -m bench.chart          # bench/results.png, shown in bench/RESULTS.md
 
 # The scale probe (issue 17, bench/scale.py): the full mesh against
@@ -125,7 +126,8 @@ DEBUG_PKG := build/debug/pkg
 # The short tier run on it; its teardown asserts the leak counters (conftest.py).
 DEBUG_TESTS ?= tests/test_debug_build.py tests/test_framing.py tests/test_state_machine.py \
 	tests/test_flow.py tests/test_large.py tests/test_deadlines.py tests/test_call.py \
-	tests/test_proxy.py tests/test_semantics.py tests/test_authz.py tests/conformance
+	tests/test_proxy.py tests/test_semantics.py tests/test_authz.py tests/test_streams.py \
+	tests/conformance
 
 debug: $(STAMP)
 	rm -rf $(DEBUG_PKG) && mkdir -p $(DEBUG_PKG)/malla/core

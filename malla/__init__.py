@@ -16,6 +16,7 @@ from malla.api import (
     remote,
     start,
     stop,
+    stream,
     wait_for_services,
 )
 from malla.authz import allow
@@ -47,6 +48,7 @@ from malla.node import Node
 from malla.proxy import call
 from malla.runner import run
 from malla.service import Service, blocking
+from malla.streams import Stream
 
 __all__ = [
     "AuthenticationError",
@@ -68,6 +70,7 @@ __all__ = [
     "RemoteError",
     "Service",
     "ServiceNotAvailable",
+    "Stream",
     "UnknownFunction",
     "Unreachable",
     "__version__",
@@ -89,5 +92,6 @@ __all__ = [
     "services",
     "start",
     "stop",
+    "stream",
     "wait_for_services",
 ]

@@ -23,6 +23,11 @@ FT_TABLE: int
 FT_GOODBYE: int
 FT_PEERS: int
 FT_WINDOW: int
+FT_STREAM: int
+FT_ITEM: int
+FT_CREDIT: int
+STREAM_WINDOW_MAX: int
+STREAM_EMPTY: object
 FLAG_MORE: int
 FLAG_OPTIONAL: int
 FLAG_ACK: int
@@ -94,6 +99,7 @@ class IncomingCall:
     deadline: int | float | None
     meta: Any
     trace: Any
+    window: int
 
 class CallContext:
     @property
@@ -153,7 +159,7 @@ class Wire:
     max_message_size: int
     last_heard: float
     last_sent: float
-    def debug_held(self) -> tuple[int, int, int, int]: ...
+    def debug_held(self) -> tuple[int, ...]: ...
     @property
     def state(self) -> str: ...
     @property
@@ -223,7 +229,40 @@ class CoreProtocol(Wire):
                  fun: str, args: Any, kwargs: dict[str, Any] | None, timeout_ms: int,
                  meta: Any) -> Future[Any] | None: ...
     def cancel(self, sid: int) -> bool: ...
+    streams: StreamBook
+    def open_stream(self, service: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
+                    timeout_ms: float, deadline_ms: int | None, meta: Any, trace: Any,
+                    window: int) -> StreamIn: ...
     def cast_failed(self, service: str, fun: str, kind: str, message: str) -> None: ...
+
+class StreamIn:
+    sid: int
+    window: int
+    started: bool
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def ended(self) -> bool: ...
+    def take(self) -> Any: ...
+    def take_ready(self) -> list[Any]: ...
+    def give_back(self, n: int) -> None: ...
+    def wait(self, loop: AbstractEventLoop) -> Future[Any]: ...
+    def fail(self, error: BaseException) -> None: ...
+    def close(self) -> None: ...
+
+class StreamOut:
+    sid: int
+    credit: int
+    def send(self, items: list[Any]) -> None: ...
+    def wait(self, loop: AbstractEventLoop) -> Future[None]: ...
+
+class StreamBook:
+    consumers: dict[int, StreamIn]
+    producers: dict[int, StreamOut]
+    def __len__(self) -> int: ...
+    def consumer(self, sid: int, window: int) -> StreamIn: ...
+    def producer(self, sid: int, window: int) -> StreamOut: ...
+    def forget_producer(self, sid: int) -> None: ...
 
 class LatencyHistogram:
     count: int

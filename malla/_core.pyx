@@ -134,6 +134,7 @@ include "core/pending.pyx"
 include "core/latency.pyx"
 include "core/memory.pyx"
 include "core/wire.pyx"
+include "core/stream.pyx"
 include "core/protocol.pyx"
 include "core/histogram.pyx"
 

@@ -13,6 +13,7 @@ from malla import exceptions as mexc
 from malla.node import Node
 from malla.precompile import load_precompile
 from malla.proxy import Proxy
+from malla.streams import Stream
 
 __all__ = [
     "call_cb_all",
@@ -24,6 +25,7 @@ __all__ = [
     "remote",
     "start",
     "stop",
+    "stream",
     "wait_for_services",
 ]
 
@@ -86,6 +88,12 @@ async def remote(service: Any, fun: str, args: Any = (), kwargs: dict[str, Any] 
 async def local(service: Any, fun: str, args: Any = (),
                 kwargs: dict[str, Any] | None = None) -> Any:
     return await default_node().local(service, fun, args, kwargs)
+
+
+def stream(service: Any, fun: str, args: Any = (), kwargs: dict[str, Any] | None = None,
+           **opts: Any) -> Stream:
+    """node.stream() of the default node: the items of a stream function."""
+    return default_node().stream(service, fun, args, kwargs, **opts)
 
 
 async def call_cb_all(service: Any, fun: str, args: Any = (),

@@ -24,7 +24,8 @@ from malla.codec import bad_value_path
 from malla.context import enter, inherited_deadline, leave
 from malla.hedging import Hedge, always
 from malla.registry import service_name
-from malla.service import KIND_SYNC, RunningService, settle
+from malla.service import KIND_STREAM, KIND_SYNC, RunningService, settle
+from malla.stream_serve import stream_mismatch
 
 if TYPE_CHECKING:
     from malla.interfaces import CallHosting, CallPeers, NodeOrder
@@ -243,6 +244,8 @@ class Caller:
         why = entry.refusal(fun, args, kwargs, None, self.name)
         if why is not None:
             raise mexc.refused(why)
+        if entry.kinds[fun] == KIND_STREAM:     # (as the serving side says over the network)
+            raise _as_remote_error(mexc.InvalidOption(stream_mismatch(name, fun, 3, False)))
         if at is not None:
             timeout = _within_deadline(at, timeout, name, fun)[0]
         self._stats.local_calls += 1

@@ -46,6 +46,8 @@ class NodeConfig:
     # bytes of large messages in flight to a peer before it acknowledges
     # them (CAP_WINDOW): the bound on what a small call waits behind
     window_size: int = core.WINDOW
+    # items a stream's producer may run ahead of this node consuming it
+    stream_window: int = 64
     ssl_server: Any = field(default=None, repr=False)
     ssl_client: Any = field(default=None, repr=False)
     # "cookie": names are self-asserted; "tls": bound to certificates
@@ -78,7 +80,7 @@ class NodeConfig:
 
     def _wrong_type(self) -> str | None:
         for setting in ("port", "max_frame_size", "max_message_size", "window_size",
-                        "max_pending_handshakes"):
+                        "max_pending_handshakes", "stream_window"):
             value = getattr(self, setting)
             if isinstance(value, bool) or not isinstance(value, int):
                 return f"{setting} is a whole number, not {value!r}"
@@ -118,6 +120,9 @@ class NodeConfig:
         if self.window_size and self.window_size < core.FRAME_OF_LARGE:
             return (f"window_size must be 0 (no pacing) or at least "
                     f"{core.FRAME_OF_LARGE} bytes (one frame of a large message)")
+        if not 1 <= self.stream_window <= core.STREAM_WINDOW_MAX:
+            return (f"stream_window is items, 1 to {core.STREAM_WINDOW_MAX}, "
+                    f"not {self.stream_window}")
         why = check_mode(self.balance)
         if why is not None:
             return why
@@ -188,6 +193,7 @@ class NodeSettings:
     max_frame_size = _setting("max_frame_size")
     max_message_size = _setting("max_message_size")
     window_size = _setting("window_size")
+    stream_window = _setting("stream_window")
     ssl_server = _setting("ssl_server")
     ssl_client = _setting("ssl_client")
     identity = _setting("identity")

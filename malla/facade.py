@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import uvloop
@@ -18,6 +18,7 @@ import uvloop
 from malla import exceptions as mexc
 from malla.node import Node
 from malla.proxy import Proxy
+from malla.streams import Stream
 
 __all__ = ["BlockingNode"]
 
@@ -120,6 +121,13 @@ class BlockingNode:
                     kwargs: dict[str, Any] | None = None, **opts: Any) -> list[Any]:
         return self._run(self.node.call_cb_all(service, fun, args, kwargs, **opts))
 
+    def stream(self, service: Any, fun: str, args: Any = (),
+               kwargs: dict[str, Any] | None = None, **opts: Any) -> Iterator[Any]:
+        """node.stream()'s items as a blocking iterator (closed when the loop
+        over it ends, early or not)."""
+        return blocking_items(self, self._in_loop(
+            lambda: self.node.stream(service, fun, args, kwargs, **opts)))
+
     def start_service(self, service: Any) -> None:
         self._run(self.node.start_service(service))
 
@@ -203,17 +211,38 @@ class BlockingProxy:
         signature = self._bnode._in_loop(lambda: getattr(self._proxy, fun).__signature__)
 
         def blocking_call(*args: Any, **kwargs: Any) -> Any:
-            return self._bnode._run(self._call(fun, args, kwargs))
+            result = self._bnode._run(self._call(fun, args, kwargs))
+            if isinstance(result, Stream):
+                return blocking_items(self._bnode, result)
+            return result
 
         blocking_call.__name__ = fun
         blocking_call.__signature__ = signature  # type: ignore[attr-defined]
         return blocking_call
 
     async def _call(self, fun: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return await getattr(self._proxy, fun)(*args, **kwargs).run()
+        obj = getattr(self._proxy, fun)(*args, **kwargs)
+        if isinstance(obj, Stream):
+            return obj      # (a stream function's: iterated by the calling thread)
+        return await obj.run()
 
     def __dir__(self) -> list[str]:
         return self._bnode._in_loop(dir, self._proxy)
+
+
+def blocking_items(bnode: BlockingNode, stream: Stream) -> Iterator[Any]:
+    """The items of `stream`, fetched on the node's loop a batch per thread
+    hop (those that have arrived); leaving the loop early closes it."""
+    try:
+        while True:
+            try:
+                items = bnode._run(stream.batch())
+            except StopAsyncIteration:
+                return
+            yield from items
+    finally:
+        if not bnode._closed:
+            bnode._run(stream.aclose())
 
 
 class _BlockingServices:

@@ -54,7 +54,9 @@ RETRY_AFTER = 2          # from this version on, Overloaded ERRORs carry retry_a
 CAP_TRACE = 1            # CALLs may carry the trace-context field
 CAP_UDP_HEARTBEAT = 2    # heartbeats also come by UDP (HELLO "udp")
 CAP_WINDOW = 4           # large messages are paced by WINDOW acknowledgements
-CAPABILITIES = CAP_TRACE | CAP_UDP_HEARTBEAT | CAP_WINDOW
+CAP_STREAM = 8           # streaming calls: STREAM, ITEM and CREDIT frames (version 2)
+CAPABILITIES = CAP_TRACE | CAP_UDP_HEARTBEAT | CAP_WINDOW | CAP_STREAM
+STREAM_VERSION = 2       # streams need this version and CAP_STREAM on both sides
 
 
 def protocol_limits(identity: str = "cookie") -> tuple[int, int, int]:
@@ -286,6 +288,11 @@ class Handshake:
         self.caps = 0                    # the capabilities both sides announced
         self.done = False
         self._state = "start"
+
+    @property
+    def streams(self) -> bool:
+        """Both sides speak streaming calls (docs/protocol.md "Streams of items")."""
+        return self.version >= STREAM_VERSION and bool(self.caps & CAP_STREAM)
 
     @property
     def transcript(self) -> tuple[bytes, ...]:

@@ -51,6 +51,20 @@ class Stats:
         self.closed_in = 0
         self.closed_out = 0
 
+    def totals(self, protos: list[Any]) -> dict[str, Any]:
+        """The call counters of `node.stats()`, the cores' (`protos`, the
+        open connections') added to those of connections that closed."""
+        return {
+            "calls_in": self.closed_in + sum(p.calls_in for p in protos),
+            "calls_out": self.closed_out + sum(p.calls_out for p in protos) + self.local_calls,
+            "errors": dict(self.errors),
+            "retries": self.retries,
+            "failovers": self.failovers,
+            "hedges": self.hedges,
+            "forbidden": self.forbidden,
+            "in_flight": sum(p.in_flight for p in protos if not p.closed),
+        }
+
     def error(self, exc: BaseException) -> None:
         # (a remote builtin's RemoteError subclass counts as RemoteError)
         self.count(mexc.RemoteError.__name__ if isinstance(exc, mexc.RemoteError)

@@ -39,8 +39,9 @@ from malla.metrics import Metrics, Stats, serve_prometheus
 from malla.ondemand import OnDemand
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
-from malla.registry import Registry, service_name
+from malla.registry import Registry, service_name, wait_for
 from malla.service import Service
+from malla.streams import Stream, Streamer
 from malla.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ class Node(NodeSettings):
     Seconds as floats for node settings, bytes for sizes.
     """
 
+    _cluster: Cluster
+
     def __init__(self, name: str, *, cookie: CookieSetting = None,
                  host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  seeds: list[str] | tuple[str, ...] = (),
@@ -65,6 +68,7 @@ class Node(NodeSettings):
                  handshake_timeout: float = 5.0, check_interval: float = 10.0,
                  redial_max: float = 5.0, max_frame_size: int = 1 << 20,
                  max_message_size: int = 64 << 20, window_size: int = core.WINDOW,
+                 stream_window: int = 64,
                  ssl_server: Any = None, ssl_client: Any = None, identity: str = "cookie",
                  balance: str = "p2c",
                  dns_servers: list[str] | None = None,
@@ -82,8 +86,8 @@ class Node(NodeSettings):
             heartbeat_timeout=heartbeat_timeout, handshake_timeout=handshake_timeout,
             check_interval=check_interval, redial_max=redial_max, forget_after=forget_after,
             max_frame_size=max_frame_size, max_message_size=max_message_size,
-            window_size=window_size, ssl_server=ssl_server, ssl_client=ssl_client,
-            identity=identity, balance=balance,
+            window_size=window_size, stream_window=stream_window, ssl_server=ssl_server,
+            ssl_client=ssl_client, identity=identity, balance=balance,
             dns_servers=tuple(dns_servers) if dns_servers else None,
             udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
             tracing=tracing, max_pending_handshakes=max_pending_handshakes,
@@ -124,6 +128,7 @@ class Node(NodeSettings):
         self.remote = self._remote = remote  # type: ignore[method-assign]
         self.call_cb_all = self._call_cb_all = call_cb_all  # type: ignore[method-assign]
         self.local = self._caller.local  # type: ignore[method-assign]
+        self._streamer = Streamer(self._caller, stream_window)
 
     def __repr__(self) -> str:
         return f"<malla.Node {self.name} {self._cluster.address or 'not started'}>"
@@ -290,7 +295,12 @@ class Node(NodeSettings):
                     kwargs: dict[str, Any] | None = None) -> Any:
         return await self._caller.local(service, fun, args, kwargs)
 
+    def stream(self, service: Any, fun: str, args: Any = (),
+               kwargs: dict[str, Any] | None = None, **opts: Any) -> Stream:
+        return self._streamer.stream(service, fun, args, kwargs, **opts)
+
     remote.__doc__ = Caller.remote.__doc__
+    stream.__doc__ = Streamer.stream.__doc__
     call_cb_all.__doc__ = Caller.call_cb_all.__doc__
     local.__doc__ = Caller.local.__doc__
 
@@ -326,28 +336,13 @@ class Node(NodeSettings):
 
     async def wait_for_services(self, services: list[Any], retries: int = 10) -> bool:
         """Wait (a second between tries) until each service has a node."""
-        names = [service_name(s) for s in services]
-        for attempt in range(retries + 1):
-            if all(self._registry.nodes(n) for n in names):
-                return True
-            if attempt < retries:
-                await asyncio.sleep(1.0)
-        return False
+        return await wait_for(self._registry, [service_name(s) for s in services], retries)
 
     def stats(self) -> dict[str, Any]:
         """Totals over the node's life: they never go down when a peer
         leaves (docs/operations.md)."""
-        protos, stats = self._cluster.protocols(), self._stats
         return {
-            "calls_in": stats.closed_in + sum(p.calls_in for p in protos),
-            "calls_out": (stats.closed_out + sum(p.calls_out for p in protos)
-                          + stats.local_calls),
-            "errors": dict(stats.errors),
-            "retries": stats.retries,
-            "failovers": stats.failovers,
-            "hedges": stats.hedges,
-            "forbidden": stats.forbidden,
-            "in_flight": sum(p.in_flight for p in protos if not p.closed),
+            **self._stats.totals(self._cluster.protocols()),
             **handshake_counts(self._cluster.pending, self._cluster.throttle),
             "latency": self._metrics.snapshot() if self._metrics is not None else {},
         }

@@ -20,6 +20,7 @@ from malla.arguments import Checker, checkers_of
 from malla.authz import forbidding_checkers, without_refusals
 from malla.caller import CALL_OPTIONS, invalid_options
 from malla.precompile import load_precompile
+from malla.streams import is_stream
 
 if TYPE_CHECKING:
     from malla.interfaces import ProxyHost
@@ -130,12 +131,16 @@ class RemoteFunction:
     def __repr__(self) -> str:
         return f"<malla remote function {self.__qualname__}{self.__signature__}>"
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Call:
-        checker = self._proxy._checker(self.__name__)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        proxy = self._proxy
+        checker = proxy._checker(self.__name__)
         # (the common case in line: positional arguments within the range)
         if checker is not None and (kwargs or not checker.lo <= len(args) <= checker.hi):
             checker.check(args, kwargs)
-        return Call(self._proxy, self.__name__, args, kwargs)
+        if checker is not None and proxy._is_stream(self.__name__):
+            # a function announced as a stream: its items, as an async iterator
+            return proxy._node.stream(proxy._name, self.__name__, args, kwargs or None)
+        return Call(proxy, self.__name__, args, kwargs)
 
 
 class Proxy:
@@ -213,6 +218,10 @@ class Proxy:
         if checker is None:
             raise mexc.UnknownFunction(self._unknown(fun))
         return checker
+
+    def _is_stream(self, fun: str) -> bool:
+        """Whether `fun` is announced as a stream (an async generator)."""
+        return is_stream(self._node._registry.known_info(self._name), fun)
 
     def _unknown(self, fun: str) -> str:
         known = ", ".join(sorted(self._functions() or ())) or "none"

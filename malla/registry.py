@@ -13,6 +13,7 @@ callers.  Each entry keeps the argument checkers of its functions.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from typing import Any
@@ -73,6 +74,9 @@ def invalid_info(info: Any) -> str | None:
         why = invalid_function_meta(info[FUNCTION_META], functions)
         if why is not None:
             return why
+    streams = info.get("streams", [])
+    if type(streams) is not list or any(fun not in functions for fun in streams):
+        return "its streams are not a list of its functions"
     if "allow" in info:
         return invalid_allow(info["allow"], functions)
     return None
@@ -271,3 +275,14 @@ class Registry:
     def services(self) -> dict[str, list[str]]:
         """Every service seen (but the built-in one), with its nodes now."""
         return {s: list(self.nodes(s)) for s in sorted(self._seen) if s != BUILTIN}
+
+
+async def wait_for(registry: Registry, names: list[str], retries: int) -> bool:
+    """`node.wait_for_services`: a second between tries until each service
+    has a node in `registry`."""
+    for attempt in range(retries + 1):
+        if all(registry.nodes(n) for n in names):
+            return True
+        if attempt < retries:
+            await asyncio.sleep(1.0)
+    return False

@@ -22,6 +22,7 @@ from malla.arguments import checkers_of
 from malla.authz import Policy, Rules, rules_of, valid_patterns
 from malla.context import enter_served
 from malla.idempotent import FUNCTION_META, idempotent_of
+from malla.stream_serve import serve_stream
 from malla.tracing import Tracing
 
 __all__ = ["DEFAULT_MAX_CONCURRENCY", "Service", "blocking"]
@@ -29,7 +30,8 @@ __all__ = ["DEFAULT_MAX_CONCURRENCY", "Service", "blocking"]
 # Calls running at once per service and node, unless the class says otherwise.
 DEFAULT_MAX_CONCURRENCY = 10_000
 
-KIND_SYNC, KIND_ASYNC, KIND_BLOCKING = 0, 1, 2
+# (KIND_STREAM: an async generator function, a streaming call)
+KIND_SYNC, KIND_ASYNC, KIND_BLOCKING, KIND_STREAM = 0, 1, 2, 3
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -114,6 +116,8 @@ def _exports_of(cls: type) -> dict[str, int]:
 def _kind_of(fn: Callable[..., Any]) -> int:
     if getattr(fn, "_malla_blocking", False):
         return KIND_BLOCKING
+    if inspect.isasyncgenfunction(fn):
+        return KIND_STREAM
     if inspect.iscoroutinefunction(fn):
         return KIND_ASYNC
     return KIND_SYNC
@@ -159,6 +163,9 @@ def describe(service: Service, paused: bool = False) -> dict[str, Any]:
                       for name in cls._malla_exports},
         "max_concurrency": cls._malla_max_concurrency,
     }
+    streams = [name for name, kind in cls._malla_exports.items() if kind == KIND_STREAM]
+    if streams:
+        info["streams"] = streams       # called with node.stream() (docs/protocol.md)
     if cls._malla_rules:
         # only the functions not open to everyone (docs/protocol.md)
         info["allow"] = {fun: list(patterns) for fun, patterns in cls._malla_rules.items()}
@@ -205,6 +212,8 @@ class RunningService(core.ServiceEntry):
     def dispatch(self, proto: Any, call: core.IncomingCall) -> asyncio.Task[Any] | None:
         """Run `call` as a task (the core has admitted it: its rule set ran)."""
         opts = {"caller": proto.peer_name, "timeout": call.timeout, "meta": call.meta}
+        if call.window or self.kinds[call.fun] == KIND_STREAM:
+            return serve_stream(self, proto, call, opts)
         run = self._run(proto, call.sid, call.fun, call.args, call.kwargs or {}, opts,
                         call.deadline, call.cast)
         if self.tracing is not None and call.trace is not None:

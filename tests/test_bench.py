@@ -23,14 +23,19 @@ from bench.scenarios import SCENARIOS
 SYSTEMS = {"floor", "cfloor", "malla", "grpc", "pyro5", "rpyc"}
 
 
-@pytest.mark.tools
-def test_bench_short_mode_end_to_end(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--short", "--json", str(out)],
+def _short_run(module: str, out) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m MODULE --short --json OUT`: the process and its JSON."""
+    proc = subprocess.run([sys.executable, "-m", module, "--short", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.tools
+def test_bench_short_mode_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    proc, data = _short_run("bench", out)
     meta = data["meta"]
     assert meta["python"] and meta["git_commit"] and meta["machine"]["cores"] >= 1
     versions = {k.lower(): v for k, v in meta["versions"].items()}
@@ -61,6 +66,17 @@ def test_bench_short_mode_end_to_end(tmp_path):
     png = tmp_path / "chart.png"
     assert chart.main([str(out), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.tools
+def test_the_streams_bench_runs_short(tmp_path):
+    proc, data = _short_run("bench.streams", tmp_path / "streams.json")
+    med = data["median"]
+    for label in ("16B", "64KiB"):
+        for streams in (1, 100):
+            for system in ("stream", "grpc", "paging"):
+                assert med[f"{system}_{label}_x{streams}"] > 0
+    assert "grpc.aio" in proc.stdout and "a slow consumer" in proc.stdout
 
 
 # ---------------------------------------------------------------- the C floor

@@ -22,7 +22,7 @@ def test_the_counters_exist_only_in_the_debug_build():
     if core.DEBUG:
         assert "build/debug/" in core.__file__
         assert set(core.debug_counters()) == {"protocols", "open", "pending", "running",
-                                              "queued_large", "partial", "violations"}
+                                              "queued_large", "partial", "streams", "violations"}
     else:
         # a normal build compiles every check out: nothing is counted
         assert core.debug_counters() == {}

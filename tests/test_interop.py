@@ -71,6 +71,13 @@ def test_adjacent_versions_interoperate(limit, version, caps, tmp_path):
                     break
                 await asyncio.sleep(0.01)
             assert hint is None if version == 1 else type(hint) is int and hint >= 1
+            # streams need version 2 and CAP_STREAM on both sides: a peer
+            # without them is refused for streams only, before sending, and
+            # at once (no retry rounds: it never will take one)
+            assert not conn.handshake.streams
+            with pytest.raises(malla.ServiceNotAvailable, match="without streams"):
+                await node.stream("Echo", "echo", [1]).__anext__()
+            assert await node.remote("Echo", "echo", [2]) == 2
             # heartbeats keep it connected, whichever channels the peer has
             await asyncio.sleep(3 * 1.0)
             assert await held == ["other", 1, 3]

@@ -435,14 +435,14 @@ class ConnectionMachine(RuleBasedStateMachine):
         fut.cancel()
 
     @precondition(lambda self: self.ready and self.open)
-    @rule(ftype=st.integers(core.FT_WINDOW + 1, 255), payload=st.binary(max_size=3 * MAX_FRAME),
+    @rule(ftype=st.integers(core.FT_CREDIT + 1, 255), payload=st.binary(max_size=3 * MAX_FRAME),
           sid=st.sampled_from([5, 2**40]))
     def unknown_optional(self, ftype, payload, sid):
         self.feed(self.message(ftype, sid, payload, core.FLAG_OPTIONAL))
         assert not self.proto.closed
 
     @precondition(lambda self: self.ready and self.open)
-    @rule(ftype=st.integers(core.FT_WINDOW + 1, 255), roll=ROLL)
+    @rule(ftype=st.integers(core.FT_CREDIT + 1, 255), roll=ROLL)
     def unknown_mandatory(self, ftype, roll):
         if roll:
             return

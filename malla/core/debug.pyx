@@ -26,7 +26,8 @@ cdef void _debug_violation(str what) noexcept:
 def debug_counters():
     """What the protocol objects alive still hold, summed: protocols,
     connections still open, calls pending, calls running, large messages
-    queued, messages half arrived, invariant violations.  After every node
+    queued, messages half arrived, streams open (either way), invariant
+    violations.  After every node
     has stopped, each must be 0.  Empty in a normal build."""
     if not MALLA_DEBUG_BUILD:
         return {}
@@ -38,5 +39,6 @@ def debug_counters():
         "running": sum(p.debug_held()[1] for p in protos),
         "queued_large": sum(p.debug_held()[2] for p in protos),
         "partial": sum(p.debug_held()[3] for p in protos),
+        "streams": sum(p.debug_held()[4] for p in protos),
         "violations": _violations,
     }

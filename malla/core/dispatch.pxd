@@ -13,6 +13,7 @@ cdef class IncomingCall:
     cdef readonly object deadline   # the caller's remaining budget in ms, or None
     cdef readonly object meta
     cdef readonly object trace      # the trace context, or None
+    cdef readonly Py_ssize_t window  # a STREAM's window of items (0: a CALL or CAST)
 
 
 @cython.final

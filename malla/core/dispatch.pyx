@@ -37,13 +37,20 @@ cdef class IncomingCall:
         return f"<IncomingCall {self.sid} {self.service}.{self.fun}>"
 
 
-cdef IncomingCall _incoming_call(object obj, uint64_t sid, bint cast):
+cdef IncomingCall _incoming_call(object obj, uint64_t sid, uint8_t ftype):
     # A CALL message: [service, fun, args, kwargs, timeout, deadline, meta,
-    # trace?] (docs/protocol.md).  None when it is malformed.
+    # trace?] (docs/protocol.md), a STREAM's with its window after them.
+    # None when it is malformed.
     cdef list msg
     cdef IncomingCall call
+    cdef bint cast = ftype == FT_CAST
+    cdef object window = None
     if type(obj) is not list or PyList_GET_SIZE(obj) < 7:
         return None
+    if ftype == FT_STREAM:
+        window = obj[8] if PyList_GET_SIZE(obj) > 8 else None
+        if type(window) is not int or not 0 < window <= MAX_STREAM_WINDOW:
+            return None
     msg = <list>obj
     service, fun, args, kwargs = msg[0], msg[1], msg[2], msg[3]
     if (type(service) is not str or type(fun) is not str or type(args) is not list
@@ -60,6 +67,7 @@ cdef IncomingCall _incoming_call(object obj, uint64_t sid, bint cast):
     call.deadline = msg[5]
     call.meta = msg[6]
     call.trace = msg[7] if PyList_GET_SIZE(msg) > 7 else None
+    call.window = window if window is not None else 0
     return call
 # ---------------------------------------------------------------------------
 # CallContext: the call a handler serves (malla.current_call())

@@ -37,6 +37,8 @@ cdef enum:
     # Messages in progress from one peer (received, or announced by a large
     # `bytes` value) may hold this many times max_message_size in all.
     PARTIAL_BUDGET = 4
+    # The most items a stream's consumer may grant at once (its window too).
+    MAX_STREAM_WINDOW = 1048576
 
 
 cpdef enum FrameType:
@@ -53,6 +55,9 @@ cpdef enum FrameType:
     FT_GOODBYE = 11
     FT_PEERS = 12
     FT_WINDOW = 13
+    FT_STREAM = 14       # a CALL whose answer is items (CAP_STREAM)
+    FT_ITEM = 15
+    FT_CREDIT = 16
 
 
 cpdef enum FrameFlag:

@@ -3,6 +3,37 @@
 # the calls from the peer (the rule set of dispatch.pyx), replies, errors,
 # pings and cancellation.
 
+cdef inline int _pack_call(WriteBuffer wb, str service, str fun, args, kwargs,
+                           double timeout_ms, deadline_ms, meta, trace,
+                           Py_ssize_t window) except -1:
+    # A CALL, CAST or STREAM message (docs/protocol.md); a STREAM's 9th
+    # field is its window, after the trace context (nil when none).
+    cdef Py_ssize_t i, n
+    # the 8th field (trace context) is sent only when there is one
+    wb._put_array_header(9 if window else 7 if trace is None else 8)
+    wb.pack(service, 0)
+    wb.pack(fun, 0)
+    # args travel as a plain array, whether given as a list or a tuple
+    if type(args) is tuple:
+        n = PyTuple_GET_SIZE(args)
+        wb._put_array_header(n)
+        for i in range(n):
+            wb.pack(<object>PyTuple_GET_ITEM(args, i), 1)
+    elif type(args) is list:
+        wb.pack(args, 0)
+    else:
+        wb.pack(list(args), 0)
+    wb.pack(kwargs if kwargs else None, 0)
+    wb.pack(<int64_t>timeout_ms, 0)
+    wb.pack(deadline_ms, 0)
+    wb.pack(meta, 0)
+    if trace is not None or window:
+        wb.pack(trace, 0)
+    if window:
+        wb.pack(window, 0)
+    return 0
+
+
 cdef class CoreProtocol(Wire):
     """The protocol of one node-to-node connection (see module docstring).
 
@@ -19,6 +50,7 @@ cdef class CoreProtocol(Wire):
         self._pending = Pending()
         self.latency = LatencyBook(self._pending)
         self._running = {}
+        self.streams = StreamBook(self)
         self.peer_name = None
         # Dialler's streams are odd, acceptor's even: ids of the two
         # directions never collide, so one table can key partial messages.
@@ -29,7 +61,7 @@ cdef class CoreProtocol(Wire):
 
     def debug_held(self):
         return (len(self._pending) + len(self._pending.pings), len(self._running),
-                len(self._out), len(self._partials))
+                len(self._out), len(self._partials), len(self.streams))
 
     # -- state ----------------------------------------------------------------
 
@@ -81,6 +113,7 @@ cdef class CoreProtocol(Wire):
             return err
 
         self._pending.fail_all(lost)
+        self.streams.lost(lost())
         # The caller is gone: its calls running here are cancelled.
         running = list(self._running.values())
         self._running.clear()
@@ -99,13 +132,15 @@ cdef class CoreProtocol(Wire):
                    f"{PARTIAL_BUDGET} x max_message_size {self.max_message_size}")
         else:
             msg = f"message larger than max_message_size {self.max_message_size}"
-        if ftype == FT_CALL:
+        if ftype == FT_CALL or ftype == FT_STREAM:
             self._queue_error(sid, ERR_MESSAGE_TOO_LARGE, "malla.exceptions.MessageTooLarge",
                               msg, None)
         elif ftype == FT_REPLY or ftype == FT_ERROR:
             fut = self._pending.pop(sid)
             if fut is not None and not fut.done():
                 fut.set_exception(MessageTooLarge(f"reply {msg}"))
+        elif ftype == FT_ITEM:
+            self.streams.fail(sid, MessageTooLarge(f"item {msg}"))
         elif ftype == FT_CAST:
             # (its service and function are in the part never read)
             self.cast_failed("?", "?", "MessageTooLarge", msg)
@@ -117,8 +152,12 @@ cdef class CoreProtocol(Wire):
                          const char* p, Py_ssize_t n, list detached) except -1:
         if ftype == FT_REPLY:
             return self._on_reply(sid, p, n, detached)
-        if ftype == FT_CALL or ftype == FT_CAST:
+        if ftype == FT_CALL or ftype == FT_CAST or ftype == FT_STREAM:
             return self._on_call(ftype, sid, p, n, detached)
+        if ftype == FT_ITEM:
+            return self.streams.on_item(sid, p, n, detached)
+        if ftype == FT_CREDIT:
+            return self.streams.on_credit(sid, p, n)
         if ftype == FT_ERROR:
             return self._on_error(sid, p, n, detached)
         if ftype == FT_WINDOW:
@@ -139,8 +178,9 @@ cdef class CoreProtocol(Wire):
     cdef int _on_reply(self, uint64_t sid, const char* p, Py_ssize_t n,
                        list detached) except -1:
         cdef object fut = self._pending.pop(sid)
-        if fut is None:
-            return 0          # a late reply to a call that timed out or was cancelled
+        if fut is None:     # a stream's end, or a late reply (timed out, cancelled)
+            self.streams.on_end(sid, StopAsyncIteration)
+            return 0
         self.latency.ended(sid, OUTCOME_OK)
         try:
             value = _unpack_detached(p, n, detached)
@@ -178,6 +218,8 @@ cdef class CoreProtocol(Wire):
             self.latency.refused(sid, err)
             if not fut.done():
                 fut.set_exception(err)
+        else:
+            self.streams.on_end(sid, err)
         return 0
 
     cdef int _on_heartbeat(self, uint8_t flags, uint64_t sid) except -1:
@@ -215,7 +257,7 @@ cdef class CoreProtocol(Wire):
                                 "malla.exceptions.EncodeError", str(exc))
         except Exception as exc:
             raise ProtocolError(f"undecodable call on stream {sid}: {exc}") from None
-        call = _incoming_call(obj, sid, cast)
+        call = _incoming_call(obj, sid, ftype)
         if call is None:
             return self._refuse(cast, sid, "?", "?", ERR_BAD_REQUEST,
                                 "malla.exceptions.ProtocolError", "malformed call message")
@@ -231,7 +273,7 @@ cdef class CoreProtocol(Wire):
                                 _hint(why))
         # a plain def with the default hook runs right here; with a deadline
         # it goes through dispatch (the handler's context gets the budget)
-        if entry.fast and call.deadline is None and entry.kinds[call.fun] == 0:
+        if entry.fast and call.deadline is None and not call.window and entry.kinds[call.fun] == 0:
             return self._run_inline(entry, call, entry.funcs[call.fun])
         task = entry.dispatch(self, call)
         if task is not None and not cast:
@@ -412,8 +454,23 @@ cdef class CoreProtocol(Wire):
         self.calls_out += 1
         self._queue_encoded(start)
 
+    def open_stream(self, str service, str fun, args, kwargs, double timeout_ms, deadline_ms,
+                    meta, trace, Py_ssize_t window):
+        """Send a STREAM (a call answered by items); its StreamIn (raises as call())."""
+        cdef Py_ssize_t start = self._encode_call(FT_STREAM, service, fun, args, kwargs,
+                                                  timeout_ms, deadline_ms, meta, trace, window)
+        cdef StreamIn st = self.streams.consumer(self.last_sid, window)
+        try:
+            self._queue_encoded(start)
+        except BaseException:
+            del self.streams.consumers[st.sid]
+            raise
+        self.calls_out += 1
+        return st
+
     cdef Py_ssize_t _encode_call(self, uint8_t ftype, str service, str fun, args, kwargs,
-                                 double timeout_ms, deadline_ms, meta, trace) except -1:
+                                 double timeout_ms, deadline_ms, meta, trace,
+                                 Py_ssize_t window=0) except -1:
         # The CALL or CAST frame of a new stream, encoded in the write buffer:
         # returns where it starts (its stream id is in last_sid); nothing is
         # left in the buffer when the arguments cannot be encoded.
@@ -423,8 +480,8 @@ cdef class CoreProtocol(Wire):
             raise ServiceNotAvailable(f"connection to {self.peer_name} is not open")
         start = wb.begin_frame(ftype, 0, self._next_sid)
         try:
-            self._pack_call(wb, service, fun, args, kwargs, timeout_ms, deadline_ms, meta,
-                            trace)
+            _pack_call(wb, service, fun, args, kwargs, timeout_ms, deadline_ms, meta, trace,
+                       window)
         except BaseException:
             wb.truncate(start)
             raise
@@ -432,47 +489,12 @@ cdef class CoreProtocol(Wire):
         self._next_sid += 2
         return start
 
-    cdef inline int _pack_call(self, WriteBuffer wb, str service, str fun, args, kwargs,
-                               double timeout_ms, deadline_ms, meta, trace) except -1:
-        cdef Py_ssize_t i, n
-        # the 8th field (trace context) is sent only when there is one
-        wb._put_array_header(7 if trace is None else 8)
-        wb.pack(service, 0)
-        wb.pack(fun, 0)
-        # args travel as a plain array, whether given as a list or a tuple
-        if type(args) is tuple:
-            n = PyTuple_GET_SIZE(args)
-            wb._put_array_header(n)
-            for i in range(n):
-                wb.pack(<object>PyTuple_GET_ITEM(args, i), 1)
-        elif type(args) is list:
-            wb.pack(args, 0)
-        else:
-            wb.pack(list(args), 0)
-        wb.pack(kwargs if kwargs else None, 0)
-        wb.pack(<int64_t>timeout_ms, 0)
-        wb.pack(deadline_ms, 0)
-        wb.pack(meta, 0)
-        if trace is not None:
-            wb.pack(trace, 0)
-        return 0
-
     def cancel(self, uint64_t sid):
         """Forget call `sid` and tell the peer to cancel it."""
         if self._pending.pop(sid) is None:
             return False
         self._send_cancel(sid)
         return True
-
-    cdef int _send_cancel(self, uint64_t sid) except -1:
-        # What of the call's message is still queued is not sent (the
-        # out-queue's rules); the CANCEL goes now or after its last frame.
-        cdef bint now = self._out.cancel(sid, self._acknowledge)
-        if self._out.drained():
-            self._update_congestion()
-        if now:
-            return self._queue_message(FT_CANCEL, 0, sid, None)
-        return 0
 
     # -- the calls' deadlines: one timer for all ----------------------------------
 

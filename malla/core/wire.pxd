@@ -45,6 +45,7 @@ cdef class Wire:
     cdef int _queue_message(self, uint8_t ftype, uint8_t flags, uint64_t sid,
                             object payload) except -1
     cdef int _queue_encoded(self, Py_ssize_t start) except -1
+    cdef int _send_cancel(self, uint64_t sid) except -1
     cdef int _request_flush(self) except -1
     cdef int _schedule_round(self) except -1
     cdef bytes _take_small(self)

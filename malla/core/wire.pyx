@@ -63,9 +63,9 @@ cdef class Wire:
 
     def debug_held(self):
         """(calls pending, calls running, large messages queued, messages
-        half arrived): what this connection still holds (the debug build's
-        leak counters sum them)."""
-        return (0, 0, len(self._out), len(self._partials))
+        half arrived, streams open): what this connection still holds (the
+        debug build's leak counters sum them)."""
+        return (0, 0, len(self._out), len(self._partials), 0)
 
     cdef void _debug_check(self):
         # The debug build's invariants, after every read and every write.
@@ -284,6 +284,16 @@ cdef class Wire:
             if not self._note_large():
                 wb.release_if_large()    # a lone large message
         return self._request_flush()
+
+    cdef int _send_cancel(self, uint64_t sid) except -1:
+        # What of the call's message is still queued is not sent (the
+        # out-queue's rules); the CANCEL goes now or after its last frame.
+        cdef bint now = self._out.cancel(sid, self._acknowledge)
+        if self._out.drained():
+            self._update_congestion()
+        if now:
+            return self._queue_message(FT_CANCEL, 0, sid, None)
+        return 0
 
     cdef int _request_flush(self) except -1:
         # Inside a read, everything queued leaves in one write at its end;

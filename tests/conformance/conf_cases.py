@@ -58,7 +58,7 @@ class Case:
     inprocess: Ok | Err | NA | None = None     # the documented in-process cell
     blocking: Ok | Err | NA | None = None      # the documented BlockingNode cell
     proxy: Ok | Err | NA | None = None         # the documented cell of the proxy paths
-    how: str = "call"            # call | local | cb_all | cancel
+    how: str = "call"            # call | local | cb_all | cancel | stream [break|slow]
     setup: str | None = None     # hold | pause | late
     counted: str | None = None   # the function whose runs are counted (default: fun)
     then: str | None = None      # after: "alive" (the connection still carries calls)
@@ -97,6 +97,25 @@ def _one_forbidden_one_open(value: Any, env: Any) -> bool:
     return (len(value) == 2 and value.count("x") == 1
             and sum(isinstance(v, malla.Forbidden) and isinstance(v, PermissionError)
                     and malla.family(v) == DID_NOT_RUN for v in value) == 1)
+
+
+_STREAM_OPTS = "a proxy's stream takes no options (node.stream() does)"
+
+
+def _after_three(exc: BaseException, env: Any) -> bool:
+    return env.items == [0, 1, 2] and exc.exc_type == "builtins.ValueError"  # type: ignore
+
+
+def _first_only(exc: BaseException, env: Any) -> bool:
+    return env.items == [0]
+
+
+def _some_items(exc: BaseException, env: Any) -> bool:
+    return 0 < len(env.items) < 10_000 and env.items == list(range(len(env.items)))
+
+
+def _is_a_stream(exc: BaseException, env: Any) -> bool:
+    return "is a stream" in str(exc)
 
 
 _BY_REFERENCE = "in-process, values pass by reference, not through the codec"
@@ -195,6 +214,32 @@ CASES: list[Case] = [
     Case("cast whose handler raises is counted where it ran", "Conf", "boom",
          _args("ValueError"), opts={"timeout": 0}, expect=Ok(None, runs=(0, 1)),
          eventually=("Conf", "boom", 1), then="cast_error_counted"),
+    # streams (DESIGN.md "Streaming calls"): one run each, however many
+    # items; a killed producer node is tests/test_streams.py's (it takes
+    # a node down)
+    Case("stream: items in order", "Feed", "ticks", _args(100), how="stream",
+         expect=Ok(list(range(100)))),
+    Case("stream: an empty stream", "Feed", "ticks", _args(0), how="stream", expect=Ok([])),
+    Case("stream: an error after its items", "Feed", "fail_after", _args(3), how="stream",
+         expect=Err("RemoteError", FAILED, runs=1, check=_after_three)),
+    Case("stream: leaving the loop early closes the producer", "Feed", "ticks", _args(10_000),
+         how="stream break", expect=Ok([0, 1, 2]), cancelled=1),
+    # (in-process the generator runs only when asked: none ahead)
+    Case("stream: a slow consumer bounds the producer", "Feed", "ticks", _args(10_000),
+         how="stream slow", expect=Ok(check=lambda v, env: 1 <= v <= 1 + 64), cancelled=1),
+    Case("stream: timeout per item", "Feed", "ticks", _args(10, 2000), opts={"timeout": 200},
+         how="stream", expect=Err("CallTimeout", MAY_HAVE_RUN, runs=1, check=_first_only),
+         proxy=NA(_STREAM_OPTS), cancelled=1),
+    Case("stream: deadline mid-stream", "Feed", "ticks", _args(10_000, 20),
+         opts={"deadline": 300}, how="stream",
+         expect=Err("CallTimeout", MAY_HAVE_RUN, runs=1, check=_some_items),
+         proxy=NA(_STREAM_OPTS), cancelled=1),
+    Case("stream: allow= refuses a stream as a call", "Feed", "secret", how="stream",
+         expect=Err("Forbidden", DID_NOT_RUN)),
+    Case("stream: a stream function called with remote()", "Feed", "ticks", _args(3),
+         expect=Err("RemoteError", FAILED, check=_is_a_stream), counted="-",
+         proxy=NA("a proxy calls a function announced as a stream as one: it returns "
+                  "its items")),
 ]
 
 

@@ -58,7 +58,7 @@ PATHS = [
     Path("on-demand", "uvloop", "loop", "remote", discovery=True),
 ]
 
-SERVICES = ("Conf", "Hooked", "Limited", "Pausable", "Guarded", "Ctl")
+SERVICES = ("Conf", "Hooked", "Limited", "Pausable", "Guarded", "Feed", "Ctl")
 
 
 class Env:
@@ -191,6 +191,44 @@ class Env:
         if via == "proxy-await" and not opts:
             return await obj
         return await malla.call(obj, **opts)
+
+    async def stream(self, service: str, fun: str, args: tuple[Any, ...],
+                     opts: dict[str, Any], mode: str) -> Any:
+        """Iterate a stream by this path: every item (`mode` "all"), the
+        first three ("break": leave the loop), or the first one and then
+        how many the producer made meanwhile ("slow": a consumer that
+        reads slowly).  The items taken are in `self.items`, also when the
+        stream raised."""
+        self.items: list[Any] = []
+        if self.bn is not None:
+            return await self._in_thread(self._stream_blocking, service, fun, args, opts, mode)
+        it = (self.caller.stream(service, fun, args, None, **opts) if self.path.via == "remote"
+              else getattr(self.caller.service(service), fun)(*args))
+        async for item in it:
+            self.items.append(item)
+            if mode == "break" and len(self.items) == 3:
+                break
+            if mode == "slow":
+                await asyncio.sleep(0.3)
+                produced = await self.ctl("produced", fun)
+                await it.aclose()
+                return produced
+        return self.items
+
+    def _stream_blocking(self, service: str, fun: str, args: tuple[Any, ...],
+                         opts: dict[str, Any], mode: str) -> Any:
+        assert self.bn is not None
+        it = self.bn.stream(service, fun, args, **opts)
+        for item in it:
+            self.items.append(item)
+            if mode == "break" and len(self.items) == 3:
+                break
+            if mode == "slow":
+                threading.Event().wait(0.3)
+                produced = self.run(self.ctl("produced", fun))
+                it.close()
+                return produced
+        return self.items
 
     async def local(self, service: str, fun: str, args: tuple[Any, ...],
                     kwargs: dict[str, Any] | None) -> Any:

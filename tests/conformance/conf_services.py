@@ -213,6 +213,39 @@ class Pair(malla.Service, global_=True):
         return self.node_name
 
 
+class Feed(malla.Service, global_=True):
+    """Streams (async generators): counts runs, items produced, and
+    generators closed before their end (a consumer left, a deadline)."""
+
+    def __init__(self) -> None:
+        self.runs: Counter[str] = Counter()
+        self.produced: Counter[str] = Counter()
+        self.cancelled: Counter[str] = Counter()
+
+    async def ticks(self, n, pause_ms=0):
+        self.runs["ticks"] += 1
+        try:
+            for i in range(n):
+                self.produced["ticks"] += 1
+                yield i
+                if pause_ms:
+                    await asyncio.sleep(pause_ms / 1000)
+        except (GeneratorExit, asyncio.CancelledError):
+            self.cancelled["ticks"] += 1
+            raise
+
+    async def fail_after(self, n):
+        self.runs["fail_after"] += 1
+        for i in range(n):
+            yield i
+        raise ValueError(f"failed after {n} items")
+
+    @malla.allow("nobody")
+    async def secret(self):
+        self.runs["secret"] += 1
+        yield "never"
+
+
 class Ctl(malla.Service, global_=True):
     """The serving node's control panel, for the suite only."""
 
@@ -225,15 +258,17 @@ class Ctl(malla.Service, global_=True):
         conf = Conf(self.node)
         self.services = {"Conf": conf, "Hooked": Hooked(), "Limited": Limited(),
                          "Pausable": Pausable(), "Pair": Pair(self.node.name, False),
-                         "Guarded": Guarded(), "Fan": Fan()}
+                         "Guarded": Guarded(), "Fan": Fan(), "Feed": Feed()}
         for service in self.services.values():
             await self.node.start_service(service)
 
     def reset(self):
         for service in self.services.values():
             service.runs.clear()
-            if isinstance(service, Conf):
+            if isinstance(service, (Conf, Feed)):
                 service.cancelled.clear()
+            if isinstance(service, Feed):
+                service.produced.clear()
         Late.runs.clear()
 
     def count(self, service, fun):
@@ -242,7 +277,10 @@ class Ctl(malla.Service, global_=True):
         return self.services[service].runs[fun]
 
     def cancelled(self, fun):
-        return self.services["Conf"].cancelled[fun]
+        return self.services["Conf"].cancelled[fun] + self.services["Feed"].cancelled[fun]
+
+    def produced(self, fun):
+        return self.services["Feed"].produced[fun]
 
     def errors(self):
         return self.node.stats()["errors"]

@@ -54,7 +54,13 @@ def test_not_applicable_cells_are_documented() -> None:
           if isinstance(cell(c, p), NA)]
     proxy_dunder = ("a proxy's dunders are the proxy object's own (Python's attribute "
                     "protocol): a remote dunder cannot even be named")
-    assert na == [("proxy-await", "dunder", proxy_dunder), ("proxy-call", "dunder", proxy_dunder),
+    stream_opts = "a proxy's stream takes no options (node.stream() does)"
+    as_one = ("a proxy calls a function announced as a stream as one: it returns its items")
+    proxied = [(p, c, why) for p in ("proxy-await", "proxy-call")
+               for c, why in (("dunder", proxy_dunder), ("stream: timeout per item", stream_opts),
+                              ("stream: deadline mid-stream", stream_opts),
+                              ("stream: a stream function called with remote()", as_one))]
+    assert na == [*proxied,
                   ("blocking", "cancel after begin",
                    "a blocking call has no handle to cancel; its timeout= sends CANCEL")]
 
@@ -68,6 +74,9 @@ async def _invoke(env: Env, case: Case) -> Any:
     args = case.args()
     if case.how == "local":
         return await env.local(case.service, case.fun, args, case.kwargs)
+    if case.how.startswith("stream"):
+        return await env.stream(case.service, case.fun, args, case.opts,
+                                case.how.partition(" ")[2] or "all")
     if case.how == "cb_all":
         return await env.cb_all(case.service, case.fun, args, case.kwargs, case.opts)
     if case.how == "cancel":

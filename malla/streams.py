@@ -1,0 +1,464 @@
+"""The caller side of streaming calls (DESIGN.md "Streaming calls"):
+`node.stream()` and the `Stream` it returns, an async iterator over the
+items of a service function that is an async generator.
+
+A stream opens lazily, at the first `__anext__`: the nodes of the service
+in the balancer's order, as remote() walks them, until one gives a first
+event (an item, the end, or an error that is not "service not available").
+Failover and the retry options apply only until then.  Over TCP the core
+keeps the items that arrived (at most the window: the producer never runs
+further ahead, malla/core/stream.pyx) and gives credit back as they are
+taken; in-process the generator is iterated directly, in the consumer's
+task (it never runs ahead at all).  `timeout` bounds the wait for each
+item, `deadline` the whole stream; leaving early (break, an exception,
+cancellation, a timeout, `aclose()`) closes the producer: CANCEL over TCP,
+`aclose()` in-process, so the generator's `finally` runs either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from malla import exceptions as mexc
+from malla._ext import core
+from malla.caller import (
+    _RETRYABLE,
+    _as_remote_error,
+    _encode_error,
+    _Expired,
+    _retry_sleep,
+    _run_with_timeout,
+    _sooner,
+    _within_deadline,
+    check_arguments,
+    invalid_options,
+    valid_timeout,
+)
+from malla.context import enter, inherited_deadline, leave
+
+if TYPE_CHECKING:
+    from malla.caller import Caller
+
+__all__ = ["STREAM_OPTIONS", "Stream", "Streamer", "is_stream"]
+
+ServiceNotAvailable = mexc.ServiceNotAvailable
+_EMPTY = core.STREAM_EMPTY
+DEFAULT_WINDOW = 64
+
+
+def is_stream(info: dict[str, Any] | None, fun: str) -> bool:
+    """Whether an announced service `info` says `fun` is a stream."""
+    return info is not None and fun in info.get("streams", ())
+
+
+class Streamer:
+    """node.stream() of one node, beside its Caller (whose discovery table,
+    balancer, connections and hosted services it uses)."""
+
+    def __init__(self, caller: Caller, window: int) -> None:
+        self._caller = caller
+        self.window = window
+
+    def stream(self, service: Any, fun: str, args: Any = (),
+               kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
+               deadline: float | None = None, meta: Any = None, sna_retries: int = 5,
+               excp_retries: int = 0, retries_sleep_msec: int = 1000,
+               **unknown: Any) -> Stream:
+        """Iterate the items of the stream function `fun` of `service`
+        (``async for item in node.stream("Feed", "ticks", [10])``).
+
+        `timeout` (ms) bounds the wait for each item, `deadline` (ms) the
+        whole stream; `sna_retries`, `excp_retries` and `retries_sleep_msec`
+        apply, as in remote(), only until the first item arrived.
+        """
+        if unknown:
+            raise invalid_options(unknown, "stream()")
+        if valid_timeout(timeout) == 0:
+            raise mexc.InvalidOption("a stream waits for its items: timeout must be above 0")
+        name, args, timeout = self._caller._call_parts(service, args, timeout)
+        if type(fun) is not str or fun[:1] == "_":
+            raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
+        at = inherited_deadline()
+        if deadline is not None:
+            at = _sooner(at, deadline)
+        return Stream(self, name, fun, args, kwargs, timeout, at, meta,
+                      (sna_retries, excp_retries, retries_sleep_msec))
+
+    # -- opening: the first node that gives a first event ----------------------------
+
+    async def open(self, s: Stream) -> _Remote | _Local:
+        caller = self._caller
+        stats = caller._stats
+        sna_retries, excp_retries, sleep_ms = s.retry
+        sna_round = exc_round = 0
+        while True:
+            tried = old = overloaded = 0
+            for node in caller._order(s.name):
+                tried += 1
+                try:
+                    if node == caller.name:
+                        return await self._here(s)
+                    conn = caller._conns.get(node)
+                    if conn is not None and not conn.handshake.streams:
+                        old += 1
+                        raise ServiceNotAvailable(
+                            f"node {node} speaks protocol version {conn.handshake.version} "
+                            "without streams (they need version 2 and CAP_STREAM)")
+                    return await self._there(s, node, conn)
+                except ServiceNotAvailable as exc:
+                    stats.failovers += 1
+                    overloaded += isinstance(exc, mexc.Overloaded)
+                    s.refusal = exc
+                    continue
+                except _RETRYABLE:
+                    if exc_round >= excp_retries:
+                        raise
+                    exc_round += 1
+                    break
+            else:
+                if not caller._peers.running:
+                    raise mexc.NodeStopped(f"node {caller.name} is not running")
+                if old and old == tried:
+                    # no node of this service could ever take it: no retry rounds
+                    raise ServiceNotAvailable(f"no node of {s.name} takes streams: {s.refusal}")
+                if sna_round >= sna_retries:
+                    # (every node refused as overloaded: said so, as remote() does)
+                    cls = mexc.Overloaded if tried and overloaded == tried else ServiceNotAvailable
+                    raise cls(f"no node of {s.name} took the stream ({tried} tried, "
+                              f"{sna_round + 1} round(s)): {s.refusal or 'none runs it'}")
+                sna_round += 1
+            stats.retries += 1
+            await _retry_sleep(sleep_ms, s.at, s.name, False)
+
+    async def _there(self, s: Stream, node: str, conn: Any) -> _Remote:
+        caller = self._caller
+        if conn is None:
+            raise ServiceNotAvailable(f"no connection to {node}")
+        registry = caller._registry
+        checks = registry.checks(s.name, node)
+        if checks is not None:
+            check_arguments(checks, s.name, s.fun, s.args, s.kwargs)
+            if not is_stream(registry.remote_info(s.name, node), s.fun):
+                raise mexc.InvalidOption(f"{s.name}.{s.fun} is not a stream: call it "
+                                         "with remote()")
+        if conn.proto.writing_paused:
+            await caller._wait_congested(conn, s.name, s.timeout, s.at, True)
+        timeout, budget = s.timeout, None
+        if s.at is not None:
+            timeout, budget = _within_deadline(s.at, timeout, s.name, s.fun)
+        trace = caller._carrier(conn) if caller._carrier is not None else None
+        try:
+            st = conn.proto.open_stream(s.name, s.fun, s.args, s.kwargs, timeout, budget,
+                                        s.meta, trace, self.window)
+        except mexc.EncodeError as exc:
+            raise _encode_error(exc, s.args, s.kwargs) from None
+        src = _Remote(st, node, s)
+        try:
+            await src.first()
+        except BaseException:
+            st.close()          # (cancelled meanwhile: the producer is told)
+            raise
+        return src
+
+    async def _here(self, s: Stream) -> _Local:
+        caller = self._caller
+        entry = caller._entries.get(s.name)
+        if entry is None:
+            raise ServiceNotAvailable(f"service {s.name} is not running here")
+        why = entry.refusal(s.fun, s.args, s.kwargs, None, caller.name)
+        if why is not None:
+            raise mexc.error_from_wire(why[0], why[1], why[2], None)
+        if not is_stream({"streams": [f for f, k in entry.kinds.items() if k == 3]}, s.fun):
+            raise mexc.InvalidOption(f"{s.name}.{s.fun} is not a stream: call it with remote()")
+        caller._stats.local_calls += 1
+        src = _Local(entry, caller.name, s)
+        try:
+            await src.first()
+        except BaseException:
+            await src.close()   # (the generator closed, its slot given back)
+            raise
+        return src
+
+
+class Stream:
+    """The items of one streaming call, as an async iterator (node.stream()).
+
+    Also an async context manager, whose exit closes it: for a loop that
+    may not run to its end (``async with node.stream(...) as items:``).
+    """
+
+    def __init__(self, streamer: Streamer, name: str, fun: str, args: Any,
+                 kwargs: dict[str, Any] | None, timeout: int, at: float | None, meta: Any,
+                 retry: tuple[int, int, int]) -> None:
+        self._streamer = streamer
+        self.name, self.fun, self.args, self.kwargs = name, fun, args, kwargs
+        self.timeout, self.at, self.meta, self.retry = timeout, at, meta, retry
+        self.refusal: BaseException | None = None
+        self._src: _Remote | _Local | None = None
+        self._done = False
+        self._handed = 0    # items batch() handed out and not given back yet
+
+    def __repr__(self) -> str:
+        return f"<malla.Stream {self.name}.{self.fun}{tuple(self.args)!r}>"
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        src = self._src
+        try:
+            if type(src) is _Remote and src._at is None:
+                # (the common step in line: an item that has arrived)
+                item = src._st.take()
+                if item is not _EMPTY:
+                    return item
+            if src is None:
+                if self._done:
+                    raise StopAsyncIteration
+                src = self._src = await self._streamer.open(self)
+            return await src.next()
+        except StopAsyncIteration:
+            self._done = True
+            raise
+        except BaseException as exc:
+            # an error, a timeout or a cancellation leaves the loop: the
+            # producer is closed, and the error counted as a call's
+            await self.aclose()
+            if isinstance(exc, mexc.MallaError):
+                self._streamer._caller._stats.error(exc)
+            raise
+
+    async def batch(self) -> list[Any]:
+        """The next items: those that have arrived (at least one), or
+        StopAsyncIteration at the end (BlockingNode's iterator takes them
+        per thread hop)."""
+        src = self._src
+        if isinstance(src, _Remote):
+            # those of the last batch have been used now: their credit goes back
+            src.give_back(self._handed)
+            self._handed = 0
+        items = [await self.__anext__()]
+        src = self._src
+        if isinstance(src, _Remote):
+            more = src.ready()
+            self._handed = len(more)
+            items += more
+        return items
+
+    async def aclose(self) -> None:
+        """Stop the stream: the producer's generator is closed (its `finally`
+        runs); later `__anext__` raise StopAsyncIteration."""
+        self._done = True
+        src, self._src = self._src, None
+        if src is not None:
+            await src.close()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # an iterator dropped before its end (never closed: a `break` out
+        # of `async for`): the producer is told all the same (in-process,
+        # the loop's hooks close the generator dropped with it)
+        src = self._src
+        if src is not None:
+            src.forget()
+
+
+class _Remote:
+    """A stream served by a peer: the core's StreamIn, waited on within
+    the stream's timeout and deadline."""
+
+    def __init__(self, st: Any, node: str, s: Stream) -> None:
+        self._st = st
+        self.node = node
+        self._timeout = s.timeout / 1000.0
+        self._at = s.at
+        self._what = f"{s.name}.{s.fun} on {node}"
+
+    async def first(self) -> None:
+        """Wait for the first event; raise the error when it is one."""
+        st = self._st
+        if not st.started:
+            await self._wait()
+        if st.ended and not st.buffered:
+            try:
+                st.take()
+            except StopAsyncIteration:
+                pass        # an empty stream
+
+    async def next(self) -> Any:
+        st = self._st
+        while True:
+            if self._at is not None and time.monotonic() >= self._at:
+                self._give_up(mexc.CallTimeout(f"the deadline of {self._what} passed"))
+            item = st.take()
+            if item is not _EMPTY:
+                return item
+            await self._wait()
+
+    def ready(self) -> list[Any]:
+        """Every item already here (none waited for), their credit kept
+        until `give_back`: a consumer's own buffer counts in the window."""
+        items: list[Any] = self._st.take_ready()
+        return items
+
+    def give_back(self, n: int) -> None:
+        if n:
+            self._st.give_back(n)
+
+    async def _wait(self) -> None:
+        st = self._st
+        loop = asyncio.get_running_loop()
+        limit = self._timeout
+        if self._at is not None:
+            limit = min(limit, self._at - time.monotonic())
+        fut = st.wait(loop)
+        timer = loop.call_later(max(limit, 0.0), _expire, fut)
+        try:
+            if await fut is _TIMED_OUT:
+                self._give_up(mexc.CallTimeout(f"no item from {self._what} in time"))
+        finally:
+            timer.cancel()
+
+    def _give_up(self, err: mexc.MallaError) -> None:
+        self._st.fail(err)
+        raise err
+
+    async def close(self) -> None:
+        self._st.close()
+
+    def forget(self) -> None:
+        st = self._st
+        if not st.ended:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return      # (dropped outside the loop: the loop's end closes it)
+            st.close()
+
+
+_TIMED_OUT = object()
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(_TIMED_OUT)
+
+
+class _Call(NamedTuple):
+    name: str
+    fun: str
+    args: Any
+    kwargs: dict[str, Any] | None
+    timeout: int
+    at: float | None
+    meta: Any
+
+
+class _Local:
+    """A stream served on this node: its generator, iterated in the
+    consumer's task (it runs only when an item is asked for), through the
+    hook, within the stream's timeout and deadline."""
+
+    def __init__(self, entry: Any, me: str, s: Stream) -> None:
+        self._entry = entry
+        # (what it needs of the stream, not the stream: dropping the Stream
+        # must drop this too, and the generator with it)
+        self._s = _Call(s.name, s.fun, s.args, s.kwargs, s.timeout, s.at, s.meta)
+        self._me = me
+        self._gen: AsyncIterator[Any] | None = None
+        self._first: Any = _EMPTY
+        entry.running += 1      # (one running call until it ends)
+        self._counted = True
+
+    async def first(self) -> None:
+        s = self._s
+        opts = {"caller": self._me, "timeout": s.timeout, "meta": s.meta}
+        token = enter(self._me, s.name, s.fun, s.meta, s.timeout, s.at, True, False)
+        try:
+            gen = self._entry.invoke(s.fun, list(s.args), s.kwargs or {}, opts)
+            while hasattr(gen, "__await__"):
+                gen = await gen
+        except Exception as exc:
+            self._end()
+            raise _as_remote_error(exc) from exc
+        finally:
+            leave(token)
+        if not isinstance(gen, AsyncIterator):
+            self._end()
+            raise mexc.remote_error("malla.exceptions.InvalidOption",
+                                    f"{s.name}.{s.fun} returned {type(gen).__name__}, "
+                                    "not an async iterator")
+        self._gen = gen
+        try:
+            self._first = await self._step()
+        except StopAsyncIteration:
+            self._first = StopAsyncIteration
+
+    async def next(self) -> Any:
+        first = self._first
+        if first is not _EMPTY:
+            self._first = _EMPTY
+            if first is StopAsyncIteration:
+                await self.close()
+                raise StopAsyncIteration
+            return first
+        try:
+            return await self._step()
+        except StopAsyncIteration:
+            await self.close()
+            raise
+
+    async def _step(self) -> Any:
+        s, gen = self._s, self._gen
+        assert gen is not None
+        timeout = s.timeout
+        if s.at is not None:
+            left = (s.at - time.monotonic()) * 1000.0
+            if left <= 0:       # (mid-stream: it ran)
+                raise mexc.CallTimeout(f"the deadline of {s.name}.{s.fun} passed")
+            timeout = min(timeout, int(left) or 1)
+        token = enter(self._me, s.name, s.fun, s.meta, s.timeout, s.at, True, False)
+        try:
+            return await _run_with_timeout(_next_of(gen), timeout)
+        except StopAsyncIteration:
+            raise
+        except _Expired:
+            raise mexc.CallTimeout(f"no item from {s.name}.{s.fun} within {timeout} ms") from None
+        except Exception as exc:    # (its own errors, a malla one too: as over the network)
+            raise _as_remote_error(exc) from exc
+        finally:
+            leave(token)
+
+    async def close(self) -> None:
+        gen, self._gen = self._gen, None
+        try:
+            if gen is not None and hasattr(gen, "aclose"):
+                await gen.aclose()
+        finally:
+            self._end()
+
+    def forget(self) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._entry.running -= 1
+
+
+async def _next_of(gen: AsyncIterator[Any]) -> Any:
+    # (a coroutine, so that a step that does not suspend needs no timer)
+    return await gen.__anext__()
+
+
+# stream()'s options, by name
+STREAM_OPTIONS = frozenset(("timeout", "deadline", "meta", "sna_retries", "excp_retries",
+                            "retries_sleep_msec"))
