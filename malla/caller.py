@@ -1,11 +1,14 @@
 """The caller side: remote() with failover, retries, timeouts and deadlines;
 local(); call_cb_all().  A `Caller` is composed by the node.
 
-A call's path: the balancer seam (`order`, today the discovery table's
-order) gives the ordered node list; the local node runs it in-process
+A call's path: the balancer seam (`order`: the p2c balancer or the
+discovery table's order) gives the ordered node list, or, for a keyed or
+versioned call or a service with trouble lately, malla.routing does (the
+key's ranking, ejected nodes last); the local node runs it in-process
 (same hook, timeout and error semantics), a remote node through its
 connection's core, which sends the CALL and resolves the future.  Failover
-and retries are decided here and nowhere else.  Metrics and tracing are not
+and retries are decided here (the retry budget asked through malla.routing)
+and nowhere else.  Metrics and tracing are not
 here: they wrap the node's remote() as interceptors (malla.interfaces).
 """
 
@@ -20,9 +23,11 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
+from malla.budget import RetryBudget, jittered
 from malla.codec import bad_value_path
 from malla.context import enter, inherited_deadline, leave
 from malla.registry import service_name
+from malla.routing import Routing, check_key, check_vsn
 from malla.service import KIND_SYNC, RunningService, settle
 
 if TYPE_CHECKING:
@@ -47,7 +52,8 @@ class Caller:
     It reads the discovery table (`registry`), the services hosted here
     (`hosting.entries`), the cluster's admitted connections
     (`peers.connected`) and counts into `stats`; `order` is the balancer
-    seam (default: the registry's order), `carrier(conn)` the trace context to
+    seam (default: the registry's order), `routing` the keyed and versioned
+    orders, ejection and retry budget (malla.routing), `carrier(conn)` the trace context to
     send with an attempt on a connection (tracing on), `spawn` runs an in-process cast as one
     of the node's tasks.
     """
@@ -55,10 +61,14 @@ class Caller:
     def __init__(self, name: str, registry: Registry, hosting: CallHosting, peers: CallPeers,
                  stats: Stats, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
                  *, order: NodeOrder | None = None,
-                 carrier: Callable[[Any], Any] | None = None) -> None:
+                 carrier: Callable[[Any], Any] | None = None,
+                 routing: Routing | None = None) -> None:
         self.name = name
         self._registry = registry
         self._order: NodeOrder = registry.nodes if order is None else order
+        self.routing = Routing(registry, RetryBudget()) if routing is None else routing
+        self._routing = self.routing
+        self._watch = self.routing.watch      # (read on every call)
         self._hosting = hosting
         self._peers = peers
         # (the hot path's dicts, held directly: one lookup per call)
@@ -72,15 +82,19 @@ class Caller:
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                      sna_retries: int = 5, excp_retries: int = 0,
                      retries_sleep_msec: int = 1000, meta: Any = None,
-                     deadline: float | None = None, **unknown: Any) -> Any:
+                     deadline: float | None = None, key: Any = None, vsn: str | None = None,
+                     **unknown: Any) -> Any:
         """Call `fun` of `service` on the first node that runs it (DESIGN.md "Calls").
 
         Fails over to the next node on "service not available"; when the list
-        is exhausted, sleeps `retries_sleep_msec` and starts again, up to
-        `sna_retries` more rounds.  Exceptions (RemoteError, CallTimeout,
-        ConnectionLost) are retried `excp_retries` times.  `timeout` (ms)
-        bounds each attempt, `deadline` (ms) the whole call; `timeout=0`
-        sends a cast and returns None, whatever the deadline.
+        is exhausted, sleeps `retries_sleep_msec` (±10 %) and starts again, up
+        to `sna_retries` more rounds.  Exceptions (RemoteError, CallTimeout,
+        ConnectionLost) are retried `excp_retries` times.  Retries draw from
+        the node's retry budget.  `timeout` (ms) bounds each attempt,
+        `deadline` (ms) the whole call; `timeout=0` sends a cast and returns
+        None, whatever the deadline.  `key` (str, bytes or int) ranks the
+        nodes by rendezvous hashing; `vsn` (an fnmatch pattern) uses only the
+        instances whose announced vsn matches.
         """
         if unknown:
             raise invalid_options(unknown, "remote()")
@@ -94,7 +108,17 @@ class Caller:
         at = inherited_deadline()
         if deadline is not None:
             at = _sooner(at, deadline)
+        routing = self._routing
+        # the routing's own path (malla.routing): a keyed or versioned call,
+        # or a service with trouble lately; else the balancer's order as is
+        routed = key is not None or vsn is not None or (self._watch and name in self._watch)
         try:
+            if routed:
+                if key is not None:
+                    check_key(key)
+                if vsn is not None:
+                    check_vsn(vsn)
+                routing.begin(name)
             sna_round = exc_round = 0
             # the error of an earlier attempt that was sent and may have run
             last: BaseException | None = None
@@ -102,11 +126,15 @@ class Caller:
             conns, checks, carrier = self._conns, self._registry.checks_table, self._carrier
             while True:
                 tried = overloaded = 0
-                for node in order(name):
+                for node in (routing.order(name, order, key, vsn) if routed else order(name)):
                     tried += 1
                     try:
                         if node == self.name:
-                            return await self._call_here(name, fun, args, kwargs, timeout, at, meta)
+                            result = await self._call_here(name, fun, args, kwargs, timeout, at,
+                                                           meta)
+                            if routed:
+                                routing.ended(name, node, None)
+                            return result
                         if at is None and carrier is None:
                             # the common call: to the frame in one C call
                             # (None: not the common case, the full path below)
@@ -121,20 +149,29 @@ class Caller:
                                 if fut is not None:
                                     sid = proto.last_sid
                                     try:
-                                        return await fut
+                                        result = await fut
                                     except asyncio.CancelledError:
                                         proto.cancel(sid)
                                         raise
-                        return await self._call_node(node, name, fun, args, kwargs, timeout, at,
-                                                     meta)
+                                    if routed:
+                                        routing.ended(name, node, None)
+                                    return result
+                        result = await self._call_node(node, name, fun, args, kwargs, timeout,
+                                                       at, meta)
+                        if routed:
+                            routing.ended(name, node, None)
+                        return result
                     except ServiceNotAvailable as exc:
                         self._stats.failovers += 1
-                        overloaded += isinstance(exc, mexc.Overloaded)
+                        if isinstance(exc, mexc.Overloaded):
+                            overloaded += 1
+                            routing.ended(name, node, exc)
                         continue
                     except _RETRYABLE as exc:
+                        routing.ended(name, node, exc)
                         if last is not None and isinstance(exc, mexc.CallTimeout):
                             exc.sent = True
-                        if exc_round >= excp_retries:
+                        if exc_round >= excp_retries or not routing.may_retry(name):
                             raise
                         if not (isinstance(exc, mexc.CallTimeout) and not exc.sent):
                             last = exc
@@ -144,28 +181,29 @@ class Caller:
                     if not self._peers.running:
                         # (checked here, off the common path: no node took it)
                         raise mexc.NodeStopped(f"node {self.name} is not running")
-                    if sna_round >= sna_retries:
-                        # every node refused as overloaded: say so (still a
-                        # ServiceNotAvailable)
-                        cls = (mexc.Overloaded if tried and overloaded == tried
-                               else ServiceNotAvailable)
-                        err = cls(
-                            f"service {name} is not available"
-                            f" ({'no node runs it' if not tried else f'{tried} node(s) refused'},"
-                            f" {sna_round + 1} round(s))")
-                        if last is not None:
-                            # an earlier attempt may have run: its error says so
-                            # (a refusal since must not read "did not run")
-                            raise last from err
-                        raise err
+                    serving = routing.serving(name, vsn)
+                    # (a round where no node serves it, waiting for one to
+                    # appear, is not a retry the budget pays for)
+                    if sna_round >= sna_retries or (serving and not routing.may_retry(name)):
+                        raise _exhausted(name, tried, overloaded, sna_round, last, vsn)
                     sna_round += 1
+                # (jittered: callers that lost a service do not come back in lockstep)
+                wait = jittered(retries_sleep_msec)
+                if routed and not tried:
+                    # every node within its retry_after_ms: not before the first has room
+                    wait = max(wait, routing.soonest_ms(name, vsn) or 0.0)
                 self._stats.retries += 1
-                await _retry_sleep(retries_sleep_msec, at, name, last is not None)
+                await _retry_sleep(wait, at, name, last is not None)
         except mexc.MallaError as exc:
             # every error raised to the caller, counted by its class (a
             # handler's own errors arrive as RemoteError)
             self._stats.error(exc)
             raise
+
+    def _may_retry(self, service: str) -> bool:
+        """May one more retry or hedge go to `service` now?  True spends it
+        from the node's retry budget; False counts it as throttled."""
+        return self._routing.may_retry(service)
 
     async def _call_node(self, node: str, name: str, fun: str, args: Any,
                          kwargs: dict[str, Any] | None, timeout: int, at: float | None,
@@ -476,7 +514,23 @@ def _as_args(args: Any) -> tuple[Any, ...]:
     return tuple(args)
 
 
-async def _retry_sleep(msec: int, at: float | None, name: str, maybe_ran: bool) -> None:
+def _exhausted(name: str, tried: int, overloaded: int, sna_round: int,
+               last: BaseException | None, vsn: str | None) -> BaseException:
+    """The error of a call whose rounds are over (or refused by the budget)."""
+    # every node refused as overloaded: say so (still a ServiceNotAvailable)
+    cls = mexc.Overloaded if tried and overloaded == tried else ServiceNotAvailable
+    why = (f"{tried} node(s) refused" if tried else
+           "no node runs it" if vsn is None else f"no instance's vsn matches {vsn!r}")
+    err = cls(f"service {name} is not available ({why}, {sna_round + 1} round(s))")
+    if last is not None:
+        # an earlier attempt may have run: its error says so (a refusal
+        # since must not read "did not run"), caused by the exhaustion
+        last.__cause__ = err
+        return last
+    return err
+
+
+async def _retry_sleep(msec: float, at: float | None, name: str, maybe_ran: bool) -> None:
     delay = msec / 1000.0
     if at is not None:
         left = at - time.monotonic()

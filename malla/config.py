@@ -15,6 +15,7 @@ from typing import Any
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.balance import check_mode
+from malla.budget import check_setting
 from malla.dns import DEFAULT_PORT
 from malla.handshake import protocol_limits
 from malla.tls import check_identity_contexts
@@ -50,6 +51,10 @@ class NodeConfig:
     identity: str = "cookie"
     # "p2c": load-aware node choice (malla.balance); "shuffle": Malla's order
     balance: str = "p2c"
+    # retries toward a service: this share of its calls over 10 s, plus
+    # retry_floor per second (malla.budget)
+    retry_budget: float = 0.2
+    retry_floor: float = 10
     dns_servers: tuple[str, ...] | None = None
     udp_heartbeat: bool = True
     metrics: bool = False
@@ -105,7 +110,8 @@ class NodeConfig:
         if self.window_size and self.window_size < core.FRAME_OF_LARGE:
             return (f"window_size must be 0 (no pacing) or at least "
                     f"{core.FRAME_OF_LARGE} bytes (one frame of a large message)")
-        why = check_mode(self.balance)
+        why = (check_mode(self.balance) or check_setting("retry_budget", self.retry_budget)
+               or check_setting("retry_floor", self.retry_floor))
         if why is not None:
             return why
         if self.identity not in ("cookie", "tls"):
@@ -159,5 +165,7 @@ class NodeSettings:
     ssl_client = _setting("ssl_client")
     identity = _setting("identity")
     balance = _setting("balance")
+    retry_budget = _setting("retry_budget")
+    retry_floor = _setting("retry_floor")
     udp_heartbeat = _setting("udp_heartbeat")
     metrics_port = _setting("metrics_port")

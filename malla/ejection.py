@@ -133,6 +133,12 @@ class Ejection:
             head.extend(n for n in nodes if n in out and n not in skip)
         return head
 
+    def quiet(self, service: str) -> bool:
+        """Nothing of `service` is ejected or skipped now."""
+        now = self._clock()
+        return not self._current(self._out, service, now) and not self._current(
+            self._skip, service, now)
+
     def is_ejected(self, service: str, node: str) -> bool:
         return node in self._current(self._out, service, self._clock())
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.balance import p2c_order
+from malla.budget import RetryBudget
 from malla.builtin import Builtin
 from malla.caller import Caller
 from malla.cluster import Cluster
@@ -38,6 +39,7 @@ from malla.metrics import Metrics, Stats, serve_prometheus
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
 from malla.registry import Registry, service_name
+from malla.routing import Routing
 from malla.service import Service
 from malla.tracing import Tracing
 
@@ -64,7 +66,7 @@ class Node(NodeSettings):
                  redial_max: float = 5.0, max_frame_size: int = 1 << 20,
                  max_message_size: int = 64 << 20, window_size: int = core.WINDOW,
                  ssl_server: Any = None, ssl_client: Any = None, identity: str = "cookie",
-                 balance: str = "p2c",
+                 balance: str = "p2c", retry_budget: float = 0.2, retry_floor: float = 10,
                  dns_servers: list[str] | None = None,
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
@@ -79,7 +81,8 @@ class Node(NodeSettings):
             check_interval=check_interval, redial_max=redial_max, forget_after=forget_after,
             max_frame_size=max_frame_size, max_message_size=max_message_size,
             window_size=window_size, ssl_server=ssl_server, ssl_client=ssl_client,
-            identity=identity, balance=balance,
+            identity=identity, balance=balance, retry_budget=retry_budget,
+            retry_floor=retry_floor,
             dns_servers=tuple(dns_servers) if dns_servers else None,
             udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
             tracing=tracing, max_pending_handshakes=max_pending_handshakes)
@@ -105,8 +108,10 @@ class Node(NodeSettings):
                                 self._stats, self._liveness, self._spawn)
         order = (p2c_order(self._registry.nodes, self._cluster.connected, name)
                  if balance == "p2c" else None)
+        routing = Routing(self._registry, RetryBudget(retry_budget, retry_floor))
         self._caller = Caller(name, self._registry, self._hosting, self._cluster, self._stats,
-                              self._spawn, order=order, carrier=tracer.carrier if tracer else None)
+                              self._spawn, order=order, carrier=tracer.carrier if tracer else None,
+                              routing=routing)
         remote, call_cb_all = self._caller.remote, self._caller.call_cb_all
         interceptors: list[CallInterceptor] = [i for i in (self._metrics, tracer) if i]
         for interceptor in interceptors:     # (the last one outermost)
@@ -256,11 +261,12 @@ class Node(NodeSettings):
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                      sna_retries: int = 5, excp_retries: int = 0,
                      retries_sleep_msec: int = 1000, meta: Any = None,
-                     deadline: float | None = None, **unknown: Any) -> Any:
+                     deadline: float | None = None, key: Any = None, vsn: str | None = None,
+                     **unknown: Any) -> Any:
         return await self._remote(service, fun, args, kwargs, timeout=timeout,
                                   sna_retries=sna_retries, excp_retries=excp_retries,
                                   retries_sleep_msec=retries_sleep_msec, meta=meta,
-                                  deadline=deadline, **unknown)
+                                  deadline=deadline, key=key, vsn=vsn, **unknown)
 
     async def call_cb_all(self, service: Any, fun: str, args: Any = (),
                           kwargs: dict[str, Any] | None = None, **opts: Any) -> list[Any]:
@@ -326,6 +332,8 @@ class Node(NodeSettings):
             "errors": dict(stats.errors),
             "retries": stats.retries,
             "failovers": stats.failovers,
+            "retries_throttled": self._caller.routing.throttled,
+            "ejected": self._caller.routing.ejected(),
             "forbidden": stats.forbidden,
             "in_flight": sum(p.in_flight for p in protos if not p.closed),
             **handshake_counts(self._cluster.pending, self._cluster.throttle),

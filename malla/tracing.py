@@ -46,6 +46,8 @@ SERVER_PORT = "server.port"
 NETWORK_PEER_ADDRESS = "network.peer.address"
 NETWORK_PEER_PORT = "network.peer.port"
 ERROR_TYPE = "error.type"
+# the name of the malla node an attempt went to (the conventions have none)
+MALLA_NODE = "malla.node"
 # no registered value for malla: its own name, as the conventions allow
 SYSTEM = "malla"
 
@@ -170,6 +172,7 @@ class Tracing:
         here the node the attempt went to (after a failover: the last)."""
         span = _CALL_SPAN.get()
         if span is not None and span.is_recording():
+            span.set_attribute(MALLA_NODE, conn.name)
             listen = conn.peer.listen
             peer = _peer_address(conn.proto.transport)
             # server.address: the node's advertised address (what its

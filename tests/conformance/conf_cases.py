@@ -94,6 +94,8 @@ def _one_forbidden_one_open(value: Any, env: Any) -> bool:
                     and malla.family(v) == DID_NOT_RUN for v in value) == 1)
 
 
+KEY_HERE, KEY_X = "key-3", "key-1"     # (malla.rendezvous.rank over s/c and x)
+
 _BY_REFERENCE = "in-process, values pass by reference, not through the codec"
 
 CASES: list[Case] = [
@@ -183,6 +185,22 @@ CASES: list[Case] = [
     Case("cast whose handler raises is counted where it ran", "Conf", "boom",
          _args("ValueError"), opts={"timeout": 0}, expect=Ok(None, runs=(0, 1)),
          eventually=("Conf", "boom", 1), then="cast_error_counted"),
+    # key= and vsn= (DESIGN.md "Routing and resilience"): KEY_HERE ranks the
+    # serving node ("s", or "c" in-process) above x, KEY_X ranks x first
+    Case("key=: the key's node serves it", "Pair", "who", opts={"key": KEY_HERE},
+         expect=Ok(check=lambda v, env: v == env.server_name)),
+    Case("key=: no local-first, the key decides", "Pair", "who", opts={"key": KEY_X},
+         expect=Err("RemoteError", FAILED, runs=0)),
+    Case("key= of another type", "Conf", "echo", _args(1), opts={"key": True},
+         expect=Err("InvalidOption", DID_NOT_RUN)),
+    Case("vsn= matching the announced vsn", "Conf", "echo", _args(1), opts={"vsn": "0*"},
+         expect=Ok(1)),
+    Case("vsn= matching no instance", "Conf", "echo", _args(1),
+         opts={"vsn": "9.*", "sna_retries": 0}, expect=Err("ServiceNotAvailable", DID_NOT_RUN)),
+    # (last: it spends the caller's budget for Pair for the next 10 s)
+    Case("retry budget: exception retries past it raise at once", "Pair", "who",
+         opts={"key": KEY_X, "excp_retries": 1000, "retries_sleep_msec": 1},
+         expect=Err("RemoteError", FAILED, runs=0), then="throttled"),
 ]
 
 
