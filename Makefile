@@ -44,6 +44,7 @@ bench: build
 	$(VPY) -m pip install -q -e '.[test,bench]'
 	$(VPY) -m bench
 	$(VPY) -m bench.extras
+	$(VPY) -m bench.resilience     # keys and a failing node, p2c beside shuffle
 	$(VPY) -m bench.chart          # bench/results.png, shown in bench/RESULTS.md
 
 # The docs site (mkdocs-material, the API reference from the docstrings) in
