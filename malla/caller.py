@@ -82,8 +82,7 @@ class Caller:
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                      sna_retries: int = 5, excp_retries: int = 0,
                      retries_sleep_msec: int = 1000, meta: Any = None,
-                     deadline: float | None = None, key: Any = None, vsn: str | None = None,
-                     **unknown: Any) -> Any:
+                     deadline: float | None = None, **options: Any) -> Any:
         """Call `fun` of `service` on the first node that runs it (DESIGN.md "Calls").
 
         Fails over to the next node on "service not available"; when the list
@@ -92,15 +91,23 @@ class Caller:
         ConnectionLost) are retried `excp_retries` times.  Retries draw from
         the node's retry budget.  `timeout` (ms) bounds each attempt,
         `deadline` (ms) the whole call; `timeout=0` sends a cast and returns
-        None, whatever the deadline.  `key` (str, bytes or int) ranks the
-        nodes by rendezvous hashing; `vsn` (an fnmatch pattern) uses only the
-        instances whose announced vsn matches.
+        None, whatever the deadline.  `key=` (str, bytes or int) ranks the
+        nodes by rendezvous hashing; `vsn=` (an fnmatch pattern) uses only
+        the instances whose announced vsn matches.
         """
-        if unknown:
-            raise invalid_options(unknown, "remote()")
+        name = service if type(service) is str else service_name(service)
+        # The routing's order (malla.routing) for a keyed or versioned call
+        # or a service with trouble lately; else the balancer's as is.
+        # (key= and vsn= come in **options, which is there anyway: the
+        # common call pays one look-up for all of this, and nothing after.)
+        if options:
+            order: NodeOrder = self._routing.ordered(name, self._order, *_route_options(options))
+        elif self._watch and name in self._watch:
+            order = self._routing.ordered(name, self._order, None, None)
+        else:
+            order = self._order
         if type(timeout) is not int or not 0 <= timeout <= _MAX_MS:
             timeout = valid_timeout(timeout)      # (the common int in line)
-        name = service if type(service) is str else service_name(service)
         if type(fun) is not str or fun[:1] == "_":
             raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
         if type(args) is not list and type(args) is not tuple:
@@ -108,33 +115,19 @@ class Caller:
         at = inherited_deadline()
         if deadline is not None:
             at = _sooner(at, deadline)
-        routing = self._routing
-        # the routing's own path (malla.routing): a keyed or versioned call,
-        # or a service with trouble lately; else the balancer's order as is
-        routed = key is not None or vsn is not None or (self._watch and name in self._watch)
         try:
-            if routed:
-                if key is not None:
-                    check_key(key)
-                if vsn is not None:
-                    check_vsn(vsn)
-                routing.begin(name)
             sna_round = exc_round = 0
             # the error of an earlier attempt that was sent and may have run
             last: BaseException | None = None
-            order = self._order
             conns, checks, carrier = self._conns, self._registry.checks_table, self._carrier
             while True:
                 tried = overloaded = 0
-                for node in (routing.order(name, order, key, vsn) if routed else order(name)):
+                for node in order(name):
                     tried += 1
                     try:
                         if node == self.name:
-                            result = await self._call_here(name, fun, args, kwargs, timeout, at,
-                                                           meta)
-                            if routed:
-                                routing.ended(name, node, None)
-                            return result
+                            return await self._call_here(name, fun, args, kwargs, timeout, at,
+                                                         meta)
                         if at is None and carrier is None:
                             # the common call: to the frame in one C call
                             # (None: not the common case, the full path below)
@@ -149,29 +142,23 @@ class Caller:
                                 if fut is not None:
                                     sid = proto.last_sid
                                     try:
-                                        result = await fut
+                                        return await fut
                                     except asyncio.CancelledError:
                                         proto.cancel(sid)
                                         raise
-                                    if routed:
-                                        routing.ended(name, node, None)
-                                    return result
-                        result = await self._call_node(node, name, fun, args, kwargs, timeout,
-                                                       at, meta)
-                        if routed:
-                            routing.ended(name, node, None)
-                        return result
+                        return await self._call_node(node, name, fun, args, kwargs, timeout, at,
+                                                     meta)
                     except ServiceNotAvailable as exc:
                         self._stats.failovers += 1
                         if isinstance(exc, mexc.Overloaded):
                             overloaded += 1
-                            routing.ended(name, node, exc)
+                            self._routing.failed(name, node, exc, order)
                         continue
                     except _RETRYABLE as exc:
-                        routing.ended(name, node, exc)
+                        self._routing.failed(name, node, exc, order)
                         if last is not None and isinstance(exc, mexc.CallTimeout):
                             exc.sent = True
-                        if exc_round >= excp_retries or not routing.may_retry(name):
+                        if exc_round >= excp_retries or not self._routing.may_retry(name):
                             raise
                         if not (isinstance(exc, mexc.CallTimeout) and not exc.sent):
                             last = exc
@@ -181,17 +168,18 @@ class Caller:
                     if not self._peers.running:
                         # (checked here, off the common path: no node took it)
                         raise mexc.NodeStopped(f"node {self.name} is not running")
-                    serving = routing.serving(name, vsn)
+                    serving = self._routing.serving(name, order)
                     # (a round where no node serves it, waiting for one to
                     # appear, is not a retry the budget pays for)
-                    if sna_round >= sna_retries or (serving and not routing.may_retry(name)):
-                        raise _exhausted(name, tried, overloaded, sna_round, last, vsn)
+                    if sna_round >= sna_retries or (serving and not self._routing.may_retry(name)):
+                        raise _exhausted(name, tried, overloaded, sna_round, last,
+                                         self._routing.vsn_of(order))
                     sna_round += 1
                 # (jittered: callers that lost a service do not come back in lockstep)
                 wait = jittered(retries_sleep_msec)
-                if routed and not tried:
+                if not tried:
                     # every node within its retry_after_ms: not before the first has room
-                    wait = max(wait, routing.soonest_ms(name, vsn) or 0.0)
+                    wait = max(wait, self._routing.soonest_ms(name, order) or 0.0)
                 self._stats.retries += 1
                 await _retry_sleep(wait, at, name, last is not None)
         except mexc.MallaError as exc:
@@ -440,9 +428,24 @@ class Caller:
             raise
 
 
+# remote()'s routing options (taken through its **options)
+_ROUTE_OPTIONS = frozenset({"key", "vsn"})
 # remote()'s options, by name: what malla.call and proxies may pass on
 CALL_OPTIONS = frozenset(inspect.signature(Caller.remote).parameters) - {
-    "self", "service", "fun", "args", "kwargs", "unknown"}
+    "self", "service", "fun", "args", "kwargs", "options"} | _ROUTE_OPTIONS
+
+
+def _route_options(options: dict[str, Any]) -> tuple[Any, str | None]:
+    """remote()'s key= and vsn=, checked; InvalidOption for any other name."""
+    if not _ROUTE_OPTIONS.issuperset(options):
+        raise invalid_options({k: v for k, v in options.items() if k not in _ROUTE_OPTIONS},
+                              "remote()")
+    key, vsn = options.get("key"), options.get("vsn")
+    if key is not None:
+        check_key(key)
+    if vsn is not None:
+        check_vsn(vsn)
+    return key, vsn
 
 
 # A budget in ms beyond this travels as no number a peer takes (docs/protocol.md:

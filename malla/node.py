@@ -263,10 +263,12 @@ class Node(NodeSettings):
                      retries_sleep_msec: int = 1000, meta: Any = None,
                      deadline: float | None = None, key: Any = None, vsn: str | None = None,
                      **unknown: Any) -> Any:
+        # (key= and vsn= only when given: without them, the common call)
+        routing = {k: v for k, v in (("key", key), ("vsn", vsn)) if v is not None}
         return await self._remote(service, fun, args, kwargs, timeout=timeout,
                                   sna_retries=sna_retries, excp_retries=excp_retries,
                                   retries_sleep_msec=retries_sleep_msec, meta=meta,
-                                  deadline=deadline, key=key, vsn=vsn, **unknown)
+                                  deadline=deadline, **routing, **unknown)
 
     async def call_cb_all(self, service: Any, fun: str, args: Any = (),
                           kwargs: dict[str, Any] | None = None, **opts: Any) -> list[Any]:

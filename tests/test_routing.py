@@ -186,30 +186,31 @@ def routing_of(nodes: str) -> tuple[Routing, StepClock]:
 
 def test_retry_after_skips_the_node_and_the_round_waits_for_the_soonest():
     routing, clock = routing_of("abc")
-    routing.ended("S", "a", malla.Overloaded("busy", retry_after_ms=300))
-    assert "a" not in routing.order("S", lambda s: ["a", "b", "c"], None, None)
-    routing.ended("S", "b", malla.Overloaded("busy", retry_after_ms=100))
-    routing.ended("S", "c", malla.Overloaded("busy", retry_after_ms=200))
-    assert routing.order("S", lambda s: ["a", "b", "c"], None, None) == []
-    assert routing.soonest_ms("S", None) == pytest.approx(100)
+    order = routing.ordered("S", lambda s: ["a", "b", "c"], None, None)
+    routing.failed("S", "a", malla.Overloaded("busy", retry_after_ms=300))
+    assert "a" not in list(order("S"))
+    routing.failed("S", "b", malla.Overloaded("busy", retry_after_ms=100))
+    routing.failed("S", "c", malla.Overloaded("busy", retry_after_ms=200))
+    assert list(order("S")) == []
+    assert routing.soonest_ms("S", order) == pytest.approx(100)
     clock.advance(0.15)
-    assert routing.order("S", lambda s: ["a", "b", "c"], None, None) == ["b"]
+    assert list(order("S")) == ["b"]
     # no hint (or None, from a peer that sends none): no skip
-    routing.ended("S", "b", malla.Overloaded("busy"))
+    routing.failed("S", "b", malla.Overloaded("busy"), order)
     err = malla.Overloaded("busy")
     err.retry_after_ms = None  # type: ignore[assignment]
-    routing.ended("S", "b", err)
-    assert routing.order("S", lambda s: ["a", "b", "c"], None, None) == ["b"]
+    routing.failed("S", "b", err, order)
+    assert list(order("S")) == ["b"]
 
 
 def test_a_service_is_watched_from_its_first_trouble_until_quiet():
     routing, clock = routing_of("ab")
-    routing.ended("S", "a", None)
+    routing.failed("S", "a", malla.RemoteError("builtins.KeyError", "the handler's own"))
     assert routing.watch == {}                  # a healthy service costs nothing
-    routing.ended("S", "a", malla.ConnectionLost("gone"))
+    routing.failed("S", "a", malla.ConnectionLost("gone"))
     assert "S" in routing.watch
     clock.advance(11)
-    routing.order("S", lambda s: ["a", "b"], None, None)
+    list(routing.ordered("S", lambda s: ["a", "b"], None, None)("S"))
     assert routing.watch == {}
     assert routing.may_retry("S") and "S" in routing.watch
 
