@@ -173,7 +173,7 @@ class Caller:
                     # appear, is not a retry the budget pays for)
                     if sna_round >= sna_retries or (serving and not self._routing.may_retry(name)):
                         raise _exhausted(name, tried, overloaded, sna_round, last,
-                                         self._routing.vsn_of(order))
+                                         self._routing.vsn_of(order), len(serving))
                     sna_round += 1
                 # (jittered: callers that lost a service do not come back in lockstep)
                 wait = jittered(retries_sleep_msec)
@@ -518,11 +518,14 @@ def _as_args(args: Any) -> tuple[Any, ...]:
 
 
 def _exhausted(name: str, tried: int, overloaded: int, sna_round: int,
-               last: BaseException | None, vsn: str | None) -> BaseException:
+               last: BaseException | None, vsn: str | None, serving: int) -> BaseException:
     """The error of a call whose rounds are over (or refused by the budget)."""
-    # every node refused as overloaded: say so (still a ServiceNotAvailable)
-    cls = mexc.Overloaded if tried and overloaded == tried else ServiceNotAvailable
+    # every node refused as overloaded, or asked to wait (retry_after_ms):
+    # say so (still a ServiceNotAvailable)
+    cls = (mexc.Overloaded if (tried and overloaded == tried) or (serving and not tried)
+           else ServiceNotAvailable)
     why = (f"{tried} node(s) refused" if tried else
+           f"{serving} node(s) within their retry_after_ms" if serving else
            "no node runs it" if vsn is None else f"no instance's vsn matches {vsn!r}")
     err = cls(f"service {name} is not available ({why}, {sna_round + 1} round(s))")
     if last is not None:

@@ -6,6 +6,7 @@ real nodes on loopback; and the routing's bookkeeping on a stepped clock.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import pytest
@@ -163,6 +164,21 @@ def test_retries_beyond_the_budget_raise_at_once_and_are_counted():
         assert caller.stats()["retries_throttled"] == 3
         assert metric(caller, "malla_retries_throttled") == [({"node": "caller"}, 3)]
         holder.cancel()
+
+    with_nodes(main)
+
+
+def test_when_every_node_asked_to_wait_the_round_waits_for_the_soonest():
+    async def main(make):
+        caller, nodes = await cluster(make, "ab")
+        # (as an Overloaded carrying the serving node's hint would tell it)
+        for node, ms in (("a", 400), ("b", 300)):
+            caller._caller.routing.failed("Keyed", node, malla.Overloaded("busy", ms))
+        with pytest.raises(malla.Overloaded, match="retry_after_ms"):
+            await caller.remote("Keyed", "where", sna_retries=0)
+        t0 = time.monotonic()
+        assert await caller.remote("Keyed", "where", sna_retries=1, retries_sleep_msec=1) == "b"
+        assert time.monotonic() - t0 >= 0.25          # not the 1 ms asked: b's hint
 
     with_nodes(main)
 
