@@ -67,7 +67,6 @@ class Caller:
         self._registry = registry
         self._order: NodeOrder = registry.nodes if order is None else order
         self.routing = Routing(registry, RetryBudget()) if routing is None else routing
-        self._routing = self.routing
         self._watch = self.routing.watch      # (read on every call)
         self._hosting = hosting
         self._peers = peers
@@ -101,9 +100,9 @@ class Caller:
         # (key= and vsn= come in **options, which is there anyway: the
         # common call pays one look-up for all of this, and nothing after.)
         if options:
-            order: NodeOrder = self._routing.ordered(name, self._order, *_route_options(options))
+            order: NodeOrder = self.routing.ordered(name, self._order, *_route_options(options))
         elif self._watch and name in self._watch:
-            order = self._routing.ordered(name, self._order, None, None)
+            order = self.routing.ordered(name, self._order, None, None)
         else:
             order = self._order
         if type(timeout) is not int or not 0 <= timeout <= _MAX_MS:
@@ -152,13 +151,13 @@ class Caller:
                         self._stats.failovers += 1
                         if isinstance(exc, mexc.Overloaded):
                             overloaded += 1
-                            self._routing.failed(name, node, exc, order)
+                            self.routing.failed(name, node, exc, order)
                         continue
                     except _RETRYABLE as exc:
-                        self._routing.failed(name, node, exc, order)
+                        self.routing.failed(name, node, exc, order)
                         if last is not None and isinstance(exc, mexc.CallTimeout):
                             exc.sent = True
-                        if exc_round >= excp_retries or not self._routing.may_retry(name):
+                        if exc_round >= excp_retries or not self.routing.may_retry(name):
                             raise
                         if not (isinstance(exc, mexc.CallTimeout) and not exc.sent):
                             last = exc
@@ -168,18 +167,18 @@ class Caller:
                     if not self._peers.running:
                         # (checked here, off the common path: no node took it)
                         raise mexc.NodeStopped(f"node {self.name} is not running")
-                    serving = self._routing.serving(name, order)
+                    serving = self.routing.serving(name, order)
                     # (a round where no node serves it, waiting for one to
                     # appear, is not a retry the budget pays for)
-                    if sna_round >= sna_retries or (serving and not self._routing.may_retry(name)):
+                    if sna_round >= sna_retries or (serving and not self.routing.may_retry(name)):
                         raise _exhausted(name, tried, overloaded, sna_round, last,
-                                         self._routing.vsn_of(order), len(serving))
+                                         self.routing.vsn_of(order), len(serving))
                     sna_round += 1
                 # (jittered: callers that lost a service do not come back in lockstep)
                 wait = jittered(retries_sleep_msec)
                 if not tried:
                     # every node within its retry_after_ms: not before the first has room
-                    wait = max(wait, self._routing.soonest_ms(name, order) or 0.0)
+                    wait = max(wait, self.routing.soonest_ms(name, order) or 0.0)
                 self._stats.retries += 1
                 await _retry_sleep(wait, at, name, last is not None)
         except mexc.MallaError as exc:
@@ -191,7 +190,7 @@ class Caller:
     def _may_retry(self, service: str) -> bool:
         """May one more retry or hedge go to `service` now?  True spends it
         from the node's retry budget; False counts it as throttled."""
-        return self._routing.may_retry(service)
+        return self.routing.may_retry(service)
 
     async def _call_node(self, node: str, name: str, fun: str, args: Any,
                          kwargs: dict[str, Any] | None, timeout: int, at: float | None,
