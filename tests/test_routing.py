@@ -170,7 +170,7 @@ def test_retries_beyond_the_budget_raise_at_once_and_are_counted():
 
 def test_when_every_node_asked_to_wait_the_round_waits_for_the_soonest():
     async def main(make):
-        caller, nodes = await cluster(make, "ab")
+        caller, _ = await cluster(make, "ab")
         # (as an Overloaded carrying the serving node's hint would tell it)
         for node, ms in (("a", 400), ("b", 300)):
             caller._caller.routing.failed("Keyed", node, malla.Overloaded("busy", ms))
