@@ -199,7 +199,7 @@ CASES: list[Case] = [
          opts={"vsn": "9.*", "sna_retries": 0}, expect=Err("ServiceNotAvailable", DID_NOT_RUN)),
     # (last: it spends the caller's budget for Pair for the next 10 s)
     Case("retry budget: exception retries past it raise at once", "Pair", "who",
-         opts={"key": KEY_X, "excp_retries": 1000, "retries_sleep_msec": 1},
+         opts={"key": KEY_X, "excp_retries": 1000, "retries_sleep_msec": 0},
          expect=Err("RemoteError", FAILED, runs=0), then="throttled"),
 ]
 
