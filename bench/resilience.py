@@ -38,6 +38,8 @@ import malla
 from bench.procs import HOST, REPO_ROOT
 
 COOKIE = "bench-resilience-cookie-8d41c2e7"
+# (a loaded machine stalls processes for seconds: no peer is dropped for it)
+PATIENT = {"heartbeat_timeout": 30.0}
 MODES = ("healthy", "overloaded", "lost")
 
 
@@ -72,7 +74,7 @@ class Choked(Where, name="Where", max_concurrency=1):
 async def _serve(count: int, failing: str) -> None:
     nodes: list[malla.Node] = []
     for i in range(count):
-        node = malla.Node(f"n{i}", cookie=COOKIE, host=HOST, port=0,
+        node = malla.Node(f"n{i}", cookie=COOKIE, host=HOST, port=0, **PATIENT,
                           seeds=[f"{HOST}:{nodes[0].address[1]}"] if nodes else [])
         await node.start()
         mode = failing if i == count - 1 else "healthy"
@@ -99,7 +101,7 @@ def _servers(count: int, failing: str) -> tuple[subprocess.Popen[str], list[int]
 
 async def _caller(name: str, ports: list[int], **options: Any) -> malla.Node:
     options.setdefault("hidden", True)
-    node = malla.Node(name, cookie=COOKIE, host=HOST, port=0, **options)
+    node = malla.Node(name, cookie=COOKIE, host=HOST, port=0, **PATIENT, **options)
     await node.start()
     for port in ports:
         await node.connect(f"{HOST}:{port}")
