@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.malla-installed
 CORE   := malla/_core.pyx malla/_core.pxd $(wildcard malla/core/*.pyx malla/core/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: all build demo test test-tools test-long bench soak fuzz debug test-debug docs lint wheel test-wheel \
+.PHONY: all build demo test test-tools test-long bench scale soak fuzz debug test-debug docs lint wheel test-wheel \
 	clean distclean
 
 all: build
@@ -46,6 +46,13 @@ bench: build
 	$(VPY) -m bench.extras
 	$(VPY) -m bench.resilience     # keys and a failing node, p2c beside shuffle
 	$(VPY) -m bench.chart          # bench/results.png, shown in bench/RESULTS.md
+
+# The scale probe (issue 17, bench/scale.py): the full mesh against
+# mesh="on_demand" with etcd at N = 60..1,000 nodes over 6 processes, in under
+# 10 minutes (etcd-server is installed when missing); the table is printed,
+# the rows written to bench/results/scale.json.
+scale: build
+	$(VPY) -m bench.scale --sizes 60,120,240,500,1000 --json bench/results/scale.json
 
 # The docs site (mkdocs-material, the API reference from the docstrings) in
 # site/; the suite builds it too (tests/test_docs_site.py).

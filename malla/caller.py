@@ -196,8 +196,8 @@ class Caller:
                          kwargs: dict[str, Any] | None, timeout: int, at: float | None,
                          meta: Any, failover: bool = True) -> Any:
         conn = self._conns.get(node)
-        if conn is None:
-            raise ServiceNotAvailable(f"no connection to {node}")
+        if conn is None:     # (dialled now with mesh="on_demand", else not available)
+            conn = await self._peers.open(node, timeout, at)
         if conn.proto.writing_paused:
             await self._wait_congested(conn, name, timeout, at, failover)
         proto, fut = self._send(conn, name, fun, args, kwargs, timeout, at, meta)

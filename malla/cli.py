@@ -11,8 +11,8 @@
 
 Every command that reaches a cluster takes the cluster options (`--seed` or
 MALLA_SEEDS, `--cookie-file` or MALLA_COOKIE, `--tls-cert/--tls-key/--tls-ca`,
-`--dns-server`).  The CLI is a thin shell over the library: argument
-parsing (here), what the options and arguments read (malla.cli_input), a
+`--dns-server`, `--discovery` or MALLA_DISCOVERY).  The CLI is a thin shell
+over the library: argument parsing (here), what the options and arguments read (malla.cli_input), a
 hidden node for the client commands, output (malla.cli_output).
 A user mistake prints one line and exits non-zero, never a traceback.
 """
@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
                            "(needs prometheus_client: pip install malla[metrics])")
+    node.add_argument("--mesh", choices=("full", "on_demand"), default=None,
+                      help="full: connect to every member; on_demand: connect when a call "
+                           "needs it (needs --discovery; its default)")
     node.add_argument("--max-pending-handshakes", type=_positive("a number of connections"),
                       default=256, metavar="N",
                       help="connections in their handshake at once; past that, new ones are "
@@ -168,6 +171,12 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dns-server", action="append", default=[], metavar="HOST[:PORT]",
                    help="DNS server for name@domain and SRV targets (repeatable; default: "
                         "the system's resolver)")
+    p.add_argument("--discovery", metavar="URL",
+                   help="membership from etcd: etcd://HOST:PORT[,HOST:PORT...]/PREFIX "
+                        "(etcds:// for TLS; default: MALLA_DISCOVERY); no seed needed")
+    p.add_argument("--discovery-ca", metavar="PEM",
+                   help="the CA etcds:// trusts (default: MALLA_DISCOVERY_CA, else the "
+                        "system's)")
 
 
 def _tls_options(p: argparse.ArgumentParser) -> None:
@@ -282,9 +291,13 @@ async def _join(args: argparse.Namespace, progress: Progress, mesh: bool = True)
     node = _make_node(args.name or f"malla-cli-{os.getpid()}", port=0, hidden=True,
                       handshake_timeout=getattr(args, "handshake_timeout", max(args.wait, 2.0)),
                       **node_options(args))
-    await node.start()
     try:
-        await _reach_seeds(node, args, progress)
+        await node.start()
+        if node._discovery is not None and not seeds_of(args):
+            await _read_members(node, args)
+            mesh = False      # (a call dials the node it needs)
+        else:
+            await _reach_seeds(node, args, progress)
     except asyncio.CancelledError:      # a probe's timeout: leave nothing open
         await node.stop()
         raise
@@ -322,8 +335,23 @@ async def _reach_seeds(node: malla.Node, args: argparse.Namespace, progress: Pro
     await asyncio.sleep(0.1)  # PEERS arrives right after the handshake
 
 
+async def _read_members(node: malla.Node, args: argparse.Namespace) -> None:
+    """The membership read from etcd (within --wait); UserError when etcd
+    cannot be read (the node is then stopped)."""
+    assert node._discovery is not None
+    try:
+        await asyncio.wait_for(node._discovery.synced.wait(), args.wait)
+    except asyncio.TimeoutError:
+        await node.stop()
+        raise UserError.of(malla.Unreachable(
+            f"cannot read the cluster from {node.discovery} within {args.wait} s")) from None
+
+
 async def _connect_members(node: malla.Node, progress: Progress) -> None:
-    """A hidden node meshes with nobody by itself: dial every member heard of."""
+    """A hidden node meshes with nobody by itself: dial every member heard
+    of (with discovery=, none: a call dials the node it needs)."""
+    if node._discovery is not None:
+        return
     for name, (host, port) in sorted(node.members().items()):
         if name not in node.peers():
             progress.show(f"connecting to {name} at {host}:{port} ...")
@@ -460,7 +488,7 @@ def _load_service(spec: str) -> type[malla.Service]:
 async def _cmd_node(args: argparse.Namespace) -> int:
     classes = [_load_service(spec) for spec in args.service]
     node = _make_node(args.name, host=args.host, port=args.port, seeds=seeds_of(args),
-                      connect=args.connect, metrics_port=args.metrics_port,
+                      connect=args.connect, metrics_port=args.metrics_port, mesh=args.mesh,
                       max_pending_handshakes=args.max_pending_handshakes,
                       **node_options(args))
     try:
@@ -473,6 +501,8 @@ async def _cmd_node(args: argparse.Namespace) -> int:
         await node.stop()
         raise UserError(f"--metrics-port needs prometheus_client "
                         f"(pip install malla[metrics]): {exc}") from None
+    except malla.NameInUse as exc:      # (the node stopped itself)
+        raise UserError(str(exc), EXIT_FAILED) from None
     except OSError as exc:
         await node.stop()
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}",

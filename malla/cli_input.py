@@ -16,8 +16,8 @@ from typing import Any
 from malla import tls
 from malla.cli_output import UserError
 
-__all__ = ["call_arguments", "cookie", "node_options", "parse_arg", "seeds_of", "stdin_json",
-           "tls_options"]
+__all__ = ["call_arguments", "cookie", "discovery_options", "node_options", "parse_arg",
+           "seeds_of", "stdin_json", "tls_options"]
 
 
 def seeds_of(args: argparse.Namespace) -> list[str]:
@@ -47,6 +47,23 @@ def node_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"cookie": cookie(args.cookie_file),
                                "dns_servers": list(args.dns_server) or None}
     options.update(tls_options(args))
+    options.update(discovery_options(args))
+    return options
+
+
+def discovery_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--discovery (else MALLA_DISCOVERY) and --discovery-ca (else
+    MALLA_DISCOVERY_CA): the etcd the cluster's membership comes from."""
+    url = args.discovery or os.environ.get("MALLA_DISCOVERY")
+    if not url:
+        return {}
+    options: dict[str, Any] = {"discovery": url}
+    ca = args.discovery_ca or os.environ.get("MALLA_DISCOVERY_CA")
+    if ca:
+        try:
+            options["discovery_ssl"] = ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise UserError(f"cannot load the etcd CA {ca}: {exc}") from None
     return options
 
 

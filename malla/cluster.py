@@ -27,31 +27,38 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.connection import Connection
-from malla.dialing import connect_error, dial_forever, dial_once
-from malla.dns import Resolver, format_address, kind_of, parse_address, resolve_all
+from malla.dialing import dial_forever, dial_once
+from malla.dns import format_address, parse_address
 from malla.guard import HandshakeThrottle
 from malla.handshake import CAP_UDP_HEARTBEAT, Hello, member, protocol_limits
 from malla.handshakes import PendingHandshakes
+from malla.targets import Targets
 
 if TYPE_CHECKING:
     from malla.config import NodeConfig
     from malla.heartbeat import HeartbeatThread
     from malla.hosting import Hosting
+    from malla.interfaces import MemberSource
     from malla.liveness import Liveness
     from malla.metrics import Stats
     from malla.registry import Registry
 
-__all__ = ["TRANSITIONS", "Cluster", "Peer", "PeerState"]
+__all__ = ["IDLE", "TRANSITIONS", "Cluster", "Peer", "PeerState"]
 
 log = logging.getLogger("malla.cluster")
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
+Opener = Callable[[str, int, "float | None"], Awaitable[Connection]]
+
+# GOODBYE's body when a connection closes for lack of calls (mesh=
+# "on_demand"): the sender stays a member (docs/protocol.md)
+IDLE = "idle"
 
 
 def _where(conn: Connection, hello: Hello) -> str:
@@ -77,19 +84,20 @@ KNOWN, DIALLING, CONNECTED, LOST, FORGOTTEN = PeerState
 # Every allowed change of a peer's state, and why it happens.  Nothing else
 # is: _set_state refuses it.
 TRANSITIONS: dict[tuple[PeerState, PeerState], str] = {
-    (KNOWN, DIALLING): "this node dials it (mesh, check cycle)",
+    (KNOWN, DIALLING): "this node dials it (mesh, check cycle, a call on demand)",
     (KNOWN, CONNECTED): "it dialled this node",
-    (KNOWN, FORGOTTEN): "never reached within forget_after",
+    (KNOWN, FORGOTTEN): "never reached within forget_after, or its discovery record went",
     (DIALLING, CONNECTED): "a connection to it was admitted (this dial's or its own)",
     (DIALLING, KNOWN): "the dial ended unconnected (the node stopped, the address was this node)",
-    (DIALLING, FORGOTTEN): "not reached within forget_after: the dial is cancelled",
+    (DIALLING, FORGOTTEN): "not reached within forget_after, or its discovery record went: "
+                           "the dial is cancelled",
     # another connection of the same peer takes over: the survivor of a
     # simultaneous dial, or a new incarnation after the old went silent
     (CONNECTED, CONNECTED): "another connection serves it now",
-    (CONNECTED, LOST): "its connection broke, went silent or was replaced",
-    (LOST, DIALLING): "redialled",
+    (CONNECTED, LOST): "its connection broke, went silent, was replaced or closed idle",
+    (LOST, DIALLING): "redialled (or dialled by a call on demand)",
     (LOST, CONNECTED): "it dialled back",
-    (LOST, FORGOTTEN): "gone for forget_after",
+    (LOST, FORGOTTEN): "gone for forget_after, or its discovery record went",
 }
 
 
@@ -110,7 +118,7 @@ class Peer:
         self.lost_since = lost_since
         # the task that (re)dials it while it stays known; it may be waiting
         # for the connection it made to end, so it outlives DIALLING
-        self.dial: asyncio.Task[None] | None = None
+        self.dial: asyncio.Task[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<malla.Peer {self.name} {self.state.value}>"
@@ -139,9 +147,13 @@ class Cluster:
         self.connected: dict[str, Connection] = {}
         # every open connection, admitted or not (stop() closes them all)
         self.connections: set[Connection] = set()
-        self._target_dials: dict[str, asyncio.Task[None]] = {}
+        self.targets = Targets(config, self._connect, lambda: self.stopping)
+        # the discovery source (malla.discovery; None: membership from the
+        # mesh) and what dials a call's connection (mesh="on_demand"), set
+        # by the node
+        self.source: MemberSource | None = None
+        self.opener: Opener | None = None
         self._hb: HeartbeatThread | None = None
-        self._resolver: Resolver | None = None
         self._server: asyncio.AbstractServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.address: tuple[str, int] | None = None
@@ -226,16 +238,16 @@ class Cluster:
         self._spawn(self._heartbeat_loop())
         self._spawn(self._check_loop())
         for target in self.config.seeds:
-            self._dial_target(target)
+            self.targets.dial(target)
         if self.config.connect:
-            self._spawn(self._resolve_loop())
+            self._spawn(self.targets.resolve_loop(self.connected, lambda: self.address))
         self.running = True
 
     async def stop(self) -> None:
         """Say goodbye, close every connection, end every dial."""
         self.stopping = True
         self.running = False
-        dials = [*self._target_dials.values(),
+        dials = [*self.targets.dials.values(),
                  *(p.dial for p in self._peers.values() if p.dial is not None)]
         for task in dials:
             task.cancel()
@@ -252,7 +264,7 @@ class Cluster:
             if not conn.closed.done():
                 conn.abort()
         await asyncio.gather(*dials, return_exceptions=True)
-        self._target_dials.clear()
+        self.targets.dials.clear()
         self._server = None
         self._hb = None
 
@@ -273,6 +285,12 @@ class Cluster:
     def protocols(self) -> list[Any]:
         """The core of every open connection (for the call counts)."""
         return [c.proto for c in self.connections if c.proto is not None]
+
+    async def open(self, node: str, timeout: int, at: float | None) -> Connection:
+        """The connection for a call to `node`, which has none (CallPeers)."""
+        if self.opener is None:
+            raise mexc.ServiceNotAvailable(f"no connection to {node}")
+        return await self.opener(node, timeout, at)
 
     # -- ConnectionHost ------------------------------------------------------------
 
@@ -318,49 +336,7 @@ class Cluster:
             raise mexc.InvalidOption(f"a connect target is a str, not {type(target).__name__}")
         if not self.running:
             raise mexc.NodeStopped(f"node {self.name} is not running")
-        if kind_of(target) == "address":
-            await self._connect_checked(target)
-            return
-        try:
-            addresses = await self._dns().resolve(target)
-        except (OSError, ValueError) as exc:
-            raise mexc.Unreachable(str(exc)) from exc
-        results = await asyncio.gather(*(self._connect_checked(format_address(h, p))
-                                         for h, p in addresses), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if len(errors) == len(results):
-            if errors:
-                raise errors[0]
-            raise mexc.Unreachable(f"{target!r} resolved to no reachable node")
-
-    async def _connect_checked(self, target: str) -> None:
-        """_connect, its failures as malla errors (for connect())."""
-        try:
-            await self._connect(target)
-        except Exception as exc:
-            error = connect_error(exc, target)
-            if error is exc:
-                raise
-            raise error from exc
-
-    def _dns(self) -> Resolver:
-        if self._resolver is None:
-            servers = self.config.dns_servers
-            self._resolver = Resolver(list(servers) if servers else None,
-                                     timeout=self.config.handshake_timeout)
-        return self._resolver
-
-    async def _resolve_loop(self) -> None:
-        # Node(connect=[...]): re-resolve every check_interval and dial the
-        # addresses not connected yet (pods come and go behind a name).
-        while True:
-            addresses = await resolve_all(self._dns(), list(self.config.connect))
-            connected = {c.peer.listen for c in self.connected.values()
-                         if c.peer and c.peer.listen}
-            for host, port in addresses:
-                if (host, port) not in connected and (host, port) != self.address:
-                    self._dial_target(format_address(host, port), once=True)
-            await asyncio.sleep(self.config.check_interval)
+        await self.targets.connect(target)
 
     async def _connect(self, target: str) -> Connection:
         if self.loop is None or self.stopping:
@@ -386,27 +362,21 @@ class Cluster:
         conn: Connection = await proto.owner.ready
         return conn
 
-    def _dial_target(self, target: str, once: bool = False) -> None:
-        """Dial an address whose node is not known by name (a seed, a
-        connect= target): kept by target, not in the peer table."""
-        if target in self._target_dials or self.stopping:
-            return
-        coro = self._dial_once(target) if once else self._dial_forever(target, None)
-        task = asyncio.get_running_loop().create_task(coro)
-        self._target_dials[target] = task
-        task.add_done_callback(lambda _t: self._target_dials.pop(target, None))
-
-    def _dial_peer(self, peer: Peer) -> None:
-        """(Re)dial a peer at its address, in the background."""
+    def dial_peer(self, peer: Peer, once: bool = False) -> asyncio.Task[Any] | None:
+        """(Re)dial a peer at its address, in the background (`once`: one
+        attempt, for the calls waiting on it); the dial, None when there is
+        nothing to dial."""
         if self.stopping or peer.address is None or peer.state is CONNECTED:
-            return
+            return None
         if peer.dial is None or peer.dial.done():
-            host, port = peer.address
+            target = format_address(*peer.address)
             peer.dial = asyncio.get_running_loop().create_task(
-                self._dial_forever(format_address(host, port), peer))
+                dial_once(self._connect, target, self.name) if once
+                else self._dial_forever(target, peer))
             peer.dial.add_done_callback(functools.partial(self._dial_ended, peer))
         if peer.state is not DIALLING:
             self._set_state(peer, DIALLING)
+        return peer.dial
 
     def _dial_ended(self, peer: Peer, task: asyncio.Task[None]) -> None:
         if peer.dial is not task:       # a newer dial took over
@@ -415,18 +385,13 @@ class Cluster:
         if peer.state is DIALLING:
             self._set_state(peer, KNOWN)
 
-    async def _dial_forever(self, target: str, peer: Peer | None) -> None:
-        # Seeds are dialled while the node runs; mesh peers while they stay
-        # known and unconnected.
+    async def _dial_forever(self, target: str, peer: Peer) -> None:
+        # mesh peers are dialled while they stay known and unconnected
         def keep_going() -> bool:
-            return not self.stopping and (peer is None or (
-                peer.address is not None and peer.state is not CONNECTED
-                and peer.state is not FORGOTTEN))
+            return not self.stopping and (peer.address is not None and peer.state
+                                          is not CONNECTED and peer.state is not FORGOTTEN)
 
         await dial_forever(self._connect, target, self.name, keep_going, self.config.redial_max)
-
-    async def _dial_once(self, target: str) -> None:
-        await dial_once(self._connect, target, self.name)
 
     # -- admission ----------------------------------------------------------------
 
@@ -475,9 +440,10 @@ class Cluster:
                 "malla: %s connected to %s at %s%s", self.name, hello.name,
                 _where(conn, hello), " (hidden)" if hello.hidden else "")
         conn.proto.send_message(core.FT_TABLE, self._hosting.table())
-        if not self.config.hidden:
-            conn.proto.send_message(core.FT_PEERS, self._peer_list())
-        if not self.config.hidden and not hello.hidden and hello.listen:
+        if self.config.hidden or self.source is not None:   # (or: members from etcd)
+            return
+        conn.proto.send_message(core.FT_PEERS, self._peer_list())
+        if not hello.hidden and hello.listen:
             # hidden peers hear of members too: they record them, and a
             # client (the CLI) may choose to dial them
             entry = [[hello.name, hello.listen[0], hello.listen[1]]]
@@ -515,8 +481,32 @@ class Cluster:
             return
         self._set_state(peer, LOST)
         self._registry.drop_node(peer.name)
-        if not self.config.hidden:
-            self._dial_peer(peer)
+        if self.source is not None:
+            if self._left(peer):
+                return
+            self.source.restore_later(peer.name)
+        if not self.config.hidden and self.config.mesh == "full":
+            self.dial_peer(peer)
+
+    def release(self, conn: Connection, tell: bool) -> None:
+        """Close an idle connection without forgetting its peer's services
+        (mesh="on_demand"): said to the peer (`tell`) with GOODBYE "idle",
+        closed once the calls in flight on it are done."""
+        peer = self._peers.get(conn.name) if conn.name is not None else None
+        if peer is None or peer.conn is not conn:
+            return
+        if tell:
+            conn.proto.send_message(core.FT_GOODBYE, IDLE)
+        self._set_state(peer, LOST)
+        self._left(peer)
+        self._spawn(conn.retire(idle=1.0))
+
+    def _left(self, peer: Peer) -> bool:
+        """Forget a peer no longer connected whose discovery record went."""
+        gone = self.source is not None and not self.source.knows(peer.name)
+        if gone:
+            self._set_state(peer, FORGOTTEN)
+        return gone
 
     def _peer_list(self) -> list[list[Any]]:
         return [[n, c.peer.listen[0], c.peer.listen[1]] for n, c in self.connected.items()
@@ -527,20 +517,25 @@ class Cluster:
     def on_control(self, conn: Connection, ftype: int, body: Any) -> None:
         name = conn.name
         assert name is not None
+        source, hello = self.source, conn.peer
         if ftype == core.FT_TABLE or ftype == core.FT_ANNOUNCE:
+            if source is not None and not (hello and source.vouches(name, hello.incarnation)):
+                return      # (with a discovery source: only a member's own, as it is now)
             # what the discovery table refuses is counted as a peer's error
             refused = (self._registry.apply_table(name, body) if ftype == core.FT_TABLE
                        else self._registry.apply_announce(name, body))
             if refused:
                 self._stats.count("ProtocolError", refused)
-        elif ftype == core.FT_PEERS:
+        elif ftype == core.FT_PEERS and source is None:
             for entry in body if type(body) is list else [body]:
                 try:
                     heard, host, port = member(entry)
                 except ValueError:
                     log.warning("malla: ignored a malformed member %r from %s", entry, name)
                     continue
-                self._learn(heard, host, port)
+                self.learn_member(heard, host, port)
+        elif ftype == core.FT_GOODBYE and body == IDLE:
+            self.release(conn, tell=False)
         elif ftype == core.FT_GOODBYE:
             # The peer is leaving for good: never redialled, forgotten once
             # its connection ends and forget_after has passed.
@@ -549,8 +544,8 @@ class Cluster:
                 peer.address = None
             self._registry.drop_node(name)
 
-    def _learn(self, name: str, host: str, port: int) -> None:
-        """A member heard of (PEERS)."""
+    def learn_member(self, name: str, host: str, port: int) -> None:
+        """A member heard of (PEERS, or its discovery record)."""
         if name == self.name:
             return
         hidden = self.config.hidden
@@ -562,8 +557,18 @@ class Cluster:
         peer.address = (host, port)
         # The node with the smaller name dials, so that meshing rarely
         # races; the check cycle dials whatever is still missing.
-        if not hidden and self.name < name:
-            self._dial_peer(peer)
+        if not hidden and self.config.mesh == "full" and self.name < name:
+            self.dial_peer(peer)
+
+    def leave_member(self, name: str) -> None:
+        """A member's discovery record went: out of the discovery table at
+        once, forgotten now (or when its connection ends)."""
+        self._registry.drop_node(name)
+        peer = self._peers.get(name)
+        if peer is not None:
+            peer.address = None
+            if peer.state is not CONNECTED:
+                self._set_state(peer, FORGOTTEN)
 
     # -- liveness and the check cycle --------------------------------------------------
 
@@ -595,12 +600,13 @@ class Cluster:
         service table (repairing drift), forget the long gone, dial the
         known peers not connected."""
         self._registry.reshuffle()
-        self.broadcast(core.FT_TABLE, self._hosting.table())
-        self._forget_long_gone()
-        if not self.config.hidden:
+        if self.source is None:     # (a discovery source's watch keeps the tables)
+            self.broadcast(core.FT_TABLE, self._hosting.table())
+            self._forget_long_gone()
+        if not self.config.hidden and self.config.mesh == "full":
             for peer in list(self._peers.values()):
                 if peer.state is not CONNECTED:
-                    self._dial_peer(peer)
+                    self.dial_peer(peer)
 
     def _forget_long_gone(self) -> None:
         # A peer gone for forget_after seconds is not redialled any more:

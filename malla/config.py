@@ -9,6 +9,7 @@ reads its settings here.  A setting that cannot work raises InvalidOption
 from __future__ import annotations
 
 import math
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from malla._ext import core
 from malla.balance import check_mode
 from malla.budget import check_setting
 from malla.dns import DEFAULT_PORT
+from malla.etcd import parse_url
 from malla.handshake import protocol_limits
 from malla.tls import check_identity_contexts
 
@@ -62,9 +64,20 @@ class NodeConfig:
     # tracing=True: every call; a float: that share of calls starting a
     # trace (0.0 included: only calls made inside a trace)
     tracing: bool | float = False
+    # "etcd://HOST:PORT[,HOST:PORT...]/PREFIX" (etcds://: TLS): membership
+    # and service tables from etcd (malla.discovery); None: from the mesh
+    discovery: str | None = None
+    # the TLS context for etcds:// (None: the system's default trust)
+    discovery_ssl: Any = field(default=None, repr=False)
+    # "full" (Erlang's mesh) or "on_demand" (connections opened by calls and
+    # closed idle_close s after the last); None: on_demand with discovery=
+    mesh: str | None = None
+    idle_close: float = 60.0
 
     def __post_init__(self) -> None:
-        why = self._wrong_type() or self._invalid()
+        if self.mesh is None:     # (frozen: the default is settled once, here)
+            object.__setattr__(self, "mesh", "on_demand" if self.discovery else "full")
+        why = self._wrong_type() or self._invalid() or self._invalid_scale()
         if why is not None:
             raise mexc.InvalidOption(why)
 
@@ -75,7 +88,7 @@ class NodeConfig:
             if isinstance(value, bool) or not isinstance(value, int):
                 return f"{setting} is a whole number, not {value!r}"
         for setting in ("heartbeat_interval", "heartbeat_timeout", "handshake_timeout",
-                        "check_interval", "redial_max", "forget_after"):
+                        "check_interval", "redial_max", "forget_after", "idle_close"):
             value = getattr(self, setting)
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value)):
@@ -131,6 +144,26 @@ class NodeConfig:
             return "tracing is True, False, or a share of calls between 0 and 1"
         return None
 
+    def _invalid_scale(self) -> str | None:
+        """What is wrong with discovery=, mesh= or idle_close=."""
+        if self.mesh not in ("full", "on_demand"):
+            return f'mesh is "full" or "on_demand", not {self.mesh!r}'
+        if self.mesh == "on_demand" and not self.discovery:
+            return ('mesh="on_demand" needs discovery= (etcd://...): idle connections '
+                    "close, so membership must come from a discovery source")
+        if not self.idle_close > 0:
+            return "idle_close must be a positive number of seconds"
+        if self.discovery is not None:
+            if not isinstance(self.discovery, str):
+                return f"discovery is an etcd:// URL, not {self.discovery!r}"
+            try:
+                parse_url(self.discovery)
+            except mexc.InvalidOption as exc:
+                return str(exc)
+        if self.discovery_ssl is not None and not isinstance(self.discovery_ssl, ssl.SSLContext):
+            return f"discovery_ssl is an ssl.SSLContext, not {self.discovery_ssl!r}"
+        return None
+
 
 def _setting(name: str, as_list: bool = False) -> Any:
     """A read-only attribute of the node: its frozen config's `name`."""
@@ -169,3 +202,6 @@ class NodeSettings:
     retry_floor = _setting("retry_floor")
     udp_heartbeat = _setting("udp_heartbeat")
     metrics_port = _setting("metrics_port")
+    discovery = _setting("discovery")
+    mesh = _setting("mesh")
+    idle_close = _setting("idle_close")

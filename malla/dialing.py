@@ -13,8 +13,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from malla import exceptions as mexc
+from malla.dns import Resolver, format_address, kind_of
 
-__all__ = ["BACKOFF_START", "ITSELF", "connect_error", "dial_forever", "dial_once"]
+__all__ = ["BACKOFF_START", "ITSELF", "connect_error", "connect_target", "dial_forever",
+           "dial_once"]
 
 log = logging.getLogger("malla.cluster")
 
@@ -41,6 +43,36 @@ def connect_error(exc: BaseException, target: str) -> BaseException:
     if isinstance(exc, OSError):                 # refused, unreachable, timed out
         return mexc.Unreachable(f"could not reach {target}: {exc}")
     return exc
+
+
+async def connect_target(connect: Connect, dns: Callable[[], Resolver], target: str) -> None:
+    """`connect()` of a target: an address, or every address a DNS name
+    resolves to (the first failure raised when none could be joined)."""
+    if kind_of(target) == "address":
+        await _connect_checked(connect, target)
+        return
+    try:
+        addresses = await dns().resolve(target)
+    except (OSError, ValueError) as exc:
+        raise mexc.Unreachable(str(exc)) from exc
+    results = await asyncio.gather(*(_connect_checked(connect, format_address(h, p))
+                                     for h, p in addresses), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if len(errors) == len(results):
+        if errors:
+            raise errors[0]
+        raise mexc.Unreachable(f"{target!r} resolved to no reachable node")
+
+
+async def _connect_checked(connect: Connect, target: str) -> None:
+    """One connect, its failures as malla errors (for connect())."""
+    try:
+        await connect(target)
+    except Exception as exc:
+        error = connect_error(exc, target)
+        if error is exc:
+            raise
+        raise error from exc
 
 
 # what dial_once returns for a target that is this node's own address

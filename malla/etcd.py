@@ -23,17 +23,20 @@ import json
 import logging
 import socket
 import ssl
+import sys
 import threading
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from malla.exceptions import InvalidOption, ProtocolError, Unreachable
 
 __all__ = ["KV", "EtcdClient", "EtcdRefused", "EtcdUrl", "parse_url", "prefix_end"]
 
 log = logging.getLogger("malla.etcd")
+
+T = TypeVar("T")
 
 # gRPC status codes etcd answers with (the gateway's "code")
 NOT_FOUND = 5
@@ -378,7 +381,7 @@ class EtcdClient:
         for index in self._order():
             host, port = self.endpoints[index]
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                reader, writer = await _within(asyncio.open_connection(
                     host, port, ssl=self.ssl_context,
                     server_hostname=host if self.ssl_context else None,
                     limit=MAX_LINE), self.timeout)
@@ -390,7 +393,7 @@ class EtcdClient:
                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                          % (host.encode(), port, len(body), body))
             try:
-                await asyncio.wait_for(_response_head(reader), self.timeout)
+                await _within(_response_head(reader), self.timeout)
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
                 writer.close()
                 failures.append(f"{host}:{port}: {exc or type(exc).__name__}")
@@ -401,6 +404,17 @@ class EtcdClient:
             self._preferred = index
             return reader, writer
         raise Unreachable("no etcd endpoint reachable: " + "; ".join(failures))
+
+
+async def _within(awaitable: Awaitable[T], seconds: float) -> T:
+    """`awaitable` within `seconds` (TimeoutError past them).  Not
+    asyncio.wait_for before Python 3.12: it loses a cancellation that comes
+    as the awaitable completes, and a node's stop() would then wait forever
+    for its watch."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10
 
 
 def _keepalive(writer: asyncio.StreamWriter) -> None:

@@ -61,11 +61,15 @@ class NodeRecord:
     incarnation: int
     protocol: tuple[int, int]
     services: dict[str, Any] = field(default_factory=dict)
+    # the TTL of the lease it is kept under, s (0: not said): how long a
+    # reader waits for it to expire (malla.discovery's restore)
+    lease: int = 0
 
     def encode(self) -> bytes:
         return json.dumps({"v": RECORD_FORMAT, "name": self.name,
                            "address": list(self.address), "incarnation": self.incarnation,
-                           "protocol": list(self.protocol), "services": self.services},
+                           "protocol": list(self.protocol), "services": self.services,
+                           "lease": self.lease},
                           separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -86,19 +90,21 @@ class NodeRecord:
             raise ProtocolError(f"record format {body.get('v')!r}, not {RECORD_FORMAT}")
         address, protocol = body.get("address"), body.get("protocol")
         incarnation, services = body.get("incarnation"), body.get("services")
+        lease = body.get("lease", 0)
         why = (f"names {body.get('name')!r}, not {name!r}" if body.get("name") != name
                else "bad address" if not _pair(address, str, int)
                else "bad protocol range" if not _pair(protocol, int, int)
                else "bad incarnation" if type(incarnation) is not int
                or not 0 <= incarnation < 1 << 64
                else "the service table is not a map of names" if not isinstance(services, dict)
+               else "bad lease" if type(lease) is not int or not 0 <= lease < 1 << 32
                else None)
         if why is not None:
             raise ProtocolError(why)
         assert isinstance(address, list) and isinstance(protocol, list)
         assert isinstance(incarnation, int) and isinstance(services, dict)
         return cls(name, (address[0], address[1]), incarnation, (protocol[0], protocol[1]),
-                   services)
+                   services, lease)
 
 
 def _pair(value: Any, first: type, second: type) -> bool:
@@ -310,6 +316,8 @@ class Membership:
         self.members: dict[str, NodeRecord] = {}
         self.revision = 0          # every change up to this one is applied
         self._read = False         # False: (re-)read the prefix before watching
+        # set once the prefix has been read and its events yielded
+        self.synced = asyncio.Event()
 
     async def events(self) -> AsyncIterator[MemberEvent]:
         delay, outage = 0.05, False
@@ -318,6 +326,7 @@ class Membership:
                 if not self._read:
                     for event in await self._reread():
                         yield event
+                    self.synced.set()
                 async for result in self.client.watch(self.prefix, self.revision + 1):
                     if outage:
                         log.info("malla: etcd reachable again, watching %s from "

@@ -36,7 +36,8 @@ CallFn = Callable[..., Coroutine[Any, Any, Any]]
 NodeOrder = Callable[[str], Iterable[str]]
 
 __all__ = ["BuiltinHost", "CallFn", "CallHosting", "CallInterceptor", "CallPeers",
-           "ConnectionHost", "NodeOrder", "ProxyHost", "StatsSource"]
+           "ConnectionHost", "MemberHost", "MemberSource", "NodeOrder", "ProxyHost",
+           "StatsSource"]
 
 
 class ConnectionHost(Protocol):
@@ -74,6 +75,38 @@ class CallPeers(Protocol):
 
     @property
     def running(self) -> bool: ...
+
+    async def open(self, node: str, timeout: int, at: float | None) -> Connection:
+        """The connection to `node` for a call that found none: dialled
+        within the call's time with mesh="on_demand", else (or when it
+        cannot be reached) ServiceNotAvailable, so the call fails over."""
+        ...
+
+
+class MemberHost(Protocol):
+    """What a discovery source (malla.discovery) tells the cluster: a
+    member joined or moved, or left."""
+
+    name: str
+
+    def learn_member(self, name: str, host: str, port: int) -> None: ...
+    def leave_member(self, name: str) -> None: ...
+
+
+class MemberSource(Protocol):
+    """What the cluster asks of a discovery source (malla.discovery)."""
+
+    def vouches(self, name: str, incarnation: int) -> bool:
+        """`name` is a member now, as that incarnation: its own TABLE and
+        ANNOUNCEs may be applied."""
+        ...
+
+    def knows(self, name: str) -> bool: ...
+
+    def restore_later(self, name: str) -> None:
+        """Its connection broke: its services come back from its record
+        after one lease unless the record goes meanwhile."""
+        ...
 
 
 class CallInterceptor(Protocol):

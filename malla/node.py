@@ -29,6 +29,7 @@ from malla.builtin import Builtin
 from malla.caller import Caller
 from malla.cluster import Cluster
 from malla.config import NodeConfig, NodeSettings
+from malla.discovery import EtcdDiscovery
 from malla.dns import DEFAULT_PORT, parse_address
 from malla.guard import CookieSetting, cookie_bytes
 from malla.handshakes import handshake_counts
@@ -36,6 +37,7 @@ from malla.heartbeat import HeartbeatThread
 from malla.hosting import Hosting
 from malla.liveness import Liveness
 from malla.metrics import Metrics, Stats, serve_prometheus
+from malla.ondemand import OnDemand
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
 from malla.registry import Registry, service_name
@@ -71,7 +73,9 @@ class Node(NodeSettings):
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
                  metrics_port: int | None = None, tracing: bool | float = False,
-                 max_pending_handshakes: int = 256) -> None:
+                 max_pending_handshakes: int = 256, discovery: str | None = None,
+                 discovery_ssl: Any = None, mesh: str | None = None,
+                 idle_close: float = 60.0) -> None:
         if isinstance(seeds, str) or isinstance(connect, str):
             raise mexc.InvalidOption("seeds and connect are lists of targets, not one string")
         config = self.config = NodeConfig(
@@ -85,7 +89,8 @@ class Node(NodeSettings):
             retry_floor=retry_floor,
             dns_servers=tuple(dns_servers) if dns_servers else None,
             udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
-            tracing=tracing, max_pending_handshakes=max_pending_handshakes)
+            tracing=tracing, max_pending_handshakes=max_pending_handshakes,
+            discovery=discovery, discovery_ssl=discovery_ssl, mesh=mesh, idle_close=idle_close)
         self.name = name
         self._cookie = cookie_bytes(cookie)
         self._registry = Registry(name)
@@ -100,12 +105,14 @@ class Node(NodeSettings):
         self._draining = False
         self._metrics = Metrics() if metrics or metrics_port is not None else None
         tracer = None if tracing is False else Tracing(1.0 if tracing is True else float(tracing))
-        # (the hosting announces through the cluster, built next: it sends
-        # the hosting's table to each new peer)
-        self._hosting = Hosting(config, self._registry, self._stats, tracer,
-                                lambda ftype, body: self._cluster.broadcast(ftype, body))
-        self._cluster = Cluster(config, self._cookie, self._registry, self._hosting,
-                                self._stats, self._liveness, self._spawn)
+        # (the hosting announces through the cluster, built next)
+        self._hosting = Hosting(config, self._registry, self._stats, tracer, self._announce)
+        cluster = self._cluster = Cluster(config, self._cookie, self._registry, self._hosting,
+                                          self._stats, self._liveness, self._spawn)
+        # past the full mesh (DESIGN.md): membership from etcd, calls' own dials
+        self._discovery = cluster.source = EtcdDiscovery.of(
+            config, self._registry, self._hosting.table, cluster, self._stats, self._spawn)
+        self._on_demand = OnDemand(cluster) if config.mesh == "on_demand" else None
         order = (p2c_order(self._registry.nodes, self._cluster.connected, name)
                  if balance == "p2c" else None)
         routing = Routing(self._registry, RetryBudget(retry_budget, retry_floor))
@@ -142,6 +149,11 @@ class Node(NodeSettings):
     def _loop(self) -> asyncio.AbstractEventLoop | None:
         return self._cluster.loop
 
+    def _announce(self, ftype: int, body: Any) -> None:   # (to the peers and its record)
+        self._cluster.broadcast(ftype, body)
+        if self._discovery is not None:
+            self._discovery.changed()
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         # the node's background tasks: cancelled by stop()
         task = asyncio.get_running_loop().create_task(coro)
@@ -165,6 +177,14 @@ class Node(NodeSettings):
                                               host, config.heartbeat_interval, self._liveness)
             self._hb_thread.start()
         self._cluster.start(self._hb_thread)
+        if self._on_demand is not None:
+            self._spawn(self._on_demand.idle_loop())
+        if self._discovery is not None:
+            try:      # (NameInUse: another live node holds the name)
+                await self._discovery.start((host, port), self._cluster.incarnation)
+            except BaseException:
+                await self.stop()
+                raise
         if config.metrics_port is not None and self._metrics_server is None:
             self._metrics_server = serve_prometheus(self, config.metrics_port, config.host)
         log.info("malla: node %s listening on %s:%d", self.name, host, port)
@@ -174,6 +194,8 @@ class Node(NodeSettings):
         """Say goodbye to the peers, close every connection and stop. Idempotent."""
         if not self._cluster.listening or self._cluster.stopping:
             return
+        if self._discovery is not None:   # (first: the others drop this node at once)
+            await self._discovery.stop()
         for task in list(self._tasks):
             task.cancel()
         await self._cluster.stop()
@@ -190,13 +212,10 @@ class Node(NodeSettings):
         log.info("malla: node %s stopped", self.name)
 
     async def drain(self, grace: float = 10.0, linger: float = 0.2) -> None:
-        """Leave the cluster without failing a call.
-
-        Stops advertising every service at once (announced paused: callers
-        fail over, and a call that still arrives gets "service not
-        available"), lets calls in flight finish for up to `grace` seconds,
-        says goodbye, answers stragglers for `linger` seconds, then stops.
-        """
+        """Leave the cluster without failing a call: stop advertising every
+        service (announced paused: callers fail over, a call that still
+        arrives gets "service not available"), let calls in flight finish
+        for up to `grace` s, say goodbye, answer stragglers for `linger` s, stop."""
         if not self._cluster.listening or self._cluster.stopping or self._draining:
             return
         self._draining = True
@@ -225,7 +244,7 @@ class Node(NodeSettings):
     # -- the cluster -----------------------------------------------------------------
 
     def peers(self) -> list[str]:
-        """Names of the connected, authenticated peers."""
+        """Names of the peers connected now (mesh="on_demand": open connections)."""
         return self._cluster.peers()
 
     def members(self) -> dict[str, tuple[str, int]]:

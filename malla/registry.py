@@ -73,14 +73,8 @@ def invalid_info(info: Any) -> str | None:
     return None
 
 
-def _valid_entry(node: str, service: Any, info: Any) -> bool:
-    """Whether a peer's entry for `service` may be stored; a malformed one
-    is refused and logged (its other services are kept)."""
-    why = ("the service name is not a string" if type(service) is not str
-           else invalid_info(info))
-    if why is not None:
-        log.warning("malla: refused %s's entry for service %r: %s", node, service, why)
-    return why is None
+# entries compiled and remembered at most (then forgotten all at once)
+_COMPILED_MAX = 4096
 
 
 class Registry:
@@ -95,6 +89,12 @@ class Registry:
         self._checks: dict[str, dict[str, dict[str, Checker]]] = {}
         # (read by the core's common call path: service -> node -> checkers)
         self.checks_table = self._checks
+        # (service, a peer's entry as text) -> why it is malformed (None:
+        # valid) and its checkers.  Every node running a service announces
+        # the same entry: with discovery from etcd each node reads every
+        # other's, so it is checked and its signatures compiled once, not
+        # once per node.
+        self._compiled: dict[tuple[str, str], tuple[str | None, dict[str, Checker]]] = {}
         self.version = 0   # bumped on every change (proxies follow it)
 
     # -- changes --------------------------------------------------------------
@@ -128,7 +128,7 @@ class Registry:
             log.warning("malla: refused the service table of %s: not a map", node)
             return 0
         valid = {service: info for service, info in body.items()
-                 if _valid_entry(node, service, info)}
+                 if self._valid_entry(node, service, info)}
         self.set_table(node, valid)
         return len(body) - len(valid)
 
@@ -141,20 +141,41 @@ class Registry:
         service, info = body
         if info is None and type(service) is str:
             self.set_remote(node, service, None)
-        elif _valid_entry(node, service, info):
+        elif self._valid_entry(node, service, info):
             self.set_remote(node, service, info)
         else:
             return 1
         return 0
 
+    def _valid_entry(self, node: str, service: Any, info: Any) -> bool:
+        """Whether a peer's entry for `service` may be stored; a malformed one
+        is refused and logged (its other services are kept)."""
+        why = ("the service name is not a string" if type(service) is not str
+               else self._compile(service, info)[0])
+        if why is not None:
+            log.warning("malla: refused %s's entry for service %r: %s", node, service, why)
+        return why is None
+
+    def _compile(self, service: str, info: Any) -> tuple[str | None, dict[str, Checker]]:
+        """Why `info` is malformed (None: valid) and, valid, its checkers
+        (a function this node may not call, by the announced allow rules,
+        is refused before sending: malla.authz); remembered by content."""
+        key = (service, repr(info))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            why = invalid_info(info)
+            checks = {} if why is not None else forbidding_checkers(
+                service, checkers_of(service, info["functions"]), info, self.local_name)
+            if len(self._compiled) >= _COMPILED_MAX:
+                self._compiled.clear()
+            compiled = self._compiled[key] = (why, checks)
+        return compiled
+
     def _set_checks(self, service: str, node: str, info: dict[str, Any] | None) -> None:
         if info is None:
             self._checks.get(service, {}).pop(node, None)
         else:
-            # (a function this node may not call, by the announced allow
-            # rules, is refused before sending: malla.authz)
-            self._checks.setdefault(service, {})[node] = forbidding_checkers(
-                service, checkers_of(service, info["functions"]), info, self.local_name)
+            self._checks.setdefault(service, {})[node] = self._compile(service, info)[1]
 
     def set_table(self, node: str, table: dict[str, dict[str, Any]]) -> None:
         """Replace everything known of `node` by its full table."""

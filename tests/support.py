@@ -309,7 +309,7 @@ class FakeConnection:
     def refuse(self, message: str) -> None:
         self.refused = message
 
-    async def retire(self) -> None:
+    async def retire(self, idle: float = 0.1) -> None:
         self.close()
 
     async def ping(self, timeout: float) -> bool:

@@ -306,3 +306,60 @@ def test_dialling_backs_off_while_unreached_and_stops_at_its_own_address():
         assert await dialing.dial_once(unreachable, "h:1", "me") is None   # the 6th: unreached
 
     run_async(main())
+
+
+class FakeSource:
+    """A discovery source (interfaces.MemberSource) knowing `members`:
+    name -> incarnation; records the restores asked of it."""
+
+    def __init__(self, **members: int) -> None:
+        self.members = members
+        self.restores: list[str] = []
+
+    def vouches(self, name: str, incarnation: int) -> bool:
+        return self.members.get(name) == incarnation
+
+    def knows(self, name: str) -> bool:
+        return name in self.members
+
+    def restore_later(self, name: str) -> None:
+        self.restores.append(name)
+
+
+def test_with_a_discovery_source_and_connections_on_demand():
+    async def main():
+        cluster = make_cluster("b", discovery="etcd://127.0.0.1:1/p")
+        assert cluster.config.mesh == "on_demand"
+        cluster.source = source = FakeSource(a=1)
+        cluster.learn_member("a", "127.0.0.1", 5001)      # its record: known, not dialled
+        await asyncio.sleep(0)
+        assert cluster.peer("a").state is KNOWN and cluster.dialled == []
+        conn = FakeConnection("a", incarnation=1)
+        await cluster._admit_task(conn)
+        assert conn.proto.sent_of(core.FT_PEERS) == []     # members come from etcd
+        table = {"Svc": {"vsn": "1", "functions": {}}}
+        stranger = FakeConnection("x", incarnation=7)
+        await cluster._admit_task(stranger)
+        cluster.on_control(stranger, core.FT_TABLE, table)  # not a member: ignored
+        cluster.on_control(conn, core.FT_TABLE, table)      # the member's own: applied
+        assert cluster._registry.nodes("Svc") == ["a"]
+        # closed idle: not connected any more, its services kept, not redialled
+        cluster.on_control(conn, core.FT_GOODBYE, "idle")
+        await asyncio.sleep(0)                              # (closed by its own task)
+        cluster.connection_closed(conn)
+        assert cluster.peer("a").state is LOST and cluster.peers() == ["x"]
+        assert cluster._registry.nodes("Svc") == ["a"] and conn.closed_by_cluster
+        # a broken connection drops its services at once, for the source to restore
+        conn = FakeConnection("a", incarnation=1)
+        await cluster._admit_task(conn)
+        cluster.connection_closed(conn)
+        assert cluster._registry.nodes("Svc") == [] and source.restores == ["a"]
+        await asyncio.sleep(0)
+        assert cluster.dialled == []
+        # its record goes: forgotten; a stranger's closed connection forgets it too
+        cluster.leave_member("a")
+        cluster.connection_closed(stranger)
+        assert cluster.peer("a") is None and cluster.peer("x") is None
+
+    run_async(main())
+

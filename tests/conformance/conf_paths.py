@@ -34,6 +34,8 @@ class Path:
     loop: str           # uvloop | asyncio
     server: str         # self (in-process) | loop (same loop, TCP) | subprocess
     via: str            # remote | proxy-await | proxy-call | blocking
+    # membership from a real etcd, connections on demand (mesh="on_demand")
+    discovery: bool = False
 
     @property
     def inprocess(self) -> bool:
@@ -53,6 +55,7 @@ PATHS = [
     Path("proxy-await", "uvloop", "loop", "proxy-await"),
     Path("proxy-call", "uvloop", "loop", "proxy-call"),
     Path("blocking", "uvloop", "loop", "blocking"),
+    Path("on-demand", "uvloop", "loop", "remote", discovery=True),
 ]
 
 SERVICES = ("Conf", "Hooked", "Limited", "Pausable", "Guarded", "Ctl")
@@ -72,6 +75,11 @@ class Env:
         self.nodes: list[malla.Node] = []
         self.proc: subprocess.Popen[str] | None = None
         self.bn: malla.BlockingNode | None = None
+        self.etcd: Any = None
+        if path.discovery:     # (tests/etcdserver.py: a real etcd on loopback)
+            from etcdserver import EtcdServer
+            self.etcd = EtcdServer()
+            self.etcd.start()
         self.caller_name = "c"
         self.server_name = "c" if path.inprocess else "s"
         try:
@@ -91,7 +99,8 @@ class Env:
     # -- set-up -------------------------------------------------------------------
 
     def _node(self, name: str) -> malla.Node:
-        node = malla.Node(name, cookie=COOKIE, port=0, max_message_size=MAX_MESSAGE)
+        extra = {"discovery": self.etcd.url("/conformance")} if self.etcd else {}
+        node = malla.Node(name, cookie=COOKIE, port=0, max_message_size=MAX_MESSAGE, **extra)
         self.nodes.append(node)
         return node
 
@@ -122,7 +131,7 @@ class Env:
         else:
             self.caller = self.server if self.path.inprocess else self._node("c")
             await self.caller.start()
-            for target in targets:
+            for target in targets if not self.path.discovery else ():
                 await self.caller.connect(target)
         for service in SERVICES:
             await self.until(lambda s=service: self.server_name in self.caller_nodes(s),
@@ -220,3 +229,5 @@ class Env:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
+            if self.etcd is not None:
+                self.etcd.__exit__()
