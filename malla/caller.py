@@ -52,21 +52,22 @@ class Caller:
     It reads the discovery table (`registry`), the services hosted here
     (`hosting.entries`), the cluster's admitted connections
     (`peers.connected`) and counts into `stats`; `order` is the balancer
-    seam (default: the registry's order), `routing` the keyed and versioned
-    orders, ejection and retry budget (malla.routing), `carrier(conn)` the trace context to
-    send with an attempt on a connection (tracing on), `spawn` runs an in-process cast as one
-    of the node's tasks.
+    seam (default: the registry's order), `budget` the retry budget (with
+    the keyed and versioned orders and ejection: malla.routing),
+    `carrier(conn)` the trace context to send with an attempt on a
+    connection (tracing on), `spawn` runs an in-process cast as one of the
+    node's tasks.
     """
 
     def __init__(self, name: str, registry: Registry, hosting: CallHosting, peers: CallPeers,
                  stats: Stats, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
                  *, order: NodeOrder | None = None,
                  carrier: Callable[[Any], Any] | None = None,
-                 routing: Routing | None = None) -> None:
+                 budget: RetryBudget | None = None) -> None:
         self.name = name
         self._registry = registry
         self._order: NodeOrder = registry.nodes if order is None else order
-        self.routing = Routing(registry, RetryBudget()) if routing is None else routing
+        self.routing = Routing(registry, RetryBudget() if budget is None else budget)
         self._watch = self.routing.watch      # (read on every call)
         self._hosting = hosting
         self._peers = peers

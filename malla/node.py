@@ -41,7 +41,6 @@ from malla.ondemand import OnDemand
 from malla.precompile import load_precompile
 from malla.proxy import Proxy, Services
 from malla.registry import Registry, service_name
-from malla.routing import Routing
 from malla.service import Service
 from malla.tracing import Tracing
 
@@ -80,13 +79,12 @@ class Node(NodeSettings):
             raise mexc.InvalidOption("seeds and connect are lists of targets, not one string")
         config = self.config = NodeConfig(
             name=name, host=host, port=port, seeds=tuple(seeds), connect=tuple(connect),
-            hidden=hidden, heartbeat_interval=heartbeat_interval,
+            hidden=hidden, heartbeat_interval=heartbeat_interval, retry_floor=retry_floor,
             heartbeat_timeout=heartbeat_timeout, handshake_timeout=handshake_timeout,
             check_interval=check_interval, redial_max=redial_max, forget_after=forget_after,
             max_frame_size=max_frame_size, max_message_size=max_message_size,
             window_size=window_size, ssl_server=ssl_server, ssl_client=ssl_client,
             identity=identity, balance=balance, retry_budget=retry_budget,
-            retry_floor=retry_floor,
             dns_servers=tuple(dns_servers) if dns_servers else None,
             udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
             tracing=tracing, max_pending_handshakes=max_pending_handshakes,
@@ -115,10 +113,9 @@ class Node(NodeSettings):
         self._on_demand = OnDemand(cluster) if config.mesh == "on_demand" else None
         order = (p2c_order(self._registry.nodes, self._cluster.connected, name)
                  if balance == "p2c" else None)
-        routing = Routing(self._registry, RetryBudget(retry_budget, retry_floor))
         self._caller = Caller(name, self._registry, self._hosting, self._cluster, self._stats,
                               self._spawn, order=order, carrier=tracer.carrier if tracer else None,
-                              routing=routing)
+                              budget=RetryBudget(retry_budget, retry_floor))
         remote, call_cb_all = self._caller.remote, self._caller.call_cb_all
         interceptors: list[CallInterceptor] = [i for i in (self._metrics, tracer) if i]
         for interceptor in interceptors:     # (the last one outermost)
@@ -280,14 +277,11 @@ class Node(NodeSettings):
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                      sna_retries: int = 5, excp_retries: int = 0,
                      retries_sleep_msec: int = 1000, meta: Any = None,
-                     deadline: float | None = None, key: Any = None, vsn: str | None = None,
-                     **unknown: Any) -> Any:
-        # (key= and vsn= only when given: without them, the common call)
-        routing = {k: v for k, v in (("key", key), ("vsn", vsn)) if v is not None}
+                     deadline: float | None = None, **options: Any) -> Any:
         return await self._remote(service, fun, args, kwargs, timeout=timeout,
                                   sna_retries=sna_retries, excp_retries=excp_retries,
                                   retries_sleep_msec=retries_sleep_msec, meta=meta,
-                                  deadline=deadline, **routing, **unknown)
+                                  deadline=deadline, **options)
 
     async def call_cb_all(self, service: Any, fun: str, args: Any = (),
                           kwargs: dict[str, Any] | None = None, **opts: Any) -> list[Any]:
@@ -352,9 +346,7 @@ class Node(NodeSettings):
                           + stats.local_calls),
             "errors": dict(stats.errors),
             "retries": stats.retries,
-            "failovers": stats.failovers,
-            "retries_throttled": self._caller.routing.throttled,
-            "ejected": self._caller.routing.ejected(),
+            "failovers": stats.failovers, **self._caller.routing.stats(),   # (ejected, throttled)
             "forbidden": stats.forbidden,
             "in_flight": sum(p.in_flight for p in protos if not p.closed),
             **handshake_counts(self._cluster.pending, self._cluster.throttle),

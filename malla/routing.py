@@ -172,9 +172,7 @@ class Routing:
 
     # -- stats -------------------------------------------------------------------
 
-    def ejected(self) -> dict[str, list[str]]:
-        return self.ejection.ejected()
-
-    @property
-    def throttled(self) -> int:
-        return self.budget.throttled
+    def stats(self) -> dict[str, Any]:
+        """The node's stats() keys of the routing: retries the budget
+        refused, and service -> its ejected nodes now."""
+        return {"retries_throttled": self.budget.throttled, "ejected": self.ejection.ejected()}
