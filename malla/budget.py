@@ -35,7 +35,7 @@ from collections.abc import Callable
 from malla import exceptions as mexc
 from malla.window import Window
 
-__all__ = ["JITTER", "RetryBudget", "jittered"]
+__all__ = ["JITTER", "RetryBudget", "check_setting", "jittered"]
 
 WINDOW = 10          # seconds
 JITTER = 0.1         # ± share of retries_sleep_msec
@@ -46,10 +46,19 @@ def jittered(ms: float, rand: Callable[[], float] = random.random) -> float:
     return ms * (1.0 - JITTER + 2.0 * JITTER * rand())
 
 
+def check_setting(name: str, value: object) -> str | None:
+    """Why `value` is not a retry_budget / retry_floor setting, or None."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 <= value < float("inf")):
+        return f"{name} must be a finite number >= 0, not {value!r}"
+    return None
+
+
 def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise mexc.InvalidOption(f"{name} must be a number >= 0, not {value!r}")
-    return float(value)
+    why = check_setting(name, value)
+    if why is not None:
+        raise mexc.InvalidOption(why)
+    return float(value)  # type: ignore[arg-type]
 
 
 class _Spend:

@@ -1,11 +1,14 @@
 """The caller side: remote() with failover, retries, timeouts and deadlines;
 local(); call_cb_all().  A `Caller` is composed by the node.
 
-A call's path: the balancer seam (`order`, today the discovery table's
-order) gives the ordered node list; the local node runs it in-process
+A call's path: the balancer seam (`order`: the p2c balancer or the
+discovery table's order) gives the ordered node list, or, for a keyed or
+versioned call or a service with trouble lately, malla.routing does (the
+key's ranking, ejected nodes last); the local node runs it in-process
 (same hook, timeout and error semantics), a remote node through its
 connection's core, which sends the CALL and resolves the future.  Failover
-and retries are decided here and nowhere else.  Metrics and tracing are not
+and retries are decided here (the retry budget asked through malla.routing)
+and nowhere else.  Metrics and tracing are not
 here: they wrap the node's remote() as interceptors (malla.interfaces).
 """
 
@@ -20,10 +23,12 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
+from malla.budget import RetryBudget, jittered
 from malla.codec import bad_value_path
 from malla.context import enter, inherited_deadline, leave
-from malla.hedging import Hedge, always
+from malla.hedging import Hedge
 from malla.registry import service_name
+from malla.routing import Routing, check_key, check_vsn
 from malla.service import KIND_STREAM, KIND_SYNC, RunningService, settle
 from malla.stream_serve import stream_mismatch
 
@@ -49,18 +54,23 @@ class Caller:
     It reads the discovery table (`registry`), the services hosted here
     (`hosting.entries`), the cluster's admitted connections
     (`peers.connected`) and counts into `stats`; `order` is the balancer
-    seam (default: the registry's order), `carrier(conn)` the trace context to
-    send with an attempt on a connection (tracing on), `spawn` runs an in-process cast as one
-    of the node's tasks.
+    seam (default: the registry's order), `budget` the retry budget (with
+    the keyed and versioned orders and ejection: malla.routing),
+    `carrier(conn)` the trace context to send with an attempt on a
+    connection (tracing on), `spawn` runs an in-process cast as one of the
+    node's tasks.
     """
 
     def __init__(self, name: str, registry: Registry, hosting: CallHosting, peers: CallPeers,
                  stats: Stats, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
                  *, order: NodeOrder | None = None,
-                 carrier: Callable[[Any], Any] | None = None) -> None:
+                 carrier: Callable[[Any], Any] | None = None,
+                 budget: RetryBudget | None = None) -> None:
         self.name = name
         self._registry = registry
         self._order: NodeOrder = registry.nodes if order is None else order
+        self.routing = Routing(registry, RetryBudget() if budget is None else budget)
+        self._watch = self.routing.watch      # (read on every call)
         self._hosting = hosting
         self._peers = peers
         # (the hot path's dicts, held directly: one lookup per call)
@@ -69,31 +79,42 @@ class Caller:
         self._stats = stats
         self._spawn = spawn
         self._carrier = carrier
-        # whether a hedge toward a service may be sent (the retry budget's)
-        self.may_hedge: Callable[[str], bool] = always
+        # whether a hedge toward a service may be sent: the retry budget's say
+        self.may_hedge: Callable[[str], bool] = self.routing.may_retry
 
     async def remote(self, service: Any, fun: str, args: Any = (),
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                      sna_retries: int = 5, excp_retries: int = 0,
                      retries_sleep_msec: int = 1000, meta: Any = None,
                      deadline: float | None = None, hedge_after: float | None = None,
-                     **unknown: Any) -> Any:
+                     **options: Any) -> Any:
         """Call `fun` of `service` on the first node that runs it (DESIGN.md "Calls").
 
         Fails over to the next node on "service not available"; when the list
-        is exhausted, sleeps `retries_sleep_msec` and starts again, up to
-        `sna_retries` more rounds.  Exceptions (RemoteError, CallTimeout,
-        ConnectionLost) are retried `excp_retries` times.  `timeout` (ms)
-        bounds each attempt, `deadline` (ms) the whole call; `timeout=0`
-        sends a cast and returns None, whatever the deadline.  `hedge_after`
-        (ms, functions marked @malla.idempotent only) also sends the call to
-        the next node when no reply came in time (malla.hedging).
+        is exhausted, sleeps `retries_sleep_msec` (±10 %) and starts again, up
+        to `sna_retries` more rounds.  Exceptions (RemoteError, CallTimeout,
+        ConnectionLost) are retried `excp_retries` times.  Retries draw from
+        the node's retry budget.  `timeout` (ms) bounds each attempt,
+        `deadline` (ms) the whole call; `timeout=0` sends a cast and returns
+        None, whatever the deadline.  `key=` (str, bytes or int) ranks the
+        nodes by rendezvous hashing; `vsn=` (an fnmatch pattern) uses only
+        the instances whose announced vsn matches.  `hedge_after` (ms,
+        functions marked @malla.idempotent only) also sends the call to the
+        next node when no reply came in time (malla.hedging).
         """
-        if unknown:
-            raise invalid_options(unknown, "remote()")
+        name = service if type(service) is str else service_name(service)
+        # The routing's order (malla.routing) for a keyed or versioned call
+        # or a service with trouble lately; else the balancer's as is.
+        # (key= and vsn= come in **options, which is there anyway: the
+        # common call pays one look-up for all of this, and nothing after.)
+        if options:
+            order: NodeOrder = self.routing.ordered(name, self._order, *_route_options(options))
+        elif self._watch and name in self._watch:
+            order = self.routing.ordered(name, self._order, None, None)
+        else:
+            order = self._order
         if type(timeout) is not int or not 0 <= timeout <= _MAX_MS:
             timeout = valid_timeout(timeout)      # (the common int in line)
-        name = service if type(service) is str else service_name(service)
         if type(fun) is not str or fun[:1] == "_":
             raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
         if type(args) is not list and type(args) is not tuple:
@@ -106,7 +127,6 @@ class Caller:
             sna_round = exc_round = 0
             # the error of an earlier attempt that was sent and may have run
             last: BaseException | None = None
-            order = self._order
             conns, checks, carrier = self._conns, self._registry.checks_table, self._carrier
             while True:
                 tried = overloaded = 0
@@ -117,7 +137,8 @@ class Caller:
                         if hedge is not None:
                             return await hedge.attempt(node, nodes, args, kwargs, timeout, at, meta)
                         if node == self.name:
-                            return await self._call_here(name, fun, args, kwargs, timeout, at, meta)
+                            return await self._call_here(name, fun, args, kwargs, timeout, at,
+                                                         meta)
                         if at is None and carrier is None:
                             # the common call: to the frame in one C call
                             # (None: not the common case, the full path below)
@@ -143,11 +164,13 @@ class Caller:
                         if isinstance(exc, mexc.Overloaded):
                             overloaded += 1
                             hint = mexc.sooner(hint, exc.retry_after_ms)
+                            self.routing.failed(name, node, exc, order)
                         continue
                     except _RETRYABLE as exc:
+                        self.routing.failed(name, node, exc, order)
                         if last is not None and isinstance(exc, mexc.CallTimeout):
                             exc.sent = True
-                        if exc_round >= excp_retries:
+                        if exc_round >= excp_retries or not self.routing.may_retry(name):
                             raise
                         if not (isinstance(exc, mexc.CallTimeout) and not exc.sent):
                             last = exc
@@ -157,27 +180,30 @@ class Caller:
                     if not self._peers.running:
                         # (checked here, off the common path: no node took it)
                         raise mexc.NodeStopped(f"node {self.name} is not running")
-                    if sna_round >= sna_retries:
-                        # every node refused as overloaded: say so (still a
-                        # ServiceNotAvailable)
-                        why = (f"service {name} is not available ("
-                               f"{'no node runs it' if not tried else f'{tried} node(s) refused'},"
-                               f" {sna_round + 1} round(s))")
-                        err = (mexc.Overloaded(why, hint) if tried and overloaded == tried
-                               else ServiceNotAvailable(why))
-                        if last is not None:
-                            # an earlier attempt may have run: its error says so
-                            # (a refusal since must not read "did not run")
-                            raise last from err
-                        raise err
+                    serving = self.routing.serving(name, order)
+                    # (a round where no node serves it, waiting for one to
+                    # appear, is not a retry the budget pays for)
+                    if sna_round >= sna_retries or (serving and not self.routing.may_retry(name)):
+                        raise _exhausted(name, tried, overloaded, sna_round, last,
+                                         self.routing.vsn_of(order), len(serving), hint)
                     sna_round += 1
+                # (jittered: callers that lost a service do not come back in lockstep)
+                wait = jittered(retries_sleep_msec)
+                if not tried:
+                    # every node within its retry_after_ms: not before the first has room
+                    wait = max(wait, self.routing.soonest_ms(name, order) or 0.0)
                 self._stats.retries += 1
-                await _retry_sleep(retries_sleep_msec, at, name, last is not None)
+                await _retry_sleep(wait, at, name, last is not None)
         except mexc.MallaError as exc:
             # every error raised to the caller, counted by its class (a
             # handler's own errors arrive as RemoteError)
             self._stats.error(exc)
             raise
+
+    def _may_retry(self, service: str) -> bool:
+        """May one more retry or hedge go to `service` now?  True spends it
+        from the node's retry budget; False counts it as throttled."""
+        return self.routing.may_retry(service)
 
     async def _call_node(self, node: str, name: str, fun: str, args: Any,
                          kwargs: dict[str, Any] | None, timeout: int, at: float | None,
@@ -416,9 +442,24 @@ class Caller:
             raise
 
 
+# remote()'s routing options (taken through its **options)
+_ROUTE_OPTIONS = frozenset({"key", "vsn"})
 # remote()'s options, by name: what malla.call and proxies may pass on
 CALL_OPTIONS = frozenset(inspect.signature(Caller.remote).parameters) - {
-    "self", "service", "fun", "args", "kwargs", "unknown"}
+    "self", "service", "fun", "args", "kwargs", "options"} | _ROUTE_OPTIONS
+
+
+def _route_options(options: dict[str, Any]) -> tuple[Any, str | None]:
+    """remote()'s key= and vsn=, checked; InvalidOption for any other name."""
+    if not _ROUTE_OPTIONS.issuperset(options):
+        raise invalid_options({k: v for k, v in options.items() if k not in _ROUTE_OPTIONS},
+                              "remote()")
+    key, vsn = options.get("key"), options.get("vsn")
+    if key is not None:
+        check_key(key)
+    if vsn is not None:
+        check_vsn(vsn)
+    return key, vsn
 
 
 # A budget in ms beyond this travels as no number a peer takes (docs/protocol.md:
@@ -490,7 +531,28 @@ def _as_args(args: Any) -> tuple[Any, ...]:
     return tuple(args)
 
 
-async def _retry_sleep(msec: int, at: float | None, name: str, maybe_ran: bool) -> None:
+def _exhausted(name: str, tried: int, overloaded: int, sna_round: int,
+               last: BaseException | None, vsn: str | None, serving: int,
+               hint: int | None) -> BaseException:
+    """The error of a call whose rounds are over (or refused by the budget);
+    `hint` the soonest retry_after_ms of the last round's refusals."""
+    why = (f"{tried} node(s) refused" if tried else
+           f"{serving} node(s) within their retry_after_ms" if serving else
+           "no node runs it" if vsn is None else f"no instance's vsn matches {vsn!r}")
+    message = f"service {name} is not available ({why}, {sna_round + 1} round(s))"
+    # every node refused as overloaded, or asked to wait (retry_after_ms):
+    # say so (still a ServiceNotAvailable)
+    err = (mexc.Overloaded(message, hint) if (tried and overloaded == tried) or
+           (serving and not tried) else ServiceNotAvailable(message))
+    if last is not None:
+        # an earlier attempt may have run: its error says so (a refusal
+        # since must not read "did not run"), caused by the exhaustion
+        last.__cause__ = err
+        return last
+    return err
+
+
+async def _retry_sleep(msec: float, at: float | None, name: str, maybe_ran: bool) -> None:
     delay = msec / 1000.0
     if at is not None:
         left = at - time.monotonic()

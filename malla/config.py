@@ -16,6 +16,7 @@ from typing import Any
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.balance import check_mode
+from malla.budget import check_setting
 from malla.dns import DEFAULT_PORT
 from malla.etcd import parse_url
 from malla.handshake import protocol_limits
@@ -54,6 +55,10 @@ class NodeConfig:
     identity: str = "cookie"
     # "p2c": load-aware node choice (malla.balance); "shuffle": Malla's order
     balance: str = "p2c"
+    # retries toward a service: this share of its calls over 10 s, plus
+    # retry_floor per second (malla.budget)
+    retry_budget: float = 0.2
+    retry_floor: float = 10
     dns_servers: tuple[str, ...] | None = None
     udp_heartbeat: bool = True
     metrics: bool = False
@@ -123,7 +128,8 @@ class NodeConfig:
         if not 1 <= self.stream_window <= core.STREAM_WINDOW_MAX:
             return (f"stream_window is items, 1 to {core.STREAM_WINDOW_MAX}, "
                     f"not {self.stream_window}")
-        why = check_mode(self.balance)
+        why = (check_mode(self.balance) or check_setting("retry_budget", self.retry_budget)
+               or check_setting("retry_floor", self.retry_floor))
         if why is not None:
             return why
         if self.identity not in ("cookie", "tls"):
@@ -198,6 +204,8 @@ class NodeSettings:
     ssl_client = _setting("ssl_client")
     identity = _setting("identity")
     balance = _setting("balance")
+    retry_budget = _setting("retry_budget")
+    retry_floor = _setting("retry_floor")
     udp_heartbeat = _setting("udp_heartbeat")
     metrics_port = _setting("metrics_port")
     discovery = _setting("discovery")

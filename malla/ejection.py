@@ -79,16 +79,24 @@ class Ejection:
         self._out: dict[str, dict[str, float]] = {}
         self._skip: dict[str, dict[str, float]] = {}
 
-    def record(self, service: str, node: str, outcome: int, serving: int) -> bool:
+    def attempt(self, service: str, node: str) -> None:
+        """An attempt on `node` begins, counted now: its end is recorded
+        with `counted=True` only if it failed."""
+        self._records.slot(service, node).calls.add(self._clock())
+
+    def record(self, service: str, node: str, outcome: int, serving: int, *,
+               counted: bool = False) -> bool:
         """One attempt ended (malla.outcome); True when it got the node ejected.
 
-        `serving` is how many nodes run the service (the quota's base).
+        `serving` is how many nodes run the service (the quota's base);
+        `counted`: `attempt` counted it already.
         """
         if outcome != OK and outcome != FAILED:
             return False
         rec = self._records.slot(service, node)
         now = self._clock()
-        rec.calls.add(now)
+        if not counted:
+            rec.calls.add(now)
         if outcome == OK:
             return False
         rec.failures.add(now)
@@ -133,6 +141,12 @@ class Ejection:
         if out:
             head.extend(n for n in nodes if n in out and n not in skip)
         return head
+
+    def quiet(self, service: str) -> bool:
+        """Nothing of `service` is ejected or skipped now."""
+        now = self._clock()
+        return not self._current(self._out, service, now) and not self._current(
+            self._skip, service, now)
 
     def is_ejected(self, service: str, node: str) -> bool:
         return node in self._current(self._out, service, self._clock())

@@ -197,6 +197,7 @@ def prometheus_collector(node: StatsSource) -> Any:
                                    ("retries", "retry rounds"),
                                    ("failovers", "moves to the next node"),
                                    ("hedges", "second copies of hedged calls sent"),
+                                   ("retries_throttled", "retries refused by the retry budget"),
                                    ("forbidden", "calls refused here by allow= rules"),
                                    ("handshakes_refused", "connections closed unread: "
                                     "max_pending_handshakes were in their handshake"),
@@ -218,6 +219,11 @@ def prometheus_collector(node: StatsSource) -> Any:
             peers = GaugeMetricFamily("malla_peers", "connected peers", labels=labels)
             peers.add_metric([node.name], peer_count)
             yield peers
+            ejected = GaugeMetricFamily("malla_ejected", "nodes ejected as outliers now, "
+                                        "per service", labels=["node", "service"])
+            for service, names in sorted(stats["ejected"].items()):
+                ejected.add_metric([node.name, service], len(names))
+            yield ejected
             pending = GaugeMetricFamily("malla_handshakes_pending", "accepted connections "
                                         "in their handshake now", labels=labels)
             pending.add_metric([node.name], stats["handshakes_pending"])

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.balance import p2c_order
+from malla.budget import RetryBudget
 from malla.builtin import Builtin
 from malla.caller import Caller
 from malla.cluster import Cluster
@@ -70,7 +71,7 @@ class Node(NodeSettings):
                  max_message_size: int = 64 << 20, window_size: int = core.WINDOW,
                  stream_window: int = 64,
                  ssl_server: Any = None, ssl_client: Any = None, identity: str = "cookie",
-                 balance: str = "p2c",
+                 balance: str = "p2c", retry_budget: float = 0.2, retry_floor: float = 10,
                  dns_servers: list[str] | None = None,
                  forget_after: float = 60.0, precompile: Any = None,
                  udp_heartbeat: bool = True, metrics: bool = False,
@@ -82,12 +83,12 @@ class Node(NodeSettings):
             raise mexc.InvalidOption("seeds and connect are lists of targets, not one string")
         config = self.config = NodeConfig(
             name=name, host=host, port=port, seeds=tuple(seeds), connect=tuple(connect),
-            hidden=hidden, heartbeat_interval=heartbeat_interval,
+            hidden=hidden, heartbeat_interval=heartbeat_interval, retry_floor=retry_floor,
             heartbeat_timeout=heartbeat_timeout, handshake_timeout=handshake_timeout,
             check_interval=check_interval, redial_max=redial_max, forget_after=forget_after,
             max_frame_size=max_frame_size, max_message_size=max_message_size,
             window_size=window_size, stream_window=stream_window, ssl_server=ssl_server,
-            ssl_client=ssl_client, identity=identity, balance=balance,
+            ssl_client=ssl_client, identity=identity, balance=balance, retry_budget=retry_budget,
             dns_servers=tuple(dns_servers) if dns_servers else None,
             udp_heartbeat=udp_heartbeat, metrics=metrics, metrics_port=metrics_port,
             tracing=tracing, max_pending_handshakes=max_pending_handshakes,
@@ -117,7 +118,8 @@ class Node(NodeSettings):
         order = (p2c_order(self._registry.nodes, self._cluster.connected, name,
                            dial=self._on_demand is not None) if balance == "p2c" else None)
         self._caller = Caller(name, self._registry, self._hosting, self._cluster, self._stats,
-                              self._spawn, order=order, carrier=tracer.carrier if tracer else None)
+                              self._spawn, order=order, carrier=tracer.carrier if tracer else None,
+                              budget=RetryBudget(retry_budget, retry_floor))
         remote, call_cb_all = self._caller.remote, self._caller.call_cb_all
         interceptors: list[CallInterceptor] = [i for i in (self._metrics, tracer) if i]
         for interceptor in interceptors:     # (the last one outermost)
@@ -280,11 +282,11 @@ class Node(NodeSettings):
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                      sna_retries: int = 5, excp_retries: int = 0,
                      retries_sleep_msec: int = 1000, meta: Any = None,
-                     deadline: float | None = None, **unknown: Any) -> Any:
+                     deadline: float | None = None, **options: Any) -> Any:
         return await self._remote(service, fun, args, kwargs, timeout=timeout,
                                   sna_retries=sna_retries, excp_retries=excp_retries,
                                   retries_sleep_msec=retries_sleep_msec, meta=meta,
-                                  deadline=deadline, **unknown)
+                                  deadline=deadline, **options)
 
     async def call_cb_all(self, service: Any, fun: str, args: Any = (),
                           kwargs: dict[str, Any] | None = None, **opts: Any) -> list[Any]:
@@ -343,6 +345,7 @@ class Node(NodeSettings):
         leaves (docs/operations.md)."""
         return {
             **self._stats.totals(self._cluster.protocols()),
+            **self._caller.routing.stats(),                 # (ejected, retries_throttled)
             **handshake_counts(self._cluster.pending, self._cluster.throttle),
             "latency": self._metrics.snapshot() if self._metrics is not None else {},
         }

@@ -48,6 +48,8 @@ NETWORK_PEER_PORT = "network.peer.port"
 ERROR_TYPE = "error.type"
 # malla's own: the call sent a second copy to another node (malla.hedging)
 HEDGED = "malla.hedged"
+# the name of the malla node an attempt went to (the conventions have none)
+MALLA_NODE = "malla.node"
 # no registered value for malla: its own name, as the conventions allow
 SYSTEM = "malla"
 
@@ -82,7 +84,8 @@ def _peer_address(transport: Any) -> tuple[str, int] | None:
 def _name_server(span: Any, conn: Any) -> None:
     # the node `conn` leads to, on a CLIENT span: server.address is the
     # node's advertised address (what its peers dial), its socket's other
-    # end when it has none
+    # end when it has none; malla.node its name
+    span.set_attribute(MALLA_NODE, conn.name)
     listen = conn.peer.listen
     peer = _peer_address(conn.proto.transport)
     server = listen if listen is not None else peer

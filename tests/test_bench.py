@@ -79,6 +79,25 @@ def test_the_streams_bench_runs_short(tmp_path):
     assert "grpc.aio" in proc.stdout and "a slow consumer" in proc.stdout
 
 
+@pytest.mark.tools
+def test_the_resilience_scenarios_short_mode_end_to_end(tmp_path):
+    # (figures are not asserted; what the hashing and the ejection guarantee is)
+    out = tmp_path / "resilience.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.resilience", "--short", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    keyed = data["keys"]["keyed"]
+    assert keyed["moved"] == keyed["held_by_leaver"] > 0 and keyed["moved_not_the_leavers"] == 0
+    assert keyed["max_over_mean"] <= 1.25
+    for mode in ("failing_overloaded", "failing_lost"):
+        assert set(data[mode]) == {"p2c", "shuffle"}
+        for balance, r in data[mode].items():
+            assert r["seen_ejected"] == {"Where": ["n3"]}, (mode, balance, r)
+    assert "first time on a healthy node" in proc.stdout
+
+
 # ---------------------------------------------------------------- the C floor
 # Real processes on real loopback TCP: the C program built by the harness,
 # started through bench.worker (which execs it), driven by the harness's

@@ -172,13 +172,14 @@ def test_prometheus_endpoint_is_a_valid_exposition_with_a_real_histogram(promtoo
         # Prometheus's own parser
         fams = families(body)
         for name in ("malla_calls_in", "malla_calls_out", "malla_retries", "malla_failovers",
-                     "malla_hedges", "malla_errors"):
+                     "malla_hedges", "malla_retries_throttled", "malla_errors"):
             assert fams[name].type == "counter"
             assert {s.name for s in fams[name].samples} <= {name + "_total"}
         assert fams["malla_calls_out"].samples[0].value == calls + 2
         assert [(s.labels, s.value) for s in fams["malla_errors"].samples] == \
             [({"node": "b", "kind": "RemoteError"}, 1.0)]
         assert fams["malla_peers"].type == fams["malla_in_flight"].type == "gauge"
+        assert fams["malla_ejected"].type == "gauge"
         for name, fam in fams.items():
             assert fam.documentation, f"{name} has no HELP"
             assert f"# HELP {name}" in body and f"# TYPE {name}" in body

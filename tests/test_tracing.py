@@ -106,6 +106,7 @@ def test_a_call_is_a_client_and_a_server_span_named_and_attributed_by_the_conven
         # socket's other end
         assert (client.attributes["server.address"], client.attributes["server.port"]) \
             == ("127.0.0.1", a.address[1])
+        assert client.attributes["malla.node"] == "a"
         assert (client.attributes["network.peer.address"],
                 client.attributes["network.peer.port"]) == peername(b, "a")
         # the server names its caller's end of the connection

@@ -117,6 +117,7 @@ def _some_items(exc: BaseException, env: Any) -> bool:
 def _is_a_stream(exc: BaseException, env: Any) -> bool:
     return "is a stream" in str(exc)
 
+KEY_HERE, KEY_X = "key-3", "key-1"     # (malla.rendezvous.rank over s/c and x)
 
 _BY_REFERENCE = "in-process, values pass by reference, not through the codec"
 
@@ -240,6 +241,22 @@ CASES: list[Case] = [
          expect=Err("RemoteError", FAILED, check=_is_a_stream), counted="-",
          proxy=NA("a proxy calls a function announced as a stream as one: it returns "
                   "its items")),
+    # key= and vsn= (DESIGN.md "Routing and resilience"): KEY_HERE ranks the
+    # serving node ("s", or "c" in-process) above x, KEY_X ranks x first
+    Case("key=: the key's node serves it", "Pair", "who", opts={"key": KEY_HERE},
+         expect=Ok(check=lambda v, env: v == env.server_name)),
+    Case("key=: no local-first, the key decides", "Pair", "who", opts={"key": KEY_X},
+         expect=Err("RemoteError", FAILED, runs=0)),
+    Case("key= of another type", "Conf", "echo", _args(1), opts={"key": True},
+         expect=Err("InvalidOption", DID_NOT_RUN)),
+    Case("vsn= matching the announced vsn", "Conf", "echo", _args(1), opts={"vsn": "0*"},
+         expect=Ok(1)),
+    Case("vsn= matching no instance", "Conf", "echo", _args(1),
+         opts={"vsn": "9.*", "sna_retries": 0}, expect=Err("ServiceNotAvailable", DID_NOT_RUN)),
+    # (last: it spends the caller's budget for Pair for the next 10 s)
+    Case("retry budget: exception retries past it raise at once", "Pair", "who",
+         opts={"key": KEY_X, "excp_retries": 1000, "retries_sleep_msec": 0},
+         expect=Err("RemoteError", FAILED, runs=0), then="throttled"),
 ]
 
 

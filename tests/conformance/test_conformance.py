@@ -183,6 +183,9 @@ async def _run_case(env: Env, case: Case) -> None:
             caller_after = await env.caller_stats()
             for key in ("retries", "failovers"):
                 assert caller_after[key] == caller_before[key], (key, caller_after[key])
+        if case.then == "throttled":
+            caller_after = await env.caller_stats()
+            assert caller_after["retries_throttled"] == caller_before["retries_throttled"] + 1
         if case.then == "cast_error_counted" and not env.path.inprocess:
             errors = await env.ctl("errors")
             assert errors.get("RemoteError", 0) == errors_before.get("RemoteError", 0) + 1
