@@ -207,6 +207,11 @@ class FloodConfig:
     handshake_timeout: float = 5.0
     idle_calls: int = 2_000            # the idle latencies: calls before the flood
     sample_s: float = 0.1              # how often the node's RSS and counters are read
+    # CPUs to pin the attacker to, and the attacked and legitimate nodes to
+    # (None: wherever the kernel puts them).  On a 2-core machine an attacker
+    # sharing the node's CPU measures CPU contention as much as the node
+    pin_attacker: tuple[int, ...] | None = None
+    pin_nodes: tuple[int, ...] | None = None
 
 
 async def record_handshake(port: int) -> bytes:
@@ -301,6 +306,16 @@ def summary(latencies: list[float]) -> dict[str, Any]:
 
 
 async def flood_scenario(cfg: FloodConfig, log: Any) -> dict[str, Any]:
+    allowed = os.sched_getaffinity(0)
+    if cfg.pin_nodes is not None:
+        os.sched_setaffinity(0, cfg.pin_nodes)        # (the target inherits it)
+    try:
+        return await pinned_scenario(cfg, log)
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+async def pinned_scenario(cfg: FloodConfig, log: Any) -> dict[str, Any]:
     import malla
 
     from soak import rss_kib
@@ -334,6 +349,8 @@ async def flood_scenario(cfg: FloodConfig, log: Any) -> dict[str, Any]:
             str(cfg.one_address), str(cfg.many), str(cfg.concurrency),
             str(cfg.handshake_timeout + 10.0), stdout=subprocess.PIPE, stderr=log,
             env=dict(os.environ, PYTHONPATH=ROOT))
+        if cfg.pin_attacker is not None:
+            os.sched_setaffinity(attacker.pid, cfg.pin_attacker)
         out, _ = await attacker.communicate()
         stop.set()
         await asyncio.gather(caller, sampler)
