@@ -17,6 +17,7 @@ import socket
 
 import pytest
 from support import run_async, seed_of, wait_until, with_nodes
+from test_identity import Pki
 
 import malla
 from malla._ext import core
@@ -25,7 +26,6 @@ from malla.guard import HandshakeThrottle
 from malla.handshake import Handshake, Hello
 
 from flood import FT_AUTH, HANDSHAKE_KEYS, KINDS, FloodConfig, format_report, run_flood
-from test_identity import Pki
 
 HANDSHAKE_TIMEOUT = 1.5
 # (long enough that the flood's phases and a legitimate dial all happen while
