@@ -182,7 +182,10 @@ async def attack(port: int, replay: bytes, one_address: int, many: int, concurre
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)
-    return {**tally.as_dict(), "seconds": round(time.monotonic() - started, 2)}
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    # (its CPU: the attack's pace is the attacker's own, a Python process)
+    return {**tally.as_dict(), "seconds": round(time.monotonic() - started, 2),
+            "cpu_s": round(used.ru_utime + used.ru_stime, 2)}
 
 
 def attacker_main(argv: list[str]) -> None:
@@ -396,9 +399,13 @@ def run_flood(cfg: FloodConfig, timeout: float = 300.0) -> dict[str, Any]:
 def format_report(r: dict[str, Any]) -> str:
     a, n, rss, c = r["attacker"], r["node"], r["rss_kib"], r["calls"]
     delta = {k: n["after"][k] - n["before"][k] for k in HANDSHAKE_KEYS[1:]}
+    cfg = r["config"]
+    pins = (f"attacker on CPU {cfg['pin_attacker']}, nodes on CPU {cfg['pin_nodes']}"
+            if cfg["pin_attacker"] is not None else "the three processes sharing the CPUs")
     return "\n".join([
-        f"flood: {a['attempts']} attempts ({a['connected']} connected) in {a['seconds']} s, "
-        f"at most {r['config']['concurrency']} open at once",
+        f"flood: {a['attempts']} attempts ({a['connected']} connected) in {a['seconds']} s "
+        f"(the attacker's CPU: {a.get('cpu_s')} s), at most {cfg['concurrency']} open at once "
+        f"({pins})",
         "  " + ", ".join(f"{k} {v['attempts']}" for k, v in a["by_kind"].items()),
         f"  replayed handshakes' replies: {a['replay_replies']}",
         f"  node: refused {delta['handshakes_refused']}, throttled "

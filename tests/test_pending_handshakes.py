@@ -278,7 +278,9 @@ def test_a_hostile_flood_of_20000_attempts_leaves_calls_and_memory_alone():
     handshakes; 1,000 from one address, the rest from 2,000) against a node
     in its own process, while a legitimate node keeps calling it.  (`make
     soak` runs 200,000 and reports the calls' p99 beside the idle p99.)"""
-    report = run_flood(FloodConfig(one_address=1_000, many=19_000), timeout=150)
+    # (500 idle calls, not 2,000: their p99 is not asserted here, and each
+    # is a millisecond apart -- make test is near its budget)
+    report = run_flood(FloodConfig(one_address=1_000, many=19_000, idle_calls=500), timeout=150)
     print("\n" + format_report(report))
     assert report["attacker"]["attempts"] == 20_000
     check_flood(report)
