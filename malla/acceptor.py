@@ -21,7 +21,6 @@ hostile-peer flood of tests/flood.py).  Here the node accepts itself:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import socket
@@ -61,7 +60,6 @@ class Acceptor:
         # (asyncio's own default is 60 s: a TLS handshake is bounded by
         # handshake_timeout like the node's own)
         self._tls_timeout = tls_timeout
-        self._keys = itertools.count()
         self._socks: list[socket.socket] = []
         self._family: dict[socket.socket, int] = {}
         self._starting: set[asyncio.Task[None]] = set()
@@ -126,8 +124,8 @@ class Acceptor:
                 self._pause(listening)
                 return
             host = str(address[0])
-            key = next(self._keys)
-            if self._throttle.blocked(host) or not self._pending.start(key, host):
+            key = None if self._throttle.blocked(host) else self._pending.start(host)
+            if key is None:
                 # (counted and logged by the throttle or the bound)
                 os.close(fd)
                 continue

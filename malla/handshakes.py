@@ -13,6 +13,7 @@ handshake_timeout, so the limit bounds what strangers can make a node hold.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import TYPE_CHECKING
 
@@ -35,23 +36,26 @@ class PendingHandshakes:
         # then its close) cannot push the count below the truth.  Of keys
         # the acceptor draws at accept, before a connection object exists
         self._pending: set[int] = set()
+        # (one count for the node's life: a key outlives a restart's acceptor)
+        self._keys = itertools.count()
         # a flood of connections must not flood the log too
         self._log = RateLimitedLog(log)
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def start(self, key: int, address: str) -> bool:
-        """Count an accepted connection as pending; False -- refuse it --
-        when `limit` are pending already."""
+    def start(self, address: str) -> int | None:
+        """Count an accepted connection as pending: the key to end it with;
+        None -- refuse it -- when `limit` are pending already."""
         if len(self._pending) >= self.limit:
             self.refused += 1
             self._log.warning("malla: %s refused a connection from %s: %d connections are "
                               "awaiting their handshake (max_pending_handshakes)",
                               self._node, address, len(self._pending))
-            return False
+            return None
+        key = next(self._keys)
         self._pending.add(key)
-        return True
+        return key
 
     def warn(self, msg: str, *args: object) -> None:
         """Log a stranger's failed handshake, rate-limited: a flood of bad
