@@ -11,8 +11,9 @@ hostile-peer flood of tests/flood.py).  Here the node accepts itself:
 * at most `ACCEPT_BATCH` connections per turn of the event loop, so that
   what else is ready (the legitimate calls) runs in between;
 * a connection from a throttled address, or one past
-  `max_pending_handshakes`, is closed as the bare socket it was accepted as
-  -- no transport, no `Connection`, no core protocol, not one byte read;
+  `max_pending_handshakes`, is closed as the bare descriptor it was
+  accepted as -- no socket object, transport, `Connection` or core
+  protocol, not one byte read;
 * one admitted is pending from accept on, so under TLS its TLS handshake is
   counted too (the protocol is made, as asyncio does, before the TLS
   handshake; one whose TLS handshake fails is told so, as lost).
@@ -35,8 +36,9 @@ __all__ = ["ACCEPT_BATCH", "Acceptor"]
 
 log = logging.getLogger("malla.acceptor")
 
-# Connections accepted per turn of the loop: each costs a few microseconds
-# refused, so a turn's accepting stays well under a call's round trip
+# Connections accepted per turn of the loop: refused, each costs some 25 us
+# of CPU (most of it the kernel's accept and close), so a turn's accepting
+# stays under half a millisecond
 ACCEPT_BATCH = 16
 BACKLOG = 100                   # asyncio's create_server default
 # After EMFILE and the like: stop accepting for a while (asyncio does too)
