@@ -151,6 +151,7 @@ class Connection:
     def _connection_lost(self, exc: BaseException | None) -> None:
         if self._hs_timer is not None:
             self._hs_timer.cancel()
+            self._hs_timer = None
         self._writable.set()
         self._fail_ready(mexc.ConnectionLost(f"connection to {self.target or self.name} lost "
                                               "during the handshake"))
@@ -158,6 +159,15 @@ class Connection:
             self.closed.set_result(None)
         self.host.pending.end(self.pending_key)
         self.host.connection_closed(self)
+        # The core's protocol and this one point at each other: a stranger's
+        # closed connection (its buffers, tens of KiB) would wait for the
+        # cycle collector, which a flood refused cheaply seldom runs.  Only
+        # an accepted one whose handshake never completed: no call ran on
+        # it, so none reports to its owner later (a cast failing, say), and
+        # no dial reads its owner (Cluster._connect does, after the loss)
+        if (not self.dialer and self.proto is not None
+                and (self.handshake is None or not self.handshake.done)):
+            self.proto.owner = None
 
     # -- handshake --------------------------------------------------------------
 
