@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
 from malla._ext import core
+from malla.acceptor import Acceptor
 from malla.connection import Connection
 from malla.dialing import dial_forever, dial_once
 from malla.dns import format_address, parse_address
@@ -154,7 +155,7 @@ class Cluster:
         self.source: MemberSource | None = None
         self.opener: Opener | None = None
         self._hb: HeartbeatThread | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Acceptor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.address: tuple[str, int] | None = None
         self.running = False
@@ -222,12 +223,11 @@ class Cluster:
         self.stopping = self._goodbye_sent = False
         if self.address is not None:      # started before: a new incarnation
             self.incarnation = random.getrandbits(64)
-        # (under TLS, asyncio runs the TLS handshake before the connection
-        # exists for us: bound it by handshake_timeout too, not asyncio's 60 s)
-        tls_timeout = self.config.handshake_timeout if self.config.ssl_server else None
-        self._server = await self.loop.create_server(
-            lambda: self._make_protocol(False, None), self.config.host, self.config.port,
-            ssl=self.config.ssl_server, reuse_address=True, ssl_handshake_timeout=tls_timeout)
+        # (strangers are refused there, before a Connection is made)
+        self._server = Acceptor(lambda key: self._make_protocol(False, None, key), self.pending,
+                                self.throttle, self.config.ssl_server,
+                                self.config.handshake_timeout)
+        await self._server.listen(self.config.host, self.config.port)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         return self.address
@@ -314,8 +314,9 @@ class Cluster:
     def cast_failed(self, service: str, fun: str, kind: str, message: str) -> None:
         self._hosting.cast_failed(service, fun, kind, message)
 
-    def _make_protocol(self, dialer: bool, target: str | None) -> Any:
-        conn = Connection(self, dialer, target)
+    def _make_protocol(self, dialer: bool, target: str | None,
+                       pending_key: int | None = None) -> Any:
+        conn = Connection(self, dialer, target, pending_key)
         self.connections.add(conn)
         assert self.loop is not None
         return core.Protocol(conn, self.loop, dialer, self._hosting.exposed,
@@ -463,7 +464,6 @@ class Cluster:
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
-        self.pending.end(conn)
         if conn.proto is not None:
             # its calls stay counted: stats() totals never go down
             self._stats.closed_in += conn.proto.calls_in

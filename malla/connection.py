@@ -47,15 +47,20 @@ class Connection:
         "handshake",
         "host",
         "peer",
+        "pending_key",
         "proto",
         "ready",
         "target",
     )
 
-    def __init__(self, host: ConnectionHost, dialer: bool, target: str | None = None) -> None:
+    def __init__(self, host: ConnectionHost, dialer: bool, target: str | None = None,
+                 pending_key: int | None = None) -> None:
         self.host = host
         self.dialer = dialer
         self.target = target
+        # an accepted one's in host.pending, counted there from accept (by
+        # malla.acceptor, which refused it if it had to) to its handshake's end
+        self.pending_key = pending_key
         self.proto: Any = None
         self.handshake: Handshake | None = None
         self.peer: Hello | None = None
@@ -82,13 +87,6 @@ class Connection:
 
     def _connection_made(self, proto: Any) -> None:
         self.proto = proto
-        address = self._peer_host()
-        if not self.dialer and (self.host.throttle.blocked(address)
-                                or not self.host.pending.start(self, address)):
-            # this address keeps failing the handshake, or too many strangers
-            # are in theirs already: no work for it now, not one byte read
-            proto.abort()
-            return
         sockname = proto.transport.get_extra_info("sockname")
         verify = (name_verifier(proto.transport, "dialler" if not self.dialer else "acceptor")
                   if self.host.config.identity == "tls" else None)
@@ -153,12 +151,23 @@ class Connection:
     def _connection_lost(self, exc: BaseException | None) -> None:
         if self._hs_timer is not None:
             self._hs_timer.cancel()
+            self._hs_timer = None
         self._writable.set()
         self._fail_ready(mexc.ConnectionLost(f"connection to {self.target or self.name} lost "
                                               "during the handshake"))
         if not self.closed.done():
             self.closed.set_result(None)
+        self.host.pending.end(self.pending_key)
         self.host.connection_closed(self)
+        # The core's protocol and this one point at each other: a stranger's
+        # closed connection (its buffers, tens of KiB) would wait for the
+        # cycle collector, which a flood refused cheaply seldom runs.  Only
+        # an accepted one whose handshake never completed: no call ran on
+        # it, so none reports to its owner later (a cast failing, say), and
+        # no dial reads its owner (Cluster._connect does, after the loss)
+        if (not self.dialer and self.proto is not None
+                and (self.handshake is None or not self.handshake.done)):
+            self.proto.owner = None
 
     # -- handshake --------------------------------------------------------------
 
@@ -181,7 +190,7 @@ class Connection:
         assert self.peer is not None
         if not self.dialer:
             self.host.throttle.succeeded(self._peer_host())
-            self.host.pending.end(self)     # authenticated: no longer pending
+            self.host.pending.end(self.pending_key)     # authenticated: no longer pending
         self.proto.retry_hints = self.handshake.version >= RETRY_AFTER
         self.proto.set_ready(self.peer.name, self.handshake.max_frame_size,
                              bool(self.handshake.caps & CAP_WINDOW), self.host.config.window_size)

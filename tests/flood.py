@@ -182,7 +182,10 @@ async def attack(port: int, replay: bytes, one_address: int, many: int, concurre
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)
-    return {**tally.as_dict(), "seconds": round(time.monotonic() - started, 2)}
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    # (its CPU: the attack's pace is the attacker's own, a Python process)
+    return {**tally.as_dict(), "seconds": round(time.monotonic() - started, 2),
+            "cpu_s": round(used.ru_utime + used.ru_stime, 2)}
 
 
 def attacker_main(argv: list[str]) -> None:
@@ -207,6 +210,11 @@ class FloodConfig:
     handshake_timeout: float = 5.0
     idle_calls: int = 2_000            # the idle latencies: calls before the flood
     sample_s: float = 0.1              # how often the node's RSS and counters are read
+    # CPUs to pin the attacker to, and the attacked and legitimate nodes to
+    # (None: wherever the kernel puts them).  On a 2-core machine an attacker
+    # sharing the node's CPU measures CPU contention as much as the node
+    pin_attacker: tuple[int, ...] | None = None
+    pin_nodes: tuple[int, ...] | None = None
 
 
 async def record_handshake(port: int) -> bytes:
@@ -301,6 +309,16 @@ def summary(latencies: list[float]) -> dict[str, Any]:
 
 
 async def flood_scenario(cfg: FloodConfig, log: Any) -> dict[str, Any]:
+    allowed = os.sched_getaffinity(0)
+    if cfg.pin_nodes is not None:
+        os.sched_setaffinity(0, cfg.pin_nodes)        # (the target inherits it)
+    try:
+        return await pinned_scenario(cfg, log)
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+async def pinned_scenario(cfg: FloodConfig, log: Any) -> dict[str, Any]:
     import malla
 
     from soak import rss_kib
@@ -334,6 +352,8 @@ async def flood_scenario(cfg: FloodConfig, log: Any) -> dict[str, Any]:
             str(cfg.one_address), str(cfg.many), str(cfg.concurrency),
             str(cfg.handshake_timeout + 10.0), stdout=subprocess.PIPE, stderr=log,
             env=dict(os.environ, PYTHONPATH=ROOT))
+        if cfg.pin_attacker is not None:
+            os.sched_setaffinity(attacker.pid, cfg.pin_attacker)
         out, _ = await attacker.communicate()
         stop.set()
         await asyncio.gather(caller, sampler)
@@ -379,9 +399,13 @@ def run_flood(cfg: FloodConfig, timeout: float = 300.0) -> dict[str, Any]:
 def format_report(r: dict[str, Any]) -> str:
     a, n, rss, c = r["attacker"], r["node"], r["rss_kib"], r["calls"]
     delta = {k: n["after"][k] - n["before"][k] for k in HANDSHAKE_KEYS[1:]}
+    cfg = r["config"]
+    pins = (f"attacker on CPU {cfg['pin_attacker']}, nodes on CPU {cfg['pin_nodes']}"
+            if cfg["pin_attacker"] is not None else "the three processes sharing the CPUs")
     return "\n".join([
-        f"flood: {a['attempts']} attempts ({a['connected']} connected) in {a['seconds']} s, "
-        f"at most {r['config']['concurrency']} open at once",
+        f"flood: {a['attempts']} attempts ({a['connected']} connected) in {a['seconds']} s "
+        f"(the attacker's CPU: {a.get('cpu_s')} s), at most {cfg['concurrency']} open at once "
+        f"({pins})",
         "  " + ", ".join(f"{k} {v['attempts']}" for k, v in a["by_kind"].items()),
         f"  replayed handshakes' replies: {a['replay_replies']}",
         f"  node: refused {delta['handshakes_refused']}, throttled "

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import pytest
 from support import run_async, seed_of, wait_until, with_nodes
+from test_identity import Pki
 
 import malla
 from malla._ext import core
+from malla.acceptor import ACCEPT_BATCH
 from malla.guard import HandshakeThrottle
 from malla.handshake import Handshake, Hello
 
@@ -41,6 +44,11 @@ def pending(node: malla.Node) -> int:
 
 def refused(node: malla.Node) -> int:
     return int(node.stats()["handshakes_refused"])
+
+
+def connections(node: malla.Node) -> int:
+    """The Connection objects the node holds, admitted or not."""
+    return len(node._cluster.connections)
 
 
 async def open_from(node: malla.Node, source: str = "127.0.0.2"):
@@ -191,6 +199,58 @@ def test_every_way_a_handshake_ends_frees_its_slot():
     with_nodes(main)
 
 
+def test_under_tls_a_connection_is_pending_from_accept_through_its_tls_handshake(tmp_path):
+    """The TLS handshake comes before the node's own: a stranger stalling it,
+    or failing it, holds a slot as long as it lasts (handshake_timeout at
+    most), and leaves nothing behind."""
+    pki = Pki(tmp_path)
+
+    async def main(make):
+        a = await make("a", max_pending_handshakes=2, handshake_timeout=HANDSHAKE_TIMEOUT,
+                       **pki.node_settings("a", uri=("a",))).start()
+        await a.start_service(Echo)
+        # no ClientHello at all: the two first wait in their TLS handshake,
+        # the third is refused
+        stalled = [await open_from(a) for _ in range(3)]
+        await wait_until(lambda: pending(a) + refused(a) == 3, timeout=5)
+        assert (pending(a), refused(a)) == (2, 1)
+        await wait_until(lambda: pending(a) == 0, timeout=HANDSHAKE_TIMEOUT + 3)
+        # a failed TLS handshake frees its slot at once
+        reader, writer = await open_from(a, "127.0.0.3")
+        writer.write(b"GET / HTTP/1.1\r\n\r\n" * 4)
+        assert await first_bytes(reader, timeout=2) in (b"", None)
+        await wait_until(lambda: pending(a) == 0, timeout=2)
+        # neither left a Connection behind; a node with a certificate joins
+        assert connections(a) == 0
+        b = await make("b", seeds=[seed_of(a)], **pki.node_settings("b", uri=("b",))).start()
+        assert await b.wait_for_services(["Echo"], retries=5)
+        assert pending(a) == 0 and connections(a) == 1
+        for _, w in [*stalled, (reader, writer)]:
+            w.close()
+
+    with_nodes(main)
+
+
+def test_a_turn_of_the_loop_accepts_at_most_a_batch():
+    """Connections waiting in the backlog are taken ACCEPT_BATCH per turn of
+    the event loop: what else is ready runs in between."""
+    async def main(make):
+        a = await make("a", max_pending_handshakes=4).start()
+        acceptor = a._cluster._server
+        # (blocking connects: the kernel completes them from its backlog
+        # while this turn of the loop goes on)
+        waiting = [socket.create_connection(a.address, source_address=("127.0.0.2", 0))
+                   for _ in range(3 * ACCEPT_BATCH)]
+        acceptor._accept(acceptor.sockets[0])      # one turn's accepting
+        assert pending(a) + refused(a) == ACCEPT_BATCH
+        await wait_until(lambda: pending(a) + refused(a) == 3 * ACCEPT_BATCH, timeout=5)
+        assert (pending(a), refused(a)) == (4, 3 * ACCEPT_BATCH - 4)
+        for sock in waiting:
+            sock.close()
+
+    with_nodes(main)
+
+
 def test_the_throttle_forgets_its_oldest_address_past_its_bound():
     t = HandshakeThrottle(free=1, base=10.0, max_entries=3)
     for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
@@ -218,7 +278,9 @@ def test_a_hostile_flood_of_20000_attempts_leaves_calls_and_memory_alone():
     handshakes; 1,000 from one address, the rest from 2,000) against a node
     in its own process, while a legitimate node keeps calling it.  (`make
     soak` runs 200,000 and reports the calls' p99 beside the idle p99.)"""
-    report = run_flood(FloodConfig(one_address=1_000, many=19_000), timeout=150)
+    # (500 idle calls, not 2,000: their p99 is not asserted here, and each
+    # is a millisecond apart -- make test is near its budget)
+    report = run_flood(FloodConfig(one_address=1_000, many=19_000, idle_calls=500), timeout=150)
     print("\n" + format_report(report))
     assert report["attacker"]["attempts"] == 20_000
     check_flood(report)
