@@ -61,7 +61,7 @@ async def _produce(entry: Any, proto: Any, call: core.IncomingCall,
     # (the credit is kept from the task's first step: a CANCEL before it
     # cancels a task that never ran, and leaves nothing behind)
     sid, fun = call.sid, call.fun
-    out = proto.streams.producer(sid, call.window)
+    out = proto.streams.producer(proto, sid, call.window)
     entry.running += 1
     gen: Any = None
     try:

@@ -50,7 +50,7 @@ cdef class CoreProtocol(Wire):
         self._pending = Pending()
         self.latency = LatencyBook(self._pending)
         self._running = {}
-        self.streams = StreamBook(self)
+        self.streams = StreamBook()
         self.peer_name = None
         # Dialler's streams are odd, acceptor's even: ids of the two
         # directions never collide, so one table can key partial messages.
@@ -459,7 +459,7 @@ cdef class CoreProtocol(Wire):
         """Send a STREAM (a call answered by items); its StreamIn (raises as call())."""
         cdef Py_ssize_t start = self._encode_call(FT_STREAM, service, fun, args, kwargs,
                                                   timeout_ms, deadline_ms, meta, trace, window)
-        cdef StreamIn st = self.streams.consumer(self.last_sid, window)
+        cdef StreamIn st = self.streams.consumer(self, self.last_sid, window)
         try:
             self._queue_encoded(start)
         except BaseException:

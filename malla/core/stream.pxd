@@ -33,7 +33,6 @@ cdef class StreamOut:
 cdef class StreamBook:
     cdef readonly dict consumers    # sid -> StreamIn
     cdef readonly dict producers    # sid -> StreamOut
-    cdef Wire _wire
 
     cdef int on_item(self, uint64_t sid, const char* p, Py_ssize_t n, list detached) except -1
     cdef int on_credit(self, uint64_t sid, const char* p, Py_ssize_t n) except -1

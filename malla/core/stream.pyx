@@ -149,23 +149,25 @@ cdef class StreamOut:
 cdef class StreamBook:
     """The streams of one connection, both ways."""
 
-    def __cinit__(self, Wire wire):
-        self._wire = wire
+    # (no reference to its connection's Wire: the protocol holds the book,
+    # and a cycle would keep a dropped protocol, and what the debug build
+    # counts of it, until the cyclic collector ran)
+    def __cinit__(self):
         self.consumers = {}
         self.producers = {}
 
     def __len__(self):
         return len(self.consumers) + len(self.producers)
 
-    def consumer(self, uint64_t sid, Py_ssize_t window):
-        """A stream we opened (its STREAM frame queued as `sid`)."""
-        cdef StreamIn st = StreamIn(sid, self._wire, self.consumers, window)
+    def consumer(self, Wire wire, uint64_t sid, Py_ssize_t window):
+        """A stream we opened over `wire` (its STREAM frame queued as `sid`)."""
+        cdef StreamIn st = StreamIn(sid, wire, self.consumers, window)
         self.consumers[sid] = st
         return st
 
-    def producer(self, uint64_t sid, Py_ssize_t window):
-        """A stream the peer opened, whose items we produce."""
-        cdef StreamOut out = StreamOut(sid, self._wire, window)
+    def producer(self, Wire wire, uint64_t sid, Py_ssize_t window):
+        """A stream the peer opened over `wire`, whose items we produce."""
+        cdef StreamOut out = StreamOut(sid, wire, window)
         self.producers[sid] = out
         return out
 
