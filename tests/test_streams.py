@@ -356,6 +356,9 @@ def test_the_core_keeps_a_stream_to_its_window_and_refuses_malformed_frames(bad)
                  "empty array": (core.FT_ITEM, []), "credit of 0": (core.FT_CREDIT, 0),
                  "credit not an int": (core.FT_CREDIT, "x")}[bad]
         deliver(proto, core.build_frame(frame[0], 0, st.sid, core.packb(frame[1])))
-        return proto.closed and transport.aborted
+        closed = proto.closed and transport.aborted
+        # what a real transport does after abort(): the stream ends, lost
+        proto.connection_lost(None)
+        return closed and len(proto.streams) == 0
 
     assert asyncio.run(main())
