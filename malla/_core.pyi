@@ -253,6 +253,7 @@ class StreamIn:
 class StreamOut:
     sid: int
     credit: int
+    window: int
     def send(self, items: list[Any]) -> None: ...
     def wait(self, loop: AbstractEventLoop) -> Future[None]: ...
 

@@ -22,6 +22,7 @@ hostile-peer flood of tests/flood.py).  Here the node accepts itself:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -137,7 +138,16 @@ class Acceptor:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = asyncio.ensure_future(self._start(sock, key))
             self._starting.add(task)
-            task.add_done_callback(self._starting.discard)
+            task.add_done_callback(functools.partial(self._started, sock, key))
+
+    def _started(self, sock: socket.socket, key: Any, task: asyncio.Task[None]) -> None:
+        self._starting.discard(task)
+        if task.cancelled():
+            # (close() in the turn it was accepted: a task cancelled before
+            # its first step never ran its own clean-up, so its slot and its
+            # socket would stay taken; ending either twice is harmless)
+            self._pending.end(key)
+            sock.close()
 
     def _pause(self, listening: socket.socket) -> None:
         assert self._loop is not None

@@ -210,7 +210,11 @@ class Caller:
                          meta: Any, failover: bool = True) -> Any:
         conn = self._conns.get(node)
         if conn is None:     # (dialled now with mesh="on_demand", else not available)
+            started = time.monotonic()
             conn = await self._peers.open(node, timeout, at)
+            if timeout:
+                # the dial is part of the attempt: it waits within its timeout
+                timeout = max(1, timeout - int((time.monotonic() - started) * 1000))
         if conn.proto.writing_paused:
             await self._wait_congested(conn, name, timeout, at, failover)
         proto, fut = self._send(conn, name, fun, args, kwargs, timeout, at, meta)

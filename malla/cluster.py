@@ -224,11 +224,11 @@ class Cluster:
         if self.address is not None:      # started before: a new incarnation
             self.incarnation = random.getrandbits(64)
         # (strangers are refused there, before a Connection is made)
-        self._server = Acceptor(lambda key: self._make_protocol(False, None, key), self.pending,
-                                self.throttle, self.config.ssl_server,
-                                self.config.handshake_timeout)
-        await self._server.listen(self.config.host, self.config.port)
-        sock = self._server.sockets[0].getsockname()
+        acceptor = Acceptor(lambda key: self._make_protocol(False, None, key), self.pending,
+                            self.throttle, self.config.ssl_server, self.config.handshake_timeout)
+        await acceptor.listen(self.config.host, self.config.port)
+        self._server = acceptor       # (only once listening: a failed start is no start)
+        sock = acceptor.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         return self.address
 

@@ -248,7 +248,7 @@ class Connection:
         end = loop.time() + limit
         quiet_since = loop.time()
         while self.proto is not None and not self.proto.closed and loop.time() < end:
-            if self.proto.in_flight or self.proto.running:
+            if self.proto.in_flight or self.proto.running or len(self.proto.streams):
                 quiet_since = loop.time()
             elif loop.time() - quiet_since >= idle:
                 break

@@ -93,6 +93,7 @@ class NodeRecord:
         lease = body.get("lease", 0)
         why = (f"names {body.get('name')!r}, not {name!r}" if body.get("name") != name
                else "bad address" if not _pair(address, str, int)
+               or not 0 < address[1] < 65536      # type: ignore[index]
                else "bad protocol range" if not _pair(protocol, int, int)
                else "bad incarnation" if type(incarnation) is not int
                or not 0 <= incarnation < 1 << 64

@@ -42,6 +42,7 @@ node whose reply won (server.address).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -159,6 +160,7 @@ class Hedge:
         """The reply of the call on `node`, or on the next node of `nodes`
         when `node` has not answered within hedge_after (see the module's
         docstring for which error is raised)."""
+        started = time.monotonic()
         first, cancel = self._copy(node, args, kwargs, timeout, at, meta)
         copies = {first: (node, cancel)}
         won = False         # a copy's reply is the attempt's: the other lost
@@ -170,7 +172,10 @@ class Hedge:
             if other is None or not self._host.may_hedge(self._service):
                 return await first
             try:
-                second = self._copy(other, args, kwargs, timeout, at, meta)
+                # (the attempt's timeout bounds both copies: the second gets
+                # what is left of it)
+                left = max(1, timeout - int((time.monotonic() - started) * 1000))
+                second = self._copy(other, args, kwargs, left, at, meta)
             except mexc.MallaError:
                 return await first      # the hedge could not be sent: the first copy's
             copies[second[0]] = (other, second[1])

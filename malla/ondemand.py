@@ -80,7 +80,10 @@ class OnDemand:
                 proto = conn.proto
                 count = proto.calls_in + proto.calls_out
                 last = seen.get(conn)
-                if last is None or last[0] != count or proto.in_flight or proto.running:
+                # (a stream open either way is not idle, however long
+                # between its items)
+                if (last is None or last[0] != count or proto.in_flight or proto.running
+                        or len(proto.streams)):
                     current[conn] = (count, now)
                 elif now - last[1] >= self.idle_close:
                     self.cluster.release(conn, tell=True)

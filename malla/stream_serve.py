@@ -175,11 +175,13 @@ async def _fill(gen: Any, proto: Any, out: Any, patience: float, loop: Any,
                 batch.send()
                 while out.credit <= 0:
                     await out.wait(loop)      # the consumer's CREDIT (or CANCEL)
-                if proto.writing_paused:
-                    # the transport's buffer is full (64 KiB chunks, a slow
-                    # reader): the next items wait for it to drain, so small
-                    # calls on the connection wait behind at most that
-                    await proto.owner.wait_writable(patience)
+            if proto.writing_paused:
+                # the transport's buffer is full (64 KiB chunks, a slow
+                # reader, a window as large as a consumer may ask): the next
+                # items wait for it to drain, so small calls on the
+                # connection wait behind at most that, and the buffer is
+                # bounded whatever the window
+                await proto.owner.wait_writable(patience)
     except Exception:
         batch.send()        # the items it yielded before it raised go first
         raise

@@ -135,8 +135,8 @@ class Streamer:
 
     async def _there(self, s: Stream, node: str, conn: Any) -> _Remote:
         caller = self._caller
-        if conn is None:
-            raise ServiceNotAvailable(f"no connection to {node}")
+        if conn is None:     # (dialled now with mesh="on_demand", else not available)
+            conn = await caller._peers.open(node, s.timeout, s.at)
         registry = caller._registry
         checks = registry.checks(s.name, node)
         if checks is not None:

@@ -45,6 +45,11 @@ class Calc(malla.Service, global_=True):
         await asyncio.sleep(seconds)
         return "done"
 
+    async def ticks(self, n, pause):
+        for i in range(n):
+            yield i
+            await asyncio.sleep(pause)
+
 
 @pytest.fixture(scope="module")
 def etcd() -> Iterator[EtcdServer]:
@@ -207,6 +212,24 @@ def test_idle_connections_close_and_keep_the_services(url):
         # a hidden node reads the membership, calls, and never registers
         assert await h.remote(Calc, "who") == "b"
         assert "h" not in registered(url) and "h" not in a.members()
+
+    with_nodes(test)
+
+
+def test_a_stream_dials_on_demand_and_an_open_one_is_not_idle(url):
+    async def test(make):
+        a = make("a", discovery=url, idle_close=0.3, **FAST)
+        b = make("b", discovery=url, idle_close=0.3, **FAST)
+        for node in (a, b):
+            await node.start()
+        await b.start_service(Calc("b"))
+        await wait_until(lambda: a.get_nodes(Calc) == ["b"])
+        assert a.peers() == []
+        # the first call that needs b is a stream: it opens the connection
+        assert [x async for x in a.stream(Calc, "ticks", [3, 0], sna_retries=0)] == [0, 1, 2]
+        assert a.peers() == ["b"]
+        # quiet between its items for longer than idle_close, it is not cut
+        assert [x async for x in a.stream(Calc, "ticks", [6, 0.15])] == list(range(6))
 
     with_nodes(test)
 

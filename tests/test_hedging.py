@@ -7,6 +7,7 @@ may not be hedged is refused before anything is sent."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import ClassVar
 
 import pytest
@@ -169,3 +170,19 @@ def test_of_two_failed_copies_the_error_that_says_it_may_have_run_is_raised():
     assert _worse(_worse(None, refused), failed) is failed
     assert _worse(_worse(None, failed), refused) is failed
     assert _worse(_worse(None, refused), malla.Overloaded("busy")) is refused
+
+
+def test_the_attempts_timeout_bounds_both_copies():
+    """The hedge gets what is left of the attempt's timeout, not a fresh
+    one: two stalling nodes, timeout 1 s, hedge after 0.9 s -> CallTimeout
+    at about 1 s (it was 1.9 s: the second copy's own full second)."""
+    async def main(make):
+        _, _, c = await two_servers_and_a_caller(make)
+        started = time.monotonic()
+        with pytest.raises(malla.CallTimeout):
+            await c.remote("Hedgy", "get", [30, True], timeout=1000, hedge_after=900)
+        assert time.monotonic() - started < 1.6        # (wide slack: 1.0 s expected)
+        assert c.stats()["hedges"] == 1
+        await wait_until(lambda: sorted(Hedgy.cancelled) == ["a", "b"])
+
+    with_nodes(main)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 import pytest
 from support import run_async, seed_of, wait_until, with_nodes
@@ -338,3 +339,52 @@ def test_stop_closes_pending_handshakes():
             writer.close()
 
     run_async(main(), timeout=30)
+
+
+def test_a_stop_in_the_turn_of_an_accept_frees_the_slots_and_the_sockets():
+    """close() in the same turn of the loop as an accept: the tasks that
+    would admit those connections are cancelled before their first step,
+    and their slots and sockets are freed all the same."""
+    from malla.acceptor import Acceptor
+    from malla.handshakes import PendingHandshakes
+
+    async def main():
+        pending = PendingHandshakes(64, "n")
+        made: list[asyncio.Protocol] = []
+        acceptor = Acceptor(lambda key: made.append(asyncio.Protocol()) or made[-1], pending,
+                            HandshakeThrottle(), None, 1.0)
+        await acceptor.listen("127.0.0.1", 0)
+        address = acceptor.sockets[0].getsockname()
+        clients = [socket.create_connection(address) for _ in range(5)]
+        try:
+            time.sleep(0.05)     # (all five in the backlog, the loop held meanwhile)
+            acceptor._accept(acceptor.sockets[0])    # what the reader callback does
+            assert len(pending) == 5
+            acceptor.close()                     # node.stop(), in the same turn
+            await asyncio.sleep(0.05)
+            assert len(pending) == 0 and made == []
+            for client in clients:               # closed on our side: end of stream
+                client.settimeout(5)
+                assert client.recv(1) == b""
+        finally:
+            for client in clients:
+                client.close()
+
+    run_async(main())
+
+
+def test_a_start_that_could_not_listen_can_be_tried_again():
+    async def main(make):
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        node = make("n", port=port)
+        with pytest.raises(OSError):
+            await node.start()
+        blocker.close()
+        await node.start()                       # (it returned at once, not listening)
+        assert node.address[1] == port
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+    with_nodes(main)

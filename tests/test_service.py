@@ -423,12 +423,16 @@ def test_max_concurrency_overloaded_without_another_node():
         with pytest.raises(malla.Overloaded) as info:
             await b.remote(Gate, "where", **FAST)
         assert isinstance(info.value, malla.ServiceNotAvailable)
+        # a's hint of when it has room (version 2): b skips a until then
+        hint = info.value.retry_after_ms
+        assert type(hint) is int and hint >= 1
         # in-process callers hit the same limit
         with pytest.raises(malla.Overloaded):
             await a.remote(Gate, "where", **FAST)
         gate.release.set()
         assert await held == "a"
-        # the slot is free again
+        # the slot is free again (for b once a's hint has passed)
+        await asyncio.sleep(hint / 1000 + 0.01)
         assert await b.remote(Gate, "where", **FAST) == "a"
         assert await a.remote(Gate, "where", **FAST) == "a"
 

@@ -362,3 +362,29 @@ def test_the_core_keeps_a_stream_to_its_window_and_refuses_malformed_frames(bad)
         return closed and len(proto.streams) == 0
 
     assert asyncio.run(main())
+
+
+@pytest.mark.parametrize("bad", [None, "credit beyond the window", "a running stream's id"])
+def test_a_producer_takes_no_credit_beyond_its_window_and_no_second_call_on_its_id(bad):
+    # sans-IO: a producer of window 2 that has sent one item; an honest
+    # consumer gives back at most that one (None: the control)
+    from malla._testbase import FakeTransport, RecordingOwner, deliver
+
+    async def main():
+        transport = FakeTransport()
+        proto = core.Protocol(RecordingOwner(), asyncio.get_running_loop(), True, {})
+        proto.connection_made(transport)
+        proto.set_ready("peer", 1 << 20)
+        out = proto.streams.producer(proto, 7, 2)
+        out.send([0])
+        deliver(proto, core.build_frame(core.FT_CREDIT, 0, 7, core.packb(1)))
+        assert out.credit == 2 and not proto.closed
+        if bad == "credit beyond the window":
+            deliver(proto, core.build_frame(core.FT_CREDIT, 0, 7, core.packb(1)))
+        elif bad == "a running stream's id":
+            deliver(proto, core.build_frame(core.FT_STREAM, 0, 7, core.packb(["S", "f"])))
+        closed = proto.closed and transport.aborted
+        proto.connection_lost(None)
+        return closed
+
+    assert asyncio.run(main()) is (bad is not None)

@@ -250,6 +250,10 @@ cdef class CoreProtocol(Wire):
         cdef ServiceEntry entry
         cdef tuple why
         self.calls_in += 1
+        if not cast and (sid in self._running or sid in self.streams.producers):
+            # (ids never repeat on a connection: a second call under a running
+            # one's id would orphan the first, beyond the reach of CANCEL)
+            raise ProtocolError(f"a call under id {sid}, which a running call holds")
         try:
             obj = _unpack_detached(p, n, detached)
         except EncodeError as exc:

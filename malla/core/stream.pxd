@@ -24,6 +24,7 @@ cdef class StreamOut:
     cdef readonly uint64_t sid
     cdef Wire _wire
     cdef public Py_ssize_t credit   # items the consumer may still receive
+    cdef readonly Py_ssize_t window  # the most credit it may hold
     cdef object _waiter
 
     cdef void _wake(self)

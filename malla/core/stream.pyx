@@ -127,7 +127,7 @@ cdef class StreamOut:
     def __cinit__(self, uint64_t sid, Wire wire, Py_ssize_t credit):
         self.sid = sid
         self._wire = wire
-        self.credit = credit
+        self.credit = self.window = credit
 
     def send(self, list items):
         """Queue one ITEM frame of `items` (EncodeError, MessageTooLarge:
@@ -199,6 +199,10 @@ cdef class StreamBook:
         if type(more) is not int or not 0 < more <= MAX_STREAM_WINDOW:
             raise ProtocolError(f"malformed CREDIT frame: {more!r}")
         if out is not None:         # (else a stream that has ended)
+            if (<StreamOut>out).credit + <Py_ssize_t>more > (<StreamOut>out).window:
+                # (an honest consumer gives back only items it received: a
+                # hostile one would make the producer queue without bound)
+                raise ProtocolError(f"CREDIT of {more} beyond stream {sid}'s window")
             (<StreamOut>out).credit += <Py_ssize_t>more
             (<StreamOut>out)._wake()
         return 0
