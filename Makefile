@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.malla-installed
 CORE   := malla/_core.pyx malla/_core.pxd $(wildcard malla/core/*.pyx malla/core/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: all build demo test test-tools test-long bench scale soak fuzz debug test-debug docs lint wheel test-wheel \
+.PHONY: all build demo test test-tools test-slow test-long bench scale soak fuzz debug test-debug docs lint wheel test-wheel \
 	clean distclean
 
 all: build
@@ -29,7 +29,13 @@ demo: build
 	$(VPY) -m malla demo
 
 test: build
-	$(VPY) -m pytest -q -x -p no:cacheprovider -m "not tools" $(PYTEST_ARGS)
+	$(VPY) -m pytest -q -x -p no:cacheprovider -m "not tools and not slow" $(PYTEST_ARGS)
+
+# The two short soaks (a loopback and a network-namespace cluster under
+# load, about 30 s together): their own tier, a .ci/run step, so that make
+# test keeps within its 10 minutes on 2 cores.
+test-slow: build
+	$(VPY) -m pytest -q -x -p no:cacheprovider -m slow $(PYTEST_ARGS)
 
 # The sdist-and-wheel build and the bench harness's short run (about 90 s
 # together): their own tier, a .ci/run step, so that make test keeps within

@@ -15,6 +15,7 @@ from support import kill_process, read_line, seed_of, spawn_python, wait_until, 
 
 import malla
 from malla import _core as core
+from malla._testbase import FakeTransport, RecordingOwner, deliver
 
 
 class Feed(malla.Service, global_=True, max_concurrency=2):
@@ -331,17 +332,21 @@ def _frames(data: bytes) -> list[tuple[int, int, bytes]]:
     return out
 
 
+def _ready_core() -> tuple[core.Protocol, FakeTransport]:
+    """A core protocol ready on the fake transport (sans-IO; in a loop)."""
+    transport = FakeTransport()
+    proto = core.Protocol(RecordingOwner(), asyncio.get_running_loop(), True, {})
+    proto.connection_made(transport)
+    proto.set_ready("peer", 1 << 20)
+    return proto, transport
+
+
 @pytest.mark.parametrize("bad", ["beyond the window", "not an array", "empty array",
                                  "credit of 0", "credit not an int"])
 def test_the_core_keeps_a_stream_to_its_window_and_refuses_malformed_frames(bad):
     # sans-IO, on the core's fake transport: a consumer with a window of 2
-    from malla._testbase import FakeTransport, RecordingOwner, deliver
-
     async def main():
-        transport = FakeTransport()
-        proto = core.Protocol(RecordingOwner(), asyncio.get_running_loop(), True, {})
-        proto.connection_made(transport)
-        proto.set_ready("peer", 1 << 20)
+        proto, transport = _ready_core()
         st = proto.open_stream("S", "f", [], None, 1000, None, None, None, 2)
         deliver(proto, core.build_frame(core.FT_ITEM, 0, st.sid, core.packb([1, 2])))
         assert st.buffered == 2 and not proto.closed
@@ -368,13 +373,8 @@ def test_the_core_keeps_a_stream_to_its_window_and_refuses_malformed_frames(bad)
 def test_a_producer_takes_no_credit_beyond_its_window_and_no_second_call_on_its_id(bad):
     # sans-IO: a producer of window 2 that has sent one item; an honest
     # consumer gives back at most that one (None: the control)
-    from malla._testbase import FakeTransport, RecordingOwner, deliver
-
     async def main():
-        transport = FakeTransport()
-        proto = core.Protocol(RecordingOwner(), asyncio.get_running_loop(), True, {})
-        proto.connection_made(transport)
-        proto.set_ready("peer", 1 << 20)
+        proto, transport = _ready_core()
         out = proto.streams.producer(proto, 7, 2)
         out.send([0])
         deliver(proto, core.build_frame(core.FT_CREDIT, 0, 7, core.packb(1)))
