@@ -200,11 +200,6 @@ class Caller:
             self._stats.error(exc)
             raise
 
-    def _may_retry(self, service: str) -> bool:
-        """May one more retry or hedge go to `service` now?  True spends it
-        from the node's retry budget; False counts it as throttled."""
-        return self.routing.may_retry(service)
-
     async def _call_node(self, node: str, name: str, fun: str, args: Any,
                          kwargs: dict[str, Any] | None, timeout: int, at: float | None,
                          meta: Any, failover: bool = True) -> Any:
