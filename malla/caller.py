@@ -191,7 +191,11 @@ class Caller:
                 wait = jittered(retries_sleep_msec)
                 if not tried:
                     # every node within its retry_after_ms: not before the first has room
-                    wait = max(wait, self.routing.soonest_ms(name, order) or 0.0)
+                    # (+1 ms: the loop's timers are of millisecond grain; a sleep
+                    # woken a fraction early finds every node still within its hint)
+                    soonest = self.routing.soonest_ms(name, order)
+                    if soonest is not None:
+                        wait = max(wait, soonest + 1.0)
                 self._stats.retries += 1
                 await _retry_sleep(wait, at, name, last is not None)
         except mexc.MallaError as exc:

@@ -274,6 +274,7 @@ def test_the_throttle_forgets_its_oldest_address_past_its_bound():
 FLOOD_RSS_BOUND_MIB = 32
 
 
+@pytest.mark.serial
 def test_a_hostile_flood_of_20000_attempts_leaves_calls_and_memory_alone():
     """tests/flood.py: 20,000 attempts (idle, slowloris, garbage, replayed
     handshakes; 1,000 from one address, the rest from 2,000) against a node

@@ -56,7 +56,7 @@ def check(report: dict) -> None:
     assert not report["failures"], text
 
 
-@pytest.mark.slow
+@pytest.mark.serial
 def test_soak_short_loopback():
     # Ledger takes 16 calls at once per node: past that, Overloaded and failover.
     check(run_soak(SoakConfig(calls=25_000, nodes=4, concurrency=64, netns=False,
@@ -64,7 +64,7 @@ def test_soak_short_loopback():
                               server_max_concurrency=16)))
 
 
-@pytest.mark.slow
+@pytest.mark.serial
 def test_soak_short_netns():
     check(run_soak(SoakConfig(calls=25_000, nodes=4, concurrency=64, netns=True,
                               faults=("kill9", "sigstop", "term", "cut"), min_each_fault=2)))
