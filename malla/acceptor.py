@@ -22,6 +22,7 @@ hostile-peer flood of tests/flood.py).  Here the node accepts itself:
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import os
@@ -37,13 +38,17 @@ __all__ = ["ACCEPT_BATCH", "Acceptor"]
 
 log = logging.getLogger("malla.acceptor")
 
-# Connections accepted per turn of the loop: refused, each costs some 25 us
-# of CPU (most of it the kernel's accept and close), so a turn's accepting
-# stays under half a millisecond
-ACCEPT_BATCH = 16
+# Connections accepted per turn of the loop.  A refused one costs some 25 us
+# of CPU (most of it the kernel's accept and close), an admitted one far more
+# (its socket, transport, Connection and core protocol, then whatever it sends
+# -- in that turn or the next): a call arriving meanwhile waits behind the
+# whole batch, so it is small.  The loop turns again at once while more are
+# waiting, so the pace of accepting hardly falls.
+ACCEPT_BATCH = 4
 BACKLOG = 100                   # asyncio's create_server default
 # After EMFILE and the like: stop accepting for a while (asyncio does too)
 ACCEPT_RETRY_DELAY = 1.0
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 # The protocol for an admitted stranger, told its key in PendingHandshakes
 Factory = Callable[[int], Any]
@@ -80,7 +85,13 @@ class Acceptor:
                                        type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         try:
             for family, kind, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, kind, proto)
+                try:
+                    sock = socket.socket(family, kind, proto)
+                except OSError as exc:
+                    # (a kernel without IPv6 still resolves "" to "::":
+                    # asyncio skips such a family too, and so does this)
+                    log.debug("malla: no socket of family %s here: %s", family, exc)
+                    continue
                 self._socks.append(sock)
                 self._family[sock] = family
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -97,6 +108,8 @@ class Acceptor:
         except BaseException:
             self.close()
             raise
+        if not self._socks:
+            raise OSError(errno.EAFNOSUPPORT, f"no address of {host!r} can be listened on here")
         for sock in self._socks:
             loop.add_reader(sock.fileno(), self._accept, sock)
 
@@ -121,11 +134,17 @@ class Acceptor:
                 return
             except ConnectionAbortedError:
                 continue                # gone before we took it
-            except OSError as exc:      # out of descriptors, say: take a breath
-                log.error("malla: accepting a connection failed: %s; accepting again in "
-                          "%.0f s", exc, ACCEPT_RETRY_DELAY)
-                self._pause(listening)
-                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # out of descriptors or memory: take a breath, as asyncio does
+                    log.error("malla: accepting a connection failed: %s; accepting again "
+                              "in %.0f s", exc, ACCEPT_RETRY_DELAY)
+                    self._pause(listening)
+                    return
+                # (anything else belongs to that one connection: ECONNRESET,
+                # EPROTO, a firewall's EPERM... -- the next one may be fine)
+                log.warning("malla: accepting a connection failed: %s", exc)
+                continue
             host = str(address[0])
             key = None if self._throttle.blocked(host) else self._pending.start(host)
             if key is None:
@@ -136,7 +155,7 @@ class Acceptor:
                                  socket.IPPROTO_TCP, fd)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.ensure_future(self._start(sock, key))
+            task = asyncio.ensure_future(self._start(sock, key, host))
             self._starting.add(task)
             task.add_done_callback(functools.partial(self._started, sock, key))
 
@@ -160,7 +179,7 @@ class Acceptor:
 
         self._loop.call_later(ACCEPT_RETRY_DELAY, resume)
 
-    async def _start(self, sock: socket.socket, key: int) -> None:
+    async def _start(self, sock: socket.socket, key: int, host: str) -> None:
         """Hand the admitted connection to its protocol (after the TLS
         handshake, under TLS)."""
         assert self._loop is not None
@@ -185,3 +204,8 @@ class Acceptor:
                 made.connection_lost(exc if isinstance(exc, Exception) else None)
             if not isinstance(exc, (OSError, asyncio.TimeoutError)):
                 raise
+            # a failed handshake like any other (counted, the address throttled,
+            # logged at a bounded rate): garbage sent to a TLS port included
+            self._throttle.failed(host)
+            self._pending.warn("malla: TLS handshake from %s failed: %s", host,
+                               exc or type(exc).__name__)

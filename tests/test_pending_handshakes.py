@@ -232,6 +232,33 @@ def test_under_tls_a_connection_is_pending_from_accept_through_its_tls_handshake
     with_nodes(main)
 
 
+def test_failed_tls_handshakes_are_counted_and_throttle_their_address(tmp_path):
+    """Garbage sent to a TLS port fails in the TLS layer, before the node's
+    own handshake: it still counts in handshakes_failed, and an address that
+    keeps failing is closed at once, like one failing the cookie check."""
+    pki = Pki(tmp_path)
+
+    async def main(make):
+        a = await make("a", **pki.node_settings("a", uri=("a",))).start()
+        throttle = a._cluster.throttle
+        for _ in range(throttle.free):
+            reader, writer = await open_from(a, "127.0.0.4")
+            writer.write(b"GET / HTTP/1.1\r\n\r\n" * 4)
+            assert await first_bytes(reader, timeout=2) in (b"", None)
+            writer.close()
+        await wait_until(lambda: a.stats()["handshakes_failed"] == throttle.free, timeout=5)
+        assert a.stats()["handshakes_throttled"] == 0
+        # the next one from that address is closed unread; another address is not
+        _, writer = await open_from(a, "127.0.0.4")
+        await wait_until(lambda: a.stats()["handshakes_throttled"] == 1, timeout=5)
+        writer.close()
+        b = await make("b", seeds=[seed_of(a)], **pki.node_settings("b", uri=("b",))).start()
+        await wait_until(lambda: "b" in a.peers(), timeout=5)
+        assert a.stats()["handshakes_failed"] == throttle.free
+
+    with_nodes(main)
+
+
 def test_a_turn_of_the_loop_accepts_at_most_a_batch():
     """Connections waiting in the backlog are taken ACCEPT_BATCH per turn of
     the event loop: what else is ready runs in between."""
@@ -356,11 +383,11 @@ def test_a_stop_in_the_turn_of_an_accept_frees_the_slots_and_the_sockets():
                             HandshakeThrottle(), None, 1.0)
         await acceptor.listen("127.0.0.1", 0)
         address = acceptor.sockets[0].getsockname()
-        clients = [socket.create_connection(address) for _ in range(5)]
+        clients = [socket.create_connection(address) for _ in range(ACCEPT_BATCH)]
         try:
-            time.sleep(0.05)     # (all five in the backlog, the loop held meanwhile)
+            time.sleep(0.05)     # (all of them in the backlog, the loop held meanwhile)
             acceptor._accept(acceptor.sockets[0])    # what the reader callback does
-            assert len(pending) == 5
+            assert len(pending) == ACCEPT_BATCH
             acceptor.close()                     # node.stop(), in the same turn
             await asyncio.sleep(0.05)
             assert len(pending) == 0 and made == []
