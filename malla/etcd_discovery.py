@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from malla.etcd import KV, NOT_FOUND, EtcdClient, EtcdRefused, kv_of
 from malla.exceptions import NameInUse, NodeStopped, ProtocolError, Unreachable
@@ -117,9 +117,10 @@ class Registration:
     """One node's record in etcd, kept alive.
 
     `register()` (blocking) claims the name; `start()` renews from a daemon
-    thread of its own — or the node's heartbeat thread calls `tick()`
-    instead; `update()` (from any thread, never blocking) replaces the
-    record; `close()` revokes the lease, so the record goes at once."""
+    thread of its own, or from a `malla.etcd_share.Keeper` renewing every
+    registration of the process (anything else may call `tick()` instead);
+    `update()` (from any thread, never blocking) replaces the record;
+    `close()` revokes the lease, so the record goes at once."""
 
     def __init__(self, client: EtcdClient, prefix: str, record: NodeRecord, *,
                  ttl: int) -> None:
@@ -135,6 +136,7 @@ class Registration:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._keeper: Renewer | None = None
         self._next = 0.0
         self._unreachable = False
         self._held_by: str | None = None
@@ -142,6 +144,17 @@ class Registration:
     @property
     def record(self) -> NodeRecord:
         return self._record
+
+    @property
+    def due(self) -> float:
+        """When the next `tick()` has something to do (monotonic s; now,
+        with an update pending)."""
+        return 0.0 if self._dirty else self._next
+
+    @property
+    def unreachable(self) -> bool:
+        """The last exchange found no etcd endpoint answering."""
+        return self._unreachable
 
     def register(self, wait: float | None = None) -> None:
         """Claim the name (blocking).  Another live incarnation holding it:
@@ -220,6 +233,8 @@ class Registration:
             try:
                 self._renew()
             except Unreachable as exc:
+                # (retried after an interval, not at once: no loop of refusals)
+                self._next = time.monotonic() + self.interval
                 if not self._unreachable:
                     log.warning("malla: etcd unreachable, %s not renewed (calls between "
                                 "known nodes go on; retrying): %s", self.key, exc)
@@ -255,8 +270,14 @@ class Registration:
             log.error("malla: cannot register %s again: %s holds it", self.key, holder)
             self._held_by = holder
 
-    def start(self) -> None:
-        """Renew from a daemon thread of this registration's own."""
+    def start(self, keeper: Renewer | None = None) -> None:
+        """Renew from `keeper`'s thread (shared with other registrations),
+        or from a daemon thread of this registration's own."""
+        if keeper is not None:
+            self._keeper = keeper
+            self._wake = keeper.wake      # (an update wakes the shared thread)
+            keeper.add(self)
+            return
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"malla-etcd {self._record.name}")
         self._thread.start()
@@ -272,6 +293,8 @@ class Registration:
         etcd unreachable: logged, and the record expires with its lease."""
         self._closed.set()
         self._wake.set()
+        if self._keeper is not None:
+            self._keeper.remove(self)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         with self._lock:
@@ -282,6 +305,15 @@ class Registration:
                 except (Unreachable, ProtocolError) as exc:
                     log.warning("malla: could not revoke the etcd lease of %s (it "
                                 "expires within %d s): %s", self.key, self.ttl, exc)
+
+
+class Renewer(Protocol):
+    """A thread that renews several registrations (malla.etcd_share.Keeper)."""
+
+    wake: threading.Event
+
+    def add(self, registration: Registration) -> None: ...
+    def remove(self, registration: Registration) -> None: ...
 
 
 def _holder(kv: KV, name: str) -> int | None:
