@@ -99,7 +99,8 @@ class EtcdDiscovery:
         vmin, vmax, _ = protocol_limits(self.config.identity)
         record = NodeRecord(self.config.name, self._dialled_at(address), incarnation,
                             (vmin, vmax), self._table(), self.ttl)
-        registration = Registration(share.client, self.prefix, record, ttl=self.ttl)
+        registration = Registration(share.client, self.prefix, record, ttl=self.ttl,
+                                    keeper=share.keeper)
         try:
             await asyncio.to_thread(registration.register)
         except Unreachable as exc:
@@ -111,7 +112,7 @@ class EtcdDiscovery:
         # (renewed by the process's keeper thread, not the UDP heartbeat
         # thread: an etcd request waiting out its timeout must not delay the
         # heartbeats)
-        registration.start(share.keeper)
+        registration.start()
         self.registration = registration
 
     async def stop(self) -> None:

@@ -24,9 +24,11 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from malla.etcd import EtcdClient, EtcdUrl
 from malla.etcd_discovery import JOIN, MemberEvent, Membership, Registration
+from malla.exceptions import ProtocolError, Unreachable
 
 __all__ = ["Keeper", "Share"]
 
@@ -36,22 +38,39 @@ Apply = Callable[[MemberEvent], None]
 Key = tuple[asyncio.AbstractEventLoop, tuple[tuple[str, int], ...], bool, int, str]
 
 
+@dataclass
+class _Lease:
+    """A lease shared by the registrations of one TTL (id 0: none yet)."""
+
+    id: int = 0
+    next: float = 0.0      # when it is renewed next (monotonic s)
+
+
 class Keeper:
-    """One daemon thread renewing the leases of every registration added.
+    """One daemon thread keeping the leases of every registration added.
 
-    Each pass ticks every registration in turn (a tick does nothing until
-    that registration is due); a pass that finds etcd unreachable stops
-    there, since the others share its endpoints, and the next one comes an
-    interval later, so an outage costs one failed request per interval, not
-    one per node."""
+    The registrations of one TTL share one lease (`lease()` grants it on
+    first need), renewed three times per TTL with ONE request for them all.
+    When etcd says it is gone (it expired: the process was frozen or cut
+    off from etcd past the TTL, or etcd lost it) every registration under it
+    registers again under a new one.  A stopped node's record is deleted
+    (`forget()`), retried each pass while etcd does not answer, so it goes
+    at once or with the lease.  A pass that finds etcd unreachable stops
+    there and the next comes an interval later: an outage costs a request
+    per interval, not one per node."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, client: EtcdClient, name: str) -> None:
+        self.client = client
         self.name = name
         self.wake = threading.Event()
         self._registrations: list[Registration] = []
-        self._lock = threading.Lock()
+        self._leases: dict[int, _Lease] = {}           # by TTL
+        self._forgotten: list[tuple[str, int]] = []    # (key, lease) still to delete
+        self._lock = threading.Lock()                  # the lists and leases above
+        self._grant = threading.Lock()                 # one grant at a time
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._unreachable = False
 
     def add(self, registration: Registration) -> None:
         with self._lock:
@@ -67,32 +86,125 @@ class Keeper:
             if registration in self._registrations:
                 self._registrations.remove(registration)
 
+    def lease(self, ttl: int) -> int:
+        with self._grant:
+            with self._lock:
+                held = self._leases.setdefault(ttl, _Lease())
+                if held.id:
+                    return held.id
+            lease = self.client.grant(ttl)
+            with self._lock:
+                held.id, held.next = lease, time.monotonic() + ttl / 3
+            log.debug("malla: etcd lease %x of %d s granted for %s", lease, ttl, self.name)
+            return lease
+
+    def alive(self, ttl: int, lease: int) -> bool:
+        held = self._leases.get(ttl)
+        return held is not None and held.id == lease != 0
+
+    def lost(self, ttl: int, lease: int) -> None:
+        with self._lock:
+            held = self._leases.get(ttl)
+            if held is None or held.id != lease:
+                return
+            held.id = 0
+            registrations = list(self._registrations)
+            self._forgotten = [(k, le) for k, le in self._forgotten if le != lease]
+        for registration in registrations:
+            if registration.ttl == ttl:
+                registration.recheck()
+        self.wake.set()
+
+    def forget(self, key: str, lease: int) -> None:
+        if lease and not self._delete(key, lease):
+            with self._lock:
+                self._forgotten.append((key, lease))
+
+    def _delete(self, key: str, lease: int) -> bool:
+        """Delete `key` if it is still under `lease`; False: etcd did not answer."""
+        try:
+            self.client.delete_under(key, lease)
+        except Unreachable as exc:
+            log.warning("malla: could not delete %s from etcd (retrying; it goes with "
+                        "its lease at the latest): %s", key, exc)
+            return False
+        except ProtocolError as exc:
+            log.warning("malla: etcd refused to delete %s: %s", key, exc)
+        return True
+
     def stop(self) -> None:
-        """Stop the thread (its registrations were closed first)."""
+        """Stop the thread (its registrations were closed first) and revoke
+        the leases, now empty."""
         self._stopped.set()
         self.wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        with self._lock:
+            leases = [held.id for held in self._leases.values() if held.id]
+            self._leases.clear()
+        for lease in leases:
+            try:
+                self.client.revoke(lease)
+            except (Unreachable, ProtocolError) as exc:
+                log.warning("malla: could not revoke the etcd lease %x (it expires "
+                            "by itself): %s", lease, exc)
 
     def _run(self) -> None:
         while not self._stopped.is_set():
+            outage = not self._renew()
             with self._lock:
                 registrations = list(self._registrations)
-            outage = False
-            for registration in registrations:
+                forgotten, self._forgotten = self._forgotten, []
+            for key, lease in forgotten:
+                if outage or not self._delete(key, lease):
+                    with self._lock:
+                        self._forgotten.append((key, lease))
+                    outage = True
+            for registration in registrations if not outage else ():
                 if self._stopped.is_set():
                     return
                 registration.tick()
                 if registration.unreachable:
                     outage = True
                     break
-            interval = min((r.interval for r in registrations), default=1.0)
+            intervals = [r.interval for r in registrations] or [1.0]
             now = time.monotonic()
-            delay = interval if outage else min(
-                [interval] + [r.due - now for r in registrations])
-            self.wake.wait(max(0.0, delay))
+            due = [held.next - now for held in self._leases.values() if held.id]
+            due += [r.due - now for r in registrations]
+            self.wake.wait(max(0.0, min(intervals) if outage else min(intervals + due)))
             self.wake.clear()
+
+    def _renew(self) -> bool:
+        """Renew each shared lease that is due; False when etcd did not answer."""
+        now = time.monotonic()
+        with self._lock:
+            due = [(ttl, held.id) for ttl, held in self._leases.items()
+                   if held.id and held.next <= now]
+        for ttl, lease in due:
+            try:
+                alive = self.client.keepalive(lease) > 0
+            except Unreachable as exc:
+                if not self._unreachable:
+                    log.warning("malla: etcd unreachable, the lease of %s not renewed "
+                                "(calls between known nodes go on; retrying): %s",
+                                self.name, exc)
+                    self._unreachable = True
+                return False
+            except ProtocolError as exc:
+                log.warning("malla: etcd refused to renew the lease of %s: %s", self.name, exc)
+                continue
+            if self._unreachable:
+                log.info("malla: etcd reachable again, renewing the lease of %s", self.name)
+                self._unreachable = False
+            if alive:
+                with self._lock:
+                    self._leases[ttl].next = now + ttl / 3
+            else:
+                log.warning("malla: the etcd lease of %s expired; its nodes register again",
+                            self.name)
+                self.lost(ttl, lease)
+        return True
 
 
 class Share:
@@ -107,7 +219,7 @@ class Share:
         self._key = key
         self.client = EtcdClient.from_url(url, ssl_context=ssl_context)
         self.membership = Membership(self.client, url.prefix)
-        self.keeper = Keeper(url.prefix)
+        self.keeper = Keeper(self.client, url.prefix)
         self._subscribers: dict[int, Apply] = {}
         self._users = 0
         self._task: asyncio.Task[None] | None = None
