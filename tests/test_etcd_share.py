@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import itertools
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 
+import pytest
 from etcdserver import EtcdServer
 from support import ROOT, kill_process, read_line, spawn_python, wait_until, with_nodes
-from test_discovery import FAST, TTL, Calc, etcd, registered, url  # noqa: F401 (fixtures)
+from test_discovery import FAST, TTL, Calc, registered
 
 import malla
 from malla.etcd import EtcdClient
@@ -41,6 +44,21 @@ async def main():
 
 malla.run(main())
 """
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[EtcdServer]:
+    with EtcdServer() as etcd:
+        yield etcd
+
+
+@pytest.fixture
+def where(server: EtcdServer) -> str:
+    """A discovery URL with a prefix of the test's own."""
+    return server.url(f"/s{next(_prefixes)}-{time.monotonic_ns()}")
 
 
 def leases(url: str) -> dict[str, int]:
@@ -77,9 +95,11 @@ async def crowd(names: list[str], url: str):
     return proc
 
 
-def test_the_nodes_of_a_process_share_one_watch_and_one_lease(etcd, url):  # noqa: F811
+def test_the_nodes_of_a_process_share_one_watch_and_one_lease(server, where):
+    url = where
+
     async def test(make):
-        watches = etcd_gauge(etcd, "etcd_debugging_mvcc_watcher_total")
+        watches = etcd_gauge(server, "etcd_debugging_mvcc_watcher_total")
         a, b, c = (make(n, discovery=url, **FAST) for n in "abc")
         for node in (a, b, c):
             await node.start()
@@ -89,7 +109,7 @@ def test_the_nodes_of_a_process_share_one_watch_and_one_lease(etcd, url):  # noq
                                      for n in (a, b, c)))
         held = leases(url)
         assert sorted(held) == ["a", "b", "c"] and len(set(held.values())) == 1
-        assert etcd_gauge(etcd, "etcd_debugging_mvcc_watcher_total") == watches + 1
+        assert etcd_gauge(server, "etcd_debugging_mvcc_watcher_total") == watches + 1
         assert len(keepers()) == 1
         # a node started later in the same process joins the same watch and
         # lease, and hears of the members known already
@@ -97,7 +117,7 @@ def test_the_nodes_of_a_process_share_one_watch_and_one_lease(etcd, url):  # noq
         await d.start()
         await wait_until(lambda: sorted(d.get_nodes(Calc)) == ["b", "c"])
         assert set(leases(url).values()) == set(held.values())
-        assert etcd_gauge(etcd, "etcd_debugging_mvcc_watcher_total") == watches + 1
+        assert etcd_gauge(server, "etcd_debugging_mvcc_watcher_total") == watches + 1
         # the shared lease outlives several TTLs, renewed by the one thread
         await asyncio.sleep(2 * TTL)
         assert leases(url) == dict(held, d=held["a"])
@@ -106,7 +126,9 @@ def test_the_nodes_of_a_process_share_one_watch_and_one_lease(etcd, url):  # noq
     with_nodes(test)
 
 
-def test_a_killed_process_takes_all_its_nodes_within_the_lease(url):  # noqa: F811
+def test_a_killed_process_takes_all_its_nodes_within_the_lease(where):
+    url = where
+
     async def test(make):
         a = make("a", discovery=url, **FAST)
         await a.start()
@@ -128,7 +150,9 @@ def test_a_killed_process_takes_all_its_nodes_within_the_lease(url):  # noqa: F8
     with_nodes(test)
 
 
-def test_a_stopped_node_of_a_shared_process_deletes_only_its_record(url):  # noqa: F811
+def test_a_stopped_node_of_a_shared_process_deletes_only_its_record(where):
+    url = where
+
     async def test(make):
         a, b, c = (make(n, discovery=url, **FAST) for n in "abc")
         for node in (a, b, c):
