@@ -262,6 +262,10 @@ class Share:
 
     async def _watch(self) -> None:
         async for event in self.membership.events():
+            # (one event at a time, then the loop's other work: a burst of
+            # joins applied to every node of a large process at once held
+            # its calls back by seconds)
+            await asyncio.sleep(0)
             for token, apply in list(self._subscribers.items()):
                 if token not in self._subscribers:     # (stopped meanwhile)
                     continue
