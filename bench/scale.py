@@ -10,8 +10,8 @@ view, and calls/s while a process's nodes leave and a new process's join
 (every node calling a random node's service in a loop, timeout 2 s; the
 longest call is reported: no call may hang past its timeout).
 
-    python -m bench.scale [--sizes 60,120,240,500] [--modes full,etcd]
-                          [--procs 6] [--mesh-cap 60] [--json PATH]
+    python -m bench.scale [--sizes 60,120,240,500,1000] [--modes full,etcd]
+                          [--procs 6] [--mesh-cap 60] [--json PATH [--merge]]
 
 The full-mesh rows stop at the first N that does not converge within
 ``--mesh-cap`` seconds (the issue's 300 s would not fit make scale's 10
@@ -28,6 +28,7 @@ import os
 import random
 import resource
 import signal
+import subprocess
 import sys
 import time
 import types
@@ -234,6 +235,10 @@ async def _wait_seen(workers: list[Worker], want: int, cap: float) -> float | No
     return None
 
 
+def _label(mode: str) -> str:
+    return "full mesh" if mode == "full" else "on_demand + etcd"
+
+
 def _cpu_of(pid: int | None) -> float:
     """A process's CPU seconds so far (0 without one)."""
     if pid is None:
@@ -249,7 +254,7 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
     processes (`etcd_pid`: whose CPU to report beside the workers')."""
     tag = f"{mode[0]}{n}-{random.randrange(1 << 30):x}"
     groups = [[f"{tag}-{p}-{i}" for i in range(p, n, procs)] for p in range(procs)]
-    row: dict[str, Any] = {"mode": "full mesh" if mode == "full" else "on_demand + etcd",
+    row: dict[str, Any] = {"mode": _label(mode),
                            "nodes": n, "processes": procs,
                            "heartbeat_timeout": HB["heartbeat_timeout"]}
     began = time.monotonic()
@@ -323,6 +328,7 @@ async def run(sizes: list[int], modes: list[str], procs: int, cap: float,
     from etcdserver import EtcdServer
 
     rows: list[dict[str, Any]] = []
+    commit = _commit()
     began = time.monotonic()
     LOG.parent.mkdir(exist_ok=True)
     LOG.write_text("")
@@ -336,13 +342,27 @@ async def run(sizes: list[int], modes: list[str], procs: int, cap: float,
                     row = await probe(mode, n, procs, etcd.url(f"/scale/{mode}{n}"), cap,
                                       etcd.proc.pid if etcd.proc else None)
                 except (RuntimeError, asyncio.TimeoutError) as exc:
-                    row = {"mode": mode, "nodes": n, "converged_s": None,
+                    row = {"mode": _label(mode), "nodes": n, "converged_s": None,
                            "error": f"{type(exc).__name__}: {exc} (see {LOG})"}
+                row["commit"] = commit
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 if row.get("converged_s") is None:
                     break              # the first N that does not converge ends the mode
     return rows
+
+
+def _commit() -> str:
+    """The commit measured ("+" when the tree has changes), or "" outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+" if dirty else "")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -370,7 +390,7 @@ def main() -> None:
         _worker_main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(prog="python -m bench.scale")
-    parser.add_argument("--sizes", default="60,120,240,500")
+    parser.add_argument("--sizes", default="60,120,240,500,1000")
     parser.add_argument("--modes", default="full,etcd")
     parser.add_argument("--procs", type=int, default=6)
     parser.add_argument("--mesh-cap", type=float, default=60.0,
@@ -381,11 +401,19 @@ def main() -> None:
                         help="every node's (default 3 s; with etcd, its lease is "
                              "max(2, ceil(this)) s)")
     parser.add_argument("--json", default=None, help="write the rows there")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows already in --json that this run does not "
+                             "measure again (same mode and N), e.g. the full mesh's")
     args = parser.parse_args()
     HB["heartbeat_timeout"] = args.heartbeat_timeout
     rows = asyncio.run(run([int(s) for s in args.sizes.split(",")], args.modes.split(","),
                            args.procs, args.mesh_cap, args.budget))
     if args.json:
+        if args.merge and Path(args.json).exists():
+            fresh = {(r["mode"], r["nodes"]) for r in rows}
+            kept = [r for r in json.loads(Path(args.json).read_text())
+                    if (r["mode"], r["nodes"]) not in fresh]
+            rows = sorted(kept + rows, key=lambda r: (r["mode"], r["nodes"]))
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
 
