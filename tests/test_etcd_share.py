@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 
-import pytest
 from etcdserver import EtcdServer
 from support import ROOT, kill_process, read_line, spawn_python, wait_until, with_nodes
-from test_discovery import FAST, TTL, Calc, registered
+from test_discovery import FAST, TTL, Calc, etcd, registered, url  # noqa: F401 (fixtures)
 
 import malla
 from malla.etcd import EtcdClient
@@ -46,30 +43,15 @@ malla.run(main())
 """
 
 
-_prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[EtcdServer]:
-    with EtcdServer() as etcd:
-        yield etcd
-
-
-@pytest.fixture
-def where(server: EtcdServer) -> str:
-    """A discovery URL with a prefix of the test's own."""
-    return server.url(f"/s{next(_prefixes)}-{time.monotonic_ns()}")
-
-
-def leases(url: str) -> dict[str, int]:
+def leases(where: str) -> dict[str, int]:
     """Each registered node's lease id, read from etcd."""
-    client = EtcdClient.from_url(url)
-    prefix = nodes_prefix("/" + url.split("/", 3)[3])
+    client = EtcdClient.from_url(where)
+    prefix = nodes_prefix("/" + where.split("/", 3)[3])
     return {kv.key[len(prefix):]: kv.lease for kv in client.get_prefix(prefix)[1]}
 
 
-def live_leases(url: str) -> set[int]:
-    answer = EtcdClient.from_url(url).request("lease/leases", {})
+def live_leases(where: str) -> set[int]:
+    answer = EtcdClient.from_url(where).request("lease/leases", {})
     return {int(lease["ID"]) for lease in answer.get("leases", [])}
 
 
@@ -89,17 +71,15 @@ def keepers() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("malla-etcd")]
 
 
-async def crowd(names: list[str], url: str):
-    proc = spawn_python(CROWD, ",".join(names), url, os.path.join(ROOT, "tests"))
+async def crowd(names: list[str], where: str):
+    proc = spawn_python(CROWD, ",".join(names), where, os.path.join(ROOT, "tests"))
     assert (await read_line(proc)).startswith("READY"), proc.stderr.read()
     return proc
 
 
-def test_the_nodes_of_a_process_share_one_watch_and_one_lease(server, where):
-    url = where
-
+def test_the_nodes_of_a_process_share_one_watch_and_one_lease(etcd, url):  # noqa: F811
     async def test(make):
-        watches = etcd_gauge(server, "etcd_debugging_mvcc_watcher_total")
+        watches = etcd_gauge(etcd, "etcd_debugging_mvcc_watcher_total")
         a, b, c = (make(n, discovery=url, **FAST) for n in "abc")
         for node in (a, b, c):
             await node.start()
@@ -109,7 +89,7 @@ def test_the_nodes_of_a_process_share_one_watch_and_one_lease(server, where):
                                      for n in (a, b, c)))
         held = leases(url)
         assert sorted(held) == ["a", "b", "c"] and len(set(held.values())) == 1
-        assert etcd_gauge(server, "etcd_debugging_mvcc_watcher_total") == watches + 1
+        assert etcd_gauge(etcd, "etcd_debugging_mvcc_watcher_total") == watches + 1
         assert len(keepers()) == 1
         # a node started later in the same process joins the same watch and
         # lease, and hears of the members known already
@@ -117,7 +97,7 @@ def test_the_nodes_of_a_process_share_one_watch_and_one_lease(server, where):
         await d.start()
         await wait_until(lambda: sorted(d.get_nodes(Calc)) == ["b", "c"])
         assert set(leases(url).values()) == set(held.values())
-        assert etcd_gauge(server, "etcd_debugging_mvcc_watcher_total") == watches + 1
+        assert etcd_gauge(etcd, "etcd_debugging_mvcc_watcher_total") == watches + 1
         # the shared lease outlives several TTLs, renewed by the one thread
         await asyncio.sleep(2 * TTL)
         assert leases(url) == dict(held, d=held["a"])
@@ -126,9 +106,7 @@ def test_the_nodes_of_a_process_share_one_watch_and_one_lease(server, where):
     with_nodes(test)
 
 
-def test_a_killed_process_takes_all_its_nodes_within_the_lease(where):
-    url = where
-
+def test_a_killed_process_takes_all_its_nodes_within_the_lease(url):  # noqa: F811
     async def test(make):
         a = make("a", discovery=url, **FAST)
         await a.start()
@@ -150,9 +128,7 @@ def test_a_killed_process_takes_all_its_nodes_within_the_lease(where):
     with_nodes(test)
 
 
-def test_a_stopped_node_of_a_shared_process_deletes_only_its_record(where):
-    url = where
-
+def test_a_stopped_node_of_a_shared_process_deletes_only_its_record(url):  # noqa: F811
     async def test(make):
         a, b, c = (make(n, discovery=url, **FAST) for n in "abc")
         for node in (a, b, c):
@@ -185,31 +161,31 @@ def test_a_stopped_node_of_a_shared_process_deletes_only_its_record(where):
 
 def test_shared_nodes_register_again_after_etcd_restarts_without_their_lease(caplog):
     caplog.set_level(logging.WARNING, "malla")
-    with EtcdServer() as etcd:
-        url = etcd.url("/share-restart")
+    with EtcdServer() as server:
+        where = server.url("/share-restart")
 
         async def test(make):
-            a, b = (make(n, discovery=url, **FAST) for n in "ab")
+            a, b = (make(n, discovery=where, **FAST) for n in "ab")
             await a.start()
             await b.start()
             await b.start_service(Calc("b"))
             await wait_until(lambda: a.get_nodes(Calc) == ["b"])
-            old = leases(url)
+            old = leases(where)
             assert len(set(old.values())) == 1
-            etcd.kill()
+            server.kill()
             # calls between known nodes go on
             assert await a.remote(Calc, "add", [2, 2]) == 4
             await wait_until(lambda: "etcd unreachable" in caplog.text)
-            etcd.start()
+            server.start()
             # etcd kept the lease: renewed again, nothing registered anew
             await asyncio.sleep(TTL)
-            assert leases(url) == old and a.get_nodes(Calc) == ["b"]
+            assert leases(where) == old and a.get_nodes(Calc) == ["b"]
             # etcd lost it (as after a restore, or `etcdctl lease revoke`):
             # both nodes register again, under one new lease
-            EtcdClient.from_url(url).revoke(old["a"])
-            await wait_until(lambda: sorted(leases(url)) == ["a", "b"]
-                             and len(set(leases(url).values()) - set(old.values())) == 1
-                             and len(set(leases(url).values())) == 1, timeout=3 * TTL)
+            EtcdClient.from_url(where).revoke(old["a"])
+            await wait_until(lambda: sorted(leases(where)) == ["a", "b"]
+                             and len(set(leases(where).values()) - set(old.values())) == 1
+                             and len(set(leases(where).values())) == 1, timeout=3 * TTL)
             assert "expired; its nodes register again" in caplog.text
             await wait_until(lambda: a.get_nodes(Calc) == ["b"])
             assert await a.remote(Calc, "who") == "b"
