@@ -10,8 +10,8 @@ view, and calls/s while a process's nodes leave and a new process's join
 (every node calling a random node's service in a loop, timeout 2 s; the
 longest call is reported: no call may hang past its timeout).
 
-    python -m bench.scale [--sizes 60,120,240,500] [--modes full,etcd]
-                          [--procs 6] [--mesh-cap 60] [--json PATH]
+    python -m bench.scale [--sizes 60,120,240,500,1000] [--modes full,etcd]
+                          [--procs 6] [--mesh-cap 60] [--json PATH [--merge]]
 
 The full-mesh rows stop at the first N that does not converge within
 ``--mesh-cap`` seconds (the issue's 300 s would not fit make scale's 10
@@ -28,6 +28,7 @@ import os
 import random
 import resource
 import signal
+import subprocess
 import sys
 import time
 import types
@@ -40,6 +41,7 @@ SERVICE = "Probe"
 KINDS = 8                   # the services the nodes call each other's
 # the workers' stderr (their tracebacks, malla's warnings)
 LOG = REPO / "bench" / "results" / "scale-workers.log"
+CALL_TIMEOUT = 2000        # ms, each probe call's
 HB = {"heartbeat_interval": 1.0, "heartbeat_timeout": 3.0}    # the defaults: a lease of 3 s
 
 
@@ -90,11 +92,20 @@ def _worker_main(argv: list[str]) -> None:
                 _say(_status(nodes))
             elif line[0] == "calls":
                 _say(await _calls(nodes, float(line[1])))
+                if profile is not None:      # (MALLA_SCALE_PROFILE: each worker's event loop)
+                    profile.dump_stats(f"{profile_to}/{os.getpid()}-{line[1]}.prof")
             elif line[0] == "quit":
                 break
         for node in nodes:
             await node.stop()
 
+    profile_to = os.environ.get("MALLA_SCALE_PROFILE")
+    profile = None
+    if profile_to:
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
     malla.run(main())
 
 
@@ -126,7 +137,16 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
     import malla
 
     end = time.monotonic() + seconds
-    counts = {"calls": 0, "errors": 0, "max_ms": 0.0}
+    counts = {"calls": 0, "errors": 0, "max_ms": 0.0, "over_timeout": 0, "max_lag_ms": 0.0}
+
+    async def lag() -> None:
+        # how late this process's event loop runs a 20 ms timer: a call's
+        # time includes that wait (the CPU is busy), not only its own
+        while time.monotonic() < end:
+            began = time.monotonic()
+            await asyncio.sleep(0.02)
+            late = (time.monotonic() - began - 0.02) * 1000
+            counts["max_lag_ms"] = max(counts["max_lag_ms"], late)
 
     async def loop(node: Any) -> None:
         mine = _index(node.name) % KINDS
@@ -134,14 +154,17 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
         while time.monotonic() < end:
             began = time.monotonic()
             try:
-                await node.remote(random.choice(others), "ping", timeout=2000, sna_retries=0)
+                await node.remote(random.choice(others), "ping", timeout=CALL_TIMEOUT,
+                                  sna_retries=0)
                 counts["calls"] += 1
             except malla.MallaError:
                 counts["errors"] += 1
                 await asyncio.sleep(0.05)
-            counts["max_ms"] = max(counts["max_ms"], (time.monotonic() - began) * 1000)
+            took = (time.monotonic() - began) * 1000
+            counts["max_ms"] = max(counts["max_ms"], took)
+            counts["over_timeout"] += took > CALL_TIMEOUT
 
-    await asyncio.gather(*(loop(n) for n in nodes))
+    await asyncio.gather(lag(), *(loop(n) for n in nodes))
     return counts
 
 
@@ -212,14 +235,30 @@ async def _wait_seen(workers: list[Worker], want: int, cap: float) -> float | No
     return None
 
 
-async def probe(mode: str, n: int, procs: int, target: str, cap: float) -> dict[str, Any]:
-    """One row: `mode` ("full" or "etcd") with `n` nodes over `procs` processes."""
+def _label(mode: str) -> str:
+    return "full mesh" if mode == "full" else "on_demand + etcd"
+
+
+def _cpu_of(pid: int | None) -> float:
+    """A process's CPU seconds so far (0 without one)."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def probe(mode: str, n: int, procs: int, target: str, cap: float,
+                etcd_pid: int | None = None) -> dict[str, Any]:
+    """One row: `mode` ("full" or "etcd") with `n` nodes over `procs`
+    processes (`etcd_pid`: whose CPU to report beside the workers')."""
     tag = f"{mode[0]}{n}-{random.randrange(1 << 30):x}"
     groups = [[f"{tag}-{p}-{i}" for i in range(p, n, procs)] for p in range(procs)]
-    row: dict[str, Any] = {"mode": "full mesh" if mode == "full" else "on_demand + etcd",
+    row: dict[str, Any] = {"mode": _label(mode),
                            "nodes": n, "processes": procs,
                            "heartbeat_timeout": HB["heartbeat_timeout"]}
     began = time.monotonic()
+    etcd_cpu = _cpu_of(etcd_pid)
     workers: list[Worker] = []
     try:
         first = await Worker.start(mode, groups[0], target if mode == "etcd" else "")
@@ -230,16 +269,21 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float) -> dict[
         converged = await _wait_seen(workers, n, cap)
         row["converged_s"] = None if converged is None else round(
             converged + row["start_s"], 2)
+        # where the start's CPU went: etcd's against the nodes' processes'
+        status = await _all(workers, "status")
+        row["start_cpu_s_etcd"] = round(_cpu_of(etcd_pid) - etcd_cpu, 1)
+        row["start_cpu_s_nodes"] = round(sum(s["cpu"] for s in status), 1)
         if converged is None:
-            status = await _all(workers, "status")
             row["fullest_view"] = max(s["max_seen"] for s in status)
             row["fds"] = sum(s["fds"] for s in status)
             return row
         await asyncio.sleep(2)                  # (settle: the last tables, handshakes)
         before = await _all(workers, "status")
+        etcd_cpu = _cpu_of(etcd_pid)
         idle = 5.0
         await asyncio.sleep(idle)
         after = await _all(workers, "status")
+        row["idle_cpu_pct_etcd"] = round(100 * (_cpu_of(etcd_pid) - etcd_cpu) / idle, 1)
         cpu = sum(a["cpu"] - b["cpu"] for a, b in zip(after, before, strict=True))
         row["idle_cpu_pct_per_node"] = round(100 * cpu / idle / n, 3)
         row["idle_cpu_pct_total"] = round(100 * cpu / idle, 1)
@@ -269,6 +313,8 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float) -> dict[
         row["churn_calls_per_s"] = round(sum(c["calls"] for c in results) / 6)
         row["churn_errors"] = sum(c["errors"] for c in results)
         row["churn_max_call_ms"] = round(max(c["max_ms"] for c in results))
+        row["churn_calls_over_timeout"] = sum(c["over_timeout"] for c in results)
+        row["churn_max_loop_lag_ms"] = round(max(c["max_lag_ms"] for c in results))
         return row
     finally:
         for worker in workers:
@@ -282,6 +328,7 @@ async def run(sizes: list[int], modes: list[str], procs: int, cap: float,
     from etcdserver import EtcdServer
 
     rows: list[dict[str, Any]] = []
+    commit = _commit()
     began = time.monotonic()
     LOG.parent.mkdir(exist_ok=True)
     LOG.write_text("")
@@ -292,15 +339,30 @@ async def run(sizes: list[int], modes: list[str], procs: int, cap: float,
                     print(f"scale: out of time before {mode} {n}", file=sys.stderr)
                     break
                 try:
-                    row = await probe(mode, n, procs, etcd.url(f"/scale/{mode}{n}"), cap)
+                    row = await probe(mode, n, procs, etcd.url(f"/scale/{mode}{n}"), cap,
+                                      etcd.proc.pid if etcd.proc else None)
                 except (RuntimeError, asyncio.TimeoutError) as exc:
-                    row = {"mode": mode, "nodes": n, "converged_s": None,
+                    row = {"mode": _label(mode), "nodes": n, "converged_s": None,
                            "error": f"{type(exc).__name__}: {exc} (see {LOG})"}
+                row["commit"] = commit
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 if row.get("converged_s") is None:
                     break              # the first N that does not converge ends the mode
     return rows
+
+
+def _commit() -> str:
+    """The commit measured ("+" when the tree has changes), or "" outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+" if dirty else "")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -328,7 +390,7 @@ def main() -> None:
         _worker_main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(prog="python -m bench.scale")
-    parser.add_argument("--sizes", default="60,120,240,500")
+    parser.add_argument("--sizes", default="60,120,240,500,1000")
     parser.add_argument("--modes", default="full,etcd")
     parser.add_argument("--procs", type=int, default=6)
     parser.add_argument("--mesh-cap", type=float, default=60.0,
@@ -339,11 +401,19 @@ def main() -> None:
                         help="every node's (default 3 s; with etcd, its lease is "
                              "max(2, ceil(this)) s)")
     parser.add_argument("--json", default=None, help="write the rows there")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows already in --json that this run does not "
+                             "measure again (same mode and N), e.g. the full mesh's")
     args = parser.parse_args()
     HB["heartbeat_timeout"] = args.heartbeat_timeout
     rows = asyncio.run(run([int(s) for s in args.sizes.split(",")], args.modes.split(","),
                            args.procs, args.mesh_cap, args.budget))
     if args.json:
+        if args.merge and Path(args.json).exists():
+            fresh = {(r["mode"], r["nodes"]) for r in rows}
+            kept = [r for r in json.loads(Path(args.json).read_text())
+                    if (r["mode"], r["nodes"]) not in fresh]
+            rows = sorted(kept + rows, key=lambda r: (r["mode"], r["nodes"]))
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
 

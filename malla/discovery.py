@@ -3,8 +3,9 @@
 `EtcdDiscovery` puts together what malla.etcd_discovery provides for one
 node: its record registered under a lease (not for a hidden node), updated
 whenever one of its services starts, stops, pauses or resumes, and the watch
-of every record, applied to the discovery table (the registry) and to the
-cluster's peers (`MemberHost`).  The watch replaces the mesh's PEERS, the
+of every record (the process's, shared by its nodes: malla.etcd_share),
+applied to the discovery table (the registry) and to the cluster's peers
+(`MemberHost`).  The watch replaces the mesh's PEERS, the
 check cycle's re-sent tables and `forget_after`: a member is a peer while its
 record is in etcd.  DESIGN.md, "Scaling past the full mesh".
 
@@ -24,16 +25,16 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from malla.etcd import EtcdClient, parse_url
+from malla.etcd import parse_url
 from malla.etcd_discovery import (
     EXPIRY_SLACK,
     LEAVE,
     MemberEvent,
-    Membership,
     NodeRecord,
     Registration,
     lease_ttl,
 )
+from malla.etcd_share import Share
 from malla.exceptions import Unreachable
 from malla.handshake import protocol_limits
 
@@ -51,18 +52,21 @@ Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 
 class EtcdDiscovery:
-    """One node's view of the cluster in etcd, and its own record there."""
+    """One node's view of the cluster in etcd, and its own record there.
+
+    The etcd client, the watch and the renewing thread are the process's
+    (malla.etcd_share): shared by its nodes using the same etcd and prefix,
+    taken at start() and given back at stop()."""
 
     def __init__(self, config: NodeConfig, registry: Registry, table: Callable[[], Any],
                  host: MemberHost, stats: Stats, spawn: Spawn) -> None:
         assert config.discovery is not None
-        url = parse_url(config.discovery)
+        self.url = parse_url(config.discovery)
         self.config = config
-        self.client = EtcdClient.from_url(url, ssl_context=config.discovery_ssl)
-        self.prefix = url.prefix
+        self.prefix = self.url.prefix
         self.ttl = lease_ttl(config.heartbeat_timeout)
-        self.membership = Membership(self.client, url.prefix)
         self.registration: Registration | None = None
+        self._share: Share | None = None
         self._registry = registry
         self._table = table            # this node's service table, as TABLE carries it
         self._host = host
@@ -78,21 +82,25 @@ class EtcdDiscovery:
 
     @property
     def synced(self) -> asyncio.Event:
-        """Set once the prefix has been read (the CLI waits for it)."""
-        return self.membership.synced
+        """Set once the prefix has been read (the CLI waits for it, after
+        start())."""
+        assert self._share is not None, "the node is not started"
+        return self._share.membership.synced
 
     async def start(self, address: tuple[str, int], incarnation: int) -> None:
         """Watch the prefix, then (a visible node) register this node's
         record: waits up to one lease for another live incarnation holding
         the name, then NameInUse; etcd unreachable: a warning, and the
         registration goes on in the background."""
-        self._spawn(self._watch())
+        share = self._share = Share.acquire(self.url, self.config.discovery_ssl)
+        share.subscribe(id(self), self._apply)
         if self.config.hidden:
             return
         vmin, vmax, _ = protocol_limits(self.config.identity)
         record = NodeRecord(self.config.name, self._dialled_at(address), incarnation,
                             (vmin, vmax), self._table(), self.ttl)
-        registration = Registration(self.client, self.prefix, record, ttl=self.ttl)
+        registration = Registration(share.client, self.prefix, record, ttl=self.ttl,
+                                    keeper=share.keeper)
         try:
             await asyncio.to_thread(registration.register)
         except Unreachable as exc:
@@ -101,20 +109,25 @@ class EtcdDiscovery:
         except BaseException:
             await asyncio.to_thread(registration.close)
             raise
-        # (renewed from a thread of its own, not the UDP heartbeat thread: an
-        # etcd request waiting out its timeout must not delay the heartbeats)
+        # (renewed by the process's keeper thread, not the UDP heartbeat
+        # thread: an etcd request waiting out its timeout must not delay the
+        # heartbeats)
         registration.start()
         self.registration = registration
 
     async def stop(self) -> None:
-        """Revoke the lease (others drop this node at once); the watch is
-        one of the node's tasks, cancelled with them."""
+        """Revoke the lease (others drop this node at once), then leave the
+        process's watch (the last node's stop ends it)."""
         registration, self.registration = self.registration, None
         if registration is not None:
             await asyncio.to_thread(registration.close)
         for timer in self._restores.values():
             timer.cancel()
         self._restores.clear()
+        share, self._share = self._share, None
+        if share is not None:
+            share.unsubscribe(id(self))
+            await share.release()
 
     def changed(self) -> None:
         """A service started, stopped, paused or resumed: publish the table."""
@@ -123,6 +136,11 @@ class EtcdDiscovery:
             registration.update(dataclasses.replace(registration.record,
                                                     services=self._table()))
 
+    @property
+    def _members(self) -> dict[str, NodeRecord]:
+        """The records the process's watch knows (none before start)."""
+        return self._share.membership.members if self._share is not None else {}
+
     def _dialled_at(self, address: tuple[str, int]) -> tuple[str, int]:
         """The address others dial: the one bound, or (bound to every
         interface) this host's address on the route to the first etcd
@@ -130,7 +148,7 @@ class EtcdDiscovery:
         host, port = address
         if host not in ("0.0.0.0", "::"):
             return host, port
-        etcd_host, etcd_port = self.client.endpoints[0]
+        etcd_host, etcd_port = self.url.endpoints[0]
         family = socket.AF_INET6 if host == "::" else socket.AF_INET
         try:
             with socket.socket(family, socket.SOCK_DGRAM) as probe:
@@ -141,13 +159,10 @@ class EtcdDiscovery:
 
     # -- the watch ----------------------------------------------------------------
 
-    async def _watch(self) -> None:
-        async for event in self.membership.events():
-            if event.name != self.config.name:
-                self._apply(event)
-
     def _apply(self, event: MemberEvent) -> None:
         name = event.name
+        if name == self.config.name:
+            return
         timer = self._restores.pop(name, None)
         if timer is not None:
             timer.cancel()
@@ -165,14 +180,14 @@ class EtcdDiscovery:
     # -- MemberSource ---------------------------------------------------------------
 
     def vouches(self, name: str, incarnation: int) -> bool:
-        record = self.membership.members.get(name)
+        record = self._members.get(name)
         return record is not None and record.incarnation == incarnation
 
     def knows(self, name: str) -> bool:
-        return name in self.membership.members
+        return name in self._members
 
     def restore_later(self, name: str) -> None:
-        record = self.membership.members.get(name)
+        record = self._members.get(name)
         if record is None or name in self._restores:
             return
         # (its own lease, which may be longer than this node's)
@@ -181,5 +196,5 @@ class EtcdDiscovery:
 
     def _restore(self, record: NodeRecord) -> None:
         self._restores.pop(record.name, None)
-        if self.membership.members.get(record.name) == record:
+        if self._members.get(record.name) == record:
             self._registry.apply_table(record.name, record.services)

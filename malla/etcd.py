@@ -294,6 +294,15 @@ class EtcdClient:
             body["range_end"] = prefix_end(key)
         return _int(self.request("kv/deleterange", body), "deleted")
 
+    def delete_under(self, key: str, lease: int) -> bool:
+        """Delete `key` only if it is kept under `lease` (one transaction):
+        whether it was."""
+        k = _b64(key.encode())
+        answer = self.request("kv/txn", {
+            "compare": [{"target": "LEASE", "key": k, "result": "EQUAL", "lease": str(lease)}],
+            "success": [{"request_delete_range": {"key": k}}]})
+        return answer.get("succeeded", False) is True
+
     def create(self, key: str, value: bytes, lease: int = 0) -> tuple[bool, KV | None]:
         """Store `value` only if `key` does not exist (one transaction):
         (True, None) when created, else (False, the key as it is)."""

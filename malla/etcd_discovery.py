@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from malla.etcd import KV, NOT_FOUND, EtcdClient, EtcdRefused, kv_of
 from malla.exceptions import NameInUse, NodeStopped, ProtocolError, Unreachable
@@ -117,12 +117,17 @@ class Registration:
     """One node's record in etcd, kept alive.
 
     `register()` (blocking) claims the name; `start()` renews from a daemon
-    thread of its own — or the node's heartbeat thread calls `tick()`
-    instead; `update()` (from any thread, never blocking) replaces the
-    record; `close()` revokes the lease, so the record goes at once."""
+    thread of its own (anything else may call `tick()` instead); `update()`
+    (from any thread, never blocking) replaces the record; `close()` revokes
+    the lease, so the record goes at once.
+
+    With a `keeper` (malla.etcd_share.Keeper) the record is kept under the
+    keeper's lease, shared by the registrations of the process with the same
+    TTL and renewed by the keeper's thread, one request per renewal for them
+    all; `close()` then deletes the record (if still under that lease)."""
 
     def __init__(self, client: EtcdClient, prefix: str, record: NodeRecord, *,
-                 ttl: int) -> None:
+                 ttl: int, keeper: Renewer | None = None) -> None:
         self.client = client
         self.key = nodes_prefix(prefix) + record.name
         self.ttl = ttl
@@ -135,6 +140,9 @@ class Registration:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._keeper = keeper
+        if keeper is not None:
+            self._wake = keeper.wake      # (an update wakes the shared thread)
         self._next = 0.0
         self._unreachable = False
         self._held_by: str | None = None
@@ -142,6 +150,17 @@ class Registration:
     @property
     def record(self) -> NodeRecord:
         return self._record
+
+    @property
+    def due(self) -> float:
+        """When the next `tick()` has something to do (monotonic s; now,
+        with an update pending)."""
+        return 0.0 if self._dirty else self._next
+
+    @property
+    def unreachable(self) -> bool:
+        """The last exchange found no etcd endpoint answering."""
+        return self._unreachable
 
     def register(self, wait: float | None = None) -> None:
         """Claim the name (blocking).  Another live incarnation holding it:
@@ -167,7 +186,8 @@ class Registration:
         holds it (under the lock): None when ours now, else who holds it."""
         for _ in range(3):
             if self.lease == 0:
-                self.lease = self.client.grant(self.ttl)
+                self.lease = (self.client.grant(self.ttl) if self._keeper is None
+                              else self._keeper.lease(self.ttl))
             # (the flag first, then the record: an update in between is kept)
             self._dirty = False
             record = self._record
@@ -176,7 +196,7 @@ class Registration:
             except EtcdRefused as exc:
                 if exc.code != NOT_FOUND:
                     raise
-                self.lease = 0          # our lease expired while we waited
+                self._lost()            # our lease expired while we waited
                 continue
             if created:
                 self._claimed()
@@ -220,6 +240,8 @@ class Registration:
             try:
                 self._renew()
             except Unreachable as exc:
+                # (retried after an interval, not at once: no loop of refusals)
+                self._next = time.monotonic() + self.interval
                 if not self._unreachable:
                     log.warning("malla: etcd unreachable, %s not renewed (calls between "
                                 "known nodes go on; retrying): %s", self.key, exc)
@@ -236,7 +258,9 @@ class Registration:
     def _renew(self) -> None:
         if self.registered:
             self._next = time.monotonic() + self.interval
-            alive = self.client.keepalive(self.lease) > 0
+            # (a shared lease is renewed by its keeper: only asked here)
+            alive = (self.client.keepalive(self.lease) > 0 if self._keeper is None
+                     else self._keeper.alive(self.ttl, self.lease))
             if alive and self._dirty:
                 self._dirty = False
                 try:
@@ -249,14 +273,29 @@ class Registration:
             if alive:
                 return
             log.warning("malla: the etcd lease of %s expired; registering again", self.key)
-            self.registered, self.lease = False, 0
+            self.registered = False
+            self._lost()
         holder = self._claim()
         if holder is not None and holder != self._held_by:
             log.error("malla: cannot register %s again: %s holds it", self.key, holder)
             self._held_by = holder
 
+    def _lost(self) -> None:
+        """etcd no longer knows our lease."""
+        if self._keeper is not None and self.lease:
+            self._keeper.lost(self.ttl, self.lease)
+        self.lease = 0
+
+    def recheck(self) -> None:
+        """Tick at once (the keeper found the shared lease gone)."""
+        self._next = 0.0
+
     def start(self) -> None:
-        """Renew from a daemon thread of this registration's own."""
+        """Renew from the keeper's thread, or from a daemon thread of this
+        registration's own."""
+        if self._keeper is not None:
+            self._keeper.add(self)
+            return
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"malla-etcd {self._record.name}")
         self._thread.start()
@@ -272,16 +311,49 @@ class Registration:
         etcd unreachable: logged, and the record expires with its lease."""
         self._closed.set()
         self._wake.set()
+        if self._keeper is not None:
+            self._keeper.remove(self)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         with self._lock:
-            lease, self.lease, self.registered = self.lease, 0, False
-            if lease:
+            lease, self.lease, registered, self.registered = self.lease, 0, self.registered, False
+            if self._keeper is not None:
+                if registered:
+                    self._keeper.forget(self.key, lease)
+            elif lease:
                 try:
                     self.client.revoke(lease)
                 except (Unreachable, ProtocolError) as exc:
                     log.warning("malla: could not revoke the etcd lease of %s (it "
                                 "expires within %d s): %s", self.key, self.ttl, exc)
+
+
+class Renewer(Protocol):
+    """A thread that keeps one lease per TTL for several registrations and
+    renews it (malla.etcd_share.Keeper)."""
+
+    wake: threading.Event
+
+    def add(self, registration: Registration) -> None: ...
+    def remove(self, registration: Registration) -> None: ...
+
+    def lease(self, ttl: int) -> int:
+        """The shared lease of `ttl` seconds, granted when there is none
+        (blocking; `Unreachable`)."""
+        ...
+
+    def alive(self, ttl: int, lease: int) -> bool:
+        """`lease` is still the live shared lease of `ttl`."""
+        ...
+
+    def lost(self, ttl: int, lease: int) -> None:
+        """etcd said `lease` is gone."""
+        ...
+
+    def forget(self, key: str, lease: int) -> None:
+        """Delete `key` if still under `lease` (a stopped node's record);
+        etcd unreachable: retried by the keeper's thread."""
+        ...
 
 
 def _holder(kv: KV, name: str) -> int | None:

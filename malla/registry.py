@@ -104,6 +104,7 @@ class Registry:
         # other's, so it is checked and its signatures compiled once, not
         # once per node.
         self._compiled: dict[tuple[str, str], tuple[str | None, dict[str, Checker]]] = {}
+        self._by_object: dict[int, tuple[Any, str, tuple[str | None, dict[str, Checker]]]] = {}
         self.version = 0   # bumped on every change (proxies follow it)
 
     # -- changes --------------------------------------------------------------
@@ -169,6 +170,11 @@ class Registry:
         """Why `info` is malformed (None: valid) and, valid, its checkers
         (a function this node may not call, by the announced allow rules,
         is refused before sending: malla.authz); remembered by content."""
+        # (the same object again: the entry of a record that the process's
+        # etcd watch decoded once for all its nodes; repr() is the dear part)
+        same = self._by_object.get(id(info))
+        if same is not None and same[0] is info and same[1] == service:
+            return same[2]
         key = (service, repr(info))
         compiled = self._compiled.get(key)
         if compiled is None:
@@ -178,6 +184,10 @@ class Registry:
             if len(self._compiled) >= _COMPILED_MAX:
                 self._compiled.clear()
             compiled = self._compiled[key] = (why, checks)
+        if len(self._by_object) >= _COMPILED_MAX:
+            self._by_object.clear()
+        # (holding `info` keeps its id from being reused by another object)
+        self._by_object[id(info)] = (info, service, compiled)
         return compiled
 
     def _set_checks(self, service: str, node: str, info: dict[str, Any] | None) -> None:
