@@ -252,7 +252,7 @@ def test_failed_tls_handshakes_are_counted_and_throttle_their_address(tmp_path):
         _, writer = await open_from(a, "127.0.0.4")
         await wait_until(lambda: a.stats()["handshakes_throttled"] == 1, timeout=5)
         writer.close()
-        b = await make("b", seeds=[seed_of(a)], **pki.node_settings("b", uri=("b",))).start()
+        await make("b", seeds=[seed_of(a)], **pki.node_settings("b", uri=("b",))).start()
         await wait_until(lambda: "b" in a.peers(), timeout=5)
         assert a.stats()["handshakes_failed"] == throttle.free
 
