@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from malla import exceptions as mexc
@@ -220,16 +220,29 @@ class Stream:
         self.timeout, self.at, self.meta, self.retry = timeout, at, meta, retry
         self.route = route      # key= and vsn=, when given
         self._src: _Remote | _Local | None = None
+        self._fast: Any = None
         self._done = False
         self._handed = 0    # items batch() handed out and not given back yet
 
     def __repr__(self) -> str:
         return f"<malla.Stream {self.name}.{self.fun}{tuple(self.args)!r}>"
 
-    def __aiter__(self) -> Stream:
-        return self
+    def __aiter__(self) -> AsyncIterator[Any]:
+        # (the core's iterator: an item that has arrived is taken in C)
+        it: AsyncIterator[Any] = core.StreamIter(self)
+        return it
 
-    async def __anext__(self) -> Any:
+    def __anext__(self) -> Awaitable[Any]:
+        src = self._src
+        if type(src) is _Remote and src._at is None:
+            # the common step: an item that has arrived, as an awaitable
+            # already done (the core's: no coroutine, no future per item)
+            ready = src._st.ready()
+            if ready is not None:
+                return ready  # type: ignore[no-any-return]
+        return self._next()
+
+    async def _next(self) -> Any:
         src = self._src
         if src is None:
             if self._done:
@@ -239,15 +252,8 @@ class Stream:
             self._done = True
             src = self._src = await self._streamer.open(self)
             self._done = False
-        elif type(src) is _Remote and src._at is None:
-            # (the common step in line: an item that has arrived)
-            try:
-                item = src._st.take()
-            except BaseException as exc:
-                await self._failed(exc)
-                raise
-            if item is not _EMPTY:
-                return item
+            if type(src) is _Remote and src._at is None:
+                self._fast = src._st        # (what StreamIter takes items from)
         try:
             return await src.next()
         except BaseException as exc:
