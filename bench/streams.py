@@ -10,8 +10,9 @@ chunks, side by side in one run with
   and iterated by the client one by one, as the stream's are;
 
 and the memory of a producer whose consumer reads slowly (64 KiB chunks,
-a consumer taking one every 5 ms): the serving process's RSS growth
-against the window's worth of chunks.
+a consumer taking one every 5 ms): the peak of what each process
+allocated meanwhile (tracemalloc: Python objects and the core's buffers),
+the producer's against the window's worth of chunks at the consumer.
 
     python -m bench.streams [--short] [--json PATH]
 
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -70,16 +72,33 @@ class Source(malla.Service, global_=True):
         return [item async for item in self.items(count, size)]
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def _trace_start() -> None:
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+
+
+def _trace_stop(baseline: int) -> float:
+    """The peak of what this process allocated (Python objects and the
+    core's buffers, all through Python's allocators) above `baseline`, in
+    KiB, since _trace_start(); tracing stops."""
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return max(peak - baseline, 0) / 1024
 
 
 class Probe(malla.Service, global_=True):
-    """The producer process's own resident memory (KiB)."""
+    """What the producer process itself holds while a consumer reads
+    slowly: its traced allocations (tracemalloc), not its RSS, which a heap
+    grown by earlier measurements hides."""
 
-    def rss_kib(self) -> int:
-        return _rss_kib()
+    baseline = 0
+
+    def trace_start(self) -> None:
+        _trace_start()
+        Probe.baseline = tracemalloc.get_traced_memory()[0]
+
+    def trace_stop(self) -> float:
+        return _trace_stop(Probe.baseline)
 
 
 async def _serve_malla() -> None:
@@ -155,8 +174,8 @@ async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str,
                 streams, each, lambda k, size=size: stream(k, size))
             out[f"paging_{label}_x{streams}"] = await _rate(
                 streams, each, lambda k, size=size: paged(k, size))
-    (out["slow_producer_rss_growth_kib"],
-     out["slow_consumer_rss_growth_kib"]) = await _slow_consumer(node)
+    (out["slow_producer_traced_kib"],
+     out["slow_consumer_traced_kib"]) = await _slow_consumer(node)
     await node.stop()
     # the window's part: one stream of small items with a window of 1,024
     wide = malla.Node("streams-wide", cookie=COOKIE, host=HOST, port=0, hidden=True,
@@ -171,31 +190,31 @@ async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str,
 
     await wide_stream(1000)
     out["stream_16B_x1_window1024"] = await _rate(1, n, wide_stream)
-    (out["slow_producer_rss_growth_kib_window1024"],
-     out["slow_consumer_rss_growth_kib_window1024"]) = await _slow_consumer(wide)
+    (out["slow_producer_traced_kib_window1024"],
+     out["slow_consumer_traced_kib_window1024"]) = await _slow_consumer(wide)
     await wide.stop()
     return out
 
 
 async def _slow_consumer(node: malla.Node) -> tuple[float, float]:
-    """(the producer's, this consumer's) RSS growth in KiB while the
-    consumer reads a fresh 64 KiB chunk every 5 ms for 2 s: what the
-    window lets pile up (node.stream_window chunks, 4 MiB by default)."""
-    producer0, consumer0 = await node.remote("Probe", "rss_kib"), _rss_kib()
-    producer, consumer = producer0, consumer0
+    """(the producer's, this consumer's) peak of traced allocations in KiB
+    while the consumer reads a fresh 64 KiB chunk every 5 ms for 2 s: what
+    the window lets pile up (node.stream_window chunks, 4 MiB by default,
+    at the consumer) and what the producer holds meanwhile (a batch, and
+    what waits for the socket)."""
+    await node.remote("Probe", "trace_start")
+    _trace_start()
+    consumer0 = tracemalloc.get_traced_memory()[0]
     stream = node.stream("Source", "fresh", [1_000_000, CHUNK])
     end = time.monotonic() + 2.0
-    taken = 0
     async for _ in stream:
-        taken += 1
         await asyncio.sleep(0.005)
-        if taken % 20 == 0:
-            producer = max(producer, await node.remote("Probe", "rss_kib"))
-            consumer = max(consumer, _rss_kib())
         if time.monotonic() > end:
             break
+    consumer = _trace_stop(consumer0)
     await stream.aclose()
-    return float(producer - producer0), float(consumer - consumer0)
+    producer = await node.remote("Probe", "trace_stop")
+    return float(producer), consumer
 
 
 async def _grpc_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
@@ -272,9 +291,9 @@ def _print(results: dict[str, Any]) -> None:
     print(f"  16B x1 with stream_window=1024: {med['stream_16B_x1_window1024']:,.0f} items/s")
     for suffix, window in (("", 64), ("_window1024", 1024)):
         print(f"  a slow consumer of 64 KiB chunks, stream_window={window} "
-              f"({window * CHUNK // 1024:,} KiB of chunks): RSS growth of the producer "
-              f"{med['slow_producer_rss_growth_kib' + suffix]:,.0f} KiB, of the consumer "
-              f"{med['slow_consumer_rss_growth_kib' + suffix]:,.0f} KiB")
+              f"({window * CHUNK // 1024:,} KiB of chunks): peak traced allocations of the "
+              f"producer {med['slow_producer_traced_kib' + suffix]:,.0f} KiB, of the consumer "
+              f"{med['slow_consumer_traced_kib' + suffix]:,.0f} KiB")
 
 
 def main(argv: list[str] | None = None) -> int:
