@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -100,6 +101,15 @@ class Probe(malla.Service, global_=True):
     def trace_stop(self) -> float:
         return _trace_stop(Probe.baseline)
 
+    def cpu_s(self) -> float:
+        return _cpu_s()
+
+
+def _cpu_s() -> float:
+    """CPU time this process has used (user + system, s)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
 
 async def _serve_malla() -> None:
     node = malla.Node("streams-server", cookie=COOKIE, host=HOST, port=0)
@@ -144,6 +154,19 @@ async def _rate(streams: int, n: int, one: Callable[[int], Awaitable[int]]) -> f
     return sum(counts) / elapsed
 
 
+async def _cpu_per_item(node: malla.Node, n: int, one: Callable[[int], Awaitable[int]],
+                        out: dict[str, float], name: str) -> None:
+    """The CPU time per item (µs) of one run of `one(n)`, in the producer's
+    process and in this consumer's: what each side pays per item, whatever
+    the load (wall-clock figures move with it; these much less)."""
+    producer0, consumer0 = await node.remote("Probe", "cpu_s"), _cpu_s()
+    await one(n)
+    consumer = _cpu_s() - consumer0
+    producer = await node.remote("Probe", "cpu_s") - producer0
+    out[f"cpu_us_per_item_{name}_producer"] = producer / n * 1e6
+    out[f"cpu_us_per_item_{name}_consumer"] = consumer / n * 1e6
+
+
 async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
     node = malla.Node("streams-client", cookie=COOKIE, host=HOST, port=0, hidden=True)
     await node.start()
@@ -174,6 +197,9 @@ async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str,
                 streams, each, lambda k, size=size: stream(k, size))
             out[f"paging_{label}_x{streams}"] = await _rate(
                 streams, each, lambda k, size=size: paged(k, size))
+    n = sizes["16B"][0]
+    await _cpu_per_item(node, n, lambda k: stream(k, SMALL), out, "stream")
+    await _cpu_per_item(node, n, lambda k: paged(k, SMALL), out, "paging")
     (out["slow_producer_traced_kib"],
      out["slow_consumer_traced_kib"]) = await _slow_consumer(node)
     await node.stop()
@@ -183,13 +209,13 @@ async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str,
     await wide.start()
     await wide.connect(f"{HOST}:{port}")
     assert await wide.wait_for_services(["Source"])
-    n = sizes["16B"][0]
 
     async def wide_stream(k: int) -> int:
         return len([_ async for _ in wide.stream("Source", "items", [k, SMALL])])
 
     await wide_stream(1000)
     out["stream_16B_x1_window1024"] = await _rate(1, n, wide_stream)
+    await _cpu_per_item(wide, n, wide_stream, out, "stream_window1024")
     (out["slow_producer_traced_kib_window1024"],
      out["slow_consumer_traced_kib_window1024"]) = await _slow_consumer(wide)
     await wide.stop()
@@ -288,7 +314,14 @@ def _print(results: dict[str, Any]) -> None:
                   f"   grpc {med[f'grpc_{key}']:>10,.0f} ({ratios[f'vs_grpc_{key}']:.1f}x)"
                   f"   paging {med[f'paging_{key}']:>10,.0f}"
                   f" ({ratios[f'vs_paging_{key}']:.1f}x)")
-    print(f"  16B x1 with stream_window=1024: {med['stream_16B_x1_window1024']:,.0f} items/s")
+    wide = med["stream_16B_x1_window1024"]
+    print(f"  16B x1 with stream_window=1024: {wide:,.0f} items/s "
+          f"({wide / med['paging_16B_x1']:.1f}x paging)")
+    print("  CPU per 16 B item (µs), producer + consumer process:")
+    for name in ("stream", "stream_window1024", "paging"):
+        prod = med[f"cpu_us_per_item_{name}_producer"]
+        cons = med[f"cpu_us_per_item_{name}_consumer"]
+        print(f"    {name:<18} {prod:6.2f} + {cons:6.2f}")
     for suffix, window in (("", 64), ("_window1024", 1024)):
         print(f"  a slow consumer of 64 KiB chunks, stream_window={window} "
               f"({window * CHUNK // 1024:,} KiB of chunks): peak traced allocations of the "
