@@ -111,7 +111,10 @@ class Caller:
         nodes by rendezvous hashing; `vsn=` (an fnmatch pattern) uses only
         the instances whose announced vsn matches.  `hedge_after` (ms,
         functions marked @malla.idempotent only) also sends the call to the
-        next node when no reply came in time (malla.hedging).
+        next node when no reply came in time (malla.hedging).  `_attempt`
+        (malla.streams' opener; not an option of malla.call or proxies)
+        makes each attempt instead of the plain call: a stream's opening
+        runs this same round loop.
         """
         name = service if type(service) is str else service_name(service)
         # (key= and vsn= come in **options, which is there anyway: the
