@@ -76,6 +76,15 @@ def test_the_streams_bench_runs_short(tmp_path):
         for streams in (1, 100):
             for system in ("stream", "grpc", "paging"):
                 assert med[f"{system}_{label}_x{streams}"] > 0
+    for name in ("stream", "stream_window1024", "paging"):
+        for side in ("producer", "consumer"):
+            assert med[f"cpu_us_per_item_{name}_{side}"] > 0
+    # the producer's own allocations while its consumer reads slowly: a
+    # batch and what waits for the socket, far from a window of 64 KiB
+    # chunks (4 MiB), which is the consumer's to hold
+    for suffix in ("", "_window1024"):
+        assert 0 < med[f"slow_producer_traced_kib{suffix}"] < 64 * 64
+    assert med["slow_consumer_traced_kib_window1024"] > 64 * 64
     assert "grpc.aio" in proc.stdout and "a slow consumer" in proc.stdout
 
 
