@@ -221,6 +221,69 @@ def test_a_slow_node_takes_almost_no_calls(caplog):
     with_nodes(main)
 
 
+async def spread(caller: malla.Node, calls: int, callers: int = 32) -> Counter[str]:
+    """Which node took each of `calls` calls from `callers` concurrent tasks."""
+    went: Counter[str] = Counter()
+    left = calls
+
+    async def one() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            went[await caller.remote("Where", "where")] += 1
+
+    await asyncio.gather(*(one() for _ in range(callers)))
+    return went
+
+
+async def three_fast_one_slow(make) -> tuple[malla.Node, Where]:
+    """Nodes a, b, c answering in 1 ms, d in 10 ms; a caller seeing all four."""
+    slow = Where("d", 0.01)
+    nodes: list[malla.Node] = []
+    for name in "abcd":
+        node = await make(name, seeds=[seed_of(nodes[0])] if nodes else []).start()
+        await node.start_service(slow if name == "d" else Where(name, 0.001))
+        nodes.append(node)
+    caller = await make("caller", seeds=[seed_of(nodes[0])]).start()
+    await wait_until(lambda: len(caller.get_nodes("Where")) == 4)
+    return caller, slow
+
+
+def test_a_far_slower_node_takes_almost_no_calls_from_many_callers():
+    """32 callers keep calls in flight on every fast node: their in-flight
+    factor must not outweigh a node many times slower, which would then
+    take a call whenever it has none in flight (latency.pyx's GAP)."""
+    async def main(make):
+        caller, _ = await three_fast_one_slow(make)
+        await spread(caller, 200)                               # every node measured
+        went = await spread(caller, 4000)
+        # (without the gap rule: 30 to 60 calls, one whenever d had none in flight)
+        assert went["d"] <= 16, went                            # 0.4 %
+        assert all(went[n] > 600 for n in "abc"), went
+
+    with_nodes(main)
+
+
+def test_a_slow_node_that_became_fast_is_probed_again_and_gets_calls_back():
+    async def main(make):
+        caller, slow = await three_fast_one_slow(make)
+        await spread(caller, 1000)
+        assert (await spread(caller, 2000))["d"] <= 16
+        slow.slow = 0.0                                         # d recovers
+        batches: list[Counter[str]] = []
+
+        async def d_is_back() -> bool:
+            batches.append(await spread(caller, 400))
+            return batches[-1]["d"] >= 40                       # 10 % of a batch
+
+        for _ in range(100):
+            if await d_is_back():
+                break
+        assert batches[-1]["d"] >= 40, batches[-3:]
+
+    with_nodes(main)
+
+
 def test_calls_in_flight_spread_over_equal_nodes():
     async def main(make):
         first = (await servers(make, "abc", slow="abc", delay=0.005))[0]
