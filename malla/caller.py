@@ -19,7 +19,7 @@ import inspect
 import sys
 import time
 import types
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from malla import exceptions as mexc
@@ -79,8 +79,8 @@ class Caller:
         self._stats = stats
         self._spawn = spawn
         self._carrier = carrier
-        # whether a hedge toward a service may be sent: the retry budget's say
-        self.may_hedge: Callable[[str], bool] = self.routing.may_retry
+        # where a hedge toward a service goes, if the retry budget lets it
+        self.hedge_to: Callable[[str, Iterator[str]], str | None] = self.routing.hedge_to
 
     async def remote(self, service: Any, fun: str, args: Any = (),
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,

@@ -157,12 +157,31 @@ class Routing:
                              counted=type(order) is Routed)
 
     def may_retry(self, service: str) -> bool:
-        """May one more retry (a round, an exception retry, a hedge) go to
-        `service`?  True spends it from the budget; False counts a throttle."""
+        """May one more retry (a round, an exception retry) go to `service`?
+        True spends it from the budget; False counts a throttle."""
+        self._retrying(service)
+        return self.budget.try_retry(service)
+
+    def hedge_to(self, service: str, nodes: Iterator[str]) -> str | None:
+        """The node a hedge of a call to `service` goes to: the next of the
+        round's `nodes`, when the budget lets one more retry go (then spent
+        on it).  None when the budget refuses (counted as throttled), and
+        then no node is drawn: the round's failover still tries the node
+        the hedge would have taken; None too when no node is left (nothing
+        spent)."""
+        self._retrying(service)
+        if not self.budget.allows(service):
+            self.budget.refused(service)
+            return None
+        other = next(nodes, None)
+        if other is not None:
+            self.budget.spend(service)
+        return other
+
+    def _retrying(self, service: str) -> None:
         if service not in self.watch:
             self.budget.call(service)       # (the call now retrying, uncounted so far)
         self.watch[service] = self._clock()
-        return self.budget.try_retry(service)
 
     def _unwatch_if_quiet(self, service: str) -> None:
         since = self.watch.get(service)

@@ -236,6 +236,21 @@ def test_a_service_is_watched_from_its_first_trouble_until_quiet():
     assert routing.may_retry("S") and "S" in routing.watch
 
 
+def test_a_hedge_draws_the_next_node_only_when_the_budget_lets_it_go():
+    routing, clock = routing_of("abc")
+    nodes = iter(["b", "c"])
+    room = routing.budget.available("S")
+    assert routing.hedge_to("S", nodes) == "b"
+    assert routing.budget.available("S") == room - 1 + routing.budget.share   # (1 call counted)
+    assert routing.hedge_to("S", iter([])) is None                   # none left: nothing spent
+    assert routing.budget.available("S") == room - 1 + routing.budget.share
+    stingy = Routing(routing._registry, RetryBudget(0, 0, clock=clock), clock=clock)
+    nodes = iter(["b", "c"])
+    assert stingy.hedge_to("S", nodes) is None
+    # refused: counted, and "b" is still the round's next node (its failover tries it)
+    assert stingy.budget.throttled == 1 and next(nodes) == "b"
+
+
 def test_keyed_load_is_even_over_eight_nodes():
     nodes = [f"node-{i}" for i in range(8)]
     load = Counter(rank(i, nodes)[0] for i in range(4000))
