@@ -254,7 +254,7 @@ cdef double _unconnected(str service, bint dial):
 
 
 cdef int _seen_on(dict conns, object node, str service, double now, bint dial,
-                 Seen* out) except -1:
+                  Seen* out) except -1:
     # a node without a connection has no latency of its own (-1: the pair's
     # latency gap does not apply to it)
     cdef PyObject* c = PyDict_GetItem(conns, node)
