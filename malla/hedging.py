@@ -21,8 +21,9 @@ caller's):
 - at most one hedge per attempt: two copies at once, never more;
 - the first reply wins; the other copy is cancelled (a CANCEL to its node,
   where the handler's coroutine is cancelled; in-process, the coroutine
-  itself), and what it took until then counts in the balancer's latency
-  average of its node (at least that long: a stalling node is ranked down);
+  itself), and what it took until then is a lower bound of the balancer's
+  latency average of its node (raised to it, never lowered: a stalling
+  node is ranked down, and losing races does not make it look faster);
 - a copy over an uncongested connection is sent at once and waited for on
   the core's own future (no task: a task would start, and send, only at
   the loop's next iteration, which under load delays every hedged call and
@@ -151,7 +152,7 @@ class Hedge:
         # replies before the stall)
         if proto.cancel(sid) and lost:
             now = core.monotonic()
-            proto.latency.sample(self._service, now - sent, False, now)
+            proto.latency.at_least(self._service, now - sent, now)
 
     async def attempt(self, node: str, nodes: Iterator[str], args: Any, kwargs: Any,
                       timeout: int, at: Any, meta: Any) -> Any:

@@ -51,6 +51,39 @@ def test_a_failure_never_makes_a_node_look_faster():
     assert b.latency(s, now) == pytest.approx(0.020)
 
 
+def test_the_base_latency_is_the_fastest_reply_of_the_last_second_or_two():
+    # (the gap rule's figure: a stall of this process, which delays every
+    # reply in flight, does not move it; failures do not count)
+    s, b, now = fresh_service(), book(), 100.0
+    b.sample(s, 0.002, False, now)
+    for _ in range(20):                               # twenty replies 40 ms late
+        b.sample(s, 0.040, False, now + 0.5)
+    assert b.base(s) == pytest.approx(0.002) and b.latency(s, now + 0.5) > 0.03
+    b.sample(s, 0.0001, True, now + 0.6)              # a fast refusal
+    assert b.base(s) == pytest.approx(0.002)
+    b.sample(s, 0.030, False, now + 1.5)              # a new second: the last one's kept
+    assert b.base(s) == pytest.approx(0.002)
+    b.sample(s, 0.030, False, now + 2.6)              # and the one before it is gone
+    assert b.base(s) == pytest.approx(0.030)
+    b.sample(s, 0.001, False, now + 2.7)
+    assert b.base(s) == pytest.approx(0.001)
+    other = book()
+    assert other.base(s) == other.latency(s, now) > 0  # unmeasured: the mean
+
+
+def test_a_hedged_copy_that_lost_only_ever_raises_the_average():
+    # (a stalling node losing race after race must not look faster each time)
+    s, b, now = fresh_service(), book(), 100.0
+    b.sample(s, 0.200, False, now)                  # a stall
+    b.at_least(s, 0.004, now)                        # lost a race after 4 ms
+    assert b.latency(s, now) == pytest.approx(0.200)
+    b.at_least(s, 0.300, now + 10)                   # above its (decayed) average
+    assert b.latency(s, now + 10) == pytest.approx(0.300)
+    fresh = book()
+    fresh.at_least(s, 0.004, now)
+    assert fresh.latency(s, now) == pytest.approx(0.004)
+
+
 def test_the_average_halves_every_ten_seconds_when_idle():
     s, b = fresh_service(), book()
     b.sample(s, 0.080, False, 100.0)

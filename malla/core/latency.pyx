@@ -15,12 +15,18 @@
 #   (x - v) (a recovery is believed over a few replies);
 # - a failed attempt (CallTimeout, Overloaded; malla/outcome.py) counts as
 #   max(x, 2v): a node that fails fast never looks fast;
+# - a hedged copy that lost the race (cancelled) took at least x: only a
+#   bound, so avg = x when x > v, else nothing changes (as an ordinary
+#   sample it would pull a stalling node's peak down towards the hedge
+#   delay each time it loses, and p2c would send it calls again: measured,
+#   a node stalling 4 % of its calls for 200 ms then took 20 % of the
+#   first copies);
 # - a service not measured on a node yet reads as the service's mean over
 #   every node of this process (neither favoured nor avoided; 0 before any
 #   sample, when in-flight alone decides);
 # - cost = max(read, 1 us) x (calls in flight to the node + 1): each call
 #   already waiting there is expected to take about its latency;
-# - but a pair's node whose read is more than GAP times the other's loses
+# - but a pair's node whose base is more than GAP times the other's loses
 #   the pair whatever the calls in flight, unless it was sent no call of
 #   the service for PROBE seconds (then the costs decide): a handler that
 #   runs its calls concurrently takes about as long with ten in flight as
@@ -29,8 +35,20 @@
 #   whenever it has none in flight (about 1 % of the calls at 32 callers
 #   under load, the p99; measured, docs/performance.md).  A node far
 #   slower than the other of its pair is thus re-probed at most every
-#   PROBE seconds, and once idle its decaying average brings it back
-#   within GAP of the others, where the costs decide again.
+#   PROBE seconds; once idle, its decaying average makes it win a pair on
+#   cost when a probe is due, and a reply as fast as the others' brings its
+#   base back at once;
+# - the base is the fastest reply of the current second and the one before
+#   (seconds counted from the node's first reply of each; failures and
+#   hedged copies that lost do not count).  The peak is what a call should
+#   expect; the base what the node does when this side is not in its way: a
+#   stall of this process (a CPU shared with others, a long callback)
+#   delays every reply it was waiting for, and the peaks of every fast node
+#   with calls in flight then rise towards a slow node's latency, but their
+#   bases keep the replies before the stall (measured: with the peaks, or
+#   with an average that rises slowly, which the burst of delayed replies
+#   of 20 calls in flight moved anyway, such stalls still let a 10x slower
+#   node take 1 to 2 % of the calls).
 
 from libc.math cimport exp, log, INFINITY
 from libc.stdlib cimport qsort
@@ -41,6 +59,7 @@ cdef double _ALPHA = 0.25
 cdef double _FLOOR = 1e-6
 cdef double GAP = 4.0
 cdef double PROBE = 0.2
+cdef double LOW_WINDOW = 1.0
 # sent calls remembered per connection: a call whose slot a later one took
 # (more than this many in flight) gives no sample, nothing else.  6 KiB,
 # allocated with the connection's first call: a connection that never
@@ -69,6 +88,8 @@ cdef class Latency:
         self.avg = 0.0
         self.at = 0.0
         self.sent_at = -INFINITY
+        self.low = self.low_prev = INFINITY
+        self.low_since = -INFINITY
         self.sampled = False
 
     cdef double read(self, double now) noexcept:
@@ -80,12 +101,36 @@ cdef class Latency:
         # its own average as it reads at `now` (sampled only)
         return self.avg * exp(-(now - self.at) * _RATE)
 
+    cdef int at_least(self, double seconds, double now) except -1:
+        cdef double v = self._decayed(now) if self.sampled else 0.0
+        if seconds > v:
+            self.avg = seconds
+            self.at = now
+            self.sampled = True
+        return 0
+
+    cdef inline void _low(self, double seconds, double now) noexcept:
+        # the fastest reply of this window and of the one before (the base)
+        cdef double since = now - self.low_since
+        if since >= LOW_WINDOW:
+            self.low_prev = self.low if since < 2 * LOW_WINDOW else INFINITY
+            self.low = seconds
+            self.low_since = now
+        elif seconds < self.low:
+            self.low = seconds
+
+    cdef inline double base(self) noexcept:
+        # (INFINITY before a reply that counts)
+        return self.low if self.low < self.low_prev else self.low_prev
+
     cdef int sample(self, double seconds, bint failed, double now) except -1:
         # (a first sample is taken as it is: the service's mean is what an
         # unmeasured node reads as, not a prior its own replies must undo)
         cdef double v = self._decayed(now) if self.sampled else 0.0
         if seconds < 0:
             seconds = 0
+        if not failed:
+            self._low(seconds, now)
         if failed and seconds < 2 * v:
             seconds = 2 * v
         self.avg = seconds if seconds > v else v + _ALPHA * (seconds - v)
@@ -174,21 +219,26 @@ cdef class LatencyBook:
         return seen.cost
 
     cdef int seen(self, str service, Py_ssize_t in_flight, double now, Seen* out) except -1:
-        # what the balancer reads of `service` on this peer: latency (floored),
-        # cost, when it last sent it a call
+        # what the balancer reads of `service` on this peer: cost, base
+        # (floored), when it last sent it a call
         cdef PyObject* p = PyDict_GetItem(self.by_service, service)
-        cdef double v
+        cdef Latency lat
+        cdef double v, b
         cdef PyObject* m
         if p is not NULL:
-            v = (<Latency>p).read(now)
-            out.sent = (<Latency>p).sent_at
+            lat = <Latency>p
+            v = lat.read(now)
+            b = lat.base()
+            if b == INFINITY:
+                b = v
+            out.sent = lat.sent_at
         else:
             m = PyDict_GetItem(_MEANS, service)
-            v = (<ServiceMean>m).value if m is not NULL else 0.0
+            v = b = (<ServiceMean>m).value if m is not NULL else 0.0
             out.sent = -INFINITY
         if v < _FLOOR:
             v = _FLOOR
-        out.latency = v
+        out.base = b if b > _FLOOR else _FLOOR
         out.cost = v * (in_flight + 1)
         return 0
 
@@ -202,6 +252,19 @@ cdef class LatencyBook:
         """Record that a call to `service` was sent at `now`, as the core
         does when it queues one."""
         self.of(service).sent_at = now
+
+    def at_least(self, str service, double seconds, double now):
+        """An attempt to `service` took at least `seconds` (a hedged copy
+        cancelled unanswered): its average rises to that, never falls."""
+        self.of(service).at_least(seconds, now)
+
+    def base(self, str service):
+        """The service's base latency on this peer (the gap rule's), seconds:
+        its fastest reply of this window and the one before; the mean before
+        any."""
+        cdef Latency lat = self.of(service)
+        cdef double b = lat.base()
+        return lat.read(0.0) if b == INFINITY else b
 
     def latency(self, str service, double now):
         """The service's latency average on this peer at `now`, seconds."""
@@ -262,7 +325,7 @@ cdef int _seen_on(dict conns, object node, str service, double now, bint dial,
     cdef LatencyBook book
     if proto is None or not isinstance(proto, CoreProtocol):
         out.cost = _unconnected(service, dial)
-        out.latency = -1.0
+        out.base = -1.0
         out.sent = -INFINITY
         return 0
     book = (<CoreProtocol>proto).latency
@@ -277,7 +340,7 @@ cdef double _cost_on(dict conns, object node, str service, double now, bint dial
 
 cdef inline bint _far_slower(Seen* a, Seen* b, double now) noexcept:
     # a loses the pair to b whatever the calls in flight (GAP, PROBE above)
-    return (b.latency > 0 and a.latency > GAP * b.latency
+    return (b.base > 0 and a.base > GAP * b.base
             and now - a.sent < PROBE)
 
 
