@@ -111,6 +111,7 @@ def test_the_tails_scenarios_run_short(tmp_path):
         # every call was sent once, a hedged one twice: the shares add up
         assert sum(run["share"].values()) == pytest.approx(1 + run["extra_calls"])
         assert run["hedge_after_ms"] is None or hedged
+        assert run["throttled"] >= 0
         assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"] <= run["max_ms"]
 
     for callers in ("8", "32"):
