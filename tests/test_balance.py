@@ -177,6 +177,20 @@ def test_the_pair_is_random_and_the_slowest_never_first():
     assert all(firsts[n] > 600 for n in "abc"), firsts            # about 1000 each
 
 
+def test_a_far_slower_node_loses_its_pair_until_a_probe_is_due():
+    s = fresh_service()
+    conns = protos({"x": 0.020, "y": 0.001}, s)
+    # y's replies came late once (a stall of this process): its peak, and
+    # so its cost, is above x's; its base (fastest reply) is still 1 ms
+    conns["y"].proto.latency.sample(s, 0.100, False, core.monotonic())
+    p2c = core.P2COrder(lambda _s: ["x", "y"], conns, "me", 5)
+    assert next(iter(p2c(s))) == "x"          # x not sent a call lately: the costs decide
+    conns["x"].proto.latency.mark_sent(s, core.monotonic())
+    assert next(iter(p2c(s))) == "y"          # x just probed, its base 20x y's: y
+    conns["x"].proto.latency.mark_sent(s, core.monotonic() - 0.3)
+    assert next(iter(p2c(s))) == "x"          # a probe is due again
+
+
 def test_a_node_without_a_connection_comes_after_every_connected_one():
     costs = {"a": 0.5, "b": 0.4}
     p2c, s = ranking(costs, ["a", "b", "gone"], seed=3)
