@@ -19,7 +19,7 @@ import inspect
 import sys
 import time
 import types
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from malla import exceptions as mexc
@@ -33,8 +33,6 @@ from malla.service import KIND_STREAM, KIND_SYNC, RunningService, settle
 from malla.stream_serve import stream_mismatch
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from malla.interfaces import CallHosting, CallPeers, NodeOrder
     from malla.metrics import Stats
     from malla.registry import Registry
@@ -90,8 +88,8 @@ class Caller:
         self._stats = stats
         self._spawn = spawn
         self._carrier = carrier
-        # whether a hedge toward a service may be sent: the retry budget's say
-        self.may_hedge: Callable[[str], bool] = self.routing.may_retry
+        # where a hedge toward a service goes, if the retry budget lets it
+        self.hedge_to: Callable[[str, Iterator[str]], str | None] = self.routing.hedge_to
 
     async def remote(self, service: Any, fun: str, args: Any = (),
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,

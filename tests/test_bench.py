@@ -107,6 +107,42 @@ def test_the_resilience_scenarios_short_mode_end_to_end(tmp_path):
     assert "first time on a healthy node" in proc.stdout
 
 
+@pytest.mark.tools
+def test_the_tails_scenarios_run_short(tmp_path):
+    # (the harness and its JSON's shape; no figure is asserted)
+    proc, data = _short_run("bench.tails", tmp_path / "tails.json")
+    assert data["short"] is True and data["calls"] > 0
+    nodes = {"tail0", "tail1", "tail2", "tail3"}
+
+    def check_run(run: dict, balance: str, hedged: bool) -> None:
+        assert run["balance"] == balance and run["calls"] == data["calls"], run
+        # every call was sent once, a hedged one twice: the shares add up
+        # (a connection that a heavily loaded machine lost meanwhile is
+        # missing, its calls before with it)
+        assert run["share"] and set(run["share"]) <= nodes
+        assert sum(run["share"].values()) <= 1 + run["extra_calls"] + 1e-9
+        assert run["hedge_after_ms"] is None or hedged
+        assert run["throttled"] >= 0
+        assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"] <= run["max_ms"]
+
+    for callers in ("8", "32"):
+        res = data["slow_node"][callers]
+        assert {"p99_ratio", "throughput_ratio", "target_met"} <= set(res)
+        for balance in ("p2c", "shuffle"):
+            assert 0 <= res[balance]["slow_share"] <= 1
+            [run] = res["runs"][balance]
+            check_run(run, balance, hedged=False)
+            assert run["hedges"] == 0
+    for balance in ("p2c", "shuffle"):
+        res = data["hedging"][balance]
+        check_run(res["no_hedge"], balance, hedged=False)
+        assert res["no_hedge"]["hedges"] == 0
+        check_run(res["hedged"], balance, hedged=True)
+        assert res["hedged"]["hedge_after_ms"] == round(res["no_hedge"]["p95_ms"], 3)
+        assert {"p99_over_p50", "target_met"} <= set(res["hedged"])
+    assert "slow node: 4 nodes" in proc.stdout and "hedging: 4 nodes" in proc.stdout
+
+
 # ---------------------------------------------------------------- the C floor
 # Real processes on real loopback TCP: the C program built by the harness,
 # started through bench.worker (which execs it), driven by the harness's
