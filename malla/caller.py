@@ -66,14 +66,16 @@ class Caller:
     seam (default: the registry's order), `budget` the retry budget (with
     the keyed and versioned orders and ejection: malla.routing),
     `carrier(conn)` the trace context to send with an attempt on a
-    connection (tracing on), `spawn` runs an in-process cast as one of the
-    node's tasks.
+    connection (tracing on), `here(name)` names this node on the call's
+    span when an attempt runs in-process (tracing on), `spawn` runs an
+    in-process cast as one of the node's tasks.
     """
 
     def __init__(self, name: str, registry: Registry, hosting: CallHosting, peers: CallPeers,
                  stats: Stats, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
                  *, order: NodeOrder | None = None,
                  carrier: Callable[[Any], Any] | None = None,
+                 here: Callable[[str], None] | None = None,
                  budget: RetryBudget | None = None) -> None:
         self.name = name
         self._registry = registry
@@ -88,6 +90,7 @@ class Caller:
         self._stats = stats
         self._spawn = spawn
         self._carrier = carrier
+        self._here = here
         # where a hedge toward a service goes, if the retry budget lets it
         self.hedge_to: Callable[[str, Iterator[str]], str | None] = self.routing.hedge_to
 
@@ -148,6 +151,8 @@ class Caller:
                             return await _attempt.attempt(node, nodes, args, kwargs, timeout, at,
                                                           meta)
                         if node == self.name:
+                            if self._here is not None:
+                                self._here(node)
                             return await self._call_here(name, fun, args, kwargs, timeout, at,
                                                          meta)
                         if at is None and carrier is None:
