@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import uuid
 from collections import Counter
 from types import SimpleNamespace
@@ -51,24 +52,49 @@ def test_a_failure_never_makes_a_node_look_faster():
     assert b.latency(s, now) == pytest.approx(0.020)
 
 
-def test_the_base_latency_is_the_fastest_reply_of_the_last_second_or_two():
+def test_the_base_latency_is_the_fastest_of_the_last_replies_counted_in_replies():
     # (the gap rule's figure: a stall of this process, which delays every
-    # reply in flight, does not move it; failures do not count)
+    # reply in flight, does not move it; failures and a handler's exceptions
+    # do not count; its window is LOW_REPLIES replies and the one before)
     s, b, now = fresh_service(), book(), 100.0
     b.sample(s, 0.002, False, now)
     for _ in range(20):                               # twenty replies 40 ms late
         b.sample(s, 0.040, False, now + 0.5)
     assert b.base(s) == pytest.approx(0.002) and b.latency(s, now + 0.5) > 0.03
     b.sample(s, 0.0001, True, now + 0.6)              # a fast refusal
+    b.sample(s, 0.0001, False, now + 0.6, raised=True)  # a quick KeyError
     assert b.base(s) == pytest.approx(0.002)
-    b.sample(s, 0.030, False, now + 1.5)              # a new second: the last one's kept
-    assert b.base(s) == pytest.approx(0.002)
-    b.sample(s, 0.030, False, now + 2.6)              # and the one before it is gone
+    for _ in range(32):                               # a window later: still kept
+        b.sample(s, 0.030, False, now + 600)
+    assert b.base(s) == pytest.approx(0.002)          # (hours do not age it: replies do)
+    for _ in range(32):                               # and the window before it is gone
+        b.sample(s, 0.030, False, now + 601)
     assert b.base(s) == pytest.approx(0.030)
-    b.sample(s, 0.001, False, now + 2.7)
+    b.sample(s, 0.001, False, now + 602)
     assert b.base(s) == pytest.approx(0.001)
     other = book()
     assert other.base(s) == other.latency(s, now) > 0  # unmeasured: the mean
+
+
+def test_equal_nodes_with_a_few_fast_replies_share_the_calls():
+    # (a review found two equal nodes holding one another off for seconds:
+    # the base of the busier one, the fastest of many more replies, was
+    # compared with the other's; now with the other's median estimate)
+    for fast_share in (0.005, 0.05):
+        s = fresh_service()
+        conns = protos({"a": 0.005, "b": 0.005}, s)
+        p2c = core.P2COrder(lambda _s: ["a", "b"], conns, "me", 7)
+        went: Counter[str] = Counter()
+        rng = random.Random(1)
+        now = core.monotonic()
+        for i in range(4000):
+            node = next(iter(p2c(s)))
+            went[node] += 1
+            lat = conns[node].proto.latency
+            t = now + i * 0.001             # a call a millisecond, answered at once
+            lat.mark_sent(s, t)
+            lat.sample(s, 0.00005 if rng.random() < fast_share else 0.005, False, t)
+        assert min(went.values()) > 1500, (fast_share, went)
 
 
 def test_a_hedged_copy_that_lost_only_ever_raises_the_average():

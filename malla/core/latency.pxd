@@ -8,6 +8,7 @@ cdef struct SentCall:
 
 cdef struct Seen:
     double base         # seconds, floored at 1 us; -1 for a node not connected
+    double typical      # its median estimate, or its base before one
     double cost
     double sent         # when this side last sent the node a call of the service
 
@@ -25,12 +26,14 @@ cdef class Latency:
     cdef double sent_at     # when this side last sent it a call of the service
     cdef double low         # the fastest reply of this window (latency.pyx: base)
     cdef double low_prev    # ... and of the window before
-    cdef double low_since   # when this window began
+    cdef int low_n          # replies in this window
+    cdef double med         # a running estimate of its median reply (latency.pyx)
     cdef bint sampled
     cdef ServiceMean mean
-    cdef int sample(self, double seconds, bint failed, double now) except -1
+    cdef int sample(self, double seconds, bint failed, double now,
+                    bint base=*) except -1
     cdef int at_least(self, double seconds, double now) except -1
-    cdef inline void _low(self, double seconds, double now) noexcept
+    cdef inline void _low(self, double seconds) noexcept
     cdef inline double base(self) noexcept
     cdef double read(self, double now) noexcept
     cdef inline double _decayed(self, double now) noexcept

@@ -26,7 +26,9 @@
 #   sample, when in-flight alone decides);
 # - cost = max(read, 1 us) x (calls in flight to the node + 1): each call
 #   already waiting there is expected to take about its latency;
-# - but a pair's node whose base is more than GAP times the other's loses
+# - but a pair's node whose base is more than GAP times the other's typical
+#   reply (a running estimate of its median: up or down by MED_STEP with
+#   each reply that counts for the base) loses
 #   the pair whatever the calls in flight, unless it was sent no call of
 #   the service for PROBE seconds (then the costs decide): a handler that
 #   runs its calls concurrently takes about as long with ten in flight as
@@ -38,9 +40,13 @@
 #   PROBE seconds; once idle, its decaying average makes it win a pair on
 #   cost when a probe is due, and a reply as fast as the others' brings its
 #   base back at once;
-# - the base is the fastest reply of the current second and the one before
-#   (seconds counted from the node's first reply of each; failures and
-#   hedged copies that lost do not count).  The peak is what a call should
+# - the base is the fastest of the node's last LOW_REPLIES to twice that
+#   many replies (failures, a handler's exceptions and hedged copies that
+#   lost do not count).  Counted in replies, not seconds: a minimum over a
+#   time window compares a busy node's thousands of replies with the few of
+#   a node held to a probe each PROBE seconds, and the lowest of thousands
+#   is lower -- two equal nodes then held one of them off for seconds (a
+#   review measured it).  The peak is what a call should
 #   expect; the base what the node does when this side is not in its way: a
 #   stall of this process (a CPU shared with others, a long callback)
 #   delays every reply it was waiting for, and the peaks of every fast node
@@ -57,9 +63,15 @@ cdef double HALF_LIFE = 10.0
 cdef double _RATE = log(2.0) / HALF_LIFE
 cdef double _ALPHA = 0.25
 cdef double _FLOOR = 1e-6
-cdef double GAP = 4.0
+cdef double GAP = 2.5
 cdef double PROBE = 0.2
-cdef double LOW_WINDOW = 1.0
+cdef int LOW_REPLIES = 32
+# The median estimate moves by 5 % a reply: a stall of this process that
+# delays 20 replies in flight moves it 2.7x at most, so a 20x slower node
+# still loses its pairs; 16 replies follow a change of 2x.  Against the
+# other's base, not its median, two equal nodes with a few fast replies
+# (a cheap error, a cache hit) held one another off (a review measured it).
+cdef double MED_STEP = 1.05
 # sent calls remembered per connection: a call whose slot a later one took
 # (more than this many in flight) gives no sample, nothing else.  6 KiB,
 # allocated with the connection's first call: a connection that never
@@ -70,6 +82,9 @@ cdef Py_ssize_t _RING = 256
 OUTCOME_OK = 0
 OUTCOME_FAILED = 1
 OUTCOME_IGNORED = 2
+# answered in time with the handler's exception: an average's sample, not
+# the base's (a quick KeyError says nothing of what a call costs there)
+OUTCOME_RAISED = 3
 
 # service -> its mean over every node this process calls
 cdef dict _MEANS = {}
@@ -89,7 +104,8 @@ cdef class Latency:
         self.at = 0.0
         self.sent_at = -INFINITY
         self.low = self.low_prev = INFINITY
-        self.low_since = -INFINITY
+        self.low_n = 0
+        self.med = 0.0
         self.sampled = False
 
     cdef double read(self, double now) noexcept:
@@ -109,28 +125,37 @@ cdef class Latency:
             self.sampled = True
         return 0
 
-    cdef inline void _low(self, double seconds, double now) noexcept:
-        # the fastest reply of this window and of the one before (the base)
-        cdef double since = now - self.low_since
-        if since >= LOW_WINDOW:
-            self.low_prev = self.low if since < 2 * LOW_WINDOW else INFINITY
+    cdef inline void _low(self, double seconds) noexcept:
+        # the fastest reply of this window of LOW_REPLIES and of the one
+        # before (the base)
+        if self.low_n >= LOW_REPLIES:
+            self.low_prev = self.low
             self.low = seconds
-            self.low_since = now
-        elif seconds < self.low:
-            self.low = seconds
+            self.low_n = 1
+        else:
+            if seconds < self.low:
+                self.low = seconds
+            self.low_n += 1
 
     cdef inline double base(self) noexcept:
         # (INFINITY before a reply that counts)
         return self.low if self.low < self.low_prev else self.low_prev
 
-    cdef int sample(self, double seconds, bint failed, double now) except -1:
+    cdef int sample(self, double seconds, bint failed, double now,
+                    bint base=True) except -1:
         # (a first sample is taken as it is: the service's mean is what an
         # unmeasured node reads as, not a prior its own replies must undo)
         cdef double v = self._decayed(now) if self.sampled else 0.0
         if seconds < 0:
             seconds = 0
-        if not failed:
-            self._low(seconds, now)
+        if base and not failed:
+            self._low(seconds)
+            if self.med <= 0.0:
+                self.med = seconds if seconds > _FLOOR else _FLOOR
+            elif seconds > self.med:
+                self.med *= MED_STEP
+            elif seconds < self.med:
+                self.med /= MED_STEP
         if failed and seconds < 2 * v:
             seconds = 2 * v
         self.avg = seconds if seconds > v else v + _ALPHA * (seconds - v)
@@ -201,7 +226,8 @@ cdef class LatencyBook:
         slot.sid = 0
         if outcome != OUTCOME_IGNORED:
             now = _now()
-            (<Latency>slot.lat).sample(now - slot.sent, outcome == OUTCOME_FAILED, now)
+            (<Latency>slot.lat).sample(now - slot.sent, outcome == OUTCOME_FAILED, now,
+                                       outcome != OUTCOME_RAISED)
         return 0
 
     cdef int refused(self, uint64_t sid, object err) except -1:
@@ -209,7 +235,7 @@ cdef class LatencyBook:
         # exception was answered in time, Overloaded is the node's own
         # fault, a refusal (not running there, a spent deadline, a bad call)
         # says nothing of it
-        return self.ended(sid, OUTCOME_OK if isinstance(err, mexc.RemoteError) else
+        return self.ended(sid, OUTCOME_RAISED if isinstance(err, mexc.RemoteError) else
                           OUTCOME_FAILED if isinstance(err, mexc.Overloaded) else
                           OUTCOME_IGNORED)
 
@@ -223,7 +249,7 @@ cdef class LatencyBook:
         # (floored), when it last sent it a call
         cdef PyObject* p = PyDict_GetItem(self.by_service, service)
         cdef Latency lat
-        cdef double v, b
+        cdef double v, b, t
         cdef PyObject* m
         if p is not NULL:
             lat = <Latency>p
@@ -231,22 +257,26 @@ cdef class LatencyBook:
             b = lat.base()
             if b == INFINITY:
                 b = v
+            t = lat.med if lat.med > 0.0 else b
             out.sent = lat.sent_at
         else:
             m = PyDict_GetItem(_MEANS, service)
-            v = b = (<ServiceMean>m).value if m is not NULL else 0.0
+            v = b = t = (<ServiceMean>m).value if m is not NULL else 0.0
             out.sent = -INFINITY
         if v < _FLOOR:
             v = _FLOOR
         out.base = b if b > _FLOOR else _FLOOR
+        out.typical = t if t > _FLOOR else _FLOOR
         out.cost = v * (in_flight + 1)
         return 0
 
     # -- for tests and stats (the clock given, so formulas can be checked) ----
 
-    def sample(self, str service, double seconds, bint failed, double now):
-        """Record one attempt's time as the core does."""
-        self.of(service).sample(seconds, failed, now)
+    def sample(self, str service, double seconds, bint failed, double now,
+               bint raised=False):
+        """Record one attempt's time as the core does (`raised`: answered
+        with the handler's exception)."""
+        self.of(service).sample(seconds, failed, now, not raised)
 
     def mark_sent(self, str service, double now):
         """Record that a call to `service` was sent at `now`, as the core
@@ -260,8 +290,8 @@ cdef class LatencyBook:
 
     def base(self, str service):
         """The service's base latency on this peer (the gap rule's), seconds:
-        its fastest reply of this window and the one before; the mean before
-        any."""
+        its fastest reply of this window of replies and the one before; the
+        mean before any."""
         cdef Latency lat = self.of(service)
         cdef double b = lat.base()
         return lat.read(0.0) if b == INFINITY else b
@@ -325,7 +355,7 @@ cdef int _seen_on(dict conns, object node, str service, double now, bint dial,
     cdef LatencyBook book
     if proto is None or not isinstance(proto, CoreProtocol):
         out.cost = _unconnected(service, dial)
-        out.base = -1.0
+        out.base = out.typical = -1.0
         out.sent = -INFINITY
         return 0
     book = (<CoreProtocol>proto).latency
@@ -340,7 +370,7 @@ cdef double _cost_on(dict conns, object node, str service, double now, bint dial
 
 cdef inline bint _far_slower(Seen* a, Seen* b, double now) noexcept:
     # a loses the pair to b whatever the calls in flight (GAP, PROBE above)
-    return (b.base > 0 and a.base > GAP * b.base
+    return (b.base > 0 and a.base > GAP * b.typical
             and now - a.sent < PROBE)
 
 
