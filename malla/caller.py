@@ -120,7 +120,7 @@ class Caller:
         name = service if type(service) is str else service_name(service)
         # (key= and vsn= come in **options, which is there anyway: the
         # common call pays one look-up for all of routing, and nothing after)
-        order = self.order_of(name, options) if options or self._watch else self._order
+        order = self.order_of(name, options) if options or name in self._watch else self._order
         if type(timeout) is not int or not 0 <= timeout <= _MAX_MS:
             timeout = valid_timeout(timeout)      # (the common int in line)
         if type(fun) is not str or fun[:1] == "_":

@@ -452,3 +452,84 @@ def test_a_hooks_own_async_iterator_is_produced_item_by_item():
         return True
 
     assert with_nodes(main)
+
+
+class _EndsByItself:
+    """An async iterator whose plain-def __anext__ returns an awaitable per
+    item and raises StopAsyncIteration (or an error) itself at the end, as
+    `async for` allows."""
+
+    def __init__(self, n: int, err: bool) -> None:
+        self.i, self.n, self.err = 0, n, err
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        if self.i >= self.n:
+            raise (ValueError("boom") if self.err else StopAsyncIteration)
+        self.i += 1
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(self.i)
+        return fut
+
+
+class EndsByItself(malla.Service, global_=True):
+    def service_cb_in(self, fun, args, kwargs, opts):
+        return _EndsByItself(*args)
+
+    async def feed(self, n, err):
+        yield n
+
+
+def test_an_anext_that_ends_by_raising_keeps_the_items_before():
+    # (a review: its items were lost, the stream came back empty)
+    async def main(make):
+        a = await make("a").start()
+        b = await make("b", seeds=[seed_of(a)]).start()
+        await a.start_service(EndsByItself)
+        assert await b.wait_for_services([EndsByItself])
+        assert [i async for i in b.stream(EndsByItself, "feed", [5, False])] == [1, 2, 3, 4, 5]
+        got = []
+        with pytest.raises(malla.RemoteError, match="boom"):
+            async for i in b.stream(EndsByItself, "feed", [5, True]):
+                got.append(i)
+        assert got == [1, 2, 3, 4, 5]
+        return True
+
+    assert with_nodes(main)
+
+
+class Unsendable(malla.Service, global_=True):
+    state: dict[str, bool] = {}
+
+    async def feed(self):
+        try:
+            yield 1
+            yield object()              # cannot be encoded...
+            await asyncio.sleep(0.01)   # ...and the generator waits right after it
+            yield 2
+        finally:
+            Unsendable.state["finally_entered"] = True
+            await asyncio.sleep(0)      # a cleanup that awaits (an async with's exit)
+            Unsendable.state["finally_done"] = True
+
+
+def test_an_item_that_cannot_be_sent_closes_the_generator_whole(caplog):
+    # (a review: the generator was cancelled in one synchronous step, so a
+    # finally that awaits stopped half-way and its aclose() then failed)
+    async def main(make):
+        a = await make("a").start()
+        b = await make("b", seeds=[seed_of(a)]).start()
+        await a.start_service(Unsendable)
+        assert await b.wait_for_services([Unsendable])
+        got = []
+        with pytest.raises(malla.RemoteError, match="EncodeError"):
+            async for i in b.stream(Unsendable, "feed"):
+                got.append(i)
+        assert got == [1]
+        await wait_until(lambda: Unsendable.state.get("finally_done", False))
+        return True
+
+    assert with_nodes(main)
+    assert "already running" not in caplog.text

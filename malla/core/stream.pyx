@@ -118,6 +118,11 @@ cdef class _Waiting:
     cdef object _step
     cdef object _pending
     cdef bint _handed
+    # what ends the stream instead (the items made before the step waited
+    # could not be sent): the step is cancelled where it waits and driven by
+    # the task to its end -- a `finally` that awaits runs whole, as a
+    # cancelled task's would -- and then this is raised
+    cdef object _error
 
     def __await__(self):
         return self
@@ -132,13 +137,33 @@ cdef class _Waiting:
         if not self._handed:
             self._handed = True
             pending, self._pending = self._pending, None
-            return pending
+            if self._error is None:
+                return pending
+            if hasattr(pending, "cancel"):
+                pending.cancel()
+            return self._ending(CancelledError, None)
+        if self._error is not None:
+            return self._ending(None, value)
         return self._step.send(value)
 
     def throw(self, *exc):
         self._handed = True
         self._pending = None
+        if self._error is not None:
+            return self._ending(exc[0] if len(exc) == 1 else exc[1] or exc[0], None)
         return self._step.throw(*exc)
+
+    cdef object _ending(self, object exc, object value):
+        # one more turn of the cancelled step; its end raises the error
+        try:
+            return self._step.throw(exc) if exc is not None else self._step.send(value)
+        except BaseException as raised:
+            # (it ended, as it should; what it raised instead is logged: the
+            # stream's error is the one that ends it)
+            if not isinstance(raised, (CancelledError, StopIteration, StopAsyncIteration)):
+                _log.warning("malla: a stream's generator raised as it was closed",
+                             exc_info=True)
+            raise self._error from None
 
     def close(self):
         self._step.close()
@@ -269,23 +294,6 @@ cdef class StreamIn:
 cdef object _coroutine = _types.CoroutineType
 
 
-cdef int _abandon(object step, object pending) except -1:
-    # A step that waits and will never be awaited (what it made before
-    # could not be sent: the stream ends with that error): cancelled where
-    # it waits, as a cancelled task's would be, so the generator's
-    # `finally` runs now and it is not left running (its aclose() works)
-    if hasattr(pending, "cancel"):
-        pending.cancel()
-    try:
-        step.throw(CancelledError)
-    except BaseException as exc:
-        # (it ended, as it should; what it raised instead is logged: the
-        # stream's error is the one that ends it)
-        if not isinstance(exc, (CancelledError, StopIteration, StopAsyncIteration)):
-            _log.warning("malla: a stream's generator raised as it was closed", exc_info=True)
-    return 0
-
-
 cdef inline Py_ssize_t _size_of(object item):
     # what an item counts toward a batch's bytes
     if type(item) is bytes:
@@ -339,10 +347,12 @@ cdef class StreamOut:
             if PyList_GET_SIZE(batch) >= limit or size >= _BATCH_BYTES:
                 self._flush(batch)
                 return None
-            step = anext()
-            if not PyIter_Check(step) and type(step) is not _coroutine:
-                step = step.__await__()
             try:
+                # (an __anext__ of a hook's own iterator may raise itself:
+                # StopAsyncIteration at its end, say -- the items before go first)
+                step = anext()
+                if not PyIter_Check(step) and type(step) is not _coroutine:
+                    step = step.__await__()
                 sent = PyIter_Send(step, None, &result)
             except BaseException:
                 self._flush(batch)      # (the items before the end or the error go first)
@@ -353,14 +363,13 @@ cdef class StreamOut:
                 size += _size_of(value)
                 batch.append(value)
                 continue
-            try:
-                self._flush(batch)      # it waits: what it made goes now
-            except BaseException:
-                _abandon(step, value)
-                raise
             waiting = _Waiting.__new__(_Waiting)
             waiting._step = step
             waiting._pending = value
+            try:
+                self._flush(batch)      # it waits: what it made goes now
+            except Exception as exc:
+                waiting._error = exc    # (raised once the step is closed: _Waiting)
             return waiting
 
     cdef int _flush(self, list items) except -1:
