@@ -93,6 +93,7 @@ class Caller:
         self._here = here
         # where a hedge toward a service goes, if the retry budget lets it
         self.hedge_to: Callable[[str, Iterator[str]], str | None] = self.routing.hedge_to
+        self.hedge_checked: dict[tuple[str, str], int] = {}
 
     async def remote(self, service: Any, fun: str, args: Any = (),
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,

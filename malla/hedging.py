@@ -126,6 +126,9 @@ class HedgeHost(Protocol):
     # the node a hedge goes to (the next of the round's nodes), or None when
     # the retry budget refuses it or no node is left (malla.routing)
     hedge_to: Callable[[str, Iterator[str]], str | None]
+    # (service, fun) -> the registry's version when its mark was last found
+    # on every instance (the check walks every instance's metadata)
+    hedge_checked: dict[tuple[str, str], int]
 
     def _call_here(self, name: str, fun: str, args: Any, kwargs: Any, timeout: int,
                    at: Any, meta: Any) -> Coroutine[Any, Any, Any]: ...
@@ -145,7 +148,10 @@ class Hedge:
     def __init__(self, service: str, fun: str, hedge_after: Any, timeout: int,
                  host: HedgeHost) -> None:
         self._after = valid_hedge_after(hedge_after, timeout)
-        hedgeable(service, fun, host._registry.infos(service))
+        registry, checked = host._registry, host.hedge_checked
+        if checked.get((service, fun)) != registry.version:
+            hedgeable(service, fun, registry.infos(service))
+            checked[(service, fun)] = registry.version
         self._service = service
         self._fun = fun
         self._host = host
