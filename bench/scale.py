@@ -7,8 +7,11 @@ For each mode and N: the time until every node sees every node's service
 window, open connections per node (idle, and after a round of calls), the
 time until a SIGKILLed process's nodes are gone from every other node's
 view, and calls/s while a process's nodes leave and a new process's join
-(every node calling a random node's service in a loop, timeout 2 s; the
-longest call is reported: no call may hang past its timeout).
+(every node calling a random node's service in a loop, timeout and
+deadline 2 s; the longest call is reported, and apart the calls past 2 s
+and those past the deadline by more than 0.5 s: no call may outlive its
+deadline, DESIGN.md's bound of the whole call; `timeout` bounds each
+attempt).
 
     python -m bench.scale [--sizes 60,120,240,500,1000] [--modes full,etcd]
                           [--procs 6] [--mesh-cap 60] [--json PATH [--merge]]
@@ -41,7 +44,10 @@ SERVICE = "Probe"
 KINDS = 8                   # the services the nodes call each other's
 # the workers' stderr (their tracebacks, malla's warnings)
 LOG = REPO / "bench" / "results" / "scale-workers.log"
-CALL_TIMEOUT = 2000        # ms, each probe call's
+CALL_TIMEOUT = 2000        # ms: each probe call's timeout (per attempt) and deadline
+# a call past its deadline by more than this outlived its own bound (not
+# merely a timer that a busy event loop ran late by less)
+DEADLINE_SLACK = 500       # ms
 HB = {"heartbeat_interval": 1.0, "heartbeat_timeout": 3.0}    # the defaults: a lease of 3 s
 
 
@@ -137,7 +143,8 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
     import malla
 
     end = time.monotonic() + seconds
-    counts = {"calls": 0, "errors": 0, "max_ms": 0.0, "over_timeout": 0, "max_lag_ms": 0.0}
+    counts = {"calls": 0, "errors": 0, "max_ms": 0.0, "over_timeout": 0, "over_deadline": 0,
+              "max_lag_ms": 0.0}
 
     async def lag() -> None:
         # how late this process's event loop runs a 20 ms timer: a call's
@@ -155,7 +162,7 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
             began = time.monotonic()
             try:
                 await node.remote(random.choice(others), "ping", timeout=CALL_TIMEOUT,
-                                  sna_retries=0)
+                                  deadline=CALL_TIMEOUT, sna_retries=0)
                 counts["calls"] += 1
             except malla.MallaError:
                 counts["errors"] += 1
@@ -163,6 +170,7 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
             took = (time.monotonic() - began) * 1000
             counts["max_ms"] = max(counts["max_ms"], took)
             counts["over_timeout"] += took > CALL_TIMEOUT
+            counts["over_deadline"] += took > CALL_TIMEOUT + DEADLINE_SLACK
 
     await asyncio.gather(lag(), *(loop(n) for n in nodes))
     return counts
@@ -314,6 +322,7 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
         row["churn_errors"] = sum(c["errors"] for c in results)
         row["churn_max_call_ms"] = round(max(c["max_ms"] for c in results))
         row["churn_calls_over_timeout"] = sum(c["over_timeout"] for c in results)
+        row["churn_calls_over_deadline"] = sum(c["over_deadline"] for c in results)
         row["churn_max_loop_lag_ms"] = round(max(c["max_lag_ms"] for c in results))
         return row
     finally:
@@ -371,7 +380,9 @@ def table(rows: list[dict[str, Any]]) -> str:
              ("conns_per_node_idle", "conns/node idle"),
              ("conns_per_node_after_calls", "conns/node after calls"),
              ("killed_gone_s", "killed gone s"), ("calls_per_s", "calls/s"),
-             ("churn_calls_per_s", "calls/s in churn"), ("churn_max_call_ms", "longest call ms")]
+             ("churn_calls_per_s", "calls/s in churn"), ("churn_max_call_ms", "longest call ms"),
+             ("churn_calls_over_timeout", "calls over 2 s in churn"),
+             ("churn_calls_over_deadline", "calls past deadline + 0.5 s in churn")]
     lines = ["| " + " | ".join(h for _, h in heads) + " |",
              "|" + "|".join("---" for _ in heads) + "|"]
     for row in rows:

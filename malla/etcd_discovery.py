@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from malla.etcd import KV, NOT_FOUND, EtcdClient, EtcdRefused, kv_of
@@ -469,9 +469,24 @@ class Membership:
                 return []
             del self.members[name]
             return [MemberEvent(LEAVE, name, old)]
+        if old is not None:
+            record = _reusing(record, old)
         self.members[name] = record
         if old is None:
             return [MemberEvent(JOIN, name, record)]
         if old.incarnation != record.incarnation:
             return [MemberEvent(LEAVE, name, old), MemberEvent(JOIN, name, record)]
         return [MemberEvent(UPDATE, name, record)] if old != record else []
+
+
+def _reusing(record: NodeRecord, old: NodeRecord) -> NodeRecord:
+    """`record` with each service entry equal to `old`'s replaced by the old
+    object: a node applying it finds the same objects it holds and skips
+    them (malla.registry stores entries by reference), so a record that
+    changed one service costs each node of the process that service only."""
+    services, before = record.services, old.services
+    if services == before:
+        return replace(record, services=before)
+    reused = {s: before[s] if s in before and before[s] == info else info
+              for s, info in services.items()}
+    return replace(record, services=reused)
