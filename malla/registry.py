@@ -192,6 +192,13 @@ class Registry:
 
     def set_remote(self, node: str, service: str, info: dict[str, Any] | None) -> None:
         """Store a peer's entry (validated by the caller: invalid_info)."""
+        self._store(node, service, info, None if info is None else _compiled(service, info)[1])
+
+    def _store(self, node: str, service: str, info: dict[str, Any] | None,
+               checks: dict[str, Checker] | None) -> None:
+        """`set_remote`, given the entry's checkers as announced.  The hot
+        path of a peer's record, once per entry and node: no work that grows
+        with the number of nodes."""
         table = self._tables.get(node)
         old = None if table is None else table.get(service)
         if info is None:
@@ -199,6 +206,7 @@ class Registry:
                 return
             del table[service]
             del self._remote[service][node]
+            self._checks[service].pop(node, None)
         elif old is info:
             return                       # (the same record again: nothing new)
         else:
@@ -209,7 +217,10 @@ class Registry:
             self._shuffle.setdefault(node, random.random())
             if old is not None and old == info:
                 return                   # (an equal entry: stored, nothing else changes)
-        self._set_checks(service, node, info)
+            assert checks is not None
+            if info.get("allow"):
+                checks = self._forbidding(service, info, checks)
+            self._checks.setdefault(service, {})[node] = checks
         callers = self._callers.get(service)
         if callers is not None:
             key = self._shuffle[node]
@@ -217,7 +228,8 @@ class Registry:
                 callers.remove(key, node)
             if info is not None and _takes_calls(info):
                 callers.add(key, node)
-        self._changed(service)
+        self._order.pop(service, None)
+        self.version += 1
 
     def apply_table(self, node: str, body: Any) -> int:
         """A peer's TABLE message, as decoded: its valid entries replace all
@@ -226,9 +238,17 @@ class Registry:
         if type(body) is not dict:
             log.warning("malla: refused the service table of %s: not a map", node)
             return 0
-        valid = {service: info for service, info in body.items()
-                 if self._valid_entry(node, service, info)}
-        self.set_table(node, valid)
+        valid: dict[str, tuple[dict[str, Any], dict[str, Checker]]] = {}
+        for service, info in body.items():
+            if type(service) is not str:
+                why: str | None = "the service name is not a string"
+            else:
+                why, checks = _compiled(service, info)
+            if why is None:
+                valid[service] = (info, checks)
+            else:
+                log.warning("malla: refused %s's entry for service %r: %s", node, service, why)
+        self._set_table(node, valid)
         return len(body) - len(valid)
 
     def apply_announce(self, node: str, body: Any) -> int:
@@ -255,13 +275,11 @@ class Registry:
             log.warning("malla: refused %s's entry for service %r: %s", node, service, why)
         return why is None
 
-    def _checkers(self, service: str, info: dict[str, Any]) -> dict[str, Checker]:
-        """The checkers of a valid entry for this node: a function it may not
-        call, by the announced allow rules, is refused before sending
-        (malla.authz).  Without rules, the process's shared checkers."""
-        checks = _compiled(service, info)[1]
-        if not info.get("allow"):
-            return checks
+    def _forbidding(self, service: str, info: dict[str, Any],
+                    checks: dict[str, Checker]) -> dict[str, Checker]:
+        """The checkers of an entry with allow rules for this node: a
+        function it may not call is refused before sending (malla.authz).
+        (Entries without rules share the process's checkers.)"""
         same = self._allowed.get(id(info))
         if same is not None and same[0] is info:
             return same[1]
@@ -275,22 +293,29 @@ class Registry:
         if info is None:
             self._checks.get(service, {}).pop(node, None)
         else:
-            self._checks.setdefault(service, {})[node] = self._checkers(service, info)
+            checks = _compiled(service, info)[1]
+            self._checks.setdefault(service, {})[node] = (
+                self._forbidding(service, info, checks) if info.get("allow") else checks)
 
     def set_table(self, node: str, table: dict[str, dict[str, Any]]) -> None:
-        """Replace everything known of `node` by its full table (the work is
-        that of the entries that changed: none for the same record again)."""
+        """Replace everything known of `node` by its full table (valid)."""
+        self._set_table(node, {s: (info, _compiled(s, info)[1]) for s, info in table.items()})
+
+    def _set_table(self, node: str,
+                   table: dict[str, tuple[dict[str, Any], dict[str, Checker]]]) -> None:
+        """The work is that of the entries that changed: none for the same
+        record again."""
         known = self._tables.get(node)
         if known:
             for service in [s for s in known if s not in table]:
-                self.set_remote(node, service, None)
-        for service, info in table.items():
-            self.set_remote(node, service, info)
+                self._store(node, service, None, None)
+        for service, (info, checks) in table.items():
+            self._store(node, service, info, checks)
         self.version += 1
 
     def drop_node(self, node: str) -> None:
         for service in list(self._tables.get(node, ())):
-            self.set_remote(node, service, None)
+            self._store(node, service, None, None)
         self._tables.pop(node, None)
         self._shuffle.pop(node, None)
         self.version += 1
