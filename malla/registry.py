@@ -1,10 +1,19 @@
 """The discovery table: which node runs which service, in call order.
 
 Eventually consistent: filled from each peer's TABLE on connect and its
-ANNOUNCEs after, emptied of a node when its connection is lost.  The order
-of remote nodes is shuffled each check cycle to spread load; the local node
-comes first when it runs the service.  `nodes()` is on every call's path,
-so orders are cached and rebuilt only on change.
+ANNOUNCEs after (or its etcd record), emptied of a node when its connection
+is lost.  The order of remote nodes is shuffled each check cycle to spread
+load; the local node comes first when it runs the service.  `nodes()` is on
+every call's path, so orders are cached and derived again on first read
+after a change.
+
+With discovery from etcd every node applies every peer's record (N^2
+applications in a cluster): applying one must cost the same whatever N.
+So entries are stored by reference (the same object again costs a lookup,
+an equal one a comparison), checked and compiled once per process (the
+nodes of a process sharing a watch get the same decoded objects), and each
+service's callable nodes are kept sorted as they come and go, a bisection
+rather than a sort (docs/scale.md, "Applying a peer's record").
 
 What a peer announces is checked before it is stored (`invalid_info`): a
 malformed entry is refused by the caller of set_remote, never handed to
