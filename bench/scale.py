@@ -257,14 +257,17 @@ def _cpu_of(pid: int | None) -> float:
 
 
 async def probe(mode: str, n: int, procs: int, target: str, cap: float,
-                etcd_pid: int | None = None) -> dict[str, Any]:
+                etcd_pid: int | None = None, row: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
     """One row: `mode` ("full" or "etcd") with `n` nodes over `procs`
-    processes (`etcd_pid`: whose CPU to report beside the workers')."""
+    processes (`etcd_pid`: whose CPU to report beside the workers'), filled
+    into `row` as it goes, its "stage" saying which step runs (a step that
+    fails leaves what was measured before it)."""
     tag = f"{mode[0]}{n}-{random.randrange(1 << 30):x}"
     groups = [[f"{tag}-{p}-{i}" for i in range(p, n, procs)] for p in range(procs)]
-    row: dict[str, Any] = {"mode": _label(mode),
-                           "nodes": n, "processes": procs,
-                           "heartbeat_timeout": HB["heartbeat_timeout"]}
+    row = {} if row is None else row
+    row.update({"mode": _label(mode), "nodes": n, "processes": procs,
+                "heartbeat_timeout": HB["heartbeat_timeout"], "stage": "start"})
     began = time.monotonic()
     etcd_cpu = _cpu_of(etcd_pid)
     workers: list[Worker] = []
@@ -274,6 +277,7 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
         workers = [first, *await asyncio.gather(*(Worker.start(mode, g, seed)
                                                   for g in groups[1:]))]
         row["start_s"] = round(time.monotonic() - began, 2)
+        row["stage"] = "convergence"
         converged = await _wait_seen(workers, n, cap)
         row["converged_s"] = None if converged is None else round(
             converged + row["start_s"], 2)
@@ -285,6 +289,7 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
             row["fullest_view"] = max(s["max_seen"] for s in status)
             row["fds"] = sum(s["fds"] for s in status)
             return row
+        row["stage"] = "idle"
         await asyncio.sleep(2)                  # (settle: the last tables, handshakes)
         before = await _all(workers, "status")
         etcd_cpu = _cpu_of(etcd_pid)
@@ -298,11 +303,13 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
         row["rss_mib_per_node"] = round(sum(a["rss"] for a in after) / n / (1 << 20), 2)
         row["conns_per_node_idle"] = round(sum(a["conns"] for a in after) / n, 1)
         row["fds"] = sum(a["fds"] for a in after)
+        row["stage"] = "calls"
         calls = await _all(workers, "calls 3")
         row["calls_per_s"] = round(sum(c["calls"] for c in calls) / 3)
         status = await _all(workers, "status")
         row["conns_per_node_after_calls"] = round(sum(s["conns"] for s in status) / n, 1)
         # a process SIGKILLed: until every other node's view has lost its nodes
+        row["stage"] = "kill"
         victim = workers.pop()
         victim.kill()
         killed = time.monotonic()
@@ -310,6 +317,7 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
         row["killed_gone_s"] = None if gone is None else round(time.monotonic() - killed, 2)
         # churn: a process's nodes leave (killed) while a new process's join,
         # every remaining node calling meanwhile
+        row["stage"] = "churn"
         leaving = workers.pop()
         joining = [f"{tag}-j-{i}" for i in range(len(leaving.names))]
         churn = asyncio.gather(*(w.ask("calls 6", 60) for w in workers))
@@ -324,6 +332,7 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
         row["churn_calls_over_timeout"] = sum(c["over_timeout"] for c in results)
         row["churn_calls_over_deadline"] = sum(c["over_deadline"] for c in results)
         row["churn_max_loop_lag_ms"] = round(max(c["max_lag_ms"] for c in results))
+        del row["stage"]
         return row
     finally:
         for worker in workers:
@@ -347,16 +356,19 @@ async def run(sizes: list[int], modes: list[str], procs: int, cap: float,
                 if time.monotonic() - began > budget:
                     print(f"scale: out of time before {mode} {n}", file=sys.stderr)
                     break
+                row: dict[str, Any] = {}
                 try:
-                    row = await probe(mode, n, procs, etcd.url(f"/scale/{mode}{n}"), cap,
-                                      etcd.proc.pid if etcd.proc else None)
+                    await probe(mode, n, procs, etcd.url(f"/scale/{mode}{n}"), cap,
+                                etcd.proc.pid if etcd.proc else None, row)
                 except (RuntimeError, asyncio.TimeoutError) as exc:
-                    row = {"mode": _label(mode), "nodes": n, "converged_s": None,
-                           "error": f"{type(exc).__name__}: {exc} (see {LOG})"}
+                    # (what was measured before the failing step is kept)
+                    row.setdefault("converged_s", None)
+                    row["error"] = (f"{type(exc).__name__} in {row.get('stage')}: {exc} "
+                                    f"(see {LOG})")
                 row["commit"] = commit
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-                if row.get("converged_s") is None:
+                if row.get("converged_s") is None or "error" in row:
                     break              # the first N that does not converge ends the mode
     return rows
 
@@ -390,7 +402,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         for key, _ in heads:
             value = row.get(key, "")
             if key == "converged_s" and value is None:
-                value = f"not within the cap (fullest view {row.get('fullest_view')})"
+                value = (f"failed in {row.get('stage')}" if "error" in row else
+                         f"not within the cap (fullest view {row.get('fullest_view')})")
+            elif key == "mode" and "error" in row:
+                value = f"{value} (failed in {row.get('stage')})"
             cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
