@@ -10,8 +10,9 @@ chunks, side by side in one run with
   and iterated by the client one by one, as the stream's are;
 
 and the memory of a producer whose consumer reads slowly (64 KiB chunks,
-a consumer taking one every 5 ms): the serving process's RSS growth
-against the window's worth of chunks.
+a consumer taking one every 5 ms): the peak of what each process
+allocated meanwhile (tracemalloc: Python objects and the core's buffers),
+the producer's against the window's worth of chunks at the consumer.
 
     python -m bench.streams [--short] [--json PATH]
 
@@ -28,10 +29,12 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -70,16 +73,42 @@ class Source(malla.Service, global_=True):
         return [item async for item in self.items(count, size)]
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def _trace_start() -> None:
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+
+
+def _trace_stop(baseline: int) -> float:
+    """The peak of what this process allocated (Python objects and the
+    core's buffers, all through Python's allocators) above `baseline`, in
+    KiB, since _trace_start(); tracing stops."""
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return max(peak - baseline, 0) / 1024
 
 
 class Probe(malla.Service, global_=True):
-    """The producer process's own resident memory (KiB)."""
+    """What the producer process itself holds while a consumer reads
+    slowly: its traced allocations (tracemalloc), not its RSS, which a heap
+    grown by earlier measurements hides."""
 
-    def rss_kib(self) -> int:
-        return _rss_kib()
+    baseline = 0
+
+    def trace_start(self) -> None:
+        _trace_start()
+        Probe.baseline = tracemalloc.get_traced_memory()[0]
+
+    def trace_stop(self) -> float:
+        return _trace_stop(Probe.baseline)
+
+    def cpu_s(self) -> float:
+        return _cpu_s()
+
+
+def _cpu_s() -> float:
+    """CPU time this process has used (user + system, s)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def _serve_malla() -> None:
@@ -125,6 +154,19 @@ async def _rate(streams: int, n: int, one: Callable[[int], Awaitable[int]]) -> f
     return sum(counts) / elapsed
 
 
+async def _cpu_per_item(node: malla.Node, n: int, one: Callable[[int], Awaitable[int]],
+                        out: dict[str, float], name: str) -> None:
+    """The CPU time per item (µs) of one run of `one(n)`, in the producer's
+    process and in this consumer's: what each side pays per item, whatever
+    the load (wall-clock figures move with it; these much less)."""
+    producer0, consumer0 = await node.remote("Probe", "cpu_s"), _cpu_s()
+    await one(n)
+    consumer = _cpu_s() - consumer0
+    producer = await node.remote("Probe", "cpu_s") - producer0
+    out[f"cpu_us_per_item_{name}_producer"] = producer / n * 1e6
+    out[f"cpu_us_per_item_{name}_consumer"] = consumer / n * 1e6
+
+
 async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
     node = malla.Node("streams-client", cookie=COOKIE, host=HOST, port=0, hidden=True)
     await node.start()
@@ -155,8 +197,11 @@ async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str,
                 streams, each, lambda k, size=size: stream(k, size))
             out[f"paging_{label}_x{streams}"] = await _rate(
                 streams, each, lambda k, size=size: paged(k, size))
-    (out["slow_producer_rss_growth_kib"],
-     out["slow_consumer_rss_growth_kib"]) = await _slow_consumer(node)
+    n = sizes["16B"][0]
+    await _cpu_per_item(node, n, lambda k: stream(k, SMALL), out, "stream")
+    await _cpu_per_item(node, n, lambda k: paged(k, SMALL), out, "paging")
+    (out["slow_producer_traced_kib"],
+     out["slow_consumer_traced_kib"]) = await _slow_consumer(node)
     await node.stop()
     # the window's part: one stream of small items with a window of 1,024
     wide = malla.Node("streams-wide", cookie=COOKIE, host=HOST, port=0, hidden=True,
@@ -164,38 +209,38 @@ async def _malla_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str,
     await wide.start()
     await wide.connect(f"{HOST}:{port}")
     assert await wide.wait_for_services(["Source"])
-    n = sizes["16B"][0]
 
     async def wide_stream(k: int) -> int:
         return len([_ async for _ in wide.stream("Source", "items", [k, SMALL])])
 
     await wide_stream(1000)
     out["stream_16B_x1_window1024"] = await _rate(1, n, wide_stream)
-    (out["slow_producer_rss_growth_kib_window1024"],
-     out["slow_consumer_rss_growth_kib_window1024"]) = await _slow_consumer(wide)
+    await _cpu_per_item(wide, n, wide_stream, out, "stream_window1024")
+    (out["slow_producer_traced_kib_window1024"],
+     out["slow_consumer_traced_kib_window1024"]) = await _slow_consumer(wide)
     await wide.stop()
     return out
 
 
 async def _slow_consumer(node: malla.Node) -> tuple[float, float]:
-    """(the producer's, this consumer's) RSS growth in KiB while the
-    consumer reads a fresh 64 KiB chunk every 5 ms for 2 s: what the
-    window lets pile up (node.stream_window chunks, 4 MiB by default)."""
-    producer0, consumer0 = await node.remote("Probe", "rss_kib"), _rss_kib()
-    producer, consumer = producer0, consumer0
+    """(the producer's, this consumer's) peak of traced allocations in KiB
+    while the consumer reads a fresh 64 KiB chunk every 5 ms for 2 s: what
+    the window lets pile up (node.stream_window chunks, 4 MiB by default,
+    at the consumer) and what the producer holds meanwhile (a batch, and
+    what waits for the socket)."""
+    await node.remote("Probe", "trace_start")
+    _trace_start()
+    consumer0 = tracemalloc.get_traced_memory()[0]
     stream = node.stream("Source", "fresh", [1_000_000, CHUNK])
     end = time.monotonic() + 2.0
-    taken = 0
     async for _ in stream:
-        taken += 1
         await asyncio.sleep(0.005)
-        if taken % 20 == 0:
-            producer = max(producer, await node.remote("Probe", "rss_kib"))
-            consumer = max(consumer, _rss_kib())
         if time.monotonic() > end:
             break
+    consumer = _trace_stop(consumer0)
     await stream.aclose()
-    return float(producer - producer0), float(consumer - consumer0)
+    producer = await node.remote("Probe", "trace_stop")
+    return float(producer), consumer
 
 
 async def _grpc_runs(port: int, sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
@@ -269,12 +314,19 @@ def _print(results: dict[str, Any]) -> None:
                   f"   grpc {med[f'grpc_{key}']:>10,.0f} ({ratios[f'vs_grpc_{key}']:.1f}x)"
                   f"   paging {med[f'paging_{key}']:>10,.0f}"
                   f" ({ratios[f'vs_paging_{key}']:.1f}x)")
-    print(f"  16B x1 with stream_window=1024: {med['stream_16B_x1_window1024']:,.0f} items/s")
+    wide = med["stream_16B_x1_window1024"]
+    print(f"  16B x1 with stream_window=1024: {wide:,.0f} items/s "
+          f"({wide / med['paging_16B_x1']:.1f}x paging)")
+    print("  CPU per 16 B item (µs), producer + consumer process:")
+    for name in ("stream", "stream_window1024", "paging"):
+        prod = med[f"cpu_us_per_item_{name}_producer"]
+        cons = med[f"cpu_us_per_item_{name}_consumer"]
+        print(f"    {name:<18} {prod:6.2f} + {cons:6.2f}")
     for suffix, window in (("", 64), ("_window1024", 1024)):
         print(f"  a slow consumer of 64 KiB chunks, stream_window={window} "
-              f"({window * CHUNK // 1024:,} KiB of chunks): RSS growth of the producer "
-              f"{med['slow_producer_rss_growth_kib' + suffix]:,.0f} KiB, of the consumer "
-              f"{med['slow_consumer_rss_growth_kib' + suffix]:,.0f} KiB")
+              f"({window * CHUNK // 1024:,} KiB of chunks): peak traced allocations of the "
+              f"producer {med['slow_producer_traced_kib' + suffix]:,.0f} KiB, of the consumer "
+              f"{med['slow_consumer_traced_kib' + suffix]:,.0f} KiB")
 
 
 def main(argv: list[str] | None = None) -> int:

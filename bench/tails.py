@@ -18,7 +18,11 @@ by side with `balance="shuffle"` in one run:
   hedge, p99 <= 3x p50 and the extra calls sent (`stats()["hedges"]`) <=
   5 % of the calls.
 
-    python -m bench.tails [--calls N] [--only slow_node|hedging] [--json PATH]
+    python -m bench.tails [--calls N] [--short] [--only slow_node|hedging] [--json PATH]
+
+``--short`` (``make test-tools``) runs each scenario with a few hundred
+calls and one run a side: it checks the harness works, its figures mean
+nothing.
 
 Servers run as their own processes (``python -m bench.tails serve ...``),
 on 127.0.0.1 only.  Results go to bench/results/tails.json.  Figures on
@@ -45,6 +49,8 @@ from bench.procs import HOST, REPO_ROOT
 
 COOKIE = "bench-tails-cookie-8e21b7d40a"
 CALLS = 20_000
+SHORT_CALLS = 300
+WARM_UP = 200
 FAST_MS = 1.0
 SLOW_MS = 20.0 * FAST_MS
 STALL_MS = 200.0
@@ -95,7 +101,7 @@ def _pct(sorted_ns: list[int], q: float) -> float:
 
 
 async def _run(ports: list[int], balance: str, calls: int, callers: int,
-               hedge_after: float | None = None) -> dict[str, Any]:
+               hedge_after: float | None = None, warm_up: int = WARM_UP) -> dict[str, Any]:
     """`calls` calls of Tail.work from `callers` concurrent tasks of one new
     node: latencies in ms, calls/s, hedges sent."""
     node = malla.Node(f"caller-{balance}", cookie=COOKIE, host=HOST, port=0, hidden=True,
@@ -107,9 +113,9 @@ async def _run(ports: list[int], balance: str, calls: int, callers: int,
         while len(node.get_nodes("Tail")) < len(ports):
             await asyncio.sleep(0.01)
         opts: dict[str, Any] = {} if hedge_after is None else {"hedge_after": hedge_after}
-        for _ in range(200):                                   # warm-up
+        for _ in range(warm_up):
             await node.remote("Tail", "work", **opts)
-        hedges0 = node.stats()["hedges"]
+        hedges0, throttled0 = node.stats()["hedges"], node.stats()["retries_throttled"]
         sent0 = _sent(node)
         samples: list[int] = []
         left = calls
@@ -132,9 +138,13 @@ async def _run(ports: list[int], balance: str, calls: int, callers: int,
                 "p95_ms": _pct(samples, 0.95), "p99_ms": _pct(samples, 0.99),
                 "p999_ms": _pct(samples, 0.999), "max_ms": samples[-1] / 1e6,
                 "hedges": node.stats()["hedges"] - hedges0,
+                # hedges the retry budget refused (20 % of the calls + 10/s)
+                "throttled": node.stats()["retries_throttled"] - throttled0,
                 # each node's share of the calls sent (the last is the bad one)
-                "share": {peer: (n - sent0[peer]) / len(samples)
-                          for peer, n in sorted(_sent(node).items())},
+                # (a connection lost and made again meanwhile counts from 0;
+                # one lost for good is missing: a heavily loaded machine)
+                "share": {peer: (n - sent0.get(peer, 0) if n >= sent0.get(peer, 0) else n)
+                          / len(samples) for peer, n in sorted(_sent(node).items())},
                 "extra_calls": (node.stats()["hedges"] - hedges0) / len(samples)}
     finally:
         await node.stop()
@@ -145,11 +155,13 @@ def _sent(node: malla.Node) -> dict[str, int]:
     return {peer: conn.proto.calls_out for peer, conn in node._cluster.connected.items()}
 
 
-async def _slow_node(ports: list[int], calls: int, callers: int) -> dict[str, Any]:
+async def _slow_node(ports: list[int], calls: int, callers: int,
+                     short: bool) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"p2c": [], "shuffle": []}
-    for _ in range(2):                       # alternating, medians
+    for _ in range(1 if short else 2):       # alternating, medians
         for balance in runs:
-            runs[balance].append(await _run(ports, balance, calls, callers))
+            runs[balance].append(await _run(ports, balance, calls, callers,
+                                            warm_up=_warm_up(short)))
     out: dict[str, Any] = {b: _median(r) for b, r in runs.items()}
     out["p99_ratio"] = out["p2c"]["p99_ms"] / out["shuffle"]["p99_ms"]
     out["throughput_ratio"] = out["p2c"]["calls_per_s"] / out["shuffle"]["calls_per_s"]
@@ -158,24 +170,29 @@ async def _slow_node(ports: list[int], calls: int, callers: int) -> dict[str, An
     return out
 
 
-async def _hedging(ports: list[int], calls: int) -> dict[str, Any]:
+async def _hedging(ports: list[int], calls: int, short: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for balance in ("p2c", "shuffle"):
-        plain = await _run(ports, balance, calls, HEDGE_CALLERS)
+        plain = await _run(ports, balance, calls, HEDGE_CALLERS, warm_up=_warm_up(short))
         # the fast nodes' p95: the p95 of the same calls without hedging
         # (the stalls, about 1 % of them, are beyond it)
         after = round(plain["p95_ms"], 3)
-        hedged = await _run(ports, balance, calls, HEDGE_CALLERS, hedge_after=after)
+        hedged = await _run(ports, balance, calls, HEDGE_CALLERS, hedge_after=after,
+                            warm_up=_warm_up(short))
         hedged["p99_over_p50"] = hedged["p99_ms"] / hedged["p50_ms"]
         hedged["target_met"] = hedged["p99_over_p50"] <= 3.0 and hedged["extra_calls"] <= 0.05
         out[balance] = {"no_hedge": plain, "hedged": hedged}
     return out
 
 
+def _warm_up(short: bool) -> int:
+    return WARM_UP // 4 if short else WARM_UP
+
+
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("calls_per_s", "p50_ms", "p95_ms", "p99_ms", "p999_ms", "max_ms")
     out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
-    out["slow_share"] = statistics.median(r["share"]["tail3"] for r in runs)
+    out["slow_share"] = statistics.median(r["share"].get("tail3", 0.0) for r in runs)
     return out
 
 
@@ -198,11 +215,13 @@ async def _with_servers(specs: list[tuple[float, float]], run: Any) -> Any:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    results: dict[str, Any] = {"calls": args.calls, "git": _git_commit()}
+    calls = SHORT_CALLS if args.short else args.calls
+    results: dict[str, Any] = {"calls": calls, "short": args.short, "git": _git_commit()}
     if args.only in ("all", "slow_node"):
         specs = [(FAST_MS, 0.0)] * 3 + [(SLOW_MS, 0.0)]
+
         async def slow(ports: list[int]) -> dict[str, Any]:
-            return {str(n): await _slow_node(ports, args.calls, n) for n in SLOW_CALLERS}
+            return {str(n): await _slow_node(ports, calls, n, args.short) for n in SLOW_CALLERS}
 
         results["slow_node"] = await _with_servers(specs, slow)
         for n in SLOW_CALLERS:
@@ -210,7 +229,7 @@ async def _main(args: argparse.Namespace) -> int:
     if args.only in ("all", "hedging"):
         specs = [(FAST_MS, 0.0)] * 3 + [(FAST_MS, STALL_P)]
         results["hedging"] = await _with_servers(
-            specs, lambda ports: _hedging(ports, args.calls))
+            specs, lambda ports: _hedging(ports, calls, args.short))
         _print_hedging(results["hedging"])
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
@@ -231,7 +250,8 @@ def _row(label: str, r: dict[str, Any]) -> str:
 
 
 def _print_slow(res: dict[str, Any], callers: int) -> None:
-    print(f"slow node: 4 nodes, one 20x slower; {callers} callers (median of 2)")
+    runs = len(res["runs"]["p2c"])
+    print(f"slow node: 4 nodes, one 20x slower; {callers} callers (median of {runs})")
     for balance in ("p2c", "shuffle"):
         print(_row(balance, res[balance]) + f"   slow node took {res[balance]['slow_share']:.1%}")
     print(f"  p99 p2c/shuffle {res['p99_ratio']:.3f} (target <= 0.2), calls/s "
@@ -245,9 +265,9 @@ def _print_hedging(res: dict[str, Any]) -> None:
     for balance in ("p2c", "shuffle"):
         h = res[balance]["hedged"]
         print(_row(f"{balance}, no hedge", res[balance]["no_hedge"])
-              + f"   stalling node took {res[balance]['no_hedge']['share']['tail3']:.1%}")
+              + f"   stalling node took {res[balance]['no_hedge']['share'].get('tail3', 0.0):.1%}")
         print(_row(f"{balance}, hedged {h['hedge_after_ms']} ms", h)
-              + f"   extra calls {h['extra_calls']:.1%}")
+              + f"   extra calls {h['extra_calls']:.1%}, {h['throttled']} refused by the budget")
         print(f"  {'':<24} p99/p50 {h['p99_over_p50']:.2f} (target <= 3), extra <= 5 %: "
               f"{'met' if h['target_met'] else 'MISSED'}")
 
@@ -257,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "serve"])
     parser.add_argument("serve_args", nargs="*", help="(serve) name delay_ms stall_p stall_ms")
     parser.add_argument("--calls", type=int, default=CALLS)
+    parser.add_argument("--short", action="store_true",
+                        help=f"{SHORT_CALLS} calls a run, one run a side: checks it works")
     parser.add_argument("--only", default="all", choices=["all", "slow_node", "hedging"])
     parser.add_argument("--json", default=str(REPO_ROOT / "bench" / "results" / "tails.json"))
     args = parser.parse_args(argv)

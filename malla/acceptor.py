@@ -49,6 +49,8 @@ BACKLOG = 100                   # asyncio's create_server default
 # After EMFILE and the like: stop accepting for a while (asyncio does too)
 ACCEPT_RETRY_DELAY = 1.0
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+# A TLS handshake cut short by the dialler closing: no failure of its own
+_GAVE_UP = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLEOFError)
 
 # The protocol for an admitted stranger, told its key in PendingHandshakes
 Factory = Callable[[int], Any]
@@ -143,7 +145,7 @@ class Acceptor:
                     return
                 # (anything else belongs to that one connection: ECONNRESET,
                 # EPROTO, a firewall's EPERM... -- the next one may be fine)
-                log.warning("malla: accepting a connection failed: %s", exc)
+                self._pending.warn("malla: accepting a connection failed: %s", exc)
                 continue
             host = str(address[0])
             key = None if self._throttle.blocked(host) else self._pending.start(host)
@@ -153,8 +155,13 @@ class Acceptor:
                 continue
             sock = socket.socket(self._family[listening], socket.SOCK_STREAM,
                                  socket.IPPROTO_TCP, fd)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:             # (reset already, on some kernels)
+                self._pending.end(key)
+                sock.close()
+                continue
             task = asyncio.ensure_future(self._start(sock, key, host))
             self._starting.add(task)
             task.add_done_callback(functools.partial(self._started, sock, key))
@@ -204,8 +211,10 @@ class Acceptor:
                 made.connection_lost(exc if isinstance(exc, Exception) else None)
             if not isinstance(exc, (OSError, asyncio.TimeoutError)):
                 raise
+            if isinstance(exc, _GAVE_UP):
+                return      # (a dialler that went away, as a plain one may: not counted)
             # a failed handshake like any other (counted, the address throttled,
             # logged at a bounded rate): garbage sent to a TLS port included
             self._throttle.failed(host)
             self._pending.warn("malla: TLS handshake from %s failed: %s", host,
-                               exc or type(exc).__name__)
+                               str(exc) or type(exc).__name__)

@@ -90,9 +90,20 @@ async def local(service: Any, fun: str, args: Any = (),
     return await default_node().local(service, fun, args, kwargs)
 
 
-def stream(service: Any, fun: str, args: Any = (), kwargs: dict[str, Any] | None = None,
-           **opts: Any) -> Stream:
-    """node.stream() of the default node: the items of a stream function."""
+def stream(service: Any, fun: str | None = None, args: Any = (),
+           kwargs: dict[str, Any] | None = None, **opts: Any) -> Stream:
+    """node.stream() of the default node: the items of a stream function.
+
+    Given a proxy's stream (``malla.stream(Feed.ticks(10), key="k")``, as
+    malla.call takes a proxy's call object), that stream with these
+    options, on the node its proxy is bound to."""
+    if isinstance(service, Stream):
+        if fun is not None or args != () or kwargs is not None:
+            raise mexc.InvalidOption("malla.stream(a proxy's stream, **options) takes options "
+                                     "only: its function and arguments are the proxy call's")
+        return service.options(**opts)
+    if fun is None:
+        raise mexc.InvalidOption("malla.stream() needs a function name, or a proxy's stream")
     return default_node().stream(service, fun, args, kwargs, **opts)
 
 

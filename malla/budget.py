@@ -89,15 +89,27 @@ class RetryBudget:
     def try_retry(self, service: str) -> bool:
         """May one more retry (round, exception retry, hedge) go to `service`?
         True spends it; False counts a throttle."""
+        if self.allows(service):
+            self.spend(service)
+            return True
+        self.refused(service)
+        return False
+
+    def allows(self, service: str) -> bool:
+        """Whether one more retry may go to `service` now (nothing spent)."""
         spend = self._of(service)
         now = self._clock()
         # (Finagle's rule: a retry needs a whole one left)
-        if spend.retries.total(now) + 1 <= self.share * spend.calls.total(now) + self._reserve:
-            spend.retries.add(now)
-            return True
+        return spend.retries.total(now) + 1 <= self.share * spend.calls.total(now) + self._reserve
+
+    def spend(self, service: str) -> None:
+        """One retry went to `service` (after `allows` said it may)."""
+        self._of(service).retries.add(self._clock())
+
+    def refused(self, service: str) -> None:
+        """A retry to `service` was refused: counted as throttled."""
         self.throttled += 1
         self.throttled_by[service] = self.throttled_by.get(service, 0) + 1
-        return False
 
     def available(self, service: str) -> float:
         """Retries `service` may still take now (may be fractional)."""

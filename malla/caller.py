@@ -19,8 +19,8 @@ import inspect
 import sys
 import time
 import types
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from malla import exceptions as mexc
 from malla.budget import RetryBudget, jittered
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from malla.metrics import Stats
     from malla.registry import Registry
 
-__all__ = ["CALL_OPTIONS", "Caller", "invalid_options", "service_name"]
+__all__ = ["CALL_OPTIONS", "Attempt", "Caller", "invalid_options", "service_name"]
 
 ServiceNotAvailable = mexc.ServiceNotAvailable
 _RETRYABLE = (mexc.RemoteError, mexc.CallTimeout, mexc.ConnectionLost)
@@ -46,6 +46,15 @@ if sys.version_info >= (3, 11):
     _timeout_ctx = asyncio.timeout
 else:  # pragma: no cover - Python 3.10
     _timeout_ctx = None
+
+
+class Attempt(Protocol):
+    """What makes each attempt of remote()'s round loop instead of the
+    plain call: a hedge (malla.hedging), a stream's opener (malla.streams)."""
+
+    async def attempt(self, node: str, nodes: Iterator[str], args: Any,
+                      kwargs: dict[str, Any] | None, timeout: int, at: float | None,
+                      meta: Any) -> Any: ...
 
 
 class Caller:
@@ -57,14 +66,16 @@ class Caller:
     seam (default: the registry's order), `budget` the retry budget (with
     the keyed and versioned orders and ejection: malla.routing),
     `carrier(conn)` the trace context to send with an attempt on a
-    connection (tracing on), `spawn` runs an in-process cast as one of the
-    node's tasks.
+    connection (tracing on), `here(name)` names this node on the call's
+    span when an attempt runs in-process (tracing on), `spawn` runs an
+    in-process cast as one of the node's tasks.
     """
 
     def __init__(self, name: str, registry: Registry, hosting: CallHosting, peers: CallPeers,
                  stats: Stats, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
                  *, order: NodeOrder | None = None,
                  carrier: Callable[[Any], Any] | None = None,
+                 here: Callable[[str], None] | None = None,
                  budget: RetryBudget | None = None) -> None:
         self.name = name
         self._registry = registry
@@ -79,15 +90,16 @@ class Caller:
         self._stats = stats
         self._spawn = spawn
         self._carrier = carrier
-        # whether a hedge toward a service may be sent: the retry budget's say
-        self.may_hedge: Callable[[str], bool] = self.routing.may_retry
+        self._here = here
+        # where a hedge toward a service goes, if the retry budget lets it
+        self.hedge_to: Callable[[str, Iterator[str]], str | None] = self.routing.hedge_to
 
     async def remote(self, service: Any, fun: str, args: Any = (),
                      kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                      sna_retries: int = 5, excp_retries: int = 0,
                      retries_sleep_msec: int = 1000, meta: Any = None,
                      deadline: float | None = None, hedge_after: float | None = None,
-                     **options: Any) -> Any:
+                     _attempt: Attempt | None = None, **options: Any) -> Any:
         """Call `fun` of `service` on the first node that runs it (DESIGN.md "Calls").
 
         Fails over to the next node on "service not available"; when the list
@@ -100,19 +112,15 @@ class Caller:
         nodes by rendezvous hashing; `vsn=` (an fnmatch pattern) uses only
         the instances whose announced vsn matches.  `hedge_after` (ms,
         functions marked @malla.idempotent only) also sends the call to the
-        next node when no reply came in time (malla.hedging).
+        next node when no reply came in time (malla.hedging).  `_attempt`
+        (malla.streams' opener; not an option of malla.call or proxies)
+        makes each attempt instead of the plain call: a stream's opening
+        runs this same round loop.
         """
         name = service if type(service) is str else service_name(service)
-        # The routing's order (malla.routing) for a keyed or versioned call
-        # or a service with trouble lately; else the balancer's as is.
         # (key= and vsn= come in **options, which is there anyway: the
-        # common call pays one look-up for all of this, and nothing after.)
-        if options:
-            order: NodeOrder = self.routing.ordered(name, self._order, *_route_options(options))
-        elif self._watch and name in self._watch:
-            order = self.routing.ordered(name, self._order, None, None)
-        else:
-            order = self._order
+        # common call pays one look-up for all of routing, and nothing after)
+        order = self.order_of(name, options) if options or self._watch else self._order
         if type(timeout) is not int or not 0 <= timeout <= _MAX_MS:
             timeout = valid_timeout(timeout)      # (the common int in line)
         if type(fun) is not str or fun[:1] == "_":
@@ -122,7 +130,12 @@ class Caller:
         at = inherited_deadline()
         if deadline is not None:
             at = _sooner(at, deadline)
-        hedge = None if hedge_after is None else Hedge(name, fun, hedge_after, timeout, self)
+        if hedge_after is not None:
+            _attempt = Hedge(name, fun, hedge_after, timeout, self)
+        # The one round loop of a call, and of a stream's opening
+        # (malla.streams passes its opener as `_attempt`): failover, retry
+        # rounds, the budget, jitter, ejection and retry_after_ms skips.
+        # (in this coroutine, not one of its own: a frame per call less)
         try:
             sna_round = exc_round = 0
             # the error of an earlier attempt that was sent and may have run
@@ -134,9 +147,12 @@ class Caller:
                 for node in (nodes := iter(order(name))):
                     tried += 1
                     try:
-                        if hedge is not None:
-                            return await hedge.attempt(node, nodes, args, kwargs, timeout, at, meta)
+                        if _attempt is not None:
+                            return await _attempt.attempt(node, nodes, args, kwargs, timeout, at,
+                                                          meta)
                         if node == self.name:
+                            if self._here is not None:
+                                self._here(node)
                             return await self._call_here(name, fun, args, kwargs, timeout, at,
                                                          meta)
                         if at is None and carrier is None:
@@ -204,18 +220,20 @@ class Caller:
             self._stats.error(exc)
             raise
 
+    def order_of(self, name: str, options: dict[str, Any]) -> NodeOrder:
+        """The node order of a call given its routing options (key=, vsn=,
+        checked: InvalidOption): malla.routing's for a keyed or versioned
+        call or a service with trouble lately, else the balancer's as is."""
+        if options or name in self._watch:
+            return self.routing.ordered(name, self._order, *_route_options(options))
+        return self._order
+
     async def _call_node(self, node: str, name: str, fun: str, args: Any,
                          kwargs: dict[str, Any] | None, timeout: int, at: float | None,
                          meta: Any, failover: bool = True) -> Any:
         conn = self._conns.get(node)
-        if conn is None:     # (dialled now with mesh="on_demand", else not available)
-            started = time.monotonic()
-            conn = await self._peers.open(node, timeout, at)
-            if timeout:
-                # the dial is part of the attempt: it waits within its timeout
-                timeout = max(1, timeout - int((time.monotonic() - started) * 1000))
-        if conn.proto.writing_paused:
-            await self._wait_congested(conn, name, timeout, at, failover)
+        if conn is None or conn.proto.writing_paused:
+            conn, timeout = await self.connection(node, name, timeout, at, failover)
         proto, fut = self._send(conn, name, fun, args, kwargs, timeout, at, meta)
         if fut is None:
             return None
@@ -226,10 +244,27 @@ class Caller:
             proto.cancel(sid)
             raise
 
+    async def connection(self, node: str, name: str, timeout: int, at: float | None,
+                         failover: bool = True) -> tuple[Any, int]:
+        """The connection an attempt on `node` goes out on, ready to write,
+        and what is left of the attempt's `timeout` (ms) once it is."""
+        conn = self._conns.get(node)
+        if conn is None:     # (dialled now with mesh="on_demand", else not available)
+            started = time.monotonic()
+            conn = await self._peers.open(node, timeout, at)
+            if timeout:
+                # the dial is part of the attempt: it waits within its timeout
+                timeout = max(1, timeout - int((time.monotonic() - started) * 1000))
+        if conn.proto.writing_paused:
+            await self._wait_congested(conn, name, timeout, at, failover)
+        return conn, timeout
+
     def _send(self, conn: Any, name: str, fun: str, args: Any, kwargs: dict[str, Any] | None,
-              timeout: int, at: float | None, meta: Any) -> tuple[Any, Any]:
+              timeout: int, at: float | None, meta: Any, window: int = 0) -> tuple[Any, Any]:
         """Send one attempt on a connection: (its protocol, the future of the
-        reply), or (protocol, None) for a cast.  Raises what prevents sending."""
+        reply), or (protocol, None) for a cast; with a `window`, open a
+        stream of that window: (protocol, its core StreamIn).  Raises what
+        prevents sending."""
         checks = self._registry.checks(name, conn.name)
         if checks is not None:
             check = checks.get(fun)      # (the common case in line: one lookup)
@@ -242,6 +277,9 @@ class Caller:
         # (tracing on: the trace context for this peer, or None)
         trace = self._carrier(conn) if self._carrier is not None else None
         try:
+            if window:
+                return proto, proto.open_stream(name, fun, args, kwargs, timeout, budget, meta,
+                                                trace, window)
             if timeout == 0:
                 proto.cast(name, fun, args, kwargs, meta, trace)
                 return proto, None
@@ -449,7 +487,7 @@ class Caller:
 _ROUTE_OPTIONS = frozenset({"key", "vsn"})
 # remote()'s options, by name: what malla.call and proxies may pass on
 CALL_OPTIONS = frozenset(inspect.signature(Caller.remote).parameters) - {
-    "self", "service", "fun", "args", "kwargs", "options"} | _ROUTE_OPTIONS
+    "self", "service", "fun", "args", "kwargs", "options", "_attempt"} | _ROUTE_OPTIONS
 
 
 def _route_options(options: dict[str, Any]) -> tuple[Any, str | None]:

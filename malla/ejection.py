@@ -24,7 +24,12 @@ Where DESIGN.md is silent:
   lowers its multiplier per interval the same way), so a node that failed
   once last week starts again at 1 s;
 - the quota counts the nodes the caller says serve the service when the
-  failure is recorded (`serving`), the one number it has at hand.
+  failure is recorded (`serving`), the one number it has at hand;
+- `prune` drops what is kept of a node that left the service's table (a
+  name that comes back is a new node: nothing carries over), and, when the
+  service's watch ends (malla.routing), the records that say nothing any
+  more (not ejected, every ejection forgiven): a cluster whose names churn
+  does not grow them.
 
 `overloaded(service, node, retry_after_ms)` is the serving node's own hint
 (DESIGN.md "Overloaded.retry_after_ms"): that node is left out of `usable`
@@ -66,6 +71,14 @@ class _Record:
         self.failures = Window(WINDOW)
         self.ejections = 0
         self.until = -math.inf       # ejected while the clock is before this
+
+
+def _spent(rec: _Record, now: float) -> bool:
+    # nothing in `rec` any longer changes a verdict: not ejected, and its
+    # time back in service has forgiven every ejection (its calls are
+    # counted afresh from the failure that starts the next watch)
+    return rec.until <= now and (rec.ejections == 0
+                                 or now - rec.until >= rec.ejections * FORGIVE)
 
 
 class Ejection:
@@ -177,12 +190,26 @@ class Ejection:
             return None
         return max(0.0, min(skip[n] for n in nodes) - now) * 1000.0
 
-    def forget(self, node: str) -> None:
-        """Drop what is known of a node that left."""
-        self._records.forget(node)
+    def prune(self, service: str, present: Callable[[str], bool], *,
+              settled: bool = False) -> None:
+        """Drop what is kept of `service` on the nodes not `present` (they
+        left its table) and, when `settled` (its watch ended), the records
+        whose ejections are all forgiven and none in force."""
+        now = self._clock()
+        records = self._records.by_service.get(service)
+        if records:
+            for node in [n for n, rec in records.items()
+                         if not present(n) or (settled and _spent(rec, now))]:
+                del records[node]
+            if not records:
+                del self._records.by_service[service]
         for table in (self._out, self._skip):
-            for per_node in table.values():
-                per_node.pop(node, None)
+            entries = table.get(service)
+            if entries:
+                for node in [n for n in entries if not present(n)]:
+                    del entries[node]
+                if not entries:
+                    del table[service]
 
     @staticmethod
     def _current(table: dict[str, dict[str, float]], service: str,

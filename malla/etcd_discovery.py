@@ -144,6 +144,10 @@ class Registration:
         if keeper is not None:
             self._wake = keeper.wake      # (an update wakes the shared thread)
         self._next = 0.0
+        # after a refused exchange (or the name held by another): not before
+        # then, whatever is pending -- a refusal retried at once spins
+        self._retry_at = 0.0
+        self._refused = False
         self._unreachable = False
         self._held_by: str | None = None
 
@@ -154,8 +158,8 @@ class Registration:
     @property
     def due(self) -> float:
         """When the next `tick()` has something to do (monotonic s; now,
-        with an update pending)."""
-        return 0.0 if self._dirty else self._next
+        with an update pending, unless the last exchange was refused)."""
+        return max(0.0 if self._dirty else self._next, self._retry_at)
 
     @property
     def unreachable(self) -> bool:
@@ -214,6 +218,10 @@ class Registration:
         return "a record that keeps changing"
 
     def _claimed(self) -> None:
+        if self._keeper is not None:
+            # (a delete of this key still queued from an earlier incarnation
+            # of this process would take the record just made)
+            self._keeper.claimed(self.key)
         self.registered = True
         self._held_by = None
         self._next = time.monotonic() + self.interval
@@ -232,7 +240,7 @@ class Registration:
         """Renew when due, store a pending update, re-register when the
         lease was lost.  Called by the renewing thread; never raises (etcd
         unreachable is logged once per outage, a refusal each time)."""
-        if self._closed.is_set() or (time.monotonic() < self._next and not self._dirty):
+        if self._closed.is_set() or time.monotonic() < self.due:
             return
         with self._lock:
             if self._closed.is_set():
@@ -248,8 +256,13 @@ class Registration:
                     self._unreachable = True
                 return
             except ProtocolError as exc:
-                log.warning("malla: etcd refused to renew %s: %s", self.key, exc)
+                self._retry_at = time.monotonic() + self.interval
+                if not self._refused:     # (once until it is accepted again)
+                    log.warning("malla: etcd refused to renew %s (retrying each %.1f s): %s",
+                                self.key, self.interval, exc)
+                    self._refused = True
                 return
+            self._refused = False
             if self._unreachable:
                 log.info("malla: etcd reachable again, %s %s", self.key,
                             "registered" if self.registered else "not registered")
@@ -258,6 +271,7 @@ class Registration:
     def _renew(self) -> None:
         if self.registered:
             self._next = time.monotonic() + self.interval
+            self._retry_at = 0.0
             # (a shared lease is renewed by its keeper: only asked here)
             alive = (self.client.keepalive(self.lease) > 0 if self._keeper is None
                      else self._keeper.alive(self.ttl, self.lease))
@@ -276,7 +290,11 @@ class Registration:
             self.registered = False
             self._lost()
         holder = self._claim()
-        if holder is not None and holder != self._held_by:
+        if holder is None:
+            self._retry_at = 0.0
+            return
+        self._retry_at = time.monotonic() + self.interval
+        if holder != self._held_by:
             log.error("malla: cannot register %s again: %s holds it", self.key, holder)
             self._held_by = holder
 
@@ -303,7 +321,7 @@ class Registration:
     def _run(self) -> None:
         while not self._closed.is_set():
             self.tick()
-            self._wake.wait(max(0.0, min(self.interval, self._next - time.monotonic())))
+            self._wake.wait(max(0.0, min(self.interval, self.due - time.monotonic())))
             self._wake.clear()
 
     def close(self) -> None:
@@ -316,10 +334,11 @@ class Registration:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         with self._lock:
-            lease, self.lease, registered, self.registered = self.lease, 0, self.registered, False
+            lease, self.lease, self.registered = self.lease, 0, False
             if self._keeper is not None:
-                if registered:
-                    self._keeper.forget(self.key, lease)
+                # (registered or not: a create whose answer was lost may have
+                # stored the record; only one under our lease is deleted)
+                self._keeper.forget(self.key, lease)
             elif lease:
                 try:
                     self.client.revoke(lease)
@@ -353,6 +372,11 @@ class Renewer(Protocol):
     def forget(self, key: str, lease: int) -> None:
         """Delete `key` if still under `lease` (a stopped node's record);
         etcd unreachable: retried by the keeper's thread."""
+        ...
+
+    def claimed(self, key: str) -> None:
+        """A registration of this process holds `key` now: no delete of it
+        still queued may run."""
         ...
 
 

@@ -34,6 +34,9 @@ __all__ = ["Keeper", "Share"]
 
 log = logging.getLogger("malla.etcd")
 
+# refusals of a stopped node's delete before it is left to the lease
+DELETE_TRIES = 5
+
 Apply = Callable[[MemberEvent], None]
 Key = tuple[asyncio.AbstractEventLoop, tuple[tuple[str, int], ...], bool, int, str]
 
@@ -65,12 +68,14 @@ class Keeper:
         self.wake = threading.Event()
         self._registrations: list[Registration] = []
         self._leases: dict[int, _Lease] = {}           # by TTL
-        self._forgotten: list[tuple[str, int]] = []    # (key, lease) still to delete
+        # (key, lease, refusals so far) still to delete
+        self._forgotten: list[tuple[str, int, int]] = []
         self._lock = threading.Lock()                  # the lists and leases above
         self._grant = threading.Lock()                 # one grant at a time
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._unreachable = False
+        self._refused = False
 
     def add(self, registration: Registration) -> None:
         with self._lock:
@@ -109,27 +114,37 @@ class Keeper:
                 return
             held.id = 0
             registrations = list(self._registrations)
-            self._forgotten = [(k, le) for k, le in self._forgotten if le != lease]
+            self._forgotten = [f for f in self._forgotten if f[1] != lease]
         for registration in registrations:
             if registration.ttl == ttl:
                 registration.recheck()
         self.wake.set()
 
     def forget(self, key: str, lease: int) -> None:
-        if lease and not self._delete(key, lease):
+        if lease and not self._delete(key, lease, 0):
             with self._lock:
-                self._forgotten.append((key, lease))
+                self._forgotten.append((key, lease, 0))
 
-    def _delete(self, key: str, lease: int) -> bool:
-        """Delete `key` if it is still under `lease`; False: etcd did not answer."""
+    def claimed(self, key: str) -> None:
+        with self._lock:
+            self._forgotten = [f for f in self._forgotten if f[0] != key]
+
+    def _delete(self, key: str, lease: int, refusals: int) -> bool:
+        """Delete `key` if it is still under `lease`; False: to be retried
+        (etcd did not answer, or refused fewer than DELETE_TRIES times: with
+        a lease shared by live nodes, a record not deleted stays listed)."""
         try:
             self.client.delete_under(key, lease)
         except Unreachable as exc:
-            log.warning("malla: could not delete %s from etcd (retrying; it goes with "
-                        "its lease at the latest): %s", key, exc)
+            if not self._unreachable:
+                log.warning("malla: could not delete %s from etcd (retrying; it goes with "
+                            "its lease at the latest): %s", key, exc)
             return False
         except ProtocolError as exc:
-            log.warning("malla: etcd refused to delete %s: %s", key, exc)
+            if refusals + 1 < DELETE_TRIES:
+                return False
+            log.error("malla: etcd refused to delete %s %d times, giving up (it goes "
+                      "when this process's lease ends): %s", key, DELETE_TRIES, exc)
         return True
 
     def stop(self) -> None:
@@ -152,28 +167,41 @@ class Keeper:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            outage = not self._renew()
-            with self._lock:
-                registrations = list(self._registrations)
-                forgotten, self._forgotten = self._forgotten, []
-            for key, lease in forgotten:
-                if outage or not self._delete(key, lease):
-                    with self._lock:
-                        self._forgotten.append((key, lease))
-                    outage = True
-            for registration in registrations if not outage else ():
-                if self._stopped.is_set():
-                    return
-                registration.tick()
-                if registration.unreachable:
-                    outage = True
-                    break
-            intervals = [r.interval for r in registrations] or [1.0]
-            now = time.monotonic()
-            due = [held.next - now for held in self._leases.values() if held.id]
-            due += [r.due - now for r in registrations]
-            self.wake.wait(max(0.0, min(intervals) if outage else min(intervals + due)))
+            try:
+                wait = self._pass()
+            except Exception:
+                # (the thread renews every node of the process: it must not end)
+                log.exception("malla: renewing the etcd leases of %s failed", self.name)
+                wait = 1.0
+            self.wake.wait(wait)
             self.wake.clear()
+
+    def _pass(self) -> float:
+        """Renew, delete and tick what is due; the seconds until more is."""
+        outage = not self._renew()
+        with self._lock:
+            registrations = list(self._registrations)
+            forgotten, self._forgotten = self._forgotten, []
+        for key, lease, refusals in forgotten:
+            if outage or not self._delete(key, lease, refusals):
+                with self._lock:
+                    self._forgotten.append((key, lease, refusals + (not outage)))
+                outage = outage or self._unreachable
+        for registration in registrations if not outage else ():
+            if self._stopped.is_set():
+                return 0.0
+            registration.tick()
+            if registration.unreachable:
+                outage = True
+                break
+        intervals = [r.interval for r in registrations] or [1.0]
+        now = time.monotonic()
+        with self._lock:
+            due = [held.next - now for held in self._leases.values() if held.id]
+        due += [r.due - now for r in registrations]
+        if self._forgotten:
+            due.append(min(intervals))
+        return max(0.0, min(intervals) if outage else min(intervals + due))
 
     def _renew(self) -> bool:
         """Renew each shared lease that is due; False when etcd did not answer."""
@@ -192,8 +220,16 @@ class Keeper:
                     self._unreachable = True
                 return False
             except ProtocolError as exc:
-                log.warning("malla: etcd refused to renew the lease of %s: %s", self.name, exc)
+                # (retried a third of the lease later, not at once: a refusal
+                # retried at once spins; logged once until one is accepted)
+                with self._lock:
+                    self._leases[ttl].next = now + min(ttl / 3, 1.0)
+                if not self._refused:
+                    log.warning("malla: etcd refused to renew the lease of %s: %s",
+                                self.name, exc)
+                    self._refused = True
                 continue
+            self._refused = False
             if self._unreachable:
                 log.info("malla: etcd reachable again, renewing the lease of %s", self.name)
                 self._unreachable = False
@@ -255,7 +291,27 @@ class Share:
             apply(MemberEvent(JOIN, name, record))
         self._subscribers[token] = apply
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._watch())
+            self._start_watch()
+
+    def _start_watch(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+        self._task.add_done_callback(self._watch_ended)
+
+    def _watch_ended(self, task: asyncio.Task[None]) -> None:
+        """The watch is every node's view: one that ends by surprise is logged
+        and started again (a second later) while nodes still use it."""
+        if task.cancelled() or task is not self._task:
+            return
+        exc = task.exception()
+        log.error("malla: the etcd watch of %s ended (%s); watching again in 1 s",
+                  self.keeper.name, exc if exc is not None else "it returned")
+        self._task = None
+
+        def again() -> None:
+            if self._subscribers and self._task is None and self._users > 0:
+                self._start_watch()
+
+        asyncio.get_running_loop().call_later(1.0, again)
 
     def unsubscribe(self, token: int) -> None:
         self._subscribers.pop(token, None)

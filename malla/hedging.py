@@ -14,14 +14,16 @@ caller's):
 
 - the call goes to that node; when no outcome came within `hedge_after`,
   the next node of the same ranking (the caller's iterator: that node is
-  then not tried again by the failover) gets a second copy, if
-  `may_hedge(service)` lets it (the retry budget); a hedge refused is not
-  sent, and the first copy is waited for as an ordinary attempt;
+  then not tried again by the failover) gets a second copy, if the retry
+  budget lets it (`hedge_to`, malla.routing); a hedge refused is not sent
+  and draws no node (the round's failover still tries the one it would
+  have taken), and the first copy is waited for as an ordinary attempt;
 - at most one hedge per attempt: two copies at once, never more;
 - the first reply wins; the other copy is cancelled (a CANCEL to its node,
   where the handler's coroutine is cancelled; in-process, the coroutine
-  itself), and what it took until then counts in the balancer's latency
-  average of its node (at least that long: a stalling node is ranked down);
+  itself), and what it took until then is a lower bound of the balancer's
+  latency average of its node (raised to it, never lowered: a stalling
+  node is ranked down, and losing races does not make it look faster);
 - a copy over an uncongested connection is sent at once and waited for on
   the core's own future (no task: a task would start, and send, only at
   the loop's next iteration, which under load delays every hedged call and
@@ -42,6 +44,7 @@ node whose reply won (server.address).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -55,14 +58,9 @@ if TYPE_CHECKING:
     from malla.metrics import Stats
     from malla.registry import Registry
 
-__all__ = ["Hedge", "HedgeHost", "always", "valid_hedge_after"]
+__all__ = ["Hedge", "HedgeHost", "valid_hedge_after"]
 
 _MAX_MS = 86_400_000 * 365
-
-
-def always(service: str) -> bool:
-    """The default `may_hedge`: every hedge may be sent."""
-    return True
 
 
 def valid_hedge_after(hedge_after: Any, timeout: int) -> float:
@@ -85,6 +83,29 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+def _wake(waiter: asyncio.Future[None], _: Any = None) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _within(fut: asyncio.Future[Any], seconds: float) -> None:
+    """Wait until `fut` is done or `seconds` passed, whichever is first.
+
+    (asyncio.wait((fut,), timeout=...) does the same with a set, a coroutine
+    and checks of its own: it tripled the cost of a hedged call that never
+    hedged, 24 us against 8, which under load slowed first copies past
+    hedge_after and so sent more hedges, which slowed them more)"""
+    waiter = asyncio.get_running_loop().create_future()
+    wake = functools.partial(_wake, waiter)
+    fut.add_done_callback(wake)
+    timer = asyncio.get_running_loop().call_later(seconds, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        fut.remove_done_callback(wake)
+
+
 def _worse(first: BaseException | None, exc: BaseException) -> BaseException:
     # the error an attempt of two failed copies raises: "may have run or
     # failed" before "did not run" (a refusal would let the caller fail over
@@ -102,7 +123,9 @@ class HedgeHost(Protocol):
     _registry: Registry
     _stats: Stats
     _conns: dict[str, Any]
-    may_hedge: Callable[[str], bool]
+    # the node a hedge goes to (the next of the round's nodes), or None when
+    # the retry budget refuses it or no node is left (malla.routing)
+    hedge_to: Callable[[str, Iterator[str]], str | None]
 
     def _call_here(self, name: str, fun: str, args: Any, kwargs: Any, timeout: int,
                    at: Any, meta: Any) -> Coroutine[Any, Any, Any]: ...
@@ -153,7 +176,7 @@ class Hedge:
         # replies before the stall)
         if proto.cancel(sid) and lost:
             now = core.monotonic()
-            proto.latency.sample(self._service, now - sent, False, now)
+            proto.latency.at_least(self._service, now - sent, now)
 
     async def attempt(self, node: str, nodes: Iterator[str], args: Any, kwargs: Any,
                       timeout: int, at: Any, meta: Any) -> Any:
@@ -165,11 +188,12 @@ class Hedge:
         copies = {first: (node, cancel)}
         won = False         # a copy's reply is the attempt's: the other lost
         try:
-            done, _ = await asyncio.wait((first,), timeout=self._after)
-            if done:
+            if not first.done():
+                await _within(first, self._after)
+            if first.done():
                 return first.result()
-            other = next(nodes, None)
-            if other is None or not self._host.may_hedge(self._service):
+            other = self._host.hedge_to(self._service, nodes)
+            if other is None:
                 return await first
             try:
                 # (the attempt's timeout bounds both copies: the second gets
@@ -189,7 +213,10 @@ class Hedge:
                 # cancelled by the caller's cancellation still needs its CANCEL
                 if not fut.done() or fut.cancelled():
                     cancel(won)
-                fut.add_done_callback(_retrieve)
+                if fut.done():
+                    _retrieve(fut)      # (no loop callback for what is known now)
+                else:
+                    fut.add_done_callback(_retrieve)
 
     async def _first_reply(self, copies: dict[asyncio.Future[Any], tuple[str, Any]]) -> Any:
         failure: BaseException | None = None

@@ -119,6 +119,7 @@ class Node(NodeSettings):
                            dial=self._on_demand is not None) if balance == "p2c" else None)
         self._caller = Caller(name, self._registry, self._hosting, self._cluster, self._stats,
                               self._spawn, order=order, carrier=tracer.carrier if tracer else None,
+                              here=tracer.here if tracer else None,
                               budget=RetryBudget(retry_budget, retry_floor))
         remote, call_cb_all = self._caller.remote, self._caller.call_cb_all
         interceptors: list[CallInterceptor] = [i for i in (self._metrics, tracer) if i]

@@ -3,8 +3,8 @@
 The balancer's load, ejection's records: each is a small object per service
 and node, read on every call.  Nested dicts (service -> node -> state) cost
 two look-ups and no key to build, where a (service, node) tuple would be
-allocated per call; and a node that leaves must be dropped from every
-service at once.  One table type does both for each policy.
+allocated per call; and the nodes of one service can be dropped at once
+(malla.ejection's prune).
 """
 
 from __future__ import annotations
@@ -39,8 +39,3 @@ class PerNode(Generic[T]):
     def find(self, service: str, node: str) -> T | None:
         nodes = self.by_service.get(service)
         return None if nodes is None else nodes.get(node)
-
-    def forget(self, node: str) -> None:
-        """Drop a node from every service (it left; its name may come back new)."""
-        for nodes in self.by_service.values():
-            nodes.pop(node, None)

@@ -20,7 +20,7 @@ from malla.arguments import Checker, checkers_of
 from malla.authz import forbidding_checkers, without_refusals
 from malla.caller import CALL_OPTIONS, invalid_options
 from malla.precompile import load_precompile
-from malla.streams import is_stream
+from malla.streams import Stream, is_stream
 
 if TYPE_CHECKING:
     from malla.interfaces import ProxyHost
@@ -104,8 +104,9 @@ async def call(obj: Call, **opts: Any) -> Any:
     """Run a lazy call object with remote()'s options (timeout, sna_retries,
     excp_retries, retries_sleep_msec, meta, deadline, hedge_after)."""
     if not isinstance(obj, Call):
+        hint = " (a stream's options: malla.stream(obj, **opts))" if isinstance(obj, Stream) else ""
         raise mexc.InvalidOption(f"malla.call needs a proxy call object "
-                                 f"(proxy.fun(...)), got {type(obj).__name__}")
+                                 f"(proxy.fun(...)), got {type(obj).__name__}{hint}")
     return await obj.run(**opts)
 
 

@@ -14,12 +14,20 @@ failures, and from everything else only while a service is *watched*:
   where they and their attempts are counted;
 - a keyed or versioned call always takes it.
 
-On that path each node the order yields counts as an attempt there the
-moment it is yielded, and the caller's handlers tell the failures: so a
-reply needs no bookkeeping after it, and the common call's code after its
-await is the same as before.  An attempt that ends neither well nor failed
-(malla.outcome's IGNORED: a stale table's refusal, a cancellation) thus
-counts as a call that did not fail.
+On that path each node the order yields while the service is watched
+counts as an attempt there the moment it is yielded, and the caller's
+handlers tell the failures: so a reply needs no bookkeeping after it, and
+the common call's code after its await is the same as before.  An attempt
+that ends neither well nor failed (malla.outcome's IGNORED: a stale table's
+refusal, a cancellation) thus counts as a call that did not fail.  (A keyed
+call to a service with no trouble counts nothing: its nodes' records would
+only grow with the names a cluster ever had.  A failure counts its attempt
+unless the service was watched already, so one attempt made just before
+another call's failure started the watch goes uncounted.)
+
+When the watch ends, the ejection records that say nothing any more are
+dropped, and while it lasts those of nodes that left the service, at most
+every 10 s (malla.ejection's `prune`).
 
 So a node's record starts at the failure that started the watch: "at least
 5 calls in the last 10 s, more than half failing" counts the calls since
@@ -30,6 +38,7 @@ watched service a call costs a few dictionary updates more.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from fnmatch import fnmatchcase
@@ -74,9 +83,11 @@ class Routed:
         self.routing, self.balancer, self.key, self.vsn = routing, balancer, key, vsn
 
     def __call__(self, service: str) -> Iterator[str]:
-        attempt = self.routing.ejection.attempt
-        for node in self.routing.order(service, self.balancer, self.key, self.vsn):
-            attempt(service, node)
+        routing = self.routing
+        attempt, watch = routing.ejection.attempt, routing.watch
+        for node in routing.order(service, self.balancer, self.key, self.vsn):
+            if service in watch:
+                attempt(service, node)
             yield node
 
 
@@ -92,6 +103,9 @@ class Routing:
         # service -> when its last trouble was (read on every call: the
         # caller holds this dict itself)
         self.watch: dict[str, float] = {}
+        # service -> when its ejection records were last pruned of the
+        # nodes that left it (while watched: at most every QUIET seconds)
+        self._pruned: dict[str, float] = {}
 
     # -- the order of one call -------------------------------------------------------
 
@@ -144,31 +158,62 @@ class Routing:
 
     def failed(self, service: str, node: str, exc: BaseException, order: Any = None) -> None:
         """An attempt on `node` ended with `exc`; `order` the call's (a
-        Routed one counted the attempt already)."""
+        Routed one counted the attempt already if the service was watched)."""
         if outcome_of(exc) != FAILED:
             return
-        self.watch[service] = self._clock()
+        counted = type(order) is Routed and service in self.watch
+        now = self.watch[service] = self._clock()
+        if now - self._pruned.get(service, -math.inf) >= QUIET:
+            self._pruned[service] = now
+            self.ejection.prune(service, self._present(service))
         if isinstance(exc, mexc.Overloaded):
             # (the serving side's hint, when its version sends one)
             hint = getattr(exc, "retry_after_ms", None)
             if hint:
                 self.ejection.overloaded(service, node, hint)
         self.ejection.record(service, node, FAILED, len(self._registry.nodes(service)),
-                             counted=type(order) is Routed)
+                             counted=counted)
 
     def may_retry(self, service: str) -> bool:
-        """May one more retry (a round, an exception retry, a hedge) go to
-        `service`?  True spends it from the budget; False counts a throttle."""
+        """May one more retry (a round, an exception retry) go to `service`?
+        True spends it from the budget; False counts a throttle."""
+        self._retrying(service)
+        return self.budget.try_retry(service)
+
+    def hedge_to(self, service: str, nodes: Iterator[str]) -> str | None:
+        """The node a hedge of a call to `service` goes to: the next of the
+        round's `nodes`, when the budget lets one more retry go (then spent
+        on it).  None when the budget refuses (counted as throttled), and
+        then no node is drawn: the round's failover still tries the node
+        the hedge would have taken; None too when no node is left (nothing
+        spent)."""
+        self._retrying(service)
+        if not self.budget.allows(service):
+            self.budget.refused(service)
+            return None
+        other = next(nodes, None)
+        if other is not None:
+            self.budget.spend(service)
+        return other
+
+    def _retrying(self, service: str) -> None:
         if service not in self.watch:
             self.budget.call(service)       # (the call now retrying, uncounted so far)
         self.watch[service] = self._clock()
-        return self.budget.try_retry(service)
 
     def _unwatch_if_quiet(self, service: str) -> None:
         since = self.watch.get(service)
         if (since is not None and self._clock() - since > QUIET
                 and self.ejection.quiet(service)):
             del self.watch[service]
+            self._pruned.pop(service, None)
+            self.ejection.prune(service, self._present(service), settled=True)
+
+    def _present(self, service: str) -> Callable[[str], bool]:
+        # whether a node is in `service`'s table (paused or not)
+        registry = self._registry
+        return lambda node: (registry.remote_info(service, node) is not None
+                             or node == registry.local_name)
 
     # -- stats -------------------------------------------------------------------
 

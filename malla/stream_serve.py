@@ -93,88 +93,26 @@ async def _produce(entry: Any, proto: Any, call: core.IncomingCall,
                             exc_info=True)
 
 
-# Items that leave together in one ITEM frame: at most this many, and at
-# most about this many bytes (bytes and str counted by their length).
-BATCH_ITEMS = 256
-BATCH_BYTES = 64 * 1024
-
-
-class _Batch:
-    """The items made and not sent yet.  They leave when the batch is full
-    (the credit, BATCH_ITEMS, BATCH_BYTES), and as soon as the producer's
-    task waits for anything (the generator awaits: a callback scheduled
-    with the first item sends them then), so a generator that yields
-    without waiting costs a frame per batch, and one that waits delays
-    none of its items."""
-
-    __slots__ = ("error", "items", "out", "scheduled", "size", "task")
-
-    def __init__(self, out: Any) -> None:
-        self.out = out
-        self.items: list[Any] = []
-        self.size = 0
-        self.scheduled = False
-        self.error: BaseException | None = None
-        self.task = asyncio.current_task()
-
-    def send(self) -> None:
-        items, self.items, self.size = self.items, [], 0
-        if not items:
-            return
-        try:
-            self.out.send(items)
-        except (mexc.MessageTooLarge, mexc.EncodeError):
-            if len(items) == 1:
-                raise
-            for item in items:  # one frame each: those before a bad one still go
-                self.out.send([item])
-
-    def send_soon(self) -> None:
-        # (the loop runs this once the task waits: the generator suspended)
-        self.scheduled = False
-        try:
-            self.send()
-        except Exception as exc:
-            # an item that cannot go: the stream ends with its error
-            self.error = exc
-            if self.task is not None:
-                self.task.cancel()
-
-
-async def _items(gen: Any, proto: Any, out: Any, patience: float) -> _Batch:
+async def _items(gen: Any, proto: Any, out: Any, patience: float) -> None:
     """Send the generator's items within the consumer's credit (its
-    window, and what each CREDIT gives back)."""
+    window, and what each CREDIT gives back).  The core steps the
+    generator (`out.pump`): the items it yields without waiting leave
+    together, one ITEM a batch (the credit, 256 items, about 64 KiB), and
+    what it made leaves as soon as it waits for anything, so a generator
+    that yields without waiting costs a frame per batch and no Python per
+    item, and one that waits delays none of its items."""
     loop = asyncio.get_running_loop()
-    batch = _Batch(out)
+    pump = out.pump
     try:
-        await _fill(gen, proto, out, patience, loop, batch)
-    except asyncio.CancelledError:
-        if batch.error is None:
-            raise
-        # (our own cancellation, for an item that could not go)
-        task = asyncio.current_task()
-        if task is not None and hasattr(task, "uncancel"):
-            task.uncancel()
-        raise batch.error from None
-    return batch
-
-
-async def _fill(gen: Any, proto: Any, out: Any, patience: float, loop: Any,
-                batch: _Batch) -> None:
-    # (batch.items is read anew each time: the callback may have sent it)
-    try:
-        async for item in gen:
-            batch.items.append(item)
-            if type(item) is bytes or type(item) is str or type(item) is bytearray:
-                batch.size += len(item)
-            if not batch.scheduled:
-                batch.scheduled = True
-                loop.call_soon(batch.send_soon)
-            n = len(batch.items)
-            if n >= out.credit or n >= BATCH_ITEMS or batch.size >= BATCH_BYTES:
-                batch.send()
+        waiting = pump(gen)
+        while True:
+            if waiting is None:
+                # the batch left, full or with the last of the credit
                 while out.credit <= 0:
                     await out.wait(loop)      # the consumer's CREDIT (or CANCEL)
+                item = _NOTHING
+            else:
+                item = await waiting          # the generator waited: its next item
             if proto.writing_paused:
                 # the transport's buffer is full (64 KiB chunks, a slow
                 # reader, a window as large as a consumer may ask): the next
@@ -182,7 +120,9 @@ async def _fill(gen: Any, proto: Any, out: Any, patience: float, loop: Any,
                 # connection wait behind at most that, and the buffer is
                 # bounded whatever the window
                 await proto.owner.wait_writable(patience)
-    except Exception:
-        batch.send()        # the items it yielded before it raised go first
-        raise
-    batch.send()
+            waiting = pump(gen) if item is _NOTHING else pump(gen, item)
+    except StopAsyncIteration:
+        return
+
+
+_NOTHING = object()

@@ -19,27 +19,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from malla import exceptions as mexc
 from malla._ext import core
 from malla.caller import (
-    _RETRYABLE,
     _as_remote_error,
-    _encode_error,
     _Expired,
-    _retry_sleep,
     _run_with_timeout,
     _sooner,
-    _within_deadline,
     check_arguments,
     invalid_options,
     valid_timeout,
 )
 from malla.context import enter, inherited_deadline, leave
+from malla.routing import Routed, check_key, check_vsn
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from malla.caller import Caller
 
 __all__ = ["STREAM_OPTIONS", "Stream", "Streamer", "is_stream"]
@@ -65,14 +64,15 @@ class Streamer:
     def stream(self, service: Any, fun: str, args: Any = (),
                kwargs: dict[str, Any] | None = None, *, timeout: int = 15000,
                deadline: float | None = None, meta: Any = None, sna_retries: int = 5,
-               excp_retries: int = 0, retries_sleep_msec: int = 1000,
-               **unknown: Any) -> Stream:
+               excp_retries: int = 0, retries_sleep_msec: int = 1000, key: Any = None,
+               vsn: str | None = None, **unknown: Any) -> Stream:
         """Iterate the items of the stream function `fun` of `service`
         (``async for item in node.stream("Feed", "ticks", [10])``).
 
         `timeout` (ms) bounds the wait for each item, `deadline` (ms) the
-        whole stream; `sna_retries`, `excp_retries` and `retries_sleep_msec`
-        apply, as in remote(), only until the first item arrived.
+        whole stream; `sna_retries`, `excp_retries`, `retries_sleep_msec`,
+        `key=` and `vsn=` apply as in remote() (the same round loop), only
+        until the first item arrived.
         """
         if unknown:
             raise invalid_options(unknown, "stream()")
@@ -81,80 +81,63 @@ class Streamer:
         name, args, timeout = self._caller._call_parts(service, args, timeout)
         if type(fun) is not str or fun[:1] == "_":
             raise mexc.UnknownFunction(f"{fun!r} is not an exported function of {name}")
+        route: dict[str, Any] = {}
+        if key is not None:
+            check_key(key)
+            route["key"] = key
+        if vsn is not None:
+            check_vsn(vsn)
+            route["vsn"] = vsn
         at = inherited_deadline()
         if deadline is not None:
             at = _sooner(at, deadline)
         return Stream(self, name, fun, args, kwargs, timeout, at, meta,
-                      (sna_retries, excp_retries, retries_sleep_msec))
+                      (sna_retries, excp_retries, retries_sleep_msec), route)
 
-    # -- opening: the first node that gives a first event ----------------------------
+    # -- opening: the caller's round loop, each attempt a stream's opening ------------
 
     async def open(self, s: Stream) -> _Remote | _Local:
-        caller = self._caller
-        stats = caller._stats
+        """The first node of the stream's order that gives a first event (an
+        item, the end, or an error that is not "service not available"),
+        through remote()'s round loop (failover, retry rounds, the budget,
+        jitter, ejection and retry_after_ms skips, key= and vsn=), each
+        attempt an opening; errors raised are counted there."""
         sna_retries, excp_retries, sleep_ms = s.retry
-        sna_round = exc_round = 0
-        while True:
-            tried = old = overloaded = 0
-            for node in caller._order(s.name):
-                tried += 1
-                try:
-                    if node == caller.name:
-                        return await self._here(s)
-                    conn = caller._conns.get(node)
-                    if conn is not None and not conn.handshake.streams:
-                        old += 1
-                        raise ServiceNotAvailable(
-                            f"node {node} speaks protocol version {conn.handshake.version} "
-                            "without streams (they need version 2 and CAP_STREAM)")
-                    return await self._there(s, node, conn)
-                except ServiceNotAvailable as exc:
-                    stats.failovers += 1
-                    overloaded += isinstance(exc, mexc.Overloaded)
-                    s.refusal = exc
-                    continue
-                except _RETRYABLE:
-                    if exc_round >= excp_retries:
-                        raise
-                    exc_round += 1
-                    break
-            else:
-                if not caller._peers.running:
-                    raise mexc.NodeStopped(f"node {caller.name} is not running")
-                if old and old == tried:
-                    # no node of this service could ever take it: no retry rounds
-                    raise ServiceNotAvailable(f"no node of {s.name} takes streams: {s.refusal}")
-                if sna_round >= sna_retries:
-                    # (every node refused as overloaded: said so, as remote() does)
-                    cls = mexc.Overloaded if tried and overloaded == tried else ServiceNotAvailable
-                    raise cls(f"no node of {s.name} took the stream ({tried} tried, "
-                              f"{sna_round + 1} round(s)): {s.refusal or 'none runs it'}")
-                sna_round += 1
-            stats.retries += 1
-            await _retry_sleep(sleep_ms, s.at, s.name, False)
+        deadline = None
+        if s.at is not None:
+            # (the stream's own deadline, as ms from now: spent, the first
+            # attempt raises CallTimeout, nothing sent)
+            deadline = max((s.at - time.monotonic()) * 1000.0, 0.001)
+        try:
+            src: _Remote | _Local = await self._caller.remote(
+                s.name, s.fun, s.args, s.kwargs, timeout=s.timeout, sna_retries=sna_retries,
+                excp_retries=excp_retries, retries_sleep_msec=sleep_ms, meta=s.meta,
+                deadline=deadline, _attempt=_Opener(self, s), **s.route)
+        except _NoStreams as exc:
+            self._caller._stats.error(exc.error)
+            raise exc.error from None
+        return src
 
-    async def _there(self, s: Stream, node: str, conn: Any) -> _Remote:
+    async def _there(self, s: Stream, node: str) -> _Remote:
         caller = self._caller
-        if conn is None:     # (dialled now with mesh="on_demand", else not available)
-            conn = await caller._peers.open(node, s.timeout, s.at)
-        registry = caller._registry
-        checks = registry.checks(s.name, node)
+        conn, timeout = await caller.connection(node, s.name, s.timeout, s.at)
+        if not conn.handshake.streams:
+            refusal = ServiceNotAvailable(
+                f"node {node} speaks protocol version {conn.handshake.version} without "
+                "streams (they need version 2 and CAP_STREAM)")
+            if self._none_streams(s):
+                # no node of this service could ever take it: no retry rounds
+                raise _NoStreams(ServiceNotAvailable(f"no node of {s.name} takes streams: "
+                                                     f"{refusal}"))
+            raise refusal
+        checks = caller._registry.checks(s.name, node)
         if checks is not None:
             check_arguments(checks, s.name, s.fun, s.args, s.kwargs)
-            if not is_stream(registry.remote_info(s.name, node), s.fun):
+            if not is_stream(caller._registry.remote_info(s.name, node), s.fun):
                 raise mexc.InvalidOption(f"{s.name}.{s.fun} is not a stream: call it "
                                          "with remote()")
-        if conn.proto.writing_paused:
-            await caller._wait_congested(conn, s.name, s.timeout, s.at, True)
-        timeout, budget = s.timeout, None
-        if s.at is not None:
-            timeout, budget = _within_deadline(s.at, timeout, s.name, s.fun)
-        trace = caller._carrier(conn) if caller._carrier is not None else None
-        try:
-            st = conn.proto.open_stream(s.name, s.fun, s.args, s.kwargs, timeout, budget,
-                                        s.meta, trace, self.window)
-        except mexc.EncodeError as exc:
-            raise _encode_error(exc, s.args, s.kwargs) from None
+        _, st = caller._send(conn, s.name, s.fun, s.args, s.kwargs, timeout, s.at, s.meta,
+                             self.window)
         src = _Remote(st, node, s)
         try:
             await src.first()
@@ -162,6 +145,18 @@ class Streamer:
             st.close()          # (cancelled meanwhile: the producer is told)
             raise
         return src
+
+    def _none_streams(self, s: Stream) -> bool:
+        """Whether every node serving the stream's service (with its vsn=)
+        is another node, connected with a protocol without streams."""
+        caller = self._caller
+        vsn = s.route.get("vsn")
+        order = None if vsn is None else Routed(caller.routing, caller._order, None, vsn)
+        for node in caller.routing.serving(s.name, order):
+            conn = caller._conns.get(node)
+            if node == caller.name or conn is None or conn.handshake.streams:
+                return False
+        return True
 
     async def _here(self, s: Stream) -> _Local:
         caller = self._caller
@@ -183,6 +178,33 @@ class Streamer:
         return src
 
 
+class _NoStreams(Exception):
+    """No node of the service speaks streams: raised through the round
+    loop untouched (no retry round can change it), `error` to the caller."""
+
+    def __init__(self, error: mexc.ServiceNotAvailable) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Opener:
+    """Each attempt of a stream's round loop (malla.caller.Attempt): its
+    opening on one node, in-process or over TCP."""
+
+    __slots__ = ("_s", "_streamer")
+
+    def __init__(self, streamer: Streamer, s: Stream) -> None:
+        self._streamer, self._s = streamer, s
+
+    async def attempt(self, node: str, nodes: Iterator[str], args: Any,
+                      kwargs: dict[str, Any] | None, timeout: int, at: float | None,
+                      meta: Any) -> _Remote | _Local:
+        streamer = self._streamer
+        if node == streamer._caller.name:
+            return await streamer._here(self._s)
+        return await streamer._there(self._s, node)
+
+
 class Stream:
     """The items of one streaming call, as an async iterator (node.stream()).
 
@@ -192,44 +214,69 @@ class Stream:
 
     def __init__(self, streamer: Streamer, name: str, fun: str, args: Any,
                  kwargs: dict[str, Any] | None, timeout: int, at: float | None, meta: Any,
-                 retry: tuple[int, int, int]) -> None:
+                 retry: tuple[int, int, int], route: dict[str, Any]) -> None:
         self._streamer = streamer
         self.name, self.fun, self.args, self.kwargs = name, fun, args, kwargs
         self.timeout, self.at, self.meta, self.retry = timeout, at, meta, retry
-        self.refusal: BaseException | None = None
+        self.route = route      # key= and vsn=, when given
         self._src: _Remote | _Local | None = None
+        self._fast: Any = None
         self._done = False
         self._handed = 0    # items batch() handed out and not given back yet
 
     def __repr__(self) -> str:
         return f"<malla.Stream {self.name}.{self.fun}{tuple(self.args)!r}>"
 
-    def __aiter__(self) -> Stream:
-        return self
+    def __aiter__(self) -> AsyncIterator[Any]:
+        # (the core's iterator: an item that has arrived is taken in C)
+        it: AsyncIterator[Any] = core.StreamIter(self)
+        return it
 
-    async def __anext__(self) -> Any:
+    def __anext__(self) -> Awaitable[Any]:
         src = self._src
-        try:
-            if type(src) is _Remote and src._at is None:
-                # (the common step in line: an item that has arrived)
-                item = src._st.take()
-                if item is not _EMPTY:
-                    return item
-            if src is None:
-                if self._done:
-                    raise StopAsyncIteration
-                src = self._src = await self._streamer.open(self)
-            return await src.next()
-        except StopAsyncIteration:
+        if type(src) is _Remote and src._at is None:
+            # the common step: an item that has arrived, as an awaitable
+            # already done (the core's: no coroutine, no future per item)
+            ready = src._st.ready()
+            if ready is not None:
+                return ready  # type: ignore[no-any-return]
+        return self._next()
+
+    async def _next(self) -> Any:
+        src = self._src
+        if src is None:
+            if self._done:
+                raise StopAsyncIteration
+            # (an error of the opening ends the stream, counted by the
+            # caller's round loop; nothing is open to close)
             self._done = True
-            raise
+            src = self._src = await self._streamer.open(self)
+            self._done = False
+            if type(src) is _Remote and src._at is None:
+                self._fast = src._st        # (what StreamIter takes items from)
+        try:
+            return await src.next()
         except BaseException as exc:
-            # an error, a timeout or a cancellation leaves the loop: the
-            # producer is closed, and the error counted as a call's
-            await self.aclose()
-            if isinstance(exc, mexc.MallaError):
-                self._streamer._caller._stats.error(exc)
+            await self._failed(exc)
             raise
+
+    async def _failed(self, exc: BaseException) -> None:
+        # the end, or an error, a timeout or a cancellation that leaves the
+        # loop: the producer is closed, and the error counted as a call's
+        if type(exc) is StopAsyncIteration:
+            self._done = True
+            return
+        await self.aclose()
+        if isinstance(exc, mexc.MallaError):
+            self._streamer._caller._stats.error(exc)
+
+    def options(self, **opts: Any) -> Stream:
+        """This stream (not opened yet) with node.stream()'s options: a
+        proxy's stream function's, through malla.stream(obj, **opts)."""
+        if self._src is not None or self._done:
+            raise mexc.InvalidOption(f"{self!r} has started: options apply before it opens")
+        self._done = True       # (this one is replaced, never opened)
+        return self._streamer.stream(self.name, self.fun, self.args, self.kwargs, **opts)
 
     async def batch(self) -> list[Any]:
         """The next items: those that have arrived (at least one), or
@@ -461,4 +508,4 @@ async def _next_of(gen: AsyncIterator[Any]) -> Any:
 
 # stream()'s options, by name
 STREAM_OPTIONS = frozenset(("timeout", "deadline", "meta", "sna_retries", "excp_retries",
-                            "retries_sleep_msec"))
+                            "retries_sleep_msec", "key", "vsn"))

@@ -212,6 +212,14 @@ class Tracing:
         self._propagate.inject(out)
         return out or None
 
+    def here(self, name: str) -> None:
+        """An attempt of the remote() in progress runs in-process, on node
+        `name`: its span names it (`malla.node`; no server address, no
+        network)."""
+        span = _CALL_SPAN.get()
+        if span is not None and span.is_recording():
+            span.set_attribute(MALLA_NODE, name)
+
     def _wrap(self, remote: CallFn, one_node: bool) -> CallFn:
         wanted, client_span = self.wanted, self.client_span
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import uuid
 from collections import Counter
 from types import SimpleNamespace
@@ -49,6 +50,64 @@ def test_a_failure_never_makes_a_node_look_faster():
     b.sample(s, 0.010, False, now)
     b.sample(s, 0.0001, True, now)            # a fast refusal (Overloaded)
     assert b.latency(s, now) == pytest.approx(0.020)
+
+
+def test_the_base_latency_is_the_fastest_of_the_last_replies_counted_in_replies():
+    # (the gap rule's figure: a stall of this process, which delays every
+    # reply in flight, does not move it; failures and a handler's exceptions
+    # do not count; its window is LOW_REPLIES replies and the one before)
+    s, b, now = fresh_service(), book(), 100.0
+    b.sample(s, 0.002, False, now)
+    for _ in range(20):                               # twenty replies 40 ms late
+        b.sample(s, 0.040, False, now + 0.5)
+    assert b.base(s) == pytest.approx(0.002) and b.latency(s, now + 0.5) > 0.03
+    b.sample(s, 0.0001, True, now + 0.6)              # a fast refusal
+    b.sample(s, 0.0001, False, now + 0.6, raised=True)  # a quick KeyError
+    assert b.base(s) == pytest.approx(0.002)
+    for _ in range(32):                               # a window later: still kept
+        b.sample(s, 0.030, False, now + 600)
+    assert b.base(s) == pytest.approx(0.002)          # (hours do not age it: replies do)
+    for _ in range(32):                               # and the window before it is gone
+        b.sample(s, 0.030, False, now + 601)
+    assert b.base(s) == pytest.approx(0.030)
+    b.sample(s, 0.001, False, now + 602)
+    assert b.base(s) == pytest.approx(0.001)
+    other = book()
+    assert other.base(s) == other.latency(s, now) > 0  # unmeasured: the mean
+
+
+def test_equal_nodes_with_a_few_fast_replies_share_the_calls():
+    # (a review found two equal nodes holding one another off for seconds:
+    # the base of the busier one, the fastest of many more replies, was
+    # compared with the other's; now with the other's median estimate)
+    for fast_share in (0.005, 0.05):
+        s = fresh_service()
+        conns = protos({"a": 0.005, "b": 0.005}, s)
+        p2c = core.P2COrder(lambda _s: ["a", "b"], conns, "me", 7)
+        went: Counter[str] = Counter()
+        rng = random.Random(1)
+        now = core.monotonic()
+        for i in range(4000):
+            node = next(iter(p2c(s)))
+            went[node] += 1
+            lat = conns[node].proto.latency
+            t = now + i * 0.001             # a call a millisecond, answered at once
+            lat.mark_sent(s, t)
+            lat.sample(s, 0.00005 if rng.random() < fast_share else 0.005, False, t)
+        assert min(went.values()) > 1500, (fast_share, went)
+
+
+def test_a_hedged_copy_that_lost_only_ever_raises_the_average():
+    # (a stalling node losing race after race must not look faster each time)
+    s, b, now = fresh_service(), book(), 100.0
+    b.sample(s, 0.200, False, now)                  # a stall
+    b.at_least(s, 0.004, now)                        # lost a race after 4 ms
+    assert b.latency(s, now) == pytest.approx(0.200)
+    b.at_least(s, 0.300, now + 10)                   # above its (decayed) average
+    assert b.latency(s, now + 10) == pytest.approx(0.300)
+    fresh = book()
+    fresh.at_least(s, 0.004, now)
+    assert fresh.latency(s, now) == pytest.approx(0.004)
 
 
 def test_the_average_halves_every_ten_seconds_when_idle():
@@ -144,6 +203,20 @@ def test_the_pair_is_random_and_the_slowest_never_first():
     assert all(firsts[n] > 600 for n in "abc"), firsts            # about 1000 each
 
 
+def test_a_far_slower_node_loses_its_pair_until_a_probe_is_due():
+    s = fresh_service()
+    conns = protos({"x": 0.020, "y": 0.001}, s)
+    # y's replies came late once (a stall of this process): its peak, and
+    # so its cost, is above x's; its base (fastest reply) is still 1 ms
+    conns["y"].proto.latency.sample(s, 0.100, False, core.monotonic())
+    p2c = core.P2COrder(lambda _s: ["x", "y"], conns, "me", 5)
+    assert next(iter(p2c(s))) == "x"          # x not sent a call lately: the costs decide
+    conns["x"].proto.latency.mark_sent(s, core.monotonic())
+    assert next(iter(p2c(s))) == "y"          # x just probed, its base 20x y's: y
+    conns["x"].proto.latency.mark_sent(s, core.monotonic() - 0.3)
+    assert next(iter(p2c(s))) == "x"          # a probe is due again
+
+
 def test_a_node_without_a_connection_comes_after_every_connected_one():
     costs = {"a": 0.5, "b": 0.4}
     p2c, s = ranking(costs, ["a", "b", "gone"], seed=3)
@@ -217,6 +290,69 @@ def test_a_slow_node_takes_almost_no_calls(caplog):
         assert went["a"] > 60 and went["b"] > 60, went
         # get_nodes is the registry's order, whatever the balancer does
         assert sorted(caller.get_nodes("Where")) == ["a", "b", "c"]
+
+    with_nodes(main)
+
+
+async def spread(caller: malla.Node, calls: int, callers: int = 32) -> Counter[str]:
+    """Which node took each of `calls` calls from `callers` concurrent tasks."""
+    went: Counter[str] = Counter()
+    left = calls
+
+    async def one() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            went[await caller.remote("Where", "where")] += 1
+
+    await asyncio.gather(*(one() for _ in range(callers)))
+    return went
+
+
+async def three_fast_one_slow(make) -> tuple[malla.Node, Where]:
+    """Nodes a, b, c answering in 1 ms, d in 10 ms; a caller seeing all four."""
+    slow = Where("d", 0.01)
+    nodes: list[malla.Node] = []
+    for name in "abcd":
+        node = await make(name, seeds=[seed_of(nodes[0])] if nodes else []).start()
+        await node.start_service(slow if name == "d" else Where(name, 0.001))
+        nodes.append(node)
+    caller = await make("caller", seeds=[seed_of(nodes[0])]).start()
+    await wait_until(lambda: len(caller.get_nodes("Where")) == 4)
+    return caller, slow
+
+
+def test_a_far_slower_node_takes_almost_no_calls_from_many_callers():
+    """32 callers keep calls in flight on every fast node: their in-flight
+    factor must not outweigh a node many times slower, which would then
+    take a call whenever it has none in flight (latency.pyx's GAP)."""
+    async def main(make):
+        caller, _ = await three_fast_one_slow(make)
+        await spread(caller, 200)                               # every node measured
+        went = await spread(caller, 4000)
+        # (without the gap rule: 30 to 60 calls, one whenever d had none in flight)
+        assert went["d"] <= 16, went                            # 0.4 %
+        assert all(went[n] > 600 for n in "abc"), went
+
+    with_nodes(main)
+
+
+def test_a_slow_node_that_became_fast_is_probed_again_and_gets_calls_back():
+    async def main(make):
+        caller, slow = await three_fast_one_slow(make)
+        await spread(caller, 1000)
+        assert (await spread(caller, 2000))["d"] <= 16
+        slow.slow = 0.0                                         # d recovers
+        batches: list[Counter[str]] = []
+
+        async def d_is_back() -> bool:
+            batches.append(await spread(caller, 400))
+            return batches[-1]["d"] >= 40                       # 10 % of a batch
+
+        for _ in range(100):
+            if await d_is_back():
+                break
+        assert batches[-1]["d"] >= 40, batches[-3:]
 
     with_nodes(main)
 

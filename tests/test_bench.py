@@ -76,6 +76,15 @@ def test_the_streams_bench_runs_short(tmp_path):
         for streams in (1, 100):
             for system in ("stream", "grpc", "paging"):
                 assert med[f"{system}_{label}_x{streams}"] > 0
+    for name in ("stream", "stream_window1024", "paging"):
+        for side in ("producer", "consumer"):
+            assert med[f"cpu_us_per_item_{name}_{side}"] > 0
+    # the producer's own allocations while its consumer reads slowly: a
+    # batch and what waits for the socket, far from a window of 64 KiB
+    # chunks (4 MiB), which is the consumer's to hold
+    for suffix in ("", "_window1024"):
+        assert 0 < med[f"slow_producer_traced_kib{suffix}"] < 64 * 64
+    assert med["slow_consumer_traced_kib_window1024"] > 64 * 64
     assert "grpc.aio" in proc.stdout and "a slow consumer" in proc.stdout
 
 
@@ -96,6 +105,42 @@ def test_the_resilience_scenarios_short_mode_end_to_end(tmp_path):
         for balance, r in data[mode].items():
             assert r["seen_ejected"] == {"Where": ["n3"]}, (mode, balance, r)
     assert "first time on a healthy node" in proc.stdout
+
+
+@pytest.mark.tools
+def test_the_tails_scenarios_run_short(tmp_path):
+    # (the harness and its JSON's shape; no figure is asserted)
+    proc, data = _short_run("bench.tails", tmp_path / "tails.json")
+    assert data["short"] is True and data["calls"] > 0
+    nodes = {"tail0", "tail1", "tail2", "tail3"}
+
+    def check_run(run: dict, balance: str, hedged: bool) -> None:
+        assert run["balance"] == balance and run["calls"] == data["calls"], run
+        # every call was sent once, a hedged one twice: the shares add up
+        # (a connection that a heavily loaded machine lost meanwhile is
+        # missing, its calls before with it)
+        assert run["share"] and set(run["share"]) <= nodes
+        assert sum(run["share"].values()) <= 1 + run["extra_calls"] + 1e-9
+        assert run["hedge_after_ms"] is None or hedged
+        assert run["throttled"] >= 0
+        assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"] <= run["max_ms"]
+
+    for callers in ("8", "32"):
+        res = data["slow_node"][callers]
+        assert {"p99_ratio", "throughput_ratio", "target_met"} <= set(res)
+        for balance in ("p2c", "shuffle"):
+            assert 0 <= res[balance]["slow_share"] <= 1
+            [run] = res["runs"][balance]
+            check_run(run, balance, hedged=False)
+            assert run["hedges"] == 0
+    for balance in ("p2c", "shuffle"):
+        res = data["hedging"][balance]
+        check_run(res["no_hedge"], balance, hedged=False)
+        assert res["no_hedge"]["hedges"] == 0
+        check_run(res["hedged"], balance, hedged=True)
+        assert res["hedged"]["hedge_after_ms"] == round(res["no_hedge"]["p95_ms"], 3)
+        assert {"p99_over_p50", "target_met"} <= set(res["hedged"])
+    assert "slow node: 4 nodes" in proc.stdout and "hedging: 4 nodes" in proc.stdout
 
 
 # ---------------------------------------------------------------- the C floor

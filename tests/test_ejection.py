@@ -218,15 +218,38 @@ def test_when_every_node_is_within_its_hint_the_soonest_is_given():
     assert ej.soonest_retry("S", []) is None
 
 
-def test_forget_drops_a_departed_node():
+def tracked(ej: Ejection, service: str = "S") -> list[str]:
+    return sorted(ej._records.by_service.get(service, {}))
+
+
+def test_prune_drops_the_nodes_that_left_the_service():
     ej, _ = ejection()
     fail(ej, "a")
+    fail(ej, "a", service="T")
     ej.overloaded("S", "b", 1000)
-    ej.forget("a")
-    ej.forget("b")
-    assert ej.ejected() == {}
+    ej.record("S", "c", FAILED, 4)
+    ej.prune("S", lambda node: node == "c")
+    assert ej.ejected() == {"T": ["a"]}               # another service's: kept
     assert ej.usable("S", NODES) == NODES
-    assert ej.ejections("S", "a") == 0
+    assert ej.ejections("S", "a") == 0 and tracked(ej) == ["c"]
+
+
+def test_a_settled_prune_keeps_only_what_still_counts():
+    ej, clock = ejection()
+    for node in "ab":
+        fail(ej, node, serving=20)                     # both ejected for 1 s
+    ej.record("S", "c", OK, 20)                        # a record with nothing in it
+    clock.advance(1.5)
+    fail(ej, "b", serving=20)                          # b: out again, for 2 s
+    clock.advance(10.6)                                # a: back 11.1 s, forgiven
+    ej.prune("S", lambda node: True, settled=True)
+    assert tracked(ej) == ["b"] and ej.ejections("S", "b") == 2
+    clock.advance(10)                                  # b: back 18.6 s of the 20 s
+    ej.prune("S", lambda node: True, settled=True)     # its 2 ejections need
+    assert tracked(ej) == ["b"]
+    clock.advance(2)
+    ej.prune("S", lambda node: True, settled=True)
+    assert tracked(ej) == [] and ej._records.by_service == {}
 
 
 def test_ejection_ends_on_the_real_clock():

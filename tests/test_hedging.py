@@ -7,14 +7,17 @@ may not be hedged is refused before anything is sent."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from typing import ClassVar
 
 import pytest
-from support import seed_of, wait_until, with_nodes
+from support import kill_process, read_line, seed_of, spawn_python, wait_until, with_nodes
 
 import malla
 from malla.registry import invalid_info
+from malla.rendezvous import rank
 from malla.service import describe
 
 
@@ -114,13 +117,82 @@ def test_a_cancelled_hedged_call_cancels_both_copies_on_their_nodes():
 
 def test_a_hedge_the_budget_refuses_is_not_sent():
     async def main(make):
-        _a, _b, c = await two_servers_and_a_caller(make)
-        refused: list[str] = []
-        c._caller.may_hedge = lambda service: bool(refused.append(service))
+        _a, _b, _ = await two_servers_and_a_caller(make)
+        c = await make("stingy", seeds=[seed_of(_a)], retry_budget=0, retry_floor=0).start()
+        await wait_until(lambda: len(c.get_nodes("Hedgy")) == 2)
         # no hedge: the first copy's own reply, after its wait
         assert await c.remote("Hedgy", "get", [0.3], hedge_after=20) == Hedgy.arrivals[0]
-        assert len(Hedgy.arrivals) == 1 and refused == ["Hedgy"]
-        assert c.stats()["hedges"] == 0
+        assert len(Hedgy.arrivals) == 1
+        assert c.stats()["hedges"] == 0 and c.stats()["retries_throttled"] == 1
+
+    with_nodes(main)
+
+
+# A node in its own process (so that SIGSTOP holds it while the others
+# answer), serving Gate with room for one call.  argv: name seed.
+GATE_NODE = r"""
+import asyncio, os, sys
+import malla
+
+class Gate(malla.Service, global_=True, max_concurrency=1):
+    @malla.idempotent
+    async def get(self, hold=0.0):
+        await asyncio.sleep(hold)
+        return sys.argv[1]
+
+async def main():
+    node = malla.Node(sys.argv[1], port=0, heartbeat_interval=0.2, heartbeat_timeout=30)
+    await node.start()
+    await node.start_service(Gate())
+    await node.connect(sys.argv[2])
+    print("READY", os.getpid(), flush=True)
+    await asyncio.Event().wait()
+
+malla.run(main())
+"""
+
+
+class Gate(malla.Service, global_=True):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @malla.idempotent
+    async def get(self, hold=0.0):
+        await asyncio.sleep(hold)
+        return self.name
+
+
+def test_a_hedge_the_budget_refuses_leaves_its_node_to_the_rounds_failover():
+    """The first copy goes to x (stopped), the hedge the budget refuses
+    draws no node, then x refuses the call (Overloaded, after hedge_after):
+    the round fails over to the key's second node, not past it to the
+    third."""
+    async def main(make):
+        y = await make("y").start()
+        await y.start_service(Gate("y"))
+        z = await make("z", seeds=[seed_of(y)]).start()
+        await z.start_service(Gate("z"))
+        proc = spawn_python(GATE_NODE, "x", seed_of(y))
+        try:
+            assert (await read_line(proc)).startswith("READY")
+            c = await make("c", seeds=[seed_of(y)], retry_budget=0, retry_floor=0).start()
+            await wait_until(lambda: len(c.get_nodes("Gate")) == 3)
+            key = next(k for k in range(1000) if rank(k, ["x", "y", "z"])[0] == "x")
+            ranking = rank(key, ["x", "y", "z"])
+            hold = asyncio.ensure_future(c.remote("Gate", "get", [60], key=key))
+            # x's one place is taken once a call to it fails over (Overloaded)
+            while await c.remote("Gate", "get", key=key) == "x":
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)           # (past x's retry_after_ms skip)
+            os.kill(proc.pid, signal.SIGSTOP)
+            call = asyncio.ensure_future(c.remote("Gate", "get", key=key, hedge_after=20))
+            await wait_until(lambda: c.stats()["retries_throttled"] == 1)
+            os.kill(proc.pid, signal.SIGCONT)
+            assert await call == ranking[1], ranking
+            assert c.stats()["hedges"] == 0
+            hold.cancel()
+        finally:
+            kill_process(proc)
 
     with_nodes(main)
 

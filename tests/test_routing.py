@@ -18,7 +18,7 @@ from malla.budget import RetryBudget
 from malla.metrics import prometheus_collector
 from malla.registry import Registry
 from malla.rendezvous import rank
-from malla.routing import Routing
+from malla.routing import QUIET, Routing
 
 
 class Keyed(malla.Service, global_=True, max_concurrency=1):
@@ -234,6 +234,36 @@ def test_a_service_is_watched_from_its_first_trouble_until_quiet():
     list(routing.ordered("S", lambda s: ["a", "b"], None, None)("S"))
     assert routing.watch == {}
     assert routing.may_retry("S") and "S" in routing.watch
+
+
+def test_the_records_of_a_node_that_left_are_dropped_and_settled_ones_when_quiet():
+    routing, clock = routing_of("abx")
+    records = routing.ejection._records.by_service
+    for _ in range(5):
+        routing.failed("S", "x", malla.ConnectionLost("gone"))
+    assert routing.ejection.ejected() == {"S": ["x"]}
+    routing._registry.set_remote("x", "S", None)           # x leaves the service
+    clock.advance(QUIET)
+    routing.failed("S", "a", malla.ConnectionLost("gone"))
+    assert sorted(records["S"]) == ["a"] and routing.ejection.ejected() == {}
+    clock.advance(QUIET + 1)                               # quiet: the watch ends
+    list(routing.ordered("S", lambda s: ["a", "b"], None, None)("S"))
+    assert routing.watch == {} and records == {}
+
+
+def test_a_hedge_draws_the_next_node_only_when_the_budget_lets_it_go():
+    routing, clock = routing_of("abc")
+    nodes = iter(["b", "c"])
+    room = routing.budget.available("S")
+    assert routing.hedge_to("S", nodes) == "b"
+    assert routing.budget.available("S") == room - 1 + routing.budget.share   # (1 call counted)
+    assert routing.hedge_to("S", iter([])) is None                   # none left: nothing spent
+    assert routing.budget.available("S") == room - 1 + routing.budget.share
+    stingy = Routing(routing._registry, RetryBudget(0, 0, clock=clock), clock=clock)
+    nodes = iter(["b", "c"])
+    assert stingy.hedge_to("S", nodes) is None
+    # refused: counted, and "b" is still the round's next node (its failover tries it)
+    assert stingy.budget.throttled == 1 and next(nodes) == "b"
 
 
 def test_keyed_load_is_even_over_eight_nodes():

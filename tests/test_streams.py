@@ -388,3 +388,67 @@ def test_a_producer_takes_no_credit_beyond_its_window_and_no_second_call_on_its_
         return closed
 
     assert asyncio.run(main()) is (bad is not None)
+
+
+class _Counting:
+    """An async iterator that is no async generator: its __anext__ is a
+    coroutine that sometimes waits (as a hook may return one)."""
+
+    def __init__(self, n):
+        self.i, self.n = 0, n
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.i >= self.n:
+            raise StopAsyncIteration
+        self.i += 1
+        if self.i % 3 == 0:
+            await asyncio.sleep(0)
+        return self.i
+
+
+class _Ready:
+    """An async iterator whose __anext__ gives a Future (an awaitable that is
+    not an iterator): the core steps it through its __await__."""
+
+    def __init__(self, n):
+        self.i, self.n = 0, n
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        fut = asyncio.get_running_loop().create_future()
+        if self.i >= self.n:
+            fut.set_exception(StopAsyncIteration())
+        else:
+            self.i += 1
+            fut.set_result(self.i)
+        return fut
+
+
+class Custom(malla.Service, global_=True):
+    def service_cb_in(self, fun, args, kwargs, opts):
+        return {"counting": _Counting, "ready": _Ready}[fun](*args)
+
+    async def counting(self, n):
+        yield n
+
+    async def ready(self, n):
+        yield n
+
+
+def test_a_hooks_own_async_iterator_is_produced_item_by_item():
+    async def main(make):
+        a = await make("a").start()
+        b = await make("b", seeds=[seed_of(a)]).start()
+        await a.start_service(Custom)
+        assert await b.wait_for_services([Custom])
+        assert [i async for i in b.stream(Custom, "counting", [10])] == list(range(1, 11))
+        assert [i async for i in b.stream(Custom, "ready", [5])] == [1, 2, 3, 4, 5]
+        await wait_until(lambda: held(a, b) == 0)
+        return True
+
+    assert with_nodes(main)

@@ -118,6 +118,19 @@ def test_a_call_is_a_client_and_a_server_span_named_and_attributed_by_the_conven
     with_nodes(main)
 
 
+
+def test_an_in_process_call_s_span_names_this_node_and_no_address():
+    async def main(make):
+        a, _ = await leaf_and_caller(make)
+        assert await a.remote("Leaf", "work", [4]) == 8
+        await wait_until(lambda: spans_by(CLIENT))
+        [client] = spans_by(CLIENT)
+        assert client.attributes["malla.node"] == "a"
+        assert "server.address" not in client.attributes
+        assert "network.peer.address" not in client.attributes
+
+    with_nodes(main)
+
 def test_a_handler_that_raises_ends_both_spans_error_with_the_exception():
     async def main(make):
         _, b = await leaf_and_caller(make)

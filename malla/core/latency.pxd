@@ -6,6 +6,13 @@ cdef struct SentCall:
     PyObject* lat       # borrowed: a Latency its book's dict holds
 
 
+cdef struct Seen:
+    double base         # seconds, floored at 1 us; -1 for a node not connected
+    double typical      # its median estimate, or its base before one
+    double cost
+    double sent         # when this side last sent the node a call of the service
+
+
 @cython.final
 cdef class ServiceMean:
     cdef double value
@@ -16,9 +23,18 @@ cdef class ServiceMean:
 cdef class Latency:
     cdef double avg
     cdef double at
+    cdef double sent_at     # when this side last sent it a call of the service
+    cdef double low         # the fastest reply of this window (latency.pyx: base)
+    cdef double low_prev    # ... and of the window before
+    cdef int low_n          # replies in this window
+    cdef double med         # a running estimate of its median reply (latency.pyx)
     cdef bint sampled
     cdef ServiceMean mean
-    cdef int sample(self, double seconds, bint failed, double now) except -1
+    cdef int sample(self, double seconds, bint failed, double now,
+                    bint base=*) except -1
+    cdef int at_least(self, double seconds, double now) except -1
+    cdef inline void _low(self, double seconds) noexcept
+    cdef inline double base(self) noexcept
     cdef double read(self, double now) noexcept
     cdef inline double _decayed(self, double now) noexcept
 
@@ -33,3 +49,4 @@ cdef class LatencyBook:
     cdef int ended(self, uint64_t sid, int outcome) except -1
     cdef int refused(self, uint64_t sid, object err) except -1
     cdef double cost_of(self, str service, Py_ssize_t in_flight, double now)
+    cdef int seen(self, str service, Py_ssize_t in_flight, double now, Seen* out) except -1

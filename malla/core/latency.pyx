@@ -15,11 +15,46 @@
 #   (x - v) (a recovery is believed over a few replies);
 # - a failed attempt (CallTimeout, Overloaded; malla/outcome.py) counts as
 #   max(x, 2v): a node that fails fast never looks fast;
+# - a hedged copy that lost the race (cancelled) took at least x: only a
+#   bound, so avg = x when x > v, else nothing changes (as an ordinary
+#   sample it would pull a stalling node's peak down towards the hedge
+#   delay each time it loses, and p2c would send it calls again: measured,
+#   a node stalling 4 % of its calls for 200 ms then took 20 % of the
+#   first copies);
 # - a service not measured on a node yet reads as the service's mean over
 #   every node of this process (neither favoured nor avoided; 0 before any
 #   sample, when in-flight alone decides);
 # - cost = max(read, 1 us) x (calls in flight to the node + 1): each call
-#   already waiting there is expected to take about its latency.
+#   already waiting there is expected to take about its latency;
+# - but a pair's node whose base is more than GAP times the other's typical
+#   reply (a running estimate of its median: up or down by MED_STEP with
+#   each reply that counts for the base) loses
+#   the pair whatever the calls in flight, unless it was sent no call of
+#   the service for PROBE seconds (then the costs decide): a handler that
+#   runs its calls concurrently takes about as long with ten in flight as
+#   with none, so the in-flight factor of busy fast nodes would otherwise
+#   outweigh a 20x slower node's latency, and that node would take a call
+#   whenever it has none in flight (about 1 % of the calls at 32 callers
+#   under load, the p99; measured, docs/performance.md).  A node far
+#   slower than the other of its pair is thus re-probed at most every
+#   PROBE seconds; once idle, its decaying average makes it win a pair on
+#   cost when a probe is due, and a reply as fast as the others' brings its
+#   base back at once;
+# - the base is the fastest of the node's last LOW_REPLIES to twice that
+#   many replies (failures, a handler's exceptions and hedged copies that
+#   lost do not count).  Counted in replies, not seconds: a minimum over a
+#   time window compares a busy node's thousands of replies with the few of
+#   a node held to a probe each PROBE seconds, and the lowest of thousands
+#   is lower -- two equal nodes then held one of them off for seconds (a
+#   review measured it).  The peak is what a call should
+#   expect; the base what the node does when this side is not in its way: a
+#   stall of this process (a CPU shared with others, a long callback)
+#   delays every reply it was waiting for, and the peaks of every fast node
+#   with calls in flight then rise towards a slow node's latency, but their
+#   bases keep the replies before the stall (measured: with the peaks, or
+#   with an average that rises slowly, which the burst of delayed replies
+#   of 20 calls in flight moved anyway, such stalls still let a 10x slower
+#   node take 1 to 2 % of the calls).
 
 from libc.math cimport exp, log, INFINITY
 from libc.stdlib cimport qsort
@@ -28,6 +63,15 @@ cdef double HALF_LIFE = 10.0
 cdef double _RATE = log(2.0) / HALF_LIFE
 cdef double _ALPHA = 0.25
 cdef double _FLOOR = 1e-6
+cdef double GAP = 2.5
+cdef double PROBE = 0.2
+cdef int LOW_REPLIES = 32
+# The median estimate moves by 5 % a reply: a stall of this process that
+# delays 20 replies in flight moves it 2.7x at most, so a 20x slower node
+# still loses its pairs; 16 replies follow a change of 2x.  Against the
+# other's base, not its median, two equal nodes with a few fast replies
+# (a cheap error, a cache hit) held one another off (a review measured it).
+cdef double MED_STEP = 1.05
 # sent calls remembered per connection: a call whose slot a later one took
 # (more than this many in flight) gives no sample, nothing else.  6 KiB,
 # allocated with the connection's first call: a connection that never
@@ -38,6 +82,9 @@ cdef Py_ssize_t _RING = 256
 OUTCOME_OK = 0
 OUTCOME_FAILED = 1
 OUTCOME_IGNORED = 2
+# answered in time with the handler's exception: an average's sample, not
+# the base's (a quick KeyError says nothing of what a call costs there)
+OUTCOME_RAISED = 3
 
 # service -> its mean over every node this process calls
 cdef dict _MEANS = {}
@@ -55,6 +102,10 @@ cdef class Latency:
     def __cinit__(self):
         self.avg = 0.0
         self.at = 0.0
+        self.sent_at = -INFINITY
+        self.low = self.low_prev = INFINITY
+        self.low_n = 0
+        self.med = 0.0
         self.sampled = False
 
     cdef double read(self, double now) noexcept:
@@ -66,12 +117,45 @@ cdef class Latency:
         # its own average as it reads at `now` (sampled only)
         return self.avg * exp(-(now - self.at) * _RATE)
 
-    cdef int sample(self, double seconds, bint failed, double now) except -1:
+    cdef int at_least(self, double seconds, double now) except -1:
+        cdef double v = self._decayed(now) if self.sampled else 0.0
+        if seconds > v:
+            self.avg = seconds
+            self.at = now
+            self.sampled = True
+        return 0
+
+    cdef inline void _low(self, double seconds) noexcept:
+        # the fastest reply of this window of LOW_REPLIES and of the one
+        # before (the base)
+        if self.low_n >= LOW_REPLIES:
+            self.low_prev = self.low
+            self.low = seconds
+            self.low_n = 1
+        else:
+            if seconds < self.low:
+                self.low = seconds
+            self.low_n += 1
+
+    cdef inline double base(self) noexcept:
+        # (INFINITY before a reply that counts)
+        return self.low if self.low < self.low_prev else self.low_prev
+
+    cdef int sample(self, double seconds, bint failed, double now,
+                    bint base=True) except -1:
         # (a first sample is taken as it is: the service's mean is what an
         # unmeasured node reads as, not a prior its own replies must undo)
         cdef double v = self._decayed(now) if self.sampled else 0.0
         if seconds < 0:
             seconds = 0
+        if base and not failed:
+            self._low(seconds)
+            if self.med <= 0.0:
+                self.med = seconds if seconds > _FLOOR else _FLOOR
+            elif seconds > self.med:
+                self.med *= MED_STEP
+            elif seconds < self.med:
+                self.med /= MED_STEP
         if failed and seconds < 2 * v:
             seconds = 2 * v
         self.avg = seconds if seconds > v else v + _ALPHA * (seconds - v)
@@ -128,6 +212,7 @@ cdef class LatencyBook:
         slot.sent = now
         # (borrowed: by_service keeps every Latency while the book lives)
         slot.lat = <PyObject*>lat
+        lat.sent_at = now
         return now
 
     cdef int ended(self, uint64_t sid, int outcome) except -1:
@@ -141,7 +226,8 @@ cdef class LatencyBook:
         slot.sid = 0
         if outcome != OUTCOME_IGNORED:
             now = _now()
-            (<Latency>slot.lat).sample(now - slot.sent, outcome == OUTCOME_FAILED, now)
+            (<Latency>slot.lat).sample(now - slot.sent, outcome == OUTCOME_FAILED, now,
+                                       outcome != OUTCOME_RAISED)
         return 0
 
     cdef int refused(self, uint64_t sid, object err) except -1:
@@ -149,28 +235,66 @@ cdef class LatencyBook:
         # exception was answered in time, Overloaded is the node's own
         # fault, a refusal (not running there, a spent deadline, a bad call)
         # says nothing of it
-        return self.ended(sid, OUTCOME_OK if isinstance(err, mexc.RemoteError) else
+        return self.ended(sid, OUTCOME_RAISED if isinstance(err, mexc.RemoteError) else
                           OUTCOME_FAILED if isinstance(err, mexc.Overloaded) else
                           OUTCOME_IGNORED)
 
     cdef double cost_of(self, str service, Py_ssize_t in_flight, double now):
+        cdef Seen seen
+        self.seen(service, in_flight, now, &seen)
+        return seen.cost
+
+    cdef int seen(self, str service, Py_ssize_t in_flight, double now, Seen* out) except -1:
+        # what the balancer reads of `service` on this peer: cost, base
+        # (floored), when it last sent it a call
         cdef PyObject* p = PyDict_GetItem(self.by_service, service)
-        cdef double v
+        cdef Latency lat
+        cdef double v, b, t
         cdef PyObject* m
         if p is not NULL:
-            v = (<Latency>p).read(now)
+            lat = <Latency>p
+            v = lat.read(now)
+            b = lat.base()
+            if b == INFINITY:
+                b = v
+            t = lat.med if lat.med > 0.0 else b
+            out.sent = lat.sent_at
         else:
             m = PyDict_GetItem(_MEANS, service)
-            v = (<ServiceMean>m).value if m is not NULL else 0.0
+            v = b = t = (<ServiceMean>m).value if m is not NULL else 0.0
+            out.sent = -INFINITY
         if v < _FLOOR:
             v = _FLOOR
-        return v * (in_flight + 1)
+        out.base = b if b > _FLOOR else _FLOOR
+        out.typical = t if t > _FLOOR else _FLOOR
+        out.cost = v * (in_flight + 1)
+        return 0
 
     # -- for tests and stats (the clock given, so formulas can be checked) ----
 
-    def sample(self, str service, double seconds, bint failed, double now):
-        """Record one attempt's time as the core does."""
-        self.of(service).sample(seconds, failed, now)
+    def sample(self, str service, double seconds, bint failed, double now,
+               bint raised=False):
+        """Record one attempt's time as the core does (`raised`: answered
+        with the handler's exception)."""
+        self.of(service).sample(seconds, failed, now, not raised)
+
+    def mark_sent(self, str service, double now):
+        """Record that a call to `service` was sent at `now`, as the core
+        does when it queues one."""
+        self.of(service).sent_at = now
+
+    def at_least(self, str service, double seconds, double now):
+        """An attempt to `service` took at least `seconds` (a hedged copy
+        cancelled unanswered): its average rises to that, never falls."""
+        self.of(service).at_least(seconds, now)
+
+    def base(self, str service):
+        """The service's base latency on this peer (the gap rule's), seconds:
+        its fastest reply of this window of replies and the one before; the
+        mean before any."""
+        cdef Latency lat = self.of(service)
+        cdef double b = lat.base()
+        return lat.read(0.0) if b == INFINITY else b
 
     def latency(self, str service, double now):
         """The service's latency average on this peer at `now`, seconds."""
@@ -222,17 +346,40 @@ cdef double _unconnected(str service, bint dial):
     return 2.0 * (v if v > _FLOOR else _FLOOR)
 
 
-cdef double _cost_on(dict conns, object node, str service, double now, bint dial):
+cdef int _seen_on(dict conns, object node, str service, double now, bint dial,
+                  Seen* out) except -1:
+    # a node without a connection has no latency of its own (-1: the pair's
+    # latency gap does not apply to it)
     cdef PyObject* c = PyDict_GetItem(conns, node)
-    cdef object proto
+    cdef object proto = (<object>c).proto if c is not NULL else None
     cdef LatencyBook book
-    if c is NULL:
-        return _unconnected(service, dial)
-    proto = (<object>c).proto
     if proto is None or not isinstance(proto, CoreProtocol):
-        return _unconnected(service, dial)
+        out.cost = _unconnected(service, dial)
+        out.base = out.typical = -1.0
+        out.sent = -INFINITY
+        return 0
     book = (<CoreProtocol>proto).latency
-    return book.cost_of(service, PyDict_Size(book._pending.calls), now)
+    return book.seen(service, PyDict_Size(book._pending.calls), now, out)
+
+
+cdef double _cost_on(dict conns, object node, str service, double now, bint dial):
+    cdef Seen seen
+    _seen_on(conns, node, service, now, dial, &seen)
+    return seen.cost
+
+
+cdef inline bint _far_slower(Seen* a, Seen* b, double now) noexcept:
+    # a loses the pair to b whatever the calls in flight (GAP, PROBE above)
+    return (b.base > 0 and a.base > GAP * b.typical
+            and now - a.sent < PROBE)
+
+
+cdef inline bint _first_wins(Seen* a, Seen* b, double now) noexcept:
+    if _far_slower(a, b, now):
+        return False
+    if _far_slower(b, a, now):
+        return True
+    return a.cost <= b.cost
 
 
 @cython.final
@@ -322,7 +469,8 @@ cdef class P2COrder:
         cdef Py_ssize_t n = len(order)
         cdef Py_ssize_t start = 1 if n and order[0] == self._local else 0
         cdef Py_ssize_t m = n - start, i, j
-        cdef double ci, cj, now
+        cdef double now
+        cdef Seen si, sj
         cdef Ranking r
         if m < 2:
             return order                 # nothing to choose between
@@ -332,16 +480,16 @@ cdef class P2COrder:
         i += start
         j += start
         now = _now()
-        ci = _cost_on(self._conns, order[i], service, now, self._dial)
-        cj = _cost_on(self._conns, order[j], service, now, self._dial)
+        _seen_on(self._conns, order[i], service, now, self._dial, &si)
+        _seen_on(self._conns, order[j], service, now, self._dial, &sj)
         r = Ranking.__new__(Ranking)
         r._order = order
         r._conns = self._conns
         r._service = service
         r._dial = self._dial
         r._start = start
-        if ci <= cj:
-            r._best, r._other, r._other_cost = i, j, cj
+        if _first_wins(&si, &sj, now):
+            r._best, r._other, r._other_cost = i, j, sj.cost
         else:
-            r._best, r._other, r._other_cost = j, i, ci
+            r._best, r._other, r._other_cost = j, i, si.cost
         return r

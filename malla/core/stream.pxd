@@ -14,6 +14,7 @@ cdef class StreamIn:
     cdef readonly bint started      # an item, the end or an error arrived
 
     cdef int push(self, object items) except -1
+    cdef int _credit(self, Py_ssize_t n) except -1
     cdef int finish(self, object end) except -1
     cdef void _wake(self)
     cdef int _leave(self) except -1
@@ -28,6 +29,7 @@ cdef class StreamOut:
     cdef object _waiter
 
     cdef void _wake(self)
+    cdef int _flush(self, list items) except -1
 
 
 @cython.final

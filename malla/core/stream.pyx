@@ -6,13 +6,142 @@
 # timeouts, running the generator) is Python's (malla/streams.py,
 # malla/stream_serve.py).
 
+import types as _types
 from collections import deque
+
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+
+cdef extern from "Python.h":
+    # (3.10+: one step of a coroutine or an iterator, its return value not
+    # raised as StopIteration: PYGEN_RETURN 0, PYGEN_NEXT 1, PYGEN_ERROR -1)
+    int PyIter_Send(object iter, object arg, PyObject **presult) except -1
+    bint PyIter_Check(object o)
+    ctypedef int (*sendfunc)(PyObject* iter, PyObject* arg, PyObject** presult) noexcept
+    ctypedef struct _AsyncSlots "PyAsyncMethods":
+        sendfunc am_send
+    ctypedef struct _TypeSlots "PyTypeObject":
+        _AsyncSlots* tp_as_async
 
 STREAM_WINDOW_MAX = MAX_STREAM_WINDOW
 # (take() when nothing is buffered)
 STREAM_EMPTY = object()
 cdef object _EMPTY = STREAM_EMPTY
 cdef object _deque = deque
+# A producer's batch: the items a generator yields without waiting leave
+# together in one ITEM, at most this many, and about this many bytes of
+# bytes and str (docs/protocol.md "Streams of items")
+STREAM_BATCH_ITEMS = 256
+STREAM_BATCH_BYTES = 64 * 1024
+cdef Py_ssize_t _BATCH_ITEMS = STREAM_BATCH_ITEMS
+cdef Py_ssize_t _BATCH_BYTES = STREAM_BATCH_BYTES
+
+
+@cython.final
+@cython.freelist(16)
+cdef class _Ready:
+    """An awaitable already done with `value` (a consumer's buffered item:
+    no coroutine, no future, no loop iteration to take it)."""
+
+    cdef object _value
+
+    def __await__(self):
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raise StopIteration(self._value)
+
+    def send(self, value):
+        raise StopIteration(self._value)
+
+    def throw(self, typ, val=None, tb=None):
+        raise typ if val is None else val
+
+    def close(self):
+        pass
+
+
+cdef int _ready_send(PyObject* ready, PyObject* arg, PyObject** presult) noexcept:
+    # _Ready's am_send: its value returned (PYGEN_RETURN), not raised as a
+    # StopIteration, to the `await` (3.10+'s SEND calls it through PyIter_Send)
+    cdef object value = (<_Ready>ready)._value
+    Py_INCREF(value)
+    presult[0] = <PyObject*>value
+    return 0
+
+
+if (<_TypeSlots*>_Ready).tp_as_async != NULL:
+    (<_TypeSlots*>_Ready).tp_as_async.am_send = _ready_send
+
+
+@cython.final
+cdef class StreamIter:
+    """What `async for` iterates over a malla.streams.Stream: an item that
+    has arrived is handed as an awaitable already done, in C (no Python
+    frame, coroutine or future per item); anything else (the opening, the
+    waits, the end, a deadline to check) is the stream's `_next()`.  The
+    stream's `_fast` is its StreamIn once open over TCP without a deadline."""
+
+    cdef object _stream
+    cdef object _st
+
+    def __cinit__(self, object stream):
+        self._stream = stream
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        cdef _Ready ready
+        cdef StreamIn st
+        if self._st is None:
+            self._st = self._stream._fast
+            if self._st is None:
+                return self._stream._next()
+        st = <StreamIn>self._st
+        if not st._items:
+            return self._stream._next()
+        st._credit(1)
+        ready = _Ready.__new__(_Ready)
+        ready._value = st._items.popleft()
+        return ready
+
+
+@cython.final
+cdef class _Waiting:
+    """The rest of a generator's step that waits (StreamOut.pump): awaited,
+    it first hands the task what the step is waiting on, then passes what
+    the task sends or throws on to the step; its result is the item."""
+
+    cdef object _step
+    cdef object _pending
+    cdef bint _handed
+
+    def __await__(self):
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.send(None)
+
+    def send(self, value):
+        if not self._handed:
+            self._handed = True
+            pending, self._pending = self._pending, None
+            return pending
+        return self._step.send(value)
+
+    def throw(self, *exc):
+        self._handed = True
+        self._pending = None
+        return self._step.throw(*exc)
+
+    def close(self):
+        self._step.close()
 
 
 cdef inline void _wake_up(object waiter):
@@ -72,12 +201,23 @@ cdef class StreamIn:
         StopAsyncIteration, or the error, once the stream has ended and its
         items are taken.  Half a window taken, the producer gets it back."""
         if self._items:
-            self.give_back(1)
+            self._credit(1)
             return self._items.popleft()
         if self._end is not None:
             end = self._end
             raise end() if end is StopAsyncIteration else end
         return _EMPTY
+
+    def ready(self):
+        """An awaitable already done with the next item, or None when none
+        has arrived (or it has ended: take() says how); counted as take()."""
+        cdef _Ready ready
+        if not self._items:
+            return None
+        self._credit(1)
+        ready = _Ready.__new__(_Ready)
+        ready._value = self._items.popleft()
+        return ready
 
     def take_ready(self):
         """Every item that has arrived, not counted as taken: the consumer
@@ -89,10 +229,16 @@ cdef class StreamIn:
     def give_back(self, Py_ssize_t n):
         """`n` items of take_ready() have been used: the producer may send
         as many more (the credit goes with the next half window)."""
+        self._credit(n)
+
+    cdef int _credit(self, Py_ssize_t n) except -1:
+        # (a CREDIT each half window taken: docs/protocol.md; a quarter
+        # measured no faster, in more frames)
         self._taken += n
         if self._taken * 2 >= self.window and self._end is None and self._taken:
             self._wire._queue_message(FT_CREDIT, 0, self.sid, self._taken)
             self._taken = 0
+        return 0
 
     def wait(self, loop):
         """The future that is done when the next item or the end arrives."""
@@ -120,6 +266,35 @@ cdef class StreamIn:
         return 0
 
 
+cdef object _coroutine = _types.CoroutineType
+
+
+cdef int _abandon(object step, object pending) except -1:
+    # A step that waits and will never be awaited (what it made before
+    # could not be sent: the stream ends with that error): cancelled where
+    # it waits, as a cancelled task's would be, so the generator's
+    # `finally` runs now and it is not left running (its aclose() works)
+    if hasattr(pending, "cancel"):
+        pending.cancel()
+    try:
+        step.throw(CancelledError)
+    except BaseException as exc:
+        # (it ended, as it should; what it raised instead is logged: the
+        # stream's error is the one that ends it)
+        if not isinstance(exc, (CancelledError, StopIteration, StopAsyncIteration)):
+            _log.warning("malla: a stream's generator raised as it was closed", exc_info=True)
+    return 0
+
+
+cdef inline Py_ssize_t _size_of(object item):
+    # what an item counts toward a batch's bytes
+    if type(item) is bytes:
+        return PyBytes_GET_SIZE(item)
+    if type(item) is str or type(item) is bytearray:
+        return len(item)
+    return 0
+
+
 @cython.final
 cdef class StreamOut:
     """The producer's side of one stream: the consumer's credit."""
@@ -139,6 +314,72 @@ cdef class StreamOut:
         """A future done when credit comes (or the connection goes)."""
         fut = self._waiter = loop.create_future()
         return fut
+
+    def pump(self, object gen, object item=_EMPTY):
+        """Step the async iterator `gen` (after `item`, what its last step
+        that waited gave) while it yields without waiting, then send what
+        it made as one ITEM (within the credit, the batch's bounds).
+        Returns None when that left because the batch was full or took the
+        last credit; a `_Waiting` to await (its result: the next item) when
+        the generator waits for anything, what it made gone first; raises
+        StopAsyncIteration at its end and its exception, the items before
+        sent first.  (The producer's loop per item, in C: malla/stream_serve.py.)"""
+        cdef list batch = []
+        cdef Py_ssize_t size = 0
+        cdef Py_ssize_t limit
+        cdef PyObject* result
+        cdef int sent
+        cdef _Waiting waiting
+        anext = gen.__anext__
+        if item is not _EMPTY:
+            size = _size_of(item)
+            batch.append(item)
+        while True:
+            limit = self.credit if self.credit < _BATCH_ITEMS else _BATCH_ITEMS
+            if PyList_GET_SIZE(batch) >= limit or size >= _BATCH_BYTES:
+                self._flush(batch)
+                return None
+            step = anext()
+            if not PyIter_Check(step) and type(step) is not _coroutine:
+                step = step.__await__()
+            try:
+                sent = PyIter_Send(step, None, &result)
+            except BaseException:
+                self._flush(batch)      # (the items before the end or the error go first)
+                raise
+            value = <object>result
+            Py_XDECREF(result)
+            if sent == 0:               # yielded without waiting: the step's value
+                size += _size_of(value)
+                batch.append(value)
+                continue
+            try:
+                self._flush(batch)      # it waits: what it made goes now
+            except BaseException:
+                _abandon(step, value)
+                raise
+            waiting = _Waiting.__new__(_Waiting)
+            waiting._step = step
+            waiting._pending = value
+            return waiting
+
+    cdef int _flush(self, list items) except -1:
+        # One ITEM of `items`; one each when they cannot go together (a
+        # batch too large, an item that cannot be encoded: those before it
+        # still go, then its error is raised)
+        if not PyList_GET_SIZE(items):
+            return 0
+        try:
+            self._wire._queue_message(FT_ITEM, 0, self.sid, items)
+        except (MessageTooLarge, EncodeError):
+            if PyList_GET_SIZE(items) == 1:
+                raise
+            for item in items:
+                self._wire._queue_message(FT_ITEM, 0, self.sid, [item])
+                self.credit -= 1
+            return 0
+        self.credit -= PyList_GET_SIZE(items)
+        return 0
 
     cdef void _wake(self):
         waiter, self._waiter = self._waiter, None

@@ -99,9 +99,6 @@ def _one_forbidden_one_open(value: Any, env: Any) -> bool:
                     and malla.family(v) == DID_NOT_RUN for v in value) == 1)
 
 
-_STREAM_OPTS = "a proxy's stream takes no options (node.stream() does)"
-
-
 def _after_three(exc: BaseException, env: Any) -> bool:
     return env.items == [0, 1, 2] and exc.exc_type == "builtins.ValueError"  # type: ignore
 
@@ -232,11 +229,11 @@ CASES: list[Case] = [
          how="stream slow", expect=Ok(check=lambda v, env: 1 <= v <= 1 + 64), cancelled=1),
     Case("stream: timeout per item", "Feed", "ticks", _args(10, 2000), opts={"timeout": 200},
          how="stream", expect=Err("CallTimeout", MAY_HAVE_RUN, runs=1, check=_first_only),
-         proxy=NA(_STREAM_OPTS), cancelled=1),
+         cancelled=1),
     Case("stream: deadline mid-stream", "Feed", "ticks", _args(10_000, 20),
          opts={"deadline": 300}, how="stream",
          expect=Err("CallTimeout", MAY_HAVE_RUN, runs=1, check=_some_items),
-         proxy=NA(_STREAM_OPTS), cancelled=1),
+         cancelled=1),
     Case("stream: allow= refuses a stream as a call", "Feed", "secret", how="stream",
          expect=Err("Forbidden", DID_NOT_RUN)),
     Case("stream: a stream function called with remote()", "Feed", "ticks", _args(3),
@@ -255,6 +252,18 @@ CASES: list[Case] = [
          expect=Ok(1)),
     Case("vsn= matching no instance", "Conf", "echo", _args(1),
          opts={"vsn": "9.*", "sna_retries": 0}, expect=Err("ServiceNotAvailable", DID_NOT_RUN)),
+    # key= and vsn= of a stream: the same round loop as a call's
+    Case("stream key=: the key's node serves it", "Pair", "whos", opts={"key": KEY_HERE},
+         how="stream", expect=Ok(check=lambda v, env: v == [env.server_name])),
+    Case("stream key=: no local-first, the key decides", "Pair", "whos",
+         opts={"key": KEY_X}, how="stream", expect=Err("RemoteError", FAILED, runs=0)),
+    Case("stream key= of another type", "Feed", "ticks", _args(3), opts={"key": 1.5},
+         how="stream", expect=Err("InvalidOption", DID_NOT_RUN)),
+    Case("stream vsn= matching the announced vsn", "Feed", "ticks", _args(3),
+         opts={"vsn": "0*"}, how="stream", expect=Ok([0, 1, 2])),
+    Case("stream vsn= matching no instance", "Feed", "ticks", _args(3),
+         opts={"vsn": "9.*", "sna_retries": 0}, how="stream",
+         expect=Err("ServiceNotAvailable", DID_NOT_RUN)),
     # (last: it spends the caller's budget for Pair for the next 10 s)
     Case("retry budget: exception retries past it raise at once", "Pair", "who",
          opts={"key": KEY_X, "excp_retries": 1000, "retries_sleep_msec": 0},

@@ -202,8 +202,13 @@ class Env:
         self.items: list[Any] = []
         if self.bn is not None:
             return await self._in_thread(self._stream_blocking, service, fun, args, opts, mode)
-        it = (self.caller.stream(service, fun, args, None, **opts) if self.path.via == "remote"
-              else getattr(self.caller.service(service), fun)(*args))
+        if self.path.via == "remote":
+            it = self.caller.stream(service, fun, args, None, **opts)
+        else:
+            # a proxy's stream, with options as malla.call gives a call's
+            it = getattr(self.caller.service(service), fun)(*args)
+            if opts:
+                it = malla.stream(it, **opts)
         async for item in it:
             self.items.append(item)
             if mode == "break" and len(self.items) == 3:

@@ -212,6 +212,13 @@ class Pair(malla.Service, global_=True):
             raise RuntimeError(f"{self.node_name} fails")
         return self.node_name
 
+    async def whos(self):
+        # (a stream: its one item is its node's name, where it does not fail)
+        self.runs["whos"] += 1
+        if self.fail:
+            raise RuntimeError(f"{self.node_name} fails")
+        yield self.node_name
+
 
 class Feed(malla.Service, global_=True):
     """Streams (async generators): counts runs, items produced, and

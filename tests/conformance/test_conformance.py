@@ -54,11 +54,9 @@ def test_not_applicable_cells_are_documented() -> None:
           if isinstance(cell(c, p), NA)]
     proxy_dunder = ("a proxy's dunders are the proxy object's own (Python's attribute "
                     "protocol): a remote dunder cannot even be named")
-    stream_opts = "a proxy's stream takes no options (node.stream() does)"
     as_one = ("a proxy calls a function announced as a stream as one: it returns its items")
     proxied = [(p, c, why) for p in ("proxy-await", "proxy-call")
-               for c, why in (("dunder", proxy_dunder), ("stream: timeout per item", stream_opts),
-                              ("stream: deadline mid-stream", stream_opts),
+               for c, why in (("dunder", proxy_dunder),
                               ("stream: a stream function called with remote()", as_one))]
     assert na == [*proxied,
                   ("blocking", "cancel after begin",
