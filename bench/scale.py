@@ -7,8 +7,11 @@ For each mode and N: the time until every node sees every node's service
 window, open connections per node (idle, and after a round of calls), the
 time until a SIGKILLed process's nodes are gone from every other node's
 view, and calls/s while a process's nodes leave and a new process's join
-(every node calling a random node's service in a loop, timeout 2 s; the
-longest call is reported: no call may hang past its timeout).
+(every node calling a random node's service in a loop, timeout and
+deadline 2 s; the longest call is reported, and apart the calls past 2 s
+and those past the deadline by more than 0.5 s: no call may outlive its
+deadline, DESIGN.md's bound of the whole call; `timeout` bounds each
+attempt).
 
     python -m bench.scale [--sizes 60,120,240,500,1000] [--modes full,etcd]
                           [--procs 6] [--mesh-cap 60] [--json PATH [--merge]]
@@ -41,7 +44,10 @@ SERVICE = "Probe"
 KINDS = 8                   # the services the nodes call each other's
 # the workers' stderr (their tracebacks, malla's warnings)
 LOG = REPO / "bench" / "results" / "scale-workers.log"
-CALL_TIMEOUT = 2000        # ms, each probe call's
+CALL_TIMEOUT = 2000        # ms: each probe call's timeout (per attempt) and deadline
+# a call past its deadline by more than this outlived its own bound (not
+# merely a timer that a busy event loop ran late by less)
+DEADLINE_SLACK = 500       # ms
 HB = {"heartbeat_interval": 1.0, "heartbeat_timeout": 3.0}    # the defaults: a lease of 3 s
 
 
@@ -137,7 +143,8 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
     import malla
 
     end = time.monotonic() + seconds
-    counts = {"calls": 0, "errors": 0, "max_ms": 0.0, "over_timeout": 0, "max_lag_ms": 0.0}
+    counts = {"calls": 0, "errors": 0, "max_ms": 0.0, "over_timeout": 0, "over_deadline": 0,
+              "max_lag_ms": 0.0}
 
     async def lag() -> None:
         # how late this process's event loop runs a 20 ms timer: a call's
@@ -153,16 +160,21 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
         others = [f"S{k}" for k in range(KINDS) if k != mine]
         while time.monotonic() < end:
             began = time.monotonic()
+            failed = False
             try:
                 await node.remote(random.choice(others), "ping", timeout=CALL_TIMEOUT,
-                                  sna_retries=0)
+                                  deadline=CALL_TIMEOUT, sna_retries=0)
                 counts["calls"] += 1
             except malla.MallaError:
                 counts["errors"] += 1
-                await asyncio.sleep(0.05)
+                failed = True
+            # (the call's own time, not the back-off after a failure)
             took = (time.monotonic() - began) * 1000
             counts["max_ms"] = max(counts["max_ms"], took)
             counts["over_timeout"] += took > CALL_TIMEOUT
+            counts["over_deadline"] += took > CALL_TIMEOUT + DEADLINE_SLACK
+            if failed:
+                await asyncio.sleep(0.05)
 
     await asyncio.gather(lag(), *(loop(n) for n in nodes))
     return counts
@@ -249,14 +261,17 @@ def _cpu_of(pid: int | None) -> float:
 
 
 async def probe(mode: str, n: int, procs: int, target: str, cap: float,
-                etcd_pid: int | None = None) -> dict[str, Any]:
+                etcd_pid: int | None = None, row: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
     """One row: `mode` ("full" or "etcd") with `n` nodes over `procs`
-    processes (`etcd_pid`: whose CPU to report beside the workers')."""
+    processes (`etcd_pid`: whose CPU to report beside the workers'), filled
+    into `row` as it goes, its "stage" saying which step runs (a step that
+    fails leaves what was measured before it)."""
     tag = f"{mode[0]}{n}-{random.randrange(1 << 30):x}"
     groups = [[f"{tag}-{p}-{i}" for i in range(p, n, procs)] for p in range(procs)]
-    row: dict[str, Any] = {"mode": _label(mode),
-                           "nodes": n, "processes": procs,
-                           "heartbeat_timeout": HB["heartbeat_timeout"]}
+    row = {} if row is None else row
+    row.update({"mode": _label(mode), "nodes": n, "processes": procs,
+                "heartbeat_timeout": HB["heartbeat_timeout"], "stage": "start"})
     began = time.monotonic()
     etcd_cpu = _cpu_of(etcd_pid)
     workers: list[Worker] = []
@@ -266,6 +281,7 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
         workers = [first, *await asyncio.gather(*(Worker.start(mode, g, seed)
                                                   for g in groups[1:]))]
         row["start_s"] = round(time.monotonic() - began, 2)
+        row["stage"] = "convergence"
         converged = await _wait_seen(workers, n, cap)
         row["converged_s"] = None if converged is None else round(
             converged + row["start_s"], 2)
@@ -277,6 +293,7 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
             row["fullest_view"] = max(s["max_seen"] for s in status)
             row["fds"] = sum(s["fds"] for s in status)
             return row
+        row["stage"] = "idle"
         await asyncio.sleep(2)                  # (settle: the last tables, handshakes)
         before = await _all(workers, "status")
         etcd_cpu = _cpu_of(etcd_pid)
@@ -290,11 +307,13 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
         row["rss_mib_per_node"] = round(sum(a["rss"] for a in after) / n / (1 << 20), 2)
         row["conns_per_node_idle"] = round(sum(a["conns"] for a in after) / n, 1)
         row["fds"] = sum(a["fds"] for a in after)
+        row["stage"] = "calls"
         calls = await _all(workers, "calls 3")
         row["calls_per_s"] = round(sum(c["calls"] for c in calls) / 3)
         status = await _all(workers, "status")
         row["conns_per_node_after_calls"] = round(sum(s["conns"] for s in status) / n, 1)
         # a process SIGKILLed: until every other node's view has lost its nodes
+        row["stage"] = "kill"
         victim = workers.pop()
         victim.kill()
         killed = time.monotonic()
@@ -302,6 +321,7 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
         row["killed_gone_s"] = None if gone is None else round(time.monotonic() - killed, 2)
         # churn: a process's nodes leave (killed) while a new process's join,
         # every remaining node calling meanwhile
+        row["stage"] = "churn"
         leaving = workers.pop()
         joining = [f"{tag}-j-{i}" for i in range(len(leaving.names))]
         churn = asyncio.gather(*(w.ask("calls 6", 60) for w in workers))
@@ -314,7 +334,9 @@ async def probe(mode: str, n: int, procs: int, target: str, cap: float,
         row["churn_errors"] = sum(c["errors"] for c in results)
         row["churn_max_call_ms"] = round(max(c["max_ms"] for c in results))
         row["churn_calls_over_timeout"] = sum(c["over_timeout"] for c in results)
+        row["churn_calls_over_deadline"] = sum(c["over_deadline"] for c in results)
         row["churn_max_loop_lag_ms"] = round(max(c["max_lag_ms"] for c in results))
+        del row["stage"]
         return row
     finally:
         for worker in workers:
@@ -338,16 +360,19 @@ async def run(sizes: list[int], modes: list[str], procs: int, cap: float,
                 if time.monotonic() - began > budget:
                     print(f"scale: out of time before {mode} {n}", file=sys.stderr)
                     break
+                row: dict[str, Any] = {}
                 try:
-                    row = await probe(mode, n, procs, etcd.url(f"/scale/{mode}{n}"), cap,
-                                      etcd.proc.pid if etcd.proc else None)
+                    await probe(mode, n, procs, etcd.url(f"/scale/{mode}{n}"), cap,
+                                etcd.proc.pid if etcd.proc else None, row)
                 except (RuntimeError, asyncio.TimeoutError) as exc:
-                    row = {"mode": _label(mode), "nodes": n, "converged_s": None,
-                           "error": f"{type(exc).__name__}: {exc} (see {LOG})"}
+                    # (what was measured before the failing step is kept)
+                    row.setdefault("converged_s", None)
+                    row["error"] = (f"{type(exc).__name__} in {row.get('stage')}: {exc} "
+                                    f"(see {LOG})")
                 row["commit"] = commit
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-                if row.get("converged_s") is None:
+                if row.get("converged_s") is None or "error" in row:
                     break              # the first N that does not converge ends the mode
     return rows
 
@@ -371,7 +396,9 @@ def table(rows: list[dict[str, Any]]) -> str:
              ("conns_per_node_idle", "conns/node idle"),
              ("conns_per_node_after_calls", "conns/node after calls"),
              ("killed_gone_s", "killed gone s"), ("calls_per_s", "calls/s"),
-             ("churn_calls_per_s", "calls/s in churn"), ("churn_max_call_ms", "longest call ms")]
+             ("churn_calls_per_s", "calls/s in churn"), ("churn_max_call_ms", "longest call ms"),
+             ("churn_calls_over_timeout", "calls over 2 s in churn"),
+             ("churn_calls_over_deadline", "calls past deadline + 0.5 s in churn")]
     lines = ["| " + " | ".join(h for _, h in heads) + " |",
              "|" + "|".join("---" for _ in heads) + "|"]
     for row in rows:
@@ -379,7 +406,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         for key, _ in heads:
             value = row.get(key, "")
             if key == "converged_s" and value is None:
-                value = f"not within the cap (fullest view {row.get('fullest_view')})"
+                value = (f"failed in {row.get('stage')}" if "error" in row else
+                         f"not within the cap (fullest view {row.get('fullest_view')})")
+            elif key == "mode" and "error" in row:
+                value = f"{value} (failed in {row.get('stage')})"
             cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from malla.etcd import KV, NOT_FOUND, EtcdClient, EtcdRefused, kv_of
@@ -33,6 +33,7 @@ log = logging.getLogger("malla.etcd")
 
 RECORD_FORMAT = 1          # the "v" of a record: bumped on an incompatible change
 MAX_RECORD = 1 << 20       # bytes; etcd's own request limit is 1.5 MiB
+INTERNED_MAX = 4096        # distinct service entries a watch shares (then forgets all)
 
 # etcd's leader revokes expired leases every 0.5 s: a lease may outlive its
 # TTL by that much, and more while a new leader is elected
@@ -415,6 +416,8 @@ class Membership:
         self._read = False         # False: (re-)read the prefix before watching
         # set once the prefix has been read and its events yielded
         self.synced = asyncio.Event()
+        # (service, an entry as text) -> the one object of it (_shared)
+        self._interned: dict[tuple[str, str], Any] = {}
 
     async def events(self) -> AsyncIterator[MemberEvent]:
         delay, outage = 0.05, False
@@ -493,9 +496,28 @@ class Membership:
                 return []
             del self.members[name]
             return [MemberEvent(LEAVE, name, old)]
+        record = self._shared(record, old)
         self.members[name] = record
         if old is None:
             return [MemberEvent(JOIN, name, record)]
         if old.incarnation != record.incarnation:
             return [MemberEvent(LEAVE, name, old), MemberEvent(JOIN, name, record)]
         return [MemberEvent(UPDATE, name, record)] if old != record else []
+
+    def _shared(self, record: NodeRecord, old: NodeRecord | None) -> NodeRecord:
+        """`record` with each service entry replaced by the one object this
+        watch holds for an equal entry (of any node, any record): every node
+        running a service announces the same entry, and a node applying a
+        record finds the objects it holds and skips them (malla.registry
+        stores entries by reference and compiles each object once), so a
+        record that changed one service costs each node that service only,
+        and the process holds one copy of each distinct entry."""
+        if old is not None and record.services == old.services:
+            return replace(record, services=old.services)
+        interned = self._interned
+        if len(interned) >= INTERNED_MAX:
+            interned.clear()
+        # (repr, not ==: True and 1, 1.0 and 1 are equal but not the same entry)
+        services = {service: interned.setdefault((service, repr(info)), info)
+                    for service, info in record.services.items()}
+        return replace(record, services=services)

@@ -1,10 +1,19 @@
 """The discovery table: which node runs which service, in call order.
 
 Eventually consistent: filled from each peer's TABLE on connect and its
-ANNOUNCEs after, emptied of a node when its connection is lost.  The order
-of remote nodes is shuffled each check cycle to spread load; the local node
-comes first when it runs the service.  `nodes()` is on every call's path,
-so orders are cached and rebuilt only on change.
+ANNOUNCEs after (or its etcd record), emptied of a node when its connection
+is lost.  The order of remote nodes is shuffled each check cycle to spread
+load; the local node comes first when it runs the service.  `nodes()` is on
+every call's path, so orders are cached and derived again on first read
+after a change.
+
+With discovery from etcd every node applies every peer's record (N^2
+applications in a cluster): applying one must cost the same whatever N.
+So entries are stored by reference (the same object again costs a lookup,
+an equal one a comparison), checked and compiled once per process (the
+nodes of a process sharing a watch get the same decoded objects), and each
+service's callable nodes are kept sorted as they come and go, a bisection
+rather than a sort (docs/scale.md, "Applying a peer's record").
 
 What a peer announces is checked before it is stored (`invalid_info`): a
 malformed entry is refused by the caller of set_remote, never handed to
@@ -16,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from bisect import bisect_left
 from typing import Any
 
 from malla import exceptions as mexc
@@ -85,26 +95,97 @@ def invalid_info(info: Any) -> str | None:
 # entries compiled and remembered at most (then forgotten all at once)
 _COMPILED_MAX = 4096
 
+Compiled = tuple[str | None, dict[str, Checker]]
+
+# Process-wide, shared by every Registry: (service, a peer's entry as text)
+# -> why it is malformed (None: valid) and its checkers before any allow
+# rule, and the same by the entry object's id.  Every node running a
+# service announces the same entry, and the nodes of a process sharing an
+# etcd watch are handed the very same decoded objects: an entry is checked
+# and compiled once per process, not once per node (docs/scale.md).
+_BY_TEXT: dict[tuple[str, str], Compiled] = {}
+_BY_OBJECT: dict[int, tuple[Any, str, Compiled]] = {}
+
+
+def _compiled(service: str, info: Any) -> Compiled:
+    """Why `info` is malformed (None: valid) and, valid, its checkers as
+    announced (no allow rule applied); remembered by object and content."""
+    same = _BY_OBJECT.get(id(info))
+    if same is not None and same[0] is info and same[1] == service:
+        return same[2]
+    key = (service, repr(info))        # (repr() is the dear part)
+    compiled = _BY_TEXT.get(key)
+    if compiled is None:
+        why = invalid_info(info)
+        compiled = (why, {} if why is not None else checkers_of(service, info["functions"]))
+        if len(_BY_TEXT) >= _COMPILED_MAX:
+            _BY_TEXT.clear()
+        _BY_TEXT[key] = compiled
+    if len(_BY_OBJECT) >= _COMPILED_MAX:
+        _BY_OBJECT.clear()
+    # (holding `info` keeps its id from being reused by another object)
+    _BY_OBJECT[id(info)] = (info, service, compiled)
+    return compiled
+
+
+def _takes_calls(info: dict[str, Any]) -> bool:
+    """A remote instance in the call order: not paused, and global."""
+    return not info.get("paused") and info.get("global", True) is not False
+
+
+class _Callers:
+    """The remote nodes where one service takes calls, sorted by their
+    shuffle key (then name): kept in order as nodes come and go (a bisection
+    and a memmove, no Python work per node), so that a peer's record costs
+    every node the same whatever N; re-sorted lazily after a reshuffle."""
+
+    __slots__ = ("keys", "names")
+
+    def __init__(self, pairs: list[tuple[float, str]]) -> None:
+        pairs.sort()
+        self.keys = [k for k, _ in pairs]
+        self.names = [n for _, n in pairs]
+
+    def _index(self, key: float, node: str) -> int:
+        i = bisect_left(self.keys, key)
+        keys, names = self.keys, self.names
+        while i < len(keys) and keys[i] == key and names[i] < node:
+            i += 1
+        return i
+
+    def add(self, key: float, node: str) -> None:
+        i = self._index(key, node)
+        self.keys.insert(i, key)
+        self.names.insert(i, node)
+
+    def remove(self, key: float, node: str) -> None:
+        i = self._index(key, node)
+        if i < len(self.names) and self.names[i] == node:
+            del self.keys[i], self.names[i]
+
 
 class Registry:
     def __init__(self, local_name: str) -> None:
         self.local_name = local_name
         self._local: dict[str, dict[str, Any]] = {}          # service -> info
         self._remote: dict[str, dict[str, dict[str, Any]]] = {}  # service -> node -> info
+        # node -> service -> info: what is known of each peer (the same
+        # objects as in _remote: a peer's entries are stored by reference)
+        self._tables: dict[str, dict[str, dict[str, Any]]] = {}
         self._shuffle: dict[str, float] = {}                 # node -> sort key
         self._seen: set[str] = set()
+        # service -> the remote nodes taking its calls, in order; None: to
+        # be sorted again on first read (after a reshuffle)
+        self._callers: dict[str, _Callers | None] = {}
+        # service -> its call order, derived on first read after a change
         self._order: dict[str, list[str]] = {}
         # service -> node -> function -> its argument checker
         self._checks: dict[str, dict[str, dict[str, Checker]]] = {}
         # (read by the core's common call path: service -> node -> checkers)
         self.checks_table = self._checks
-        # (service, a peer's entry as text) -> why it is malformed (None:
-        # valid) and its checkers.  Every node running a service announces
-        # the same entry: with discovery from etcd each node reads every
-        # other's, so it is checked and its signatures compiled once, not
-        # once per node.
-        self._compiled: dict[tuple[str, str], tuple[str | None, dict[str, Checker]]] = {}
-        self._by_object: dict[int, tuple[Any, str, tuple[str | None, dict[str, Checker]]]] = {}
+        # an entry with allow rules -> its checkers for this node (by id,
+        # holding the entry); entries without are shared process-wide
+        self._allowed: dict[int, tuple[Any, dict[str, Checker]]] = {}
         self.version = 0   # bumped on every change (proxies follow it)
 
     # -- changes --------------------------------------------------------------
@@ -120,15 +201,44 @@ class Registry:
 
     def set_remote(self, node: str, service: str, info: dict[str, Any] | None) -> None:
         """Store a peer's entry (validated by the caller: invalid_info)."""
-        nodes = self._remote.setdefault(service, {})
+        self._store(node, service, info, None if info is None else _compiled(service, info)[1])
+
+    def _store(self, node: str, service: str, info: dict[str, Any] | None,
+               checks: dict[str, Checker] | None) -> None:
+        """`set_remote`, given the entry's checkers as announced.  The hot
+        path of a peer's record, once per entry and node: no work that grows
+        with the number of nodes."""
+        table = self._tables.get(node)
+        old = None if table is None else table.get(service)
         if info is None:
-            nodes.pop(node, None)
+            if table is None or old is None:
+                return
+            del table[service]
+            del self._remote[service][node]
+            self._checks[service].pop(node, None)
+        elif old is info:
+            return                       # (the same record again: nothing new)
         else:
-            nodes[node] = info
+            if table is None:
+                table = self._tables[node] = {}
+            table[service] = self._remote.setdefault(service, {})[node] = info
             self._seen.add(service)
             self._shuffle.setdefault(node, random.random())
-        self._set_checks(service, node, info)
-        self._changed(service)
+            if old is not None and old == info:
+                return                   # (an equal entry: stored, nothing else changes)
+            assert checks is not None
+            if info.get("allow"):
+                checks = self._forbidding(service, info, checks)
+            self._checks.setdefault(service, {})[node] = checks
+        callers = self._callers.get(service)
+        if callers is not None:
+            key = self._shuffle[node]
+            if old is not None and _takes_calls(old):
+                callers.remove(key, node)
+            if info is not None and _takes_calls(info):
+                callers.add(key, node)
+        self._order.pop(service, None)
+        self.version += 1
 
     def apply_table(self, node: str, body: Any) -> int:
         """A peer's TABLE message, as decoded: its valid entries replace all
@@ -137,9 +247,17 @@ class Registry:
         if type(body) is not dict:
             log.warning("malla: refused the service table of %s: not a map", node)
             return 0
-        valid = {service: info for service, info in body.items()
-                 if self._valid_entry(node, service, info)}
-        self.set_table(node, valid)
+        valid: dict[str, tuple[dict[str, Any], dict[str, Checker]]] = {}
+        for service, info in body.items():
+            if type(service) is not str:
+                why: str | None = "the service name is not a string"
+            else:
+                why, checks = _compiled(service, info)
+            if why is None:
+                valid[service] = (info, checks)
+            else:
+                log.warning("malla: refused %s's entry for service %r: %s", node, service, why)
+        self._set_table(node, valid)
         return len(body) - len(valid)
 
     def apply_announce(self, node: str, body: Any) -> int:
@@ -161,57 +279,53 @@ class Registry:
         """Whether a peer's entry for `service` may be stored; a malformed one
         is refused and logged (its other services are kept)."""
         why = ("the service name is not a string" if type(service) is not str
-               else self._compile(service, info)[0])
+               else _compiled(service, info)[0])
         if why is not None:
             log.warning("malla: refused %s's entry for service %r: %s", node, service, why)
         return why is None
 
-    def _compile(self, service: str, info: Any) -> tuple[str | None, dict[str, Checker]]:
-        """Why `info` is malformed (None: valid) and, valid, its checkers
-        (a function this node may not call, by the announced allow rules,
-        is refused before sending: malla.authz); remembered by content."""
-        # (the same object again: the entry of a record that the process's
-        # etcd watch decoded once for all its nodes; repr() is the dear part)
-        same = self._by_object.get(id(info))
-        if same is not None and same[0] is info and same[1] == service:
-            return same[2]
-        key = (service, repr(info))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            why = invalid_info(info)
-            checks = {} if why is not None else forbidding_checkers(
-                service, checkers_of(service, info["functions"]), info, self.local_name)
-            if len(self._compiled) >= _COMPILED_MAX:
-                self._compiled.clear()
-            compiled = self._compiled[key] = (why, checks)
-        if len(self._by_object) >= _COMPILED_MAX:
-            self._by_object.clear()
-        # (holding `info` keeps its id from being reused by another object)
-        self._by_object[id(info)] = (info, service, compiled)
-        return compiled
+    def _forbidding(self, service: str, info: dict[str, Any],
+                    checks: dict[str, Checker]) -> dict[str, Checker]:
+        """The checkers of an entry with allow rules for this node: a
+        function it may not call is refused before sending (malla.authz).
+        (Entries without rules share the process's checkers.)"""
+        same = self._allowed.get(id(info))
+        if same is not None and same[0] is info:
+            return same[1]
+        mine = forbidding_checkers(service, dict(checks), info, self.local_name)
+        if len(self._allowed) >= _COMPILED_MAX:
+            self._allowed.clear()
+        self._allowed[id(info)] = (info, mine)
+        return mine
 
     def _set_checks(self, service: str, node: str, info: dict[str, Any] | None) -> None:
         if info is None:
             self._checks.get(service, {}).pop(node, None)
         else:
-            self._checks.setdefault(service, {})[node] = self._compile(service, info)[1]
+            checks = _compiled(service, info)[1]
+            self._checks.setdefault(service, {})[node] = (
+                self._forbidding(service, info, checks) if info.get("allow") else checks)
 
     def set_table(self, node: str, table: dict[str, dict[str, Any]]) -> None:
-        """Replace everything known of `node` by its full table."""
-        for service, nodes in self._remote.items():
-            if node in nodes and service not in table:
-                del nodes[node]
-                self._checks.get(service, {}).pop(node, None)
-                self._order.pop(service, None)
-        for service, info in table.items():
-            self.set_remote(node, service, info)
+        """Replace everything known of `node` by its full table (valid)."""
+        self._set_table(node, {s: (info, _compiled(s, info)[1]) for s, info in table.items()})
+
+    def _set_table(self, node: str,
+                   table: dict[str, tuple[dict[str, Any], dict[str, Checker]]]) -> None:
+        """The work is that of the entries that changed: none for the same
+        record again."""
+        known = self._tables.get(node)
+        if known:
+            for service in [s for s in known if s not in table]:
+                self._store(node, service, None, None)
+        for service, (info, checks) in table.items():
+            self._store(node, service, info, checks)
         self.version += 1
 
     def drop_node(self, node: str) -> None:
-        for service, nodes in self._remote.items():
-            if nodes.pop(node, None) is not None:
-                self._checks.get(service, {}).pop(node, None)
-                self._order.pop(service, None)
+        for service in list(self._tables.get(node, ())):
+            self._store(node, service, None, None)
+        self._tables.pop(node, None)
         self._shuffle.pop(node, None)
         self.version += 1
 
@@ -219,6 +333,8 @@ class Registry:
         for node in self._shuffle:
             self._shuffle[node] = random.random()
         self._order.clear()
+        for service in self._callers:
+            self._callers[service] = None
         self.version += 1
 
     def _changed(self, service: str) -> None:
@@ -237,10 +353,13 @@ class Registry:
     def _compute(self, service: str) -> list[str]:
         local = self._local.get(service)
         head = [self.local_name] if local is not None and not local.get("paused") else []
-        remote = [n for n, info in self._remote.get(service, {}).items()
-                  if not info.get("paused") and info.get("global", True)]
-        remote.sort(key=lambda n: self._shuffle.get(n, 0.0))
-        return head + remote
+        callers = self._callers.get(service)
+        if callers is None:
+            shuffle = self._shuffle
+            callers = self._callers[service] = _Callers(
+                [(shuffle[n], n) for n, info in self._remote.get(service, {}).items()
+                 if _takes_calls(info)])
+        return head + callers.names
 
     def instances(self, service: str) -> list[tuple[str, dict[str, Any]]]:
         return [(node, dict(self._info_of(service, node))) for node in self.nodes(service)]

@@ -106,6 +106,39 @@ def test_the_nodes_of_a_process_share_one_watch_and_one_lease(etcd, url):  # noq
     with_nodes(test)
 
 
+class Other(malla.Service, global_=True):
+    def ping(self):
+        return "pong"
+
+
+def test_the_nodes_of_a_process_hold_a_peers_entries_by_reference(url):  # noqa: F811
+    """Each record is decoded once for the process and stored by reference
+    by every node of it; a record that changes one service keeps the very
+    objects of the others (the nodes skip them)."""
+    async def test(make):
+        a, b, c = (make(n, discovery=url, **FAST) for n in "abc")
+        for node in (a, b, c):
+            await node.start()
+        await c.start_service(Calc("c"))
+        await c.start_service(Other())
+        await b.start_service(Other())
+        await wait_until(lambda: a.get_nodes(Other) in (["b", "c"], ["c", "b"])
+                         and b.get_nodes(Other)[1:] == ["c"])
+        calc = a._registry.remote_info("Calc", "c")
+        assert calc is not None and b._registry.remote_info("Calc", "c") is calc
+        assert a._registry.checks("Calc", "c") is b._registry.checks("Calc", "c")
+        # the equal entries of two nodes are one object for the process
+        assert a._registry.remote_info("Other", "b") is a._registry.remote_info("Other", "c")
+        await c.pause_service(Other)
+        await wait_until(lambda: a.get_nodes(Other) == ["b"] and b.get_nodes(Other) == ["b"])
+        for node in (a, b):
+            assert node._registry.remote_info("Calc", "c") is calc
+            assert node._registry.remote_info("Other", "c")["paused"] is True
+        assert await a.remote(Calc, "who") == "c"
+
+    with_nodes(test)
+
+
 def test_a_killed_process_takes_all_its_nodes_within_the_lease(url):  # noqa: F811
     async def test(make):
         a = make("a", discovery=url, **FAST)
