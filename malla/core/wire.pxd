@@ -38,6 +38,7 @@ cdef class Wire:
                                  bint over_budget) except -1
     cdef Py_ssize_t _in_flight(self)
     cdef void _debug_check(self)
+    cdef _gone(self)
     cdef void _update_congestion(self)
     cdef int _on_frame(self, Frame* f) except -1
     cdef int _on_window(self, const char* p, Py_ssize_t n) except -1

@@ -314,6 +314,14 @@ cdef class Wire:
             self._loop.call_soon(self._end_tick)
         return 0
 
+    cdef _gone(self):
+        # uvloop's transport closed under us (the peer reset it) before
+        # connection_lost, which is on its way, told this side: what was
+        # queued has nowhere to go (asyncio's transports drop it silently;
+        # uvloop raises, and a task sending a table then died of it)
+        self._wbuf.truncate(0)
+        return None
+
     def _end_tick(self):
         self._flush_scheduled = False
         self._out.end_tick()
@@ -337,10 +345,16 @@ cdef class Wire:
                 self._update_congestion()
             self._schedule_round()
             if bufs:
-                self._transport.writelines(bufs)
+                try:
+                    self._transport.writelines(bufs)
+                except RuntimeError:
+                    return self._gone()
                 self.last_sent = _now()
         elif self._wbuf._len:
-            self._transport.write(self._take_small())
+            try:
+                self._transport.write(self._take_small())
+            except RuntimeError:
+                return self._gone()
             self.last_sent = _now()
         if MALLA_DEBUG_BUILD:
             self._debug_check()
