@@ -12,6 +12,7 @@ a dnsmasq started elsewhere (inside a network namespace: tests/netns.py).
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -62,15 +63,30 @@ def wait_started(proc: subprocess.Popen[Any], log: str, timeout: float = 10.0) -
 
 
 def free_port(*binds: tuple[socket.AddressFamily, socket.SocketKind, str]) -> int:
-    """A port each (family, type, address) of `binds` can bind just now."""
+    """A port each (family, type, address) of `binds` can bind just now.
+
+    The first bind picks the port; another test may hold the same number in
+    another family or type, so a collision picks again rather than failing."""
     (family, kind, address), *others = binds
-    with socket.socket(family, kind) as first:
-        first.bind((address, 0))
-        port = int(first.getsockname()[1])
-        for family, kind, address in others:
-            with socket.socket(family, kind) as other:
-                other.bind((address, port))
-    return port
+    for _ in range(50):
+        with socket.socket(family, kind) as first:
+            first.bind((address, 0))
+            port = int(first.getsockname()[1])
+            if all(_binds(port, *other) for other in others):
+                return port
+    raise OSError(errno.EADDRINUSE, "no port free in every family and type asked for")
+
+
+def _binds(port: int, family: socket.AddressFamily, kind: socket.SocketKind,
+           address: str) -> bool:
+    with socket.socket(family, kind) as other:
+        try:
+            other.bind((address, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            return False
+    return True
 
 
 class Dnsmasq:
