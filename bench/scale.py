@@ -155,12 +155,34 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
             late = (time.monotonic() - began - 0.02) * 1000
             counts["max_lag_ms"] = max(counts["max_lag_ms"], late)
 
+    # the calls under way: the task of each caller's loop -> when its call began
+    running: dict[asyncio.Task[Any], float] = {}
+
+    async def overdue() -> None:
+        # a call past its deadline by more than the slack: where it waits, in
+        # the workers' log (once per call), for whoever looks for the cause
+        told: set[tuple[asyncio.Task[Any], float]] = set()
+        while time.monotonic() < end or running:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            late = [(task, began) for task, began in running.items()
+                    if (now - began) * 1000 > CALL_TIMEOUT + DEADLINE_SLACK]
+            for task, began in late:
+                if (task, began) not in told:
+                    told.add((task, began))
+                    print(f"[{os.getpid()}] a call overdue: {(now - began) * 1000:.0f} ms, "
+                          f"waiting in:", file=sys.stderr, flush=True)
+                    task.print_stack(file=sys.stderr)
+
     async def loop(node: Any) -> None:
         mine = _index(node.name) % KINDS
         others = [f"S{k}" for k in range(KINDS) if k != mine]
+        me = asyncio.current_task()
+        assert me is not None
         while time.monotonic() < end:
             began = time.monotonic()
             failed = False
+            running[me] = began
             try:
                 await node.remote(random.choice(others), "ping", timeout=CALL_TIMEOUT,
                                   deadline=CALL_TIMEOUT, sna_retries=0)
@@ -168,6 +190,8 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
             except malla.MallaError:
                 counts["errors"] += 1
                 failed = True
+            finally:
+                del running[me]
             # (the call's own time, not the back-off after a failure)
             took = (time.monotonic() - began) * 1000
             counts["max_ms"] = max(counts["max_ms"], took)
@@ -176,7 +200,7 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
             if failed:
                 await asyncio.sleep(0.05)
 
-    await asyncio.gather(lag(), *(loop(n) for n in nodes))
+    await asyncio.gather(lag(), overdue(), *(loop(n) for n in nodes))
     return counts
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -88,8 +87,30 @@ def _wake(waiter: asyncio.Future[None], _: Any = None) -> None:
         waiter.set_result(None)
 
 
-async def _within(fut: asyncio.Future[Any], seconds: float) -> None:
-    """Wait until `fut` is done or `seconds` passed, whichever is first.
+# The loop's timers have millisecond grain: call_later(0.00205) fires when
+# the loop's clock, a whole millisecond, reaches now's millisecond + 2, which
+# is between 1 and 2 ms of real time later.  A hedge sent that early goes
+# out for calls well inside hedge_after (with replies around 1.5 ms, a fifth
+# of all calls: four times what a hedge_after at the p95 should send), so a
+# timer that fires early is re-armed for what is left, never less than the
+# loop's grain (at most a millisecond late, never early).
+_GRAIN = 0.001
+
+
+def _rearm(waiter: asyncio.Future[None], until: float, timer: list[Any]) -> None:
+    if waiter.done():
+        return
+    left = until - core.monotonic()
+    if left <= 0:
+        waiter.set_result(None)
+    else:
+        timer[0] = asyncio.get_running_loop().call_later(
+            max(left, _GRAIN), _rearm, waiter, until, timer)
+
+
+async def _within(fut: asyncio.Future[Any], until: float) -> None:
+    """Wait until `fut` is done or core.monotonic() reached `until`, whichever
+    is first.
 
     (asyncio.wait((fut,), timeout=...) does the same with a set, a coroutine
     and checks of its own: it tripled the cost of a hedged call that never
@@ -98,11 +119,13 @@ async def _within(fut: asyncio.Future[Any], seconds: float) -> None:
     waiter = asyncio.get_running_loop().create_future()
     wake = functools.partial(_wake, waiter)
     fut.add_done_callback(wake)
-    timer = asyncio.get_running_loop().call_later(seconds, wake)
+    timer: list[Any] = [None]
+    _rearm(waiter, until, timer)
     try:
         await waiter
     finally:
-        timer.cancel()
+        if timer[0] is not None:
+            timer[0].cancel()
         fut.remove_done_callback(wake)
 
 
@@ -189,13 +212,13 @@ class Hedge:
         """The reply of the call on `node`, or on the next node of `nodes`
         when `node` has not answered within hedge_after (see the module's
         docstring for which error is raised)."""
-        started = time.monotonic()
+        started = core.monotonic()
         first, cancel = self._copy(node, args, kwargs, timeout, at, meta)
         copies = {first: (node, cancel)}
         won = False         # a copy's reply is the attempt's: the other lost
         try:
             if not first.done():
-                await _within(first, self._after)
+                await _within(first, started + self._after)
             if first.done():
                 return first.result()
             other = self._host.hedge_to(self._service, nodes)
@@ -204,7 +227,7 @@ class Hedge:
             try:
                 # (the attempt's timeout bounds both copies: the second gets
                 # what is left of it)
-                left = max(1, timeout - int((time.monotonic() - started) * 1000))
+                left = max(1, timeout - int((core.monotonic() - started) * 1000))
                 second = self._copy(other, args, kwargs, left, at, meta)
             except mexc.MallaError:
                 return await first      # the hedge could not be sent: the first copy's

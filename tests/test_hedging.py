@@ -26,6 +26,7 @@ class Hedgy(malla.Service, global_=True):
     the first call to arrive, on whichever node, waits `hang` seconds."""
 
     arrivals: ClassVar[list[str]] = []
+    times: ClassVar[list[float]] = []       # time.monotonic() of each arrival
     cancelled: ClassVar[list[str]] = []
 
     def __init__(self, name: str) -> None:
@@ -34,6 +35,7 @@ class Hedgy(malla.Service, global_=True):
     @malla.idempotent
     async def get(self, hang, every=False):
         Hedgy.arrivals.append(self.name)
+        Hedgy.times.append(time.monotonic())
         if len(Hedgy.arrivals) == 1 or every:
             try:
                 await asyncio.sleep(hang)
@@ -94,6 +96,26 @@ def test_a_hedge_answers_and_the_slow_copy_is_cancelled_on_its_node():
         # the loser took at least hedge_after: the balancer's average says so
         latency = c._cluster.connected[slow].proto.latency
         assert latency.latency("Hedgy", malla._core.monotonic()) >= 0.045
+
+    with_nodes(main)
+
+
+def test_a_hedge_never_leaves_before_hedge_after():
+    """The loop's timers have millisecond grain: a call_later of 2.5 ms fires
+    between 1 and 2 ms of real time later.  The hedge waits until hedge_after
+    really passed, so its copy reaches its node no sooner than hedge_after
+    after the call began (both nodes run in this process: one clock)."""
+    async def main(make):
+        _a, _b, c = await two_servers_and_a_caller(make)
+        for i in range(20):
+            Hedgy.arrivals.clear()
+            Hedgy.times.clear()
+            after = 2.5 + (i % 5) * 0.2        # ms, never a whole millisecond
+            began = time.monotonic()
+            await c.remote("Hedgy", "get", [0.05], hedge_after=after, timeout=5_000)
+            assert len(Hedgy.times) == 2, Hedgy.arrivals
+            assert Hedgy.times[1] - began >= after / 1000, (i, Hedgy.times[1] - began)
+        assert c.stats()["hedges"] == 20
 
     with_nodes(main)
 
