@@ -22,8 +22,14 @@ over, the other remote nodes cheapest first.  A node not connected (yet)
 costs more than any connected one in the full mesh (it cannot take the
 call); with connections on demand it can, after a dial, so it costs twice
 the service's mean: a fresh node wins over a connected one with a call in
-flight, an open connection wins a tie.  `"shuffle"` keeps the registry's order
-(Malla's: shuffled once per check cycle).
+flight, an open connection wins a tie.  With connections on demand and more
+than 4 remote nodes, the pair is drawn from the caller's window of the
+service (4 nodes picked by a salted rendezvous hash: stable, spread over the
+callers) and its winner meets one node drawn from all of them, which takes
+the call only when it is cheaper: an idle window keeps the calls (no dial
+per call), a busy one spreads them beyond it (the core's P2COrder says how).
+`"shuffle"` keeps the registry's order (Malla's: shuffled once per check
+cycle).
 """
 
 from __future__ import annotations

@@ -250,6 +250,52 @@ def test_with_connections_on_demand_a_node_not_connected_costs_twice_the_mean(la
     assert full[len(full) - len(tail):] == tail, full
 
 
+def test_with_connections_on_demand_a_call_sticks_to_the_callers_window():
+    """mesh="on_demand" over a large service: one of each pair comes from the
+    caller's window of 4 nodes, and while those are idle they win (a fresh
+    node costs twice the mean, an open connection wins a tie), so a caller
+    does not dial a new node for nearly every call."""
+    nodes = [f"n{i}" for i in range(40)]
+    s = fresh_service()
+    p2c = core.P2COrder(lambda _s: ["me", *nodes], {}, "me", 5, dial=True)
+    window = p2c.window(s)
+    assert len(window) == 4 and set(window) <= set(nodes)
+    # (the local node leads: then the pair's winner)
+    firsts = Counter(list(itertools.islice(p2c(s), 2))[1] for _ in range(2000))
+    assert set(firsts) <= set(window) and len(firsts) == 4, firsts
+    # the rest of the ranking is every other node once (failover reaches all)
+    got = list(p2c(s))
+    assert sorted(got) == sorted(["me", *nodes]) and got[0] == "me"
+    # the full mesh has no window: every connected node may lead
+    conns = protos(dict.fromkeys(nodes, 0.001), s)
+    full = core.P2COrder(lambda _s: nodes, conns, "me", 5)
+    assert full.window(s) == nodes
+    assert len({next(iter(full(s))) for _ in range(2000)}) > 30
+
+
+def test_windows_spread_over_the_nodes_and_move_only_for_a_node_that_left():
+    nodes = [f"n{i}" for i in range(40)]
+    s = fresh_service()
+    callers = [core.P2COrder(lambda _s: nodes, {}, "me", seed, dial=True)
+               for seed in range(1, 201)]
+    load = Counter(node for p2c in callers for node in p2c.window(s))
+    # 800 places over 40 nodes, 20 each on average (each caller salts its own)
+    assert len(load) == 40 and max(load.values()) <= 45, load
+    # rendezvous: a node leaving changes only the windows it was in, by one
+    # node; a node joining takes one place at most
+    order = list(nodes)
+    p2c = core.P2COrder(lambda _s: order, {}, "me", 9, dial=True)
+    before = p2c.window(s)
+    outside = next(n for n in nodes if n not in before)
+    order = [n for n in nodes if n != outside]
+    assert p2c.window(s) == before
+    order = [n for n in nodes if n != before[0]]
+    after = p2c.window(s)
+    assert len(after) == 4 and len(set(after) & set(before)) == 3
+    order = [*nodes, "new"]
+    assert len(set(p2c.window(s)) & set(before)) >= 3
+
+
 def test_one_candidate_or_local_and_one_is_the_order_itself():
     order = ["me", "a"]
     p2c = core.P2COrder(lambda _s: order, {}, "me")

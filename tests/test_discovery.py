@@ -216,6 +216,27 @@ def test_idle_connections_close_and_keep_the_services(url):
     with_nodes(test)
 
 
+def test_on_demand_calls_keep_to_a_window_and_spread_beyond_it_under_load(url):
+    """One caller, eight servers: sequential calls open at most the window's
+    4 connections (not one per call); calls waiting on every node of it
+    open more (the balancer's load spreading)."""
+    async def test(make):
+        servers = [make(f"s{i}", discovery=url, **FAST) for i in range(8)]
+        c = make("c", discovery=url, **FAST)
+        for node in (*servers, c):
+            await node.start()
+        for i, node in enumerate(servers):
+            await node.start_service(Calc(f"s{i}"))
+        await wait_until(lambda: len(c.get_nodes(Calc)) == 8)
+        answered = {await c.remote(Calc, "who") for _ in range(60)}
+        assert len(c.peers()) <= 4 and len(answered) <= 4, (c.peers(), answered)
+        assert set(c.peers()) == answered
+        await asyncio.gather(*(c.remote(Calc, "slow", [0.3]) for _ in range(64)))
+        assert len(c.peers()) > 4, c.peers()
+
+    with_nodes(test)
+
+
 def test_a_stream_dials_on_demand_and_an_open_one_is_not_idle(url):
     async def test(make):
         a = make("a", discovery=url, idle_close=0.3, **FAST)
