@@ -158,21 +158,39 @@ async def _calls(nodes: list[Any], seconds: float) -> dict[str, Any]:
     # the calls under way: the task of each caller's loop -> when its call began
     running: dict[asyncio.Task[Any], float] = {}
 
+    def where(task: asyncio.Task[Any]) -> str:
+        # the chain of awaits the task's coroutine is suspended in (its own
+        # get_stack shows a coroutine's outermost frame only)
+        lines: list[str] = []
+        obj: Any = task.get_coro()
+        while obj is not None and hasattr(obj, "cr_frame"):
+            frame = obj.cr_frame
+            if frame is not None:
+                lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} "
+                             f"{frame.f_code.co_name}")
+            obj = obj.cr_await
+        lines.append(f"  awaiting {obj!r:.300}")
+        return "\n".join(lines)
+
     async def overdue() -> None:
-        # a call past its deadline by more than the slack: where it waits, in
-        # the workers' log (once per call), for whoever looks for the cause
-        told: set[tuple[asyncio.Task[Any], float]] = set()
+        # a call past its deadline by more than the slack, and again if it
+        # is still there 10 s later: where it waits, in the workers' log,
+        # for whoever looks for the cause
+        told: dict[tuple[asyncio.Task[Any], float], int] = {}
         while time.monotonic() < end or running:
+            began = time.monotonic()
             await asyncio.sleep(0.1)
             now = time.monotonic()
-            late = [(task, began) for task, began in running.items()
-                    if (now - began) * 1000 > CALL_TIMEOUT + DEADLINE_SLACK]
-            for task, began in late:
-                if (task, began) not in told:
-                    told.add((task, began))
+            if now - began > 1.1:
+                print(f"[{os.getpid()}] the event loop ran a 0.1 s timer "
+                      f"{now - began - 0.1:.1f} s late", file=sys.stderr, flush=True)
+            for task, began in list(running.items()):
+                late = (now - began) * 1000 - CALL_TIMEOUT - DEADLINE_SLACK
+                times = told.get((task, began), 0)
+                if late > 0 and (times == 0 or (times == 1 and late > 10_000)):
+                    told[(task, began)] = times + 1
                     print(f"[{os.getpid()}] a call overdue: {(now - began) * 1000:.0f} ms, "
-                          f"waiting in:", file=sys.stderr, flush=True)
-                    task.print_stack(file=sys.stderr)
+                          f"waiting in:\n{where(task)}", file=sys.stderr, flush=True)
 
     async def loop(node: Any) -> None:
         mine = _index(node.name) % KINDS

@@ -252,6 +252,12 @@ class Caller:
         conn = self._conns.get(node)
         if conn is None:     # (dialled now with mesh="on_demand", else not available)
             started = time.monotonic()
+            if at is not None and at <= started:
+                # a failover past the deadline stops here: the next dial would
+                # cost a turn of the event loop even with no time left (seconds
+                # under load), and a large service has many nodes left
+                raise mexc.CallTimeout(f"deadline passed before calling {name} on {node}",
+                                       sent=False)
             conn = await self._peers.open(node, timeout, at)
             if timeout:
                 # the dial is part of the attempt: it waits within its timeout

@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -188,6 +189,33 @@ def test_killed_nodes_go_and_calls_fail_over_meanwhile(url):
         finally:
             kill_process(v)
             kill_process(w)
+
+    with_nodes(test)
+
+
+def test_a_failover_past_the_deadline_stops_there(url):
+    """Failing over along nodes it must dial, a call stops when its deadline
+    passes: CallTimeout, nothing sent, not a dial (a turn of the event loop
+    each, seconds under load) for every node left of a large service."""
+    async def test(make):
+        a = make("a", discovery=url, **FAST)
+        await a.start()
+        frozen = [await victim(f"v{i}", url, hb_timeout=3.0) for i in range(5)]
+        try:
+            await wait_until(lambda: len(a.get_nodes(Calc)) == 5)
+            for proc in frozen:       # (their TCP accepts, their handshakes never come)
+                os.kill(proc.pid, signal.SIGSTOP)
+            began = time.monotonic()
+            with pytest.raises(malla.CallTimeout) as info:
+                await a.remote(Calc, "who", timeout=150, deadline=400)
+            assert info.value.sent is False
+            assert time.monotonic() - began < 2.0
+            # stopped where the deadline passed (400 ms over dials of at most
+            # 150), neither walking every node nor sleeping for a retry round
+            assert a.stats()["failovers"] < 5 and a.stats()["retries"] == 0, a.stats()
+        finally:
+            for proc in frozen:
+                kill_process(proc)
 
     with_nodes(test)
 
