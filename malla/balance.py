@@ -25,9 +25,10 @@ the service's mean: a fresh node wins over a connected one with a call in
 flight, an open connection wins a tie.  With connections on demand and more
 than 4 remote nodes, the pair is drawn from the caller's window of the
 service (4 nodes picked by a salted rendezvous hash: stable, spread over the
-callers) and its winner meets one node drawn from all of them, which takes
-the call only when it is cheaper: an idle window keeps the calls (no dial
-per call), a busy one spreads them beyond it (the core's P2COrder says how).
+callers); when its winner has calls waiting, it meets one node drawn from
+all of them, which takes the call only when it is cheaper: an idle window
+keeps the calls (no dial per call), a busy one spreads them beyond it (the
+core's P2COrder says how).
 `"shuffle"` keeps the registry's order (Malla's: shuffled once per check
 cycle).
 """

@@ -11,6 +11,7 @@ cdef struct Seen:
     double typical      # its median estimate, or its base before one
     double cost
     double sent         # when this side last sent the node a call of the service
+    Py_ssize_t in_flight    # this side's calls waiting on the node (0 if not connected)
 
 
 @cython.final
