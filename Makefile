@@ -55,6 +55,7 @@ bench: build
 	$(VPY) -m bench.tails          # a slow node, a stalling one: p2c, shuffle, hedging
 	$(VPY) -m bench.streams
 	$(VPY) -m bench.resilience     # keys and a failing node, p2c beside shuffle
+	$(VPY) -m bench.balance_cost   # instructions per call, p2c beside shuffle (callgrind)
 	$(VPY) -m bench.chart          # bench/results.png, shown in bench/RESULTS.md
 
 # The scale probe (issue 17, bench/scale.py): the full mesh against

@@ -334,3 +334,19 @@ def test_the_report_gives_ratios_to_the_c_floor(cfloor_run):
     floor_line = next(line for line in table.splitlines() if line.split()[1:2] == ["floor"])
     ratio = rows["floor", "seq"]["ratio_to_cfloor"]["calls_per_s"]
     assert floor_line.split()[2] == f"×{ratio:.2f}"
+
+
+@pytest.mark.tools
+def test_the_balance_cost_counts_instructions_per_call(tmp_path):
+    # (callgrind's counts of the calling process, p2c beside shuffle; the
+    # ratio is reported, not asserted)
+    proc, data = _short_run("bench.balance_cost", tmp_path / "balance_cost.json")
+    rows = data["instructions_per_call"]
+    assert set(rows) == {"seq, 1 server", "inflight128, 1 server", "seq, 2 servers",
+                         "inflight128, 2 servers"}
+    for row in rows.values():
+        # a call costs thousands of instructions (a warm-up left out by the
+        # difference of two runs), whichever the balance
+        assert row["p2c"] > 1000 and row["shuffle"] > 1000, row
+        assert row["p2c_over_shuffle"] == pytest.approx(row["p2c"] / row["shuffle"], rel=1e-3)
+    assert "p2c/shuffle" in proc.stdout
