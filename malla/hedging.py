@@ -31,8 +31,10 @@ caller's):
   is a task;
 - when both copies fail, the attempt raises one error: one that says the
   call may have run or failed (RemoteError, CallTimeout, ConnectionLost),
-  if either copy gave one, before a refusal (ServiceNotAvailable: the
-  caller fails over to the next node, as for any refused attempt);
+  if either copy gave one, before one that was not sent (a refusal,
+  ServiceNotAvailable: the caller fails over to the next node, as for any
+  refused attempt; or a CallTimeout with `sent` False, the deadline passed
+  before the copy could go);
 - an outcome of the first copy before `hedge_after` is the attempt's, as
   without a hedge (a refusal fails over at once).
 
@@ -93,7 +95,8 @@ def _wake(waiter: asyncio.Future[None], _: Any = None) -> None:
 # out for calls well inside hedge_after (with replies around 1.5 ms, a fifth
 # of all calls: four times what a hedge_after at the p95 should send), so a
 # timer that fires early is re-armed for what is left, never less than the
-# loop's grain (at most a millisecond late, never early).
+# loop's grain (never early; late by about that grain, and by however late the
+# loop itself runs).
 _GRAIN = 0.001
 
 
@@ -129,12 +132,19 @@ async def _within(fut: asyncio.Future[Any], until: float) -> None:
         fut.remove_done_callback(wake)
 
 
+def _not_run(exc: BaseException) -> bool:
+    # a copy that was never sent: refused, or its deadline passed before
+    return isinstance(exc, mexc.ServiceNotAvailable) or (
+        isinstance(exc, mexc.CallTimeout) and not exc.sent)
+
+
 def _worse(first: BaseException | None, exc: BaseException) -> BaseException:
     # the error an attempt of two failed copies raises: "may have run or
     # failed" before "did not run" (a refusal would let the caller fail over
-    # and run it a third time, or report it as not run)
-    if first is None or (isinstance(first, mexc.ServiceNotAvailable)
-                         and not isinstance(exc, mexc.ServiceNotAvailable)):
+    # and run it a third time, or report it as not run; a hedge whose
+    # deadline passed before it was sent would report as not run a first
+    # copy that ran)
+    if first is None or (_not_run(first) and not _not_run(exc)):
         return exc
     return first
 

@@ -296,6 +296,20 @@ def test_windows_spread_over_the_nodes_and_move_only_for_a_node_that_left():
     assert len(set(p2c.window(s)) & set(before)) >= 3
 
 
+def test_a_window_is_computed_again_for_a_list_changed_in_place():
+    # (the registry hands out a new list when its nodes change; a nodes
+    # function that shortens its list in place must not leave the window
+    # pointing past the end of it)
+    order = [f"n{i}" for i in range(40)]
+    s = fresh_service()
+    p2c = core.P2COrder(lambda _s: order, {}, "me", 3, dial=True)
+    assert len(p2c.window(s)) == 4
+    del order[6:]
+    assert set(p2c.window(s)) <= set(order)
+    for _ in range(200):
+        assert sorted(p2c(s)) == sorted(order)
+
+
 def test_one_candidate_or_local_and_one_is_the_order_itself():
     order = ["me", "a"]
     p2c = core.P2COrder(lambda _s: order, {}, "me")

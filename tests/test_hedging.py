@@ -264,6 +264,14 @@ def test_of_two_failed_copies_the_error_that_says_it_may_have_run_is_raised():
     assert _worse(_worse(None, refused), failed) is failed
     assert _worse(_worse(None, failed), refused) is failed
     assert _worse(_worse(None, refused), malla.Overloaded("busy")) is refused
+    # a hedge whose deadline passed before it was sent did not run either:
+    # the first copy's error (it ran, or may have) is the attempt's
+    unsent = malla.CallTimeout("deadline passed before calling", sent=False)
+    timed_out = malla.CallTimeout("no reply", sent=True)
+    raised = malla.RemoteError("ValueError", "boom")
+    for ran in (timed_out, raised, failed):
+        assert _worse(_worse(None, unsent), ran) is ran
+        assert _worse(_worse(None, ran), unsent) is ran
 
 
 def test_the_attempts_timeout_bounds_both_copies():

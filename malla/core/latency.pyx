@@ -475,6 +475,7 @@ cdef class _Window:
     # registry's list, the same object until its nodes change) and the
     # indices of its APERTURE best-scored remote nodes in it
     cdef list order
+    cdef Py_ssize_t length   # len(order) then: a list shortened in place is not reused
     cdef Py_ssize_t n
     cdef Py_ssize_t idx[APERTURE]
 
@@ -482,7 +483,9 @@ cdef class _Window:
 @cython.final
 cdef class P2COrder:
     """`Node(balance="p2c")`'s node order: called with a service, the nodes
-    a call tries (the registry's `nodes(service)`, local first, re-ranked)."""
+    a call tries (the registry's `nodes(service)`, local first, re-ranked).
+    `nodes` returns a new list whenever the nodes change (the registry's
+    does): the window of a service is kept while the list is the same."""
 
     cdef object _nodes
     cdef dict _conns
@@ -519,10 +522,12 @@ cdef class P2COrder:
         cdef uint64_t best[APERTURE]
         cdef uint64_t score
         cdef Py_ssize_t k, pos
-        if p is not NULL and (<_Window>p).order is order:
+        if (p is not NULL and (<_Window>p).order is order
+                and (<_Window>p).length == len(order)):
             return <_Window>p
         w = _Window.__new__(_Window)
         w.order = order
+        w.length = len(order)
         w.n = 0
         for k in range(start, len(order)):
             score = _mix(<uint64_t>hash(order[k]) ^ self._salt)
