@@ -560,14 +560,20 @@ cdef class P2COrder:
     def __call__(self, str service):
         cdef list order = self._nodes(service)
         cdef Py_ssize_t n = len(order)
-        cdef Py_ssize_t start = 1 if n and order[0] == self._local else 0
-        cdef Py_ssize_t m = n - start, i, j, k
+        cdef Py_ssize_t start, m, i, j, k
+        cdef object head
         cdef double now
         cdef Seen si, sj, sk
         cdef Ranking r
         cdef _Window w
-        if m < 2:
+        if n < 2:
             return order                 # nothing to choose between
+        # (the registry's own name object, most often: no string compare)
+        head = order[0]
+        start = 1 if head is self._local or head == self._local else 0
+        m = n - start
+        if m < 2:
+            return order
         if self._dial and m > APERTURE:
             w = self._window(service, order, start)
             i = self._below(APERTURE)
