@@ -39,8 +39,8 @@ test: build
 	$(VPY) -m pytest -q -x -p no:cacheprovider $(XDIST) -m "not tools and not slow and not serial" $(PYTEST_ARGS)
 	$(VPY) -m pytest -q -x -p no:cacheprovider -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-# The sdist-and-wheel build and the bench harness's short run (about 90 s
-# together): their own tier, a .ci/run step, so that make test keeps within
+# The sdist-and-wheel build and the bench harness's short runs (about 4.5
+# minutes together, 1.5 of them bench.balance_cost under callgrind): their own tier, a .ci/run step, so that make test keeps within
 # its 10 minutes on 2 cores.
 test-tools: build
 	$(VPY) -m pytest -q -x -p no:cacheprovider -m tools $(PYTEST_ARGS)
