@@ -235,12 +235,16 @@ def test_with_connections_on_demand_a_node_not_connected_costs_twice_the_mean(la
     s = fresh_service()
     conns = protos(costs, s)
     unmeasured = core.Protocol(None, asyncio.new_event_loop(), True, {})
-    fresh = 2 * unmeasured.latency.cost(s, 0)          # the mean, as the core reads it
-    cost = {**{n: conns[n].proto.latency.cost(s, 0) for n in costs}, "x": fresh, "y": fresh}
+    now = core.monotonic()              # (one time: read apart, equal averages differ)
+    fresh = 2 * unmeasured.latency.cost(s, 0, now)     # the mean, as the core reads it
+    cost = {**{n: conns[n].proto.latency.cost(s, 0, now) for n in costs},
+            "x": fresh, "y": fresh}
     p2c = core.P2COrder(lambda _s: ["a", "b", "c", "x", "y"], conns, "me", seed, dial=True)
     got = list(p2c(s))
     assert sorted(got) == ["a", "b", "c", "x", "y"]
-    slack = 1 + 1e-6                    # (the averages decay between two readings)
+    # (the core reads later: the averages decay meanwhile, the mean a fresh
+    # node costs does not; 0.1 % is 14 ms of decay, a loaded machine's pause)
+    slack = 1 + 1e-3
     assert any(cost[got[0]] <= cost[n] * slack for n in got[1:])   # the pair's winner
     rest = [cost[n] for n in got[1:]]
     assert all(a <= b * slack for a, b in itertools.pairwise(rest)), got
