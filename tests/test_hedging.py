@@ -205,7 +205,11 @@ def test_a_hedge_the_budget_refuses_leaves_its_node_to_the_rounds_failover():
             # x's one place is taken once a call to it fails over (Overloaded)
             while await c.remote("Gate", "get", key=key) == "x":
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)           # (past x's retry_after_ms skip)
+            # past x's retry_after_ms skip (its hint, and so the skip, can be
+            # longer than a few ms on a loaded machine) and not ejected: the
+            # keyed call's first copy goes to x again
+            ejection = c._caller.routing.ejection
+            await wait_until(lambda: list(ejection.usable("Gate", ranking)) == ranking)
             os.kill(proc.pid, signal.SIGSTOP)
             call = asyncio.ensure_future(c.remote("Gate", "get", key=key, hedge_after=20))
             await wait_until(lambda: c.stats()["retries_throttled"] == 1)
