@@ -81,11 +81,14 @@ def held(*nodes: malla.Node) -> int:
     return sum(len(p.streams) for n in nodes for p in n._cluster.protocols())
 
 
-async def pair(make, **options):
+async def pair(make, service=None, **options):
+    """Nodes a (hosting `service`, Feed by default) and b (`options`), b
+    seeing the service."""
+    service = Feed if service is None else service
     a = await make("a").start()
     b = await make("b", seeds=[seed_of(a)], **options).start()
-    await a.start_service(Feed)
-    assert await b.wait_for_services([Feed])
+    await a.start_service(service)
+    assert await b.wait_for_services([service])
     return a, b
 
 
@@ -444,10 +447,7 @@ class Custom(malla.Service, global_=True):
 
 def test_a_hooks_own_async_iterator_is_produced_item_by_item():
     async def main(make):
-        a = await make("a").start()
-        b = await make("b", seeds=[seed_of(a)]).start()
-        await a.start_service(Custom)
-        assert await b.wait_for_services([Custom])
+        a, b = await pair(make, Custom)
         assert [i async for i in b.stream(Custom, "counting", [10])] == list(range(1, 11))
         assert [i async for i in b.stream(Custom, "ready", [5])] == [1, 2, 3, 4, 5]
         await wait_until(lambda: held(a, b) == 0)
@@ -487,10 +487,7 @@ class EndsByItself(malla.Service, global_=True):
 def test_an_anext_that_ends_by_raising_keeps_the_items_before():
     # (a review: its items were lost, the stream came back empty)
     async def main(make):
-        a = await make("a").start()
-        b = await make("b", seeds=[seed_of(a)]).start()
-        await a.start_service(EndsByItself)
-        assert await b.wait_for_services([EndsByItself])
+        _a, b = await pair(make, EndsByItself)
         assert [i async for i in b.stream(EndsByItself, "feed", [5, False])] == [1, 2, 3, 4, 5]
         got = []
         with pytest.raises(malla.RemoteError, match="boom"):
